@@ -1,0 +1,3 @@
+from speedslurm.cli import main
+
+main()

@@ -1,0 +1,5 @@
+"""Commands (see speedslurm.cli)."""
+
+from __future__ import annotations
+
+from . import cli  # noqa: F401
