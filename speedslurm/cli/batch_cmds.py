@@ -1,5 +1,165 @@
-"""Commands (see speedslurm.cli)."""
+"""Batch commands: ``run`` sends a prompts file through a running deployment or any OpenAI-compatible server."""
 
 from __future__ import annotations
 
-from . import cli  # noqa: F401
+import json
+import typing as tp
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from ..errors import SpeedslurmError, UsageError
+from . import cli
+
+if tp.TYPE_CHECKING:
+    from ..batch.runner import BatchOptions
+    from ..batch.sources import EndpointSource
+
+
+def batch_options(fn: tp.Callable[..., tp.Any]) -> tp.Callable[..., tp.Any]:
+    """The flags shared by ``run`` and ``submit``."""
+    opts = [
+        click.option("--prompts", "prompts", required=True, metavar="P.jsonl",
+                     help="Prompts, one JSON object per line (OpenAI Batch requests, {\"messages\"} or {\"prompt\"}); "
+                          "- reads stdin."),
+        click.option("--out", "out", default=None, metavar="R.jsonl",
+                     help="Results file (OpenAI Batch output lines); default <prompts>.results.jsonl next to it."),
+        click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+                     help="max_tokens for lines that do not set it."),
+        click.option("--temperature", type=click.FloatRange(min=0), default=None,
+                     help="temperature for lines that do not set it."),
+        click.option("--system", default=None, help="System message prepended to chats that have none."),
+        click.option("--concurrency", type=click.IntRange(min=1), default=None,
+                     help="Requests in flight in total [default: the ready replicas' slots, summed]."),
+        click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
+                     help="Seconds per request."),
+        click.option("--retries", type=click.IntRange(min=0), default=5, show_default=True,
+                     help="Retries per request for transient errors (connection, timeout, 429, 5xx)."),
+        click.option("--skip-invalid", is_flag=True, help="Write an error line for each invalid prompt line and go on."),
+        click.option("--client", type=click.Choice(["raw", "openai"]), default="raw", show_default=True,
+                     help="HTTP client: lean keep-alive HTTP/1.1, or the openai package's AsyncOpenAI."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar or replica messages."),
+        click.option("--json", "json_mode", is_flag=True, help="Print the summary as JSON on stdout (nothing else)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def options_from(kw: dict[str, tp.Any]) -> BatchOptions:
+    from ..batch.runner import BatchOptions
+
+    return BatchOptions(max_tokens=kw["max_tokens"], temperature=kw["temperature"], system=kw["system"],
+                        concurrency=kw["concurrency"], timeout=kw["timeout"], retries=kw["retries"],
+                        skip_invalid=kw["skip_invalid"], quiet=kw["quiet"] or kw["json_mode"], client=kw["client"])
+
+
+@cli.command("run")
+@click.option("--deployment", "deployment_id", default=None, metavar="ID", help="A running deployment (see status).")
+@click.option("--endpoint-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="An endpoint.json written by a deployment's leader.")
+@click.option("--base-url", default=None, metavar="URL", help="Any OpenAI-compatible server, e.g. http://host:8080.")
+@click.option("--api-key", envvar="SPEEDSLURM_API_KEY", default=None,
+              help="API key for --base-url. Env: SPEEDSLURM_API_KEY.")
+@batch_options
+@click.pass_context
+def run_cmd(ctx: click.Context, deployment_id: str | None, endpoint_file: Path | None, base_url: str | None,
+            api_key: str | None, **kw: tp.Any) -> None:
+    """Send a prompts file through a deployment or server; append one result line per prompt.
+
+    \b
+    Running the same command again resumes: prompts with a successful line are skipped, failed ones retried.
+    Ctrl-C stops sending, lets in-flight requests finish briefly, and exits 130.
+    """
+    given = [name for name, v in (("--deployment", deployment_id), ("--endpoint-file", endpoint_file),
+                                  ("--base-url", base_url)) if v]
+    if len(given) != 1:
+        raise UsageError("say where to send the prompts: exactly one of --deployment, --endpoint-file, --base-url"
+                         + (f" (got {', '.join(given)})" if given else ""),
+                         fix="e.g. speedslurm run --deployment ID --prompts P.jsonl")
+    if api_key and not base_url:
+        raise UsageError("--api-key goes with --base-url", fix="a deployment's key is read from its endpoint file")
+    from ..batch.runner import prepare_batch
+
+    options = options_from(kw)
+    prepared = prepare_batch(kw["prompts"], kw["out"], options)
+    try:
+        if base_url:
+            from ..batch.sources import StaticSource
+
+            source: EndpointSource = StaticSource.probe(base_url, api_key, timeout=min(30.0, options.timeout))
+        elif endpoint_file:
+            source = _endpoint_file_source(endpoint_file)
+        else:
+            source = _deployment_source(ctx, tp.cast(str, deployment_id))
+        execute(source, prepared, options, kw["json_mode"])
+    finally:
+        prepared.close()
+
+
+def execute(source: EndpointSource, prepared: tp.Any, options: BatchOptions, json_mode: bool) -> None:
+    """Run a prepared batch, print the summary (table on stderr, or JSON on stdout), map failures to exit codes."""
+    from ..batch.runner import BatchFailed, BatchInterrupted, run_batch
+
+    err = Console(stderr=True)
+    for notice in prepared.results.previous.notices:
+        err.print(f"[yellow]Notice:[/yellow] {notice}", highlight=False)
+    try:
+        summary = run_batch(source, prepared, options, err)
+    except (BatchFailed, BatchInterrupted) as exc:
+        _print_summary(exc.summary, err, json_mode)
+        raise
+    _print_summary(summary, err, json_mode)
+    if summary.failed and not json_mode:
+        err.print(f"[yellow]{summary.failed} request(s) failed[/yellow] (error lines in {summary.results_path}); "
+                  "run the same command again to retry them", highlight=False)
+
+
+def _print_summary(summary: tp.Any, err: Console, json_mode: bool) -> None:
+    if json_mode:
+        click.echo(json.dumps(summary.to_json(), indent=1))
+    else:
+        summary.render(err)
+
+
+def _endpoint_file_source(path: Path) -> EndpointSource:
+    from ..batch.sources import StaticSource
+    from ..rundir import Endpoint, read_json
+
+    try:
+        data = read_json(path)
+    except ValueError as exc:
+        raise UsageError(f"endpoint file {path} is not valid JSON: {exc}", fix="point at a deployment's endpoint.json") from None
+    if data is None:
+        raise UsageError(f"endpoint file {path} does not exist", fix="check the path given to --endpoint-file")
+    try:
+        return StaticSource(Endpoint.from_json(data))
+    except TypeError as exc:
+        raise UsageError(f"endpoint file {path} lacks fields: {exc}",
+                         fix="point at a deployment's endpoint.json") from None
+
+
+def _deployment_source(ctx: click.Context, deployment_id: str) -> EndpointSource:
+    from ..batch.sources import RunDirSource
+
+    try:
+        from ..deploy import resolve_run_dir  # type: ignore[attr-defined]
+        from ..settings import load_settings
+    except ImportError as exc:
+        raise SpeedslurmError("--deployment is not available in this build yet",
+                              fix="use --endpoint-file RUN_DIR/r0/endpoint.json or --base-url URL") from exc
+    obj = ctx.find_root().obj or {}
+    settings = load_settings(profile=obj.get("profile"), config_path=obj.get("config_path"),
+                             overrides=obj.get("overrides", ()))
+    run_dir = resolve_run_dir(settings, deployment_id)
+    info = run_dir.deployment() or {}
+    replicas = int(info.get("replicas", 1))
+    job_alive = None
+    try:
+        from ..deploy import job_alive_checker  # type: ignore[attr-defined]
+
+        job_alive = job_alive_checker(settings, run_dir)
+    except ImportError:
+        pass
+    return RunDirSource(run_dir, replicas, job_alive=job_alive)

@@ -1,0 +1,207 @@
+"""The results file: OpenAI Batch output lines, append-only, one writer at a time, resumable.
+
+Rules a reader can rely on:
+
+* each line is one complete JSON object ending in ``\\n``: ``{"id", "custom_id", "response", "error"}``;
+* a custom_id has at most one successful line (``response.status_code`` 200) and nothing after it;
+* before it, a custom_id may have error lines from earlier runs (failed attempts that a later run retried);
+  the final state of an id is its last line (see :func:`final_view`).
+
+A run holds an exclusive ``flock`` on the file for its whole duration, so two runs cannot interleave lines. A
+partial last line (the writer was killed mid-write) is cut off when the file is next opened, with a notice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import json
+import os
+import typing as tp
+from pathlib import Path
+
+from ..errors import UsageError
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+INVALID_INPUT = "invalid_input"
+
+
+def new_id(prefix: str) -> str:
+    return prefix + os.urandom(12).hex()
+
+
+def success_line(custom_id: str, request_id: str | None, body: bytes) -> bytes:
+    """An output line for a 200 response; ``body`` is the server's JSON, spliced in without re-encoding."""
+    if b"\n" in body or b"\r" in body:
+        # Only whitespace between JSON tokens can hold a raw newline (strings escape theirs).
+        body = body.replace(b"\r", b" ").replace(b"\n", b" ")
+    head = _dumps({"id": new_id("batch_req_"), "custom_id": custom_id})
+    rid = _dumps(request_id or new_id("req_"))
+    return (head[:-1] + ',"response":{"status_code":200,"request_id":' + rid + ',"body":').encode() + \
+        body + b'},"error":null}\n'
+
+
+def error_line(custom_id: str, code: str, message: str) -> bytes:
+    """An output line for a request that failed: ``response`` null, ``error`` ``{code, message}``."""
+    return (_dumps({"id": new_id("batch_req_"), "custom_id": custom_id, "response": None,
+                    "error": {"code": code, "message": message}}) + "\n").encode()
+
+
+def default_out_path(prompts: Path) -> Path:
+    """``<dir>/<stem>.results.jsonl`` next to the prompts file."""
+    return prompts.with_name(prompts.stem + ".results.jsonl")
+
+
+@dataclasses.dataclass
+class Previous:
+    """What earlier runs left in the results file."""
+
+    done: set[str]  # ids with a successful line: skipped on resume
+    failed: dict[str, str]  # id -> error code of its last line (not done): retried on resume
+    lines: int
+    notices: list[str]
+
+
+class ResultsFile:
+    """An open, locked results file. Use :meth:`open`; append with :meth:`write`; :meth:`close` at the end."""
+
+    def __init__(self, path: Path, fd: int, previous: Previous) -> None:
+        self.path = path
+        self.fd = fd
+        self.previous = previous
+
+    @classmethod
+    def open(cls, path: Path, prompts: Path | None = None) -> ResultsFile:
+        """Create (mode 0600) or open ``path`` for appending, lock it, repair a partial last line, read it.
+
+        Raises :class:`UsageError` for an unwritable path, a path equal to the prompts file, or a file that
+        another run holds.
+        """
+        path = Path(path)
+        if prompts is not None and _same_file(path, prompts):
+            raise UsageError(f"--out {path} is the prompts file itself",
+                             fix="write results to another file, e.g. --out " + str(default_out_path(prompts)))
+        if not path.parent.is_dir():
+            raise UsageError(f"cannot write results to {path}: folder {path.parent} does not exist",
+                             fix="create the folder or choose another --out")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except IsADirectoryError:
+            raise UsageError(f"cannot write results to {path}: it is a directory",
+                             fix="give --out a file name, e.g. --out results.jsonl") from None
+        except OSError as exc:
+            raise UsageError(f"cannot write results to {path}: {exc.strerror}",
+                             fix="choose a writable --out (check the folder's permissions)") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise UsageError(f"another speedslurm run is writing {path}",
+                                     fix="wait for it to finish (or stop it), or choose another --out") from None
+                raise
+            notices = _repair_partial_tail(fd, path)
+            previous = _read_previous(fd, path)
+            previous.notices[:0] = notices
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, previous)
+
+    def write(self, line: bytes) -> None:
+        """Append one complete line with a single ``write`` (O_APPEND): it reaches the file at once."""
+        view = memoryview(line)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            os.fsync(self.fd)
+        os.close(self.fd)  # releases the lock
+        self.fd = -1
+
+    def __enter__(self) -> ResultsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _repair_partial_tail(fd: int, path: Path) -> list[str]:
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return []
+    pos, chunk = size, 1 << 16
+    cut = 0
+    while pos > 0:
+        start = max(0, pos - chunk)
+        data = os.pread(fd, pos - start, start)
+        i = data.rfind(b"\n")
+        if i >= 0:
+            cut = start + i + 1
+            break
+        pos = start
+    os.ftruncate(fd, cut)
+    return [f"{path}: removed a partial last line ({size - cut} bytes, cut off when an earlier run was stopped); "
+            "its request will be sent again"]
+
+
+def _read_previous(fd: int, path: Path) -> Previous:
+    done: set[str] = set()
+    failed: dict[str, str] = {}
+    notices: list[str] = []
+    lines = 0
+    with os.fdopen(os.dup(fd), "rb") as fh:
+        fh.seek(0)
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            lines += 1
+            try:
+                rec = json.loads(raw)
+                cid = rec["custom_id"]
+            except (ValueError, KeyError, TypeError):
+                notices.append(f"{path}:{lineno}: not a results line; ignored")
+                continue
+            if _is_success(rec):
+                done.add(cid)
+                failed.pop(cid, None)
+            elif cid not in done:
+                err = rec.get("error") or {}
+                failed[cid] = str(err.get("code", "error")) if isinstance(err, dict) else "error"
+    return Previous(done, failed, lines, notices)
+
+
+def _is_success(rec: dict[str, tp.Any]) -> bool:
+    resp = rec.get("response")
+    return isinstance(resp, dict) and resp.get("status_code") == 200
+
+
+def final_view(path: Path) -> dict[str, dict[str, tp.Any]]:
+    """The final state of every custom_id in a results file: its successful line, else its last line."""
+    view: dict[str, dict[str, tp.Any]] = {}
+    with open(path, "rb") as fh:
+        for raw in fh:
+            if not raw.endswith(b"\n"):
+                break  # a partial last line is not a result
+            try:
+                rec = json.loads(raw)
+                cid = rec["custom_id"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            old = view.get(cid)
+            if old is None or not _is_success(old):
+                view[cid] = rec
+    return view

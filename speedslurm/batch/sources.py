@@ -1,0 +1,182 @@
+"""Where the runner finds replicas: an :class:`EndpointSource` is polled for ready and failed replicas.
+
+* :class:`StaticSource` — one OpenAI-compatible server given by URL (``run --base-url``);
+* :class:`RunDirSource` — a deployment's run directory: ``r<R>/endpoint.json`` appears when replica R is READY,
+  ``r<R>/failed.json`` when it gave up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import typing as tp
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from ..errors import SpeedslurmError, UsageError
+from ..rundir import Endpoint, RunDir
+
+DEFAULT_SLOTS = 4
+
+
+@dataclasses.dataclass
+class SourceState:
+    """One look at the replicas: the ready ones, the failed ones (replica -> why) and whether more can come."""
+
+    ready: list[Endpoint]
+    failed: dict[int, str]
+    finished: bool  # True when no replica that is not ready now can become ready later
+
+
+class EndpointSource(tp.Protocol):
+    """Anything the runner can poll for replicas."""
+
+    def poll(self) -> SourceState: ...
+
+
+def describe_failure(info: dict[str, tp.Any]) -> str:
+    """A one-line reason from a failed.json record."""
+    parts = []
+    role = info.get("role")
+    if role:
+        rank = info.get("rank")
+        parts.append(f"{role}{'' if rank in (None, 0) or role == 'leader' else f' {rank}'}")
+    if info.get("node"):
+        parts.append(f"on {info['node']}")
+    head = " ".join(parts)
+    reason = info.get("reason") or info.get("message") or info.get("error")
+    code = info.get("exit_code", info.get("returncode"))
+    text = head
+    if reason:
+        text = f"{text}: {reason}" if text else str(reason)
+    if code is not None:
+        text = f"{text} (exit code {code})" if text else f"exit code {code}"
+    return text or "failed (no reason recorded)"
+
+
+class StaticSource:
+    """A single server at a fixed URL; it is ready from the start and nothing else will come."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+
+    @classmethod
+    def probe(cls, base_url: str, api_key: str | None, parallel: int | None = None,
+              timeout: float = 10.0) -> StaticSource:
+        """Build the source for ``--base-url``: slots from ``/props`` ``total_slots`` (else 4), model from ``/v1/models``.
+
+        Raises :class:`UsageError` for a malformed URL or a rejected API key, :class:`SpeedslurmError` when the
+        server cannot be reached.
+        """
+        url = base_url.rstrip("/")
+        if url.endswith("/v1"):
+            url = url[:-3]
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise UsageError(f"--base-url {base_url!r} is not an http(s) URL",
+                             fix="e.g. --base-url http://127.0.0.1:8080")
+        key = api_key or ""
+        model = ""
+        slots = parallel
+        props = _get_json(url + "/props", key, timeout, base_url)
+        if props is not None and slots is None:
+            total = props.get("total_slots")
+            if isinstance(total, int) and not isinstance(total, bool) and total > 0:
+                slots = total
+        models = _get_json(url + "/v1/models", key, timeout, base_url)
+        if models is not None:
+            data = models.get("data")
+            if isinstance(data, list) and data and isinstance(data[0], dict):
+                model = str(data[0].get("id", ""))
+        ep = Endpoint(url=url, api_key=key, model=model, deployment_id="", replica=0, job_id="",
+                      leader_node=parsed.hostname or "", follower_nodes=[], rpc_servers=[], llama_version="",
+                      parallel=slots or DEFAULT_SLOTS, ctx=0, started_at=0.0, ready_at=time.time())
+        return cls(ep)
+
+    def poll(self) -> SourceState:
+        return SourceState([self.endpoint], {}, True)
+
+
+def _get_json(url: str, key: str, timeout: float, shown: str) -> dict[str, tp.Any] | None:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - http(s) checked above
+            data = json.loads(resp.read())
+            return data if isinstance(data, dict) else None
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            raise UsageError(f"the server at {shown} rejected the API key (401 Unauthorized)",
+                             fix="pass the server's key with --api-key K") from None
+        return None  # endpoint not offered by this server: fall back to defaults
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise SpeedslurmError(f"cannot reach the server at {shown}: {reason}",
+                              fix="check the URL and that the server is running") from None
+    except ValueError:
+        return None
+
+
+class RunDirSource:
+    """Replicas of one deployment, read from its run directory.
+
+    ``job_alive`` (optional) says whether the deployment's job(s) still run; when it returns False every replica
+    that has not failed is reported failed ("the job ended") and the source is finished. It is called at most
+    every ``alive_every`` seconds (it may ask Slurm). ``accept`` can reject a stale endpoint file.
+    """
+
+    def __init__(self, run_dir: RunDir, replicas: int, job_alive: tp.Callable[[], bool] | None = None,
+                 accept: tp.Callable[[Endpoint], bool] | None = None, alive_every: float = 2.0,
+                 clock: tp.Callable[[], float] = time.monotonic) -> None:
+        self.run_dir = run_dir
+        self.replicas = replicas
+        self.job_alive = job_alive
+        self.accept = accept
+        self.alive_every = alive_every
+        self.clock = clock
+        self._ready: dict[int, Endpoint] = {}
+        self._failed: dict[int, str] = {}
+        self._alive_checked = -float("inf")
+        self._job_ended = False
+
+    def poll(self) -> SourceState:
+        for r in range(self.replicas):
+            if r in self._failed:
+                continue
+            failure = self._read_failure(r)
+            if failure is not None:
+                self._failed[r] = failure
+                self._ready.pop(r, None)
+                continue
+            if r not in self._ready:
+                ep = self._read_endpoint(r)
+                if ep is not None and (self.accept is None or self.accept(ep)):
+                    self._ready[r] = ep
+        if self.job_alive is not None and not self._job_ended and len(self._failed) < self.replicas:
+            now = self.clock()
+            if now - self._alive_checked >= self.alive_every:
+                self._alive_checked = now
+                if not self.job_alive():
+                    self._job_ended = True
+        if self._job_ended:
+            for r in range(self.replicas):
+                if r not in self._failed:
+                    failure = self._read_failure(r)  # the job side may have said why just before it ended
+                    self._failed[r] = failure or "the job ended (cancelled, timed out or its node failed)"
+                    self._ready.pop(r, None)
+        finished = self._job_ended or len(self._ready) + len(self._failed) >= self.replicas
+        return SourceState(sorted(self._ready.values(), key=lambda e: e.replica), dict(self._failed), finished)
+
+    def _read_failure(self, r: int) -> str | None:
+        try:
+            info = self.run_dir.failure(r)
+        except (ValueError, OSError):
+            return None  # being written; next poll
+        return describe_failure(info) if info is not None else None
+
+    def _read_endpoint(self, r: int) -> Endpoint | None:
+        try:
+            return self.run_dir.endpoint(r)
+        except (ValueError, OSError, TypeError):
+            return None

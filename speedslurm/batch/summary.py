@@ -1,0 +1,101 @@
+"""The end-of-run summary: counts, tokens, throughput, latency percentiles, per-replica counts."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing as tp
+from array import array
+
+from rich.console import Console
+from rich.table import Table
+
+
+def percentile(values: tp.Sequence[float], q: float) -> float | None:
+    """The q-th percentile (0-100) with linear interpolation between closest ranks (numpy's default)."""
+    n = len(values)
+    if n == 0:
+        return None
+    ordered = sorted(values)
+    pos = (n - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, n - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+@dataclasses.dataclass
+class Summary:
+    """What one run did. ``ok``/``failed`` count this run's requests, each custom_id once; ``skipped`` were
+    already done in an earlier run; ``invalid`` are input lines that got an error line (``--skip-invalid``)."""
+
+    results_path: str
+    total: int = 0  # requests in the prompts file (valid lines)
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    invalid: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    wall_s: float = 0.0
+    retries: int = 0
+    status: str = "completed"  # completed | interrupted | failed
+    latencies: array[float] = dataclasses.field(default_factory=lambda: array("d"), repr=False)
+    per_replica: dict[int, int] = dataclasses.field(default_factory=dict)
+    failed_replicas: dict[int, str] = dataclasses.field(default_factory=dict)
+    errors: dict[str, int] = dataclasses.field(default_factory=dict)  # error code -> count
+
+    @property
+    def remaining(self) -> int:
+        """Requests without a successful line after this run (to send on resume)."""
+        return self.total - self.ok - self.skipped
+
+    @property
+    def completion_tok_s(self) -> float:
+        return self.completion_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def requests_s(self) -> float:
+        return (self.ok + self.failed) / self.wall_s if self.wall_s > 0 else 0.0
+
+    def latency(self, q: float) -> float | None:
+        return percentile(self.latencies, q)
+
+    def to_json(self) -> dict[str, tp.Any]:
+        p50, p95 = self.latency(50), self.latency(95)
+        return {
+            "status": self.status,
+            "results": self.results_path,
+            "requests": {"total": self.total, "ok": self.ok, "failed": self.failed, "skipped": self.skipped,
+                         "invalid": self.invalid, "remaining": self.remaining},
+            "tokens": {"prompt": self.prompt_tokens, "completion": self.completion_tokens},
+            "completion_tok_s": round(self.completion_tok_s, 2),
+            "requests_s": round(self.requests_s, 2),
+            "latency_s": {"p50": None if p50 is None else round(p50, 4),
+                          "p95": None if p95 is None else round(p95, 4)},
+            "wall_s": round(self.wall_s, 3),
+            "retries": self.retries,
+            "errors": dict(sorted(self.errors.items())),
+            "replicas": {str(r): n for r, n in sorted(self.per_replica.items())},
+            "failed_replicas": {str(r): why for r, why in sorted(self.failed_replicas.items())},
+        }
+
+    def render(self, console: Console) -> None:
+        """Print the summary as a small table."""
+        p50, p95 = self.latency(50), self.latency(95)
+        table = Table(title=f"Batch {self.status}", show_header=False, box=None, pad_edge=False)
+        table.add_column(style="bold")
+        table.add_column()
+        table.add_row("requests", f"{self.ok} ok, {self.failed} failed, {self.skipped} skipped (done earlier)"
+                      + (f", {self.invalid} invalid lines" if self.invalid else "") + f" of {self.total}")
+        table.add_row("tokens", f"{self.prompt_tokens} prompt, {self.completion_tokens} completion")
+        table.add_row("throughput", f"{self.completion_tok_s:.1f} completion tok/s, {self.requests_s:.1f} requests/s")
+        table.add_row("latency", "-" if p50 is None else f"p50 {p50:.3f} s, p95 {tp.cast(float, p95):.3f} s")
+        table.add_row("wall time", f"{self.wall_s:.1f} s")
+        if self.per_replica:
+            table.add_row("replicas", ", ".join(f"r{r}: {n}" for r, n in sorted(self.per_replica.items())))
+        for r, why in sorted(self.failed_replicas.items()):
+            table.add_row(f"replica r{r}", f"[red]failed[/red]: {why}")
+        if self.errors:
+            table.add_row("errors", ", ".join(f"{code}: {n}" for code, n in sorted(self.errors.items())))
+        table.add_row("results", self.results_path)
+        console.print(table)
