@@ -1,5 +1,356 @@
-"""Commands (see speedslurm.cli)."""
+"""Deployment commands: config, models, plan, up, status, endpoint, logs, down."""
 
 from __future__ import annotations
 
-from . import cli  # noqa: F401
+import shlex
+import time
+import typing as tp
+
+import click
+
+from .. import deploy as dp
+from ..errors import UsageError
+from ..plan import describe_plan
+from ..settings import describe
+from . import cli
+from .common import err_console, is_tty, json_option, out_console, print_json, settings_from
+
+# ----------------------------------------------------------------------------------------------------------
+# config / models / plan
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Inspect the merged settings."""
+
+
+@config_group.command("show")
+@json_option
+@click.pass_context
+def config_show(ctx: click.Context, as_json: bool) -> None:
+    """Print the merged settings and where each value came from."""
+    settings = settings_from(ctx)
+    rows = describe(settings)
+    if as_json:
+        print_json({"settings": settings.to_dict(), "origins": {k: o for k, _v, o in rows}})
+        return
+    con = out_console()
+    width = max(len(k) for k, _v, _o in rows)
+    for key, value, origin in rows:
+        con.print(f"{key:<{width}}  {value!r:<40}  [dim]{origin}[/dim]")
+
+
+@cli.group("models", invoke_without_command=True)
+@json_option
+@click.pass_context
+def models_group(ctx: click.Context, as_json: bool) -> None:
+    """List the model registry: name, files, size on disk, nodes needed at the default context."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from ..models import model_rows, resolve_model
+    from ..plan import make_plan
+
+    settings = settings_from(ctx)
+    rows = model_rows(settings)
+    for row in rows:
+        try:
+            plan = make_plan(settings, resolve_model(settings, row["name"]))
+            row["nodes"] = plan.nodes
+        except UsageError as exc:
+            row["nodes"] = None
+            row["problem"] = exc.message
+    if as_json:
+        print_json(rows)
+        return
+    con = out_console()
+    for row in rows:
+        size = f"{row['size_bytes'] / 1e9:.1f} GB" if row["size_bytes"] else "?"
+        where = "present" if row["present"] else (f"on {row['host']}" if row["host"] else "MISSING")
+        nodes = row["nodes"] if row["nodes"] is not None else "-"
+        con.print(f"[bold]{row['name']}[/bold]  {size}  {nodes} node(s) at ctx {row['ctx']}  ({where})")
+        if row.get("description"):
+            con.print(f"  {row['description']}")
+        for f in row["files"]:
+            con.print(f"  {f}")
+        if row.get("problem"):
+            con.print(f"  [red]{row['problem']}[/red]")
+
+
+def _model_options(f: tp.Callable[..., tp.Any]) -> tp.Callable[..., tp.Any]:
+    f = click.option("--time", "time_limit", default=None, help="Job time limit (Slurm format, e.g. 04:00:00).")(f)
+    f = click.option("--ctx", "ctx_size", type=int, default=None, help="Context size (tokens); default: the model's.")(f)
+    f = click.option("--replicas", type=int, default=1, show_default=True,
+                     help="Independent copies of the deployment (a job array).")(f)
+    f = click.option("--nodes", type=int, default=None, help="Nodes per replica (default: what the model needs).")(f)
+    f = click.option("--executor", type=click.Choice(["slurm", "local", "auto"]), default=None,
+                     help="slurm, or local processes on 127.0.0.1 (default: slurm when sbatch exists).")(f)
+    f = click.option("--model", "-m", required=True, help="Registry name (see `speedslurm models`) or a .gguf path.")(f)
+    return f
+
+
+@cli.command("plan")
+@_model_options
+@json_option
+@click.pass_context
+def plan_cmd(ctx: click.Context, model: str, executor: str | None, nodes: int | None, replicas: int,
+             ctx_size: int | None, time_limit: str | None, as_json: bool) -> None:
+    """Print the plan and the exact job it would submit; submits nothing."""
+    from ..launch import entry_command, python_command, render_job_script
+    from ..rundir import RunDir
+
+    settings = settings_from(ctx)
+    plan, binaries = dp.prepare(settings, model, nodes=nodes, replicas=replicas, ctx=ctx_size,
+                                time_limit=time_limit, executor=executor, require_binaries=False)
+    rd = RunDir(settings.run.root / "<deployment-id>")
+    script = (render_job_script(plan, rd, entry_command(python_command(), rd.submitit_dir))
+              if plan.executor == "slurm" else None)
+    if as_json:
+        bins = ({"llama_server": str(binaries.llama_server), "rpc_server": str(binaries.rpc_server)}
+                if binaries else None)
+        print_json({"plan": plan.to_json(), "job_script": script, "binaries": bins})
+        return
+    con = out_console()
+    for line in describe_plan(plan):
+        con.print(line, markup=False)
+    if script:
+        con.print("\n[bold]job script[/bold] (submitted through submitit by `speedslurm up`):")
+        con.print(script, markup=False)
+    else:
+        con.print(f"\nexecutor local: {plan.nodes} process(es) on 127.0.0.1 per replica")
+    if binaries is None:
+        con.print("[yellow]warning: llama.cpp binaries not found; `up` would stop here "
+                  "(set llama.bin_dir or run `make install`)[/yellow]")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# up
+
+
+def _progress_printer(as_json: bool) -> tp.Callable[[list[dp.ReplicaStatus], float], None]:
+    con = err_console()
+    last: dict[int, str] = {}
+
+    def show(statuses: list[dp.ReplicaStatus], elapsed: float) -> None:
+        if as_json and not is_tty():
+            return
+        for s in statuses:
+            state = s.state
+            if state == "STARTING":
+                state = "RUNNING"  # the job runs; rpc-servers are starting
+            if last.get(s.replica) != state:
+                last[s.replica] = state
+                where = f" on {s.nodes}" if s.nodes and state != "PENDING" else ""
+                why = f" ({s.reason})" if state == "PENDING" and s.reason and s.reason != "None" else ""
+                con.print(f"[{elapsed:6.1f}s] replica {s.replica} job {s.job_id}: {state}{where}{why}")
+
+    return show
+
+
+def do_up(ctx: click.Context, model: str, *, executor: str | None, nodes: int | None, replicas: int,
+          ctx_size: int | None, time_limit: str | None, timeout: float | None, until: str,
+          as_json: bool) -> tuple[dp.Deployment, list[dp.ReplicaStatus]]:
+    settings = settings_from(ctx)
+    plan, binaries = dp.prepare(settings, model, nodes=nodes, replicas=replicas, ctx=ctx_size,
+                                time_limit=time_limit, executor=executor)
+    dep = dp.launch(settings, plan, binaries)
+    if not as_json or is_tty():
+        err_console().print(f"deployment {dep.id}: {plan.model.name} on {plan.nodes} node(s) x {plan.replicas} "
+                            f"replica(s), job(s) {', '.join(dep.job_ids)}")
+    try:
+        statuses = dp.wait_ready(lambda: dp.replica_statuses(dep), until=until, timeout=timeout,
+                                 interval=settings.run.poll_interval_s, on_update=_progress_printer(as_json),
+                                 describe_failure=lambda s: dp.failure_text(dep, s))
+    except KeyboardInterrupt:
+        dp.down(dep)
+        err_console().print(f"Interrupted: cancelled deployment {dep.id}.")
+        raise
+    except Exception:
+        # A deployment that cannot become ready must not keep nodes busy.
+        dp.down(dep)
+        raise
+    return dep, statuses
+
+
+@cli.command("up")
+@_model_options
+@click.option("--timeout", type=float, default=None,
+              help="Give up (and cancel) when not ready after this many seconds; default: wait while the job waits.")
+@json_option
+@click.pass_context
+def up_cmd(ctx: click.Context, model: str, executor: str | None, nodes: int | None, replicas: int,
+           ctx_size: int | None, time_limit: str | None, timeout: float | None, as_json: bool) -> None:
+    """Start a deployment, wait until it is READY, print its endpoint(s), leave it running."""
+    dep, statuses = do_up(ctx, model, executor=executor, nodes=nodes, replicas=replicas, ctx_size=ctx_size,
+                          time_limit=time_limit, timeout=timeout, until="all", as_json=as_json)
+    if as_json:
+        print_json({"deployment": dep.id, "replicas": [s.to_json() for s in statuses]})
+        return
+    con = out_console()
+    for s in statuses:
+        ep = s.endpoint
+        if ep:
+            con.print(f"replica {s.replica}: READY {ep.openai_base_url}  (leader {ep.leader_node}, "
+                      f"followers {', '.join(ep.follower_nodes) or '-'}, ready in {ep.ready_at - dep.info['created_at']:.1f}s)")
+    con.print(f"Use it:  eval \"$(speedslurm endpoint {dep.id} --env)\"   Stop it:  speedslurm down {dep.id}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# status / endpoint / logs / down
+
+
+def _age(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+def _status_rows(settings: tp.Any, ident: str | None, show_all: bool) -> list[dict[str, tp.Any]]:
+    deps = [dp.find_deployment(settings, ident)] if ident else dp.list_deployments(settings)
+    rows = []
+    for dep in deps:
+        statuses = dp.replica_statuses(dep)
+        state = dp.deployment_state(statuses)
+        if not ident and not show_all and state in ("ENDED",) and time.time() - dep.info.get("created_at", 0) > 86400:
+            continue
+        rows.append({
+            "id": dep.id, "model": dep.info.get("model", {}).get("name"), "state": state,
+            "executor": dep.executor, "job_ids": dep.job_ids, "nodes": dep.info.get("nodes"),
+            "replicas": [s.to_json() for s in statuses], "age_s": round(time.time() - dep.info.get("created_at", 0), 1),
+            "endpoints": [s.endpoint.openai_base_url for s in statuses if s.endpoint and s.state == "READY"],
+            "run_dir": str(dep.run_dir.root),
+        })
+    return rows
+
+
+@cli.command("status")
+@click.argument("ident", required=False)
+@click.option("--watch", is_flag=True, help="Refresh every 2 seconds until Ctrl-C.")
+@click.option("--all", "show_all", is_flag=True, help="Include deployments that ended over a day ago.")
+@json_option
+@click.pass_context
+def status_cmd(ctx: click.Context, ident: str | None, watch: bool, show_all: bool, as_json: bool) -> None:
+    """Deployments with job id(s), model, nodes, state, endpoint and age (from run dirs and squeue/sacct)."""
+    settings = settings_from(ctx)
+    while True:
+        rows = _status_rows(settings, ident, show_all)
+        if as_json:
+            print_json(rows)
+        else:
+            _print_status(rows)
+        if not watch:
+            return
+        time.sleep(2)
+        if not as_json:
+            click.clear()
+
+
+def _print_status(rows: list[dict[str, tp.Any]]) -> None:
+    from rich.table import Table
+
+    con = out_console()
+    if not rows:
+        con.print("No deployments. Start one with `speedslurm up --model NAME`.")
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("DEPLOYMENT", "MODEL", "STATE", "JOB", "NODES", "ENDPOINT", "AGE"):
+        table.add_column(col)
+    colors = {"READY": "green", "FAILED": "red", "ENDED": "dim", "LOADING": "yellow", "STARTING": "yellow"}
+    for row in rows:
+        for rep in row["replicas"]:
+            state = rep["state"]
+            ep = rep["endpoint"]["url"] + "/v1" if rep["endpoint"] and state == "READY" else "-"
+            nodes = rep["nodes"] or str(row["nodes"])
+            table.add_row(row["id"] if rep["replica"] == 0 else f"  replica {rep['replica']}", row["model"] or "?",
+                          f"[{colors.get(state, 'white')}]{state}[/]", rep["job_id"] or "-", nodes, ep,
+                          _age(row["age_s"]))
+    con.print(table)
+
+
+@cli.command("endpoint")
+@click.argument("ident")
+@click.option("--env", "as_env", is_flag=True, help="Print `export OPENAI_BASE_URL=... OPENAI_API_KEY=...` lines.")
+@click.option("--show-key", is_flag=True, help="Include the API key in the output.")
+@click.option("--replica", type=int, default=None, help="Which replica (default: the first ready one).")
+@json_option
+@click.pass_context
+def endpoint_cmd(ctx: click.Context, ident: str, as_env: bool, show_key: bool, replica: int | None,
+                 as_json: bool) -> None:
+    """Print a deployment's endpoint; `--env` gives shell exports for the openai client."""
+    settings = settings_from(ctx)
+    dep = dp.find_deployment(settings, ident)
+    ready = [s for s in dp.replica_statuses(dep) if s.state == "READY" and s.endpoint]
+    if replica is not None:
+        ready = [s for s in ready if s.replica == replica]
+    if not ready:
+        raise UsageError(f"deployment {dep.id} has no ready endpoint{'' if replica is None else f' for replica {replica}'}",
+                         fix=f"check `speedslurm status {dep.id}`")
+    if as_env:
+        ep = ready[0].endpoint
+        assert ep is not None
+        click.echo(f"export OPENAI_BASE_URL={shlex.quote(ep.openai_base_url)}")
+        click.echo(f"export OPENAI_API_KEY={shlex.quote(ep.api_key)}")
+        return
+    eps = [s.endpoint.public(show_key) for s in ready if s.endpoint]
+    if as_json:
+        print_json(eps)
+        return
+    for e in eps:
+        click.echo(f"replica {e['replica']}: {e['url']}/v1  model {e['model']}  api key {e['api_key']}")
+
+
+@cli.command("logs")
+@click.argument("ident")
+@click.option("--role", type=click.Choice(["leader", "follower", "all"]), default="all", show_default=True)
+@click.option("--replica", type=int, default=None)
+@click.option("-n", "--lines", type=int, default=50, show_default=True, help="Lines from the end of each log.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until Ctrl-C.")
+@click.pass_context
+def logs_cmd(ctx: click.Context, ident: str, role: str, replica: int | None, lines: int, follow: bool) -> None:
+    """Print the logs of a deployment's llama-server (leader) and rpc-servers (followers)."""
+    from ..jobside import log_tail
+
+    settings = settings_from(ctx)
+    dep = dp.find_deployment(settings, ident)
+    files = []
+    for r in range(dep.replicas) if replica is None else [replica]:
+        folder = dep.run_dir.log_dir(r)
+        for path in sorted(folder.glob("*.log")) if folder.is_dir() else []:
+            if role == "all" or path.name.startswith(role):
+                files.append(path)
+    if not files:
+        click.echo(f"No logs yet in {dep.run_dir.root} (state: {dp.deployment_state(dp.replica_statuses(dep))}).")
+        return
+    for path in files:
+        click.echo(f"==> {path.relative_to(dep.run_dir.root)} <==")
+        click.echo(log_tail(path, lines))
+    if follow:
+        sizes = {p: p.stat().st_size for p in files}
+        while True:
+            time.sleep(0.5)
+            for path in files:
+                size = path.stat().st_size
+                if size > sizes[path]:
+                    with open(path, "rb") as fh:
+                        fh.seek(sizes[path])
+                        click.echo(fh.read().decode("utf-8", "replace"), nl=False)
+                    sizes[path] = size
+
+
+@cli.command("down")
+@click.argument("ident")
+@json_option
+@click.pass_context
+def down_cmd(ctx: click.Context, ident: str, as_json: bool) -> None:
+    """Cancel a deployment's job(s) and report what ended."""
+    settings = settings_from(ctx)
+    dep = dp.find_deployment(settings, ident)
+    ids = dp.down(dep)
+    statuses = dp.wait_ended(dep, timeout=30)
+    state = dp.deployment_state(statuses)
+    if as_json:
+        print_json({"deployment": dep.id, "cancelled": ids, "state": state})
+        return
+    click.echo(f"deployment {dep.id}: cancelled job(s) {', '.join(ids) or '-'}; state {state}")

@@ -1,0 +1,395 @@
+"""Deployments from the client's side: prepare (validate, plan), launch, watch, list, end.
+
+The client never talks to the nodes: it reads the run directory (endpoint.json, failed.json, ...) and asks
+Slurm (squeue, then sacct) for the job's state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import secrets
+import signal
+import time
+import typing as tp
+from pathlib import Path
+
+from . import slurm
+from .errors import DeploymentFailed, UsageError
+from .models import resolve_model
+from .plan import Plan, make_plan
+from .rundir import (
+    Endpoint,
+    RunDir,
+    check_parent_not_world_writable,
+    make_private_dir,
+    read_json,
+    write_json_atomic,
+)
+from .settings import Settings
+
+STATES = ("PENDING", "STARTING", "LOADING", "READY", "FAILED", "ENDED")
+_ID_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prepare and launch
+
+
+def choose_executor(settings: Settings, executor: str | None) -> str:
+    choice = executor or settings.run.executor
+    if choice == "auto":
+        return "slurm" if slurm.have_slurm() else "local"
+    if choice not in ("slurm", "local"):
+        raise UsageError(f"unknown executor {choice!r}", fix="use --executor slurm or --executor local")
+    if choice == "slurm" and not slurm.have_slurm():
+        raise UsageError("sbatch is not on PATH, so the Slurm executor cannot submit",
+                         fix="run on a Slurm login node, or use --executor local to run on this machine")
+    return choice
+
+
+def runs_root(settings: Settings) -> Path:
+    return settings.run.root
+
+
+def prepare(settings: Settings, model: str, *, nodes: int | None = None, replicas: int = 1, ctx: int | None = None,
+            time_limit: str | None = None, executor: str | None = None,
+            require_binaries: bool = True) -> tuple[Plan, tp.Any]:
+    """Validate everything and plan; raises :class:`UsageError` (exit 2) before anything is queued.
+
+    With ``require_binaries=False`` (``speedslurm plan``) missing binaries give None instead of an error.
+    """
+    from .binaries import find_llama_binaries
+
+    chosen = choose_executor(settings, executor)
+    spec = resolve_model(settings, model)
+    partition_size = None
+    if chosen == "slurm":
+        part = slurm.partition_info(settings.cluster.partition)
+        partition_size = len([n for n in part["nodes"] if n not in settings.cluster.exclude])
+    plan = make_plan(settings, spec, ctx=ctx, nodes=nodes, replicas=replicas, time=time_limit, executor=chosen,
+                     partition_size=partition_size)
+    try:
+        binaries = find_llama_binaries(settings.llama.bin_dir)
+    except UsageError:
+        if require_binaries:
+            raise
+        binaries = None
+    check_parent_not_world_writable(runs_root(settings))
+    return plan, binaries
+
+
+def new_deployment_id(model_name: str) -> str:
+    safe = _ID_SAFE.sub("-", model_name).strip("-").lower()[:32] or "model"
+    return f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+@dataclasses.dataclass
+class Deployment:
+    run_dir: RunDir
+    info: dict[str, tp.Any]
+
+    @property
+    def id(self) -> str:
+        return self.run_dir.deployment_id
+
+    @property
+    def replicas(self) -> int:
+        return int(self.info.get("replicas", 1))
+
+    @property
+    def executor(self) -> str:
+        return str(self.info.get("executor", "slurm"))
+
+    @property
+    def job_ids(self) -> list[str]:
+        return [str(j) for j in self.info.get("job_ids", [])]
+
+    def reload(self) -> Deployment:
+        self.info = self.run_dir.deployment() or self.info
+        return self
+
+
+def _binaries_record(binaries: tp.Any) -> dict[str, tp.Any]:
+    from .binaries import env_for
+
+    return {"llama_server": str(binaries.llama_server), "rpc_server": str(binaries.rpc_server),
+            "version": binaries.version, "source": binaries.source, "env": env_for(binaries)}
+
+
+def launch(settings: Settings, plan: Plan, binaries: tp.Any) -> Deployment:
+    """Create the run directory, write deployment.json and the API key, submit. Returns at once."""
+    from . import jobside, launch as submit
+
+    root = make_private_dir(runs_root(settings))
+    rd = RunDir(root / new_deployment_id(plan.model.name))
+    make_private_dir(rd.root)
+    for r in range(plan.replicas):
+        make_private_dir(rd.log_dir(r))
+    key_path = rd.root / "api_key"
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_urlsafe(32) + "\n")
+    info: dict[str, tp.Any] = {
+        "id": rd.deployment_id, "created_at": time.time(), "uid": os.getuid(),
+        "model": plan.model.to_json(), "plan": plan.to_json(), "nodes": plan.nodes, "replicas": plan.replicas,
+        "ctx": plan.ctx, "parallel": plan.parallel, "executor": plan.executor, "job_ids": [],
+        "node_addresses": {n: e.address for n, e in settings.cluster.nodes.items() if e.address},
+        "llama": dataclasses.asdict(settings.llama), "binaries": _binaries_record(binaries),
+        "follower_timeout_s": settings.run.follower_timeout_s, "health_timeout_s": settings.run.health_timeout_s,
+        "poll_interval_s": settings.run.poll_interval_s,
+    }
+    write_json_atomic(rd.root / "deployment.json", info)
+    submit_fn = submit.submit_local if plan.executor == "local" else submit.submit_slurm
+    info["job_ids"] = submit_fn(plan, rd, jobside.serve)
+    info["submitted_at"] = time.time()
+    write_json_atomic(rd.root / "deployment.json", info)
+    return Deployment(rd, info)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Finding deployments
+
+
+def list_deployments(settings: Settings) -> list[Deployment]:
+    root = runs_root(settings)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        info = read_json(child / "deployment.json") if child.is_dir() else None
+        if info:
+            found.append(Deployment(RunDir(child), info))
+    return sorted(found, key=lambda d: float(d.info.get("created_at", 0)))
+
+
+def find_deployment(settings: Settings, ident: str) -> Deployment:
+    """By deployment id, a unique prefix of it, or a Slurm job id."""
+    deps = list_deployments(settings)
+    exact = [d for d in deps if d.id == ident or ident in d.job_ids
+             or any(j.split("_")[0] == ident for j in d.job_ids)]
+    if not exact:
+        exact = [d for d in deps if d.id.startswith(ident)]
+    if len(exact) == 1:
+        return exact[0]
+    if not exact:
+        recent = ", ".join(d.id for d in deps[-5:]) or "none"
+        raise UsageError(f"unknown deployment {ident!r} (in {runs_root(settings)})",
+                         fix=f"pass an id from `speedslurm status` (recent: {recent})")
+    raise UsageError(f"{ident!r} matches several deployments: {', '.join(d.id for d in exact)}",
+                     fix="pass the full deployment id")
+
+
+def resolve_run_dir(settings: Settings, deployment_id: str) -> RunDir:
+    return find_deployment(settings, deployment_id).run_dir
+
+
+# ----------------------------------------------------------------------------------------------------------
+# State
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaStatus:
+    replica: int
+    state: str
+    job_id: str
+    job_state: str = ""
+    reason: str = ""
+    endpoint: Endpoint | None = None
+    failure: dict[str, tp.Any] | None = None
+    nodes: str = ""
+
+    def to_json(self, show_key: bool = False) -> dict[str, tp.Any]:
+        return {"replica": self.replica, "state": self.state, "job_id": self.job_id, "job_state": self.job_state,
+                "reason": self.reason, "nodes": self.nodes,
+                "endpoint": self.endpoint.public(show_key) if self.endpoint else None,
+                "failure": self.failure}
+
+
+def _replica_job_id(dep: Deployment, replica: int) -> str:
+    ids = dep.job_ids
+    if not ids:
+        return ""
+    return ids[replica] if replica < len(ids) else ids[0]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie left by an exited controller is not alive
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _job_state_for(job_id: str, states: dict[str, slurm.JobState]) -> slurm.JobState | None:
+    if job_id in states:
+        return states[job_id]
+    base, _, task = job_id.partition("_")
+    matches = [s for k, s in states.items() if k.split("+")[0] == job_id]
+    if not matches and task:
+        # a pending array shows as 123_[0-3]
+        matches = [s for k, s in states.items() if k.startswith(f"{base}_[")]
+    if not matches:
+        return None
+    for s in matches:  # the worst component decides
+        if s.state.split()[0] in slurm.BAD_STATES:
+            return s
+    running = [s for s in matches if s.state == "RUNNING"]
+    return running[0] if running else matches[0]
+
+
+def replica_statuses(dep: Deployment, states: dict[str, slurm.JobState] | None = None) -> list[ReplicaStatus]:
+    dep.reload()
+    if states is None and dep.executor == "slurm":
+        states = slurm.job_states(dep.job_ids)
+    out = []
+    for r in range(dep.replicas):
+        job_id = _replica_job_id(dep, r)
+        failure = dep.run_dir.failure(r)
+        endpoint = dep.run_dir.endpoint(r)
+        loading = dep.run_dir.loading_path(r).exists()
+        cancelled = bool(dep.info.get("cancelled_at"))
+        if dep.executor == "local":
+            alive = bool(job_id) and _pid_alive(int(job_id))
+            job_state = "RUNNING" if alive else "ENDED"
+            final, bad, reason, nodes = not alive, False, "", "localhost"
+        else:
+            js = _job_state_for(job_id, states or {}) if job_id else None
+            job_state = js.state if js else ("PENDING" if job_id and not cancelled else "")
+            final = bool(js and js.final) or (js is None and cancelled)
+            bad = bool(js and js.state.split()[0] in slurm.BAD_STATES and js.state.split()[0] != "CANCELLED")
+            reason = js.reason if js else ""
+            nodes = js.nodes if js else ""
+        if failure:
+            state = "FAILED"
+        elif final:
+            state = "FAILED" if bad and not cancelled else "ENDED"
+        elif endpoint:
+            state = "READY"
+        elif loading:
+            state = "LOADING"
+        elif job_state in ("RUNNING", "COMPLETING"):
+            state = "STARTING"
+        else:
+            state = "PENDING"
+        out.append(ReplicaStatus(r, state, job_id, job_state, reason, endpoint, failure, nodes))
+    return out
+
+
+def deployment_state(statuses: tp.Sequence[ReplicaStatus]) -> str:
+    """One state for the deployment: the best state any replica reached, FAILED when all failed."""
+    states = [s.state for s in statuses]
+    for state in ("READY", "LOADING", "STARTING", "PENDING"):
+        if state in states:
+            return state
+    return "FAILED" if "FAILED" in states else "ENDED"
+
+
+def failure_text(dep: Deployment, status: ReplicaStatus) -> tuple[str, str]:
+    """(reason, last log lines) for a failed replica."""
+    f = status.failure or {}
+    reason = f.get("reason") or f"job {status.job_id} ended in state {status.job_state}"
+    if f.get("node"):
+        reason = f"replica {status.replica}: {f.get('role', 'role')} on {f['node']}: {reason}"
+    else:
+        reason = f"replica {status.replica}: {reason}"
+    tail = f.get("log_tail") or ""
+    if not tail:
+        rd = dep.run_dir
+        role = f.get("role", "leader")
+        path = rd.log_path(status.replica, role, int(f.get("rank", 0) or 0))
+        from .jobside import log_tail
+
+        tail = log_tail(path) or _submitit_tail(dep, status)
+    return reason, tail
+
+
+def _submitit_tail(dep: Deployment, status: ReplicaStatus) -> str:
+    from .jobside import log_tail
+
+    folder = dep.run_dir.submitit_dir
+    if not folder.is_dir():
+        return ""
+    base = status.job_id.split("_")[0]
+    files = sorted(folder.rglob(f"{base}*_0_log.err")) + sorted(folder.rglob(f"{base}*_0_log.out"))
+    return "\n".join(t for t in (log_tail(p) for p in files) if t)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Waiting (the clock and sleep are injectable; unit tests drive them)
+
+
+def wait_ready(probe: tp.Callable[[], list[ReplicaStatus]], *, until: str = "all", timeout: float | None = None,
+               clock: tp.Callable[[], float] = time.monotonic, sleep: tp.Callable[[float], None] = time.sleep,
+               interval: float = 0.1, on_update: tp.Callable[[list[ReplicaStatus], float], None] | None = None,
+               describe_failure: tp.Callable[[ReplicaStatus], tuple[str, str]] | None = None) -> list[ReplicaStatus]:
+    """Poll until every replica (``until='all'``) or one (``'first'``) is READY.
+
+    A FAILED replica ends the wait at once with :class:`DeploymentFailed` (for ``'first'``: once no replica
+    can still become ready). A job that stays PENDING is not a failure unless ``timeout`` (seconds) passes.
+    """
+    start = clock()
+    while True:
+        statuses = probe()
+        elapsed = clock() - start
+        if on_update:
+            on_update(statuses, elapsed)
+        states = [s.state for s in statuses]
+        failed = [s for s in statuses if s.state in ("FAILED", "ENDED")]
+        if failed and (until == "all" or len(failed) == len(statuses)):
+            worst = next((s for s in failed if s.state == "FAILED"), failed[0])
+            reason, tail = describe_failure(worst) if describe_failure else (worst.state, "")
+            raise DeploymentFailed(reason, fix="see `speedslurm logs` for the full logs", log_tail=tail)
+        if until == "all" and all(s == "READY" for s in states):
+            return statuses
+        if until == "first" and "READY" in states:
+            return statuses
+        if timeout is not None and elapsed > timeout:
+            raise DeploymentFailed(f"not ready after {elapsed:.0f}s (states: {', '.join(states)})",
+                                   fix="raise --timeout, or check `speedslurm status` and `speedslurm logs`")
+        sleep(interval)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ending
+
+
+def down(dep: Deployment) -> list[str]:
+    """Cancel the deployment's job(s); returns the ids cancelled."""
+    ids = dep.job_ids
+    if dep.executor == "local":
+        for job_id in ids:
+            pid = int(job_id)
+            if _pid_alive(pid):
+                # submitit's local controller forwards SIGTERM to every task.
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while any(_pid_alive(int(j)) for j in ids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for job_id in ids:
+            if _pid_alive(int(job_id)):
+                os.kill(int(job_id), signal.SIGKILL)
+    else:
+        slurm.scancel([j.split("_")[0] if "_" in j else j for j in ids])
+    info = dict(dep.reload().info)
+    info["cancelled_at"] = time.time()
+    write_json_atomic(dep.run_dir.root / "deployment.json", info)
+    dep.info = info
+    return ids
+
+
+def wait_ended(dep: Deployment, timeout: float = 60, clock: tp.Callable[[], float] = time.monotonic,
+               sleep: tp.Callable[[float], None] = time.sleep) -> list[ReplicaStatus]:
+    start = clock()
+    while True:
+        statuses = replica_statuses(dep)
+        if all(s.state in ("ENDED", "FAILED") for s in statuses) or clock() - start > timeout:
+            return statuses
+        sleep(0.25)

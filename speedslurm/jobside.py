@@ -1,0 +1,425 @@
+"""The job side: one entry point, the role chosen by rank. Runs on the nodes (or locally, same code).
+
+* rank > 0, the **follower**: starts rpc-server bound to this node's cluster address on a free port,
+  publishes ``follower-<rank>.json`` once the port listens, then supervises it.
+* rank 0, the **leader**: waits for every follower, starts llama-server with ``--rpc`` bound to its
+  own cluster address with a per-deployment API key, polls ``/health`` until 200, writes ``endpoint.json``
+  atomically (mode 0600), then supervises.
+
+When a child exits, the role writes ``failed.json`` (exit code, reason, last log lines) where the client
+reads it, and the task ends non-zero so Slurm ends the whole job (srun --kill-on-bad-exit). SIGTERM (from
+scancel or the time limit) stops the children cleanly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import typing as tp
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .rundir import Endpoint, RunDir, read_json, write_json_atomic
+
+LOG_TAIL_LINES = 20
+_BIND_ERRORS = ("bind", "address already in use", "couldn't bind", "failed to listen", "could not bind")
+
+
+class RoleFailed(Exception):
+    def __init__(self, reason: str, exit_code: int | None = None, log_tail: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.exit_code = exit_code
+        self.log_tail = log_tail
+
+
+class _Stop:
+    """Set by SIGTERM/SIGINT/SIGUSR2: the job is being cancelled or reached its time limit."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, frame: tp.Any) -> None:
+        self.signum = signum
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small utilities
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 16384))
+            data = fh.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])
+
+
+def _listening(pid: int, port: int) -> bool:
+    """True when process ``pid``'s network namespace has a TCP socket listening on ``port``."""
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as fh:
+                next(fh)
+                for line in fh:
+                    parts = line.split()
+                    if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                        return True
+        except (FileNotFoundError, StopIteration, ProcessLookupError):
+            continue
+    return False
+
+
+def free_port(address: str, preferred: int = 0) -> int:
+    """A port free on ``address``: ``preferred`` when it is free, else one the kernel picks."""
+    for port in ([preferred] if preferred else []) + [0]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((address, port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise RoleFailed(f"no free port on {address}")
+
+
+def node_name() -> str:
+    # The UTS hostname is shared by the test bed's namespaces and says nothing about the node:
+    # Slurm's SLURMD_NODENAME is the node's identity.
+    return os.environ.get("SLURMD_NODENAME") or "localhost"
+
+
+def cluster_address(deployment: dict[str, tp.Any], node: str) -> str:
+    """This node's cluster address: settings, else Slurm's NodeAddr, else DNS. Never 0.0.0.0."""
+    if deployment.get("executor") == "local":
+        return "127.0.0.1"
+    addr = (deployment.get("node_addresses") or {}).get(node)
+    if not addr:
+        from .slurm import node_address
+
+        addr = node_address(node)
+        if addr == node:  # NodeAddr defaults to the node name: resolve it below
+            addr = None
+    if not addr:
+        try:
+            addr = socket.gethostbyname(node)
+        except OSError as exc:
+            raise RoleFailed(f"cannot find the cluster address of node {node}: not in settings, "
+                             f"not in Slurm's NodeAddr, not in DNS ({exc})") from exc
+    if addr in ("0.0.0.0", "::", ""):
+        raise RoleFailed(f"refusing to bind to {addr!r} on {node}: set cluster.nodes.{node}.address")
+    return addr
+
+
+def binary_build(path: str) -> str:
+    """The build identity of a llama.cpp binary on this node (equal for binaries of one build)."""
+    from .binaries import build_id
+
+    return build_id(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Children
+
+
+class Child:
+    """One supervised child process whose output goes to a log file."""
+
+    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str], redact: tp.Sequence[str] = ()) -> None:
+        self.argv = argv
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        shown = " ".join("***" if a in redact else a for a in argv)
+        with open(log_path, "a") as fh:
+            fh.write(f"[speedslurm] {time.strftime('%Y-%m-%d %H:%M:%S')} on {node_name()}: {shown}\n")
+        self._log = open(log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
+        os.chmod(log_path, 0o600)
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def stop(self, timeout: float = 10) -> int | None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+    def tail(self) -> str:
+        return log_tail(self.log_path)
+
+    def bind_failed(self) -> bool:
+        text = self.tail().lower()
+        return any(marker in text for marker in _BIND_ERRORS)
+
+
+def _start_listening(make_argv: tp.Callable[[int], list[str]], address: str, preferred: int, log_path: Path,
+                     env: dict[str, str], stop: _Stop, timeout: float, what: str,
+                     redact: tp.Sequence[str] = ()) -> tuple[Child, int]:
+    """Start a server on a free port; if the port is taken meanwhile, pick another (up to 5 tries)."""
+    last = ""
+    for _attempt in range(5):
+        port = free_port(address, preferred)
+        child = Child(make_argv(port), log_path, env, redact)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not stop:
+            if child.poll() is not None:
+                break
+            if _listening(child.pid, port):
+                return child, port
+            time.sleep(0.02)
+        if stop:
+            child.stop()
+            raise RoleFailed(f"stopped by signal {stop.signum} while starting {what}")
+        code = child.poll()
+        if code is not None and child.bind_failed():
+            last = child.tail()
+            child.stop()
+            preferred = 0
+            continue
+        tail = child.tail()
+        child.stop()
+        if code is None:
+            raise RoleFailed(f"{what} did not listen on {address}:{port} within {timeout:.0f}s", None, tail)
+        raise RoleFailed(f"{what} exited with code {code} while starting", code, tail)
+    raise RoleFailed(f"{what} could not bind a port on {address} after 5 tries", None, last)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Roles
+
+
+def _fail(rd: RunDir, replica: int, role: str, rank: int, exc: RoleFailed) -> None:
+    path = rd.failed_path(replica)
+    if path.exists():  # the first failure is the cause; later ones are consequences
+        return
+    write_json_atomic(path, {
+        "role": role, "rank": rank, "node": node_name(), "exit_code": exc.exit_code,
+        "reason": exc.reason, "log_tail": exc.log_tail, "time": time.time(),
+    })
+
+
+def _supervise(child: Child, rd: RunDir, replica: int, stop: _Stop, what: str, poll_s: float) -> None:
+    """Wait while the child runs; a child exit, a failure elsewhere in the replica, or a signal ends it."""
+    failed = rd.failed_path(replica)
+    while not stop:
+        code = child.poll()
+        if code is not None:
+            raise RoleFailed(f"{what} exited with code {code}", code, child.tail())
+        if failed.exists():
+            child.stop()
+            raise RoleFailed("another role of this replica failed", None, "")
+        time.sleep(poll_s)
+    child.stop()
+
+
+def run_follower(dep: dict[str, tp.Any], rd: RunDir, replica: int, rank: int, stop: _Stop) -> None:
+    node = node_name()
+    address = cluster_address(dep, node)
+    llama = dep["llama"]
+    bins = dep["binaries"]
+    env = {**os.environ, **bins.get("env", {})}
+    version = binary_build(bins["rpc_server"])
+    cache_args: list[str] = []
+    if llama.get("rpc_cache"):
+        cache_dir = llama.get("rpc_cache_dir") or os.path.join(
+            os.environ.get("TMPDIR", "/tmp"), f"speedslurm-rpc-cache-{os.getuid()}")
+        cache_dir = os.path.expanduser(cache_dir)
+        os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+        env["LLAMA_CACHE"] = cache_dir
+        cache_args = ["-c"]
+    threads = ["-t", str(llama["threads"])] if llama.get("threads") else []
+
+    def argv(port: int) -> list[str]:
+        return [bins["rpc_server"], "-H", address, "-p", str(port), *threads, *cache_args,
+                *llama.get("extra_rpc_args", [])]
+
+    child, port = _start_listening(argv, address, int(llama.get("rpc_port") or 0), rd.log_path(replica, "follower", rank),
+                                   env, stop, 60, f"rpc-server on {node}")
+    write_json_atomic(rd.follower_path(replica, rank), {
+        "rank": rank, "node": node, "host": address, "port": port, "pid": child.pid, "version": version,
+        "started_at": time.time(),
+    })
+    _supervise(child, rd, replica, stop, f"rpc-server on {node} ({address}:{port})", dep["poll_interval_s"])
+
+
+def _wait_followers(dep: dict[str, tp.Any], rd: RunDir, replica: int, stop: _Stop) -> list[dict[str, tp.Any]]:
+    n = int(dep["nodes"])
+    deadline = time.monotonic() + float(dep["follower_timeout_s"])
+    found: dict[int, dict[str, tp.Any]] = {}
+    while len(found) < n - 1:
+        if stop:
+            raise RoleFailed(f"stopped by signal {stop.signum} while waiting for rpc-servers")
+        failure = rd.failure(replica)
+        if failure:
+            raise RoleFailed(f"a follower failed: {failure.get('reason')}", None, failure.get("log_tail", ""))
+        for rank in range(1, n):
+            if rank not in found:
+                data = read_json(rd.follower_path(replica, rank))
+                if data:
+                    found[rank] = data
+        if len(found) == n - 1:
+            break
+        if time.monotonic() > deadline:
+            missing = [r for r in range(1, n) if r not in found]
+            raise RoleFailed(f"rpc-servers of follower rank(s) {missing} did not start within "
+                             f"{dep['follower_timeout_s']:.0f}s (run.follower_timeout_s)")
+        time.sleep(dep["poll_interval_s"])
+    return [found[r] for r in range(1, n)]
+
+
+def _health(url: str, timeout: float = 2.0) -> int:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=timeout) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+def run_leader(dep: dict[str, tp.Any], rd: RunDir, replica: int, stop: _Stop) -> None:
+    node = node_name()
+    address = cluster_address(dep, node)
+    llama = dep["llama"]
+    bins = dep["binaries"]
+    env = {**os.environ, **bins.get("env", {})}
+    model_path = dep["model"]["path"]
+    if not os.path.exists(model_path):
+        raise RoleFailed(f"model file {model_path} does not exist on {node}")
+    version = binary_build(bins["llama_server"])
+    followers = _wait_followers(dep, rd, replica, stop)
+    for f in followers:
+        if f.get("version") and f["version"] != version:
+            raise RoleFailed(
+                f"llama-server on {node} ({version}) and rpc-server on {f['node']} ({f['version']}) come from "
+                "different llama.cpp builds; the RPC handshake would fail. Point llama.bin_dir at one build "
+                "for every node (`speedslurm build-llama`).")
+    rpc = ",".join(f"{f['host']}:{f['port']}" for f in followers)
+    key_file = str(rd.root / "api_key")
+
+    def argv(port: int) -> list[str]:
+        cmd = [bins["llama_server"], "-m", model_path, "--host", address, "--port", str(port),
+               "-ngl", str(llama["ngl"]), "-c", str(dep["ctx"]), "--parallel", str(dep["parallel"]),
+               "--metrics", "--api-key-file", key_file, "--no-webui", "--kv-unified"]
+        if rpc:
+            cmd += ["--rpc", rpc]
+        for flag, key in (("-t", "threads"), ("-b", "batch_size"), ("-ub", "ubatch_size"), ("-fa", "flash_attn")):
+            if llama.get(key) is not None:
+                cmd += [flag, str(llama[key])]
+        return cmd + list(llama.get("extra_server_args", []))
+
+    started = time.time()
+    child, port = _start_listening(argv, address, int(llama.get("server_port") or 0), rd.log_path(replica, "leader"),
+                                   env, stop, 120, f"llama-server on {node}")
+    url = f"http://{address}:{port}"
+    write_json_atomic(rd.loading_path(replica), {"url": url, "node": node, "pid": child.pid, "time": time.time()})
+    deadline = time.monotonic() + float(dep["health_timeout_s"])
+    poll = float(dep["poll_interval_s"])
+    while True:
+        if stop:
+            child.stop()
+            return
+        code = child.poll()
+        if code is not None:
+            raise RoleFailed(f"llama-server on {node} exited with code {code} while loading the model", code,
+                             child.tail())
+        failure = rd.failure(replica)
+        if failure:
+            child.stop()
+            raise RoleFailed(f"a follower failed: {failure.get('reason')}", None, failure.get("log_tail", ""))
+        if _health(url) == 200:
+            break
+        if time.monotonic() > deadline:
+            tail = child.tail()
+            child.stop()
+            raise RoleFailed(f"llama-server on {node} did not become healthy within {dep['health_timeout_s']:.0f}s"
+                             " (run.health_timeout_s)", None, tail)
+        time.sleep(poll)
+    with open(key_file) as fh:
+        api_key = fh.read().strip()
+    endpoint = Endpoint(
+        url=url, api_key=api_key, model=dep["model"]["name"], deployment_id=rd.deployment_id, replica=replica,
+        job_id=os.environ.get("SPEEDSLURM_JOB_ID") or os.environ.get("SLURM_JOB_ID", ""), leader_node=node,
+        follower_nodes=[f["node"] for f in followers], rpc_servers=[f"{f['host']}:{f['port']}" for f in followers],
+        llama_version=str(bins.get("version") or version), parallel=int(dep["parallel"]), ctx=int(dep["ctx"]), started_at=started,
+        ready_at=time.time(), pid=child.pid,
+    )
+    write_json_atomic(rd.endpoint_path(replica), endpoint.to_json())
+    _supervise(child, rd, replica, stop, f"llama-server on {node} ({url})", poll)
+
+
+def serve(run_dir: str, replica: int = 0) -> int:
+    """The job function submitted for each replica; its rank picks the role."""
+    import submitit
+
+    stop = _Stop()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
+        signal.signal(sig, stop)
+    rd = RunDir(Path(run_dir))
+    dep = rd.deployment()
+    if dep is None:
+        raise RuntimeError(f"{run_dir} holds no deployment.json")
+    try:
+        rank = submitit.JobEnvironment().global_rank
+    except RuntimeError:
+        rank = int(os.environ.get("SLURM_PROCID", "0"))
+    role = "leader" if rank == 0 else "follower"
+    rd.log_dir(replica).mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        if rank == 0:
+            run_leader(dep, rd, replica, stop)
+        else:
+            run_follower(dep, rd, replica, rank, stop)
+    except RoleFailed as exc:
+        if stop:  # cancelled or timed out while starting: an end, not a failure
+            return 0
+        _fail(rd, replica, role, rank, exc)
+        print(f"[speedslurm] {role} rank {rank} on {node_name()} failed: {exc.reason}", file=sys.stderr, flush=True)
+        if exc.log_tail:
+            print(exc.log_tail, file=sys.stderr, flush=True)
+        # A non-zero exit makes srun (--kill-on-bad-exit) end every task of the job.
+        os._exit(1)
+    except Exception as exc:  # an unexpected error must still reach the client
+        _fail(rd, replica, role, rank, RoleFailed(f"{type(exc).__name__}: {exc}"))
+        raise
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m speedslurm.jobside RUN_DIR [REPLICA]``: the same job side without submitit (templates)."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print("usage: python -m speedslurm.jobside RUN_DIR [REPLICA]", file=sys.stderr)
+        raise SystemExit(2)
+    replica = int(args[1]) if len(args) > 1 else int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
+    raise SystemExit(serve(args[0], replica))
+
+
+if __name__ == "__main__":
+    main()
+

@@ -1,0 +1,153 @@
+"""Submission: the one job-script renderer and the submitit executors that submit it.
+
+* one replica of N > 1 nodes -> a heterogeneous job: component 0 = the leader (1 node, pinned to the
+  model's host when it has one), component 1 = the N-1 followers; ``srun --het-group=0,1`` starts one task
+  per node, rank 0 is the leader.
+* R > 1 replicas -> a job array of R plain N-node jobs; rank 0 of each is its leader.
+* one node -> a plain job.
+* ``--executor local`` -> submitit's local executor: N tasks on this machine, all on 127.0.0.1.
+
+submitit's Slurm executor knows no hetjobs: :class:`HetjobSlurmExecutor` renders the hetjob script
+through :func:`render_job_script` (which builds on submitit's own sbatch renderer, so values are
+shell-quoted the same way) and starts the tasks through :mod:`speedslurm.jobentry`, which gives every
+component's task the leader's job id so they all find the one pickled job.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import typing as tp
+from pathlib import Path
+
+import submitit
+from submitit.slurm import slurm as submitit_slurm
+
+from .plan import Plan
+from .rundir import RunDir
+
+# Slurm's SIGUSR2 warning before the time limit; the job side treats it like SIGTERM.
+SIGNAL_DELAY_S = 60
+
+
+def job_name(plan: Plan) -> str:
+    return f"speedslurm-{plan.model.name}"[:64]
+
+
+def slurm_parameters(plan: Plan, run_dir: RunDir) -> dict[str, tp.Any]:
+    """submitit parameters of the main component (the leader's for a hetjob, every task's for an array)."""
+    params: dict[str, tp.Any] = {
+        "job_name": job_name(plan),
+        "time": plan.time_minutes,
+        "nodes": 1 if plan.heterogeneous else plan.nodes,
+        "ntasks_per_node": 1,
+        "signal_delay_s": SIGNAL_DELAY_S,
+        "srun_args": ["--kill-on-bad-exit=1"] + (["--het-group=0,1"] if plan.heterogeneous else []),
+        "wckey": "speedslurm",
+        "setup": [f"export SPEEDSLURM_RUN_DIR={shlex.quote(str(run_dir.root))}",
+                  'export SPEEDSLURM_JOB_ID="$SLURM_JOB_ID"'],
+    }
+    if plan.partition:
+        params["partition"] = plan.partition
+    if plan.gres:
+        params["gres"] = plan.gres
+    if plan.leader_host and plan.heterogeneous:
+        params["nodelist"] = plan.leader_host
+    elif plan.leader_host and plan.nodes == 1:
+        params["nodelist"] = plan.leader_host
+    if plan.exclude:
+        params["exclude"] = ",".join(plan.exclude)
+    if plan.account:
+        params["account"] = plan.account
+    if plan.qos:
+        params["qos"] = plan.qos
+    if plan.cpus_per_node:
+        params["cpus_per_task"] = plan.cpus_per_node
+    if plan.mem_per_node:
+        params["additional_parameters"] = {"mem": plan.mem_per_node}
+    return params
+
+
+def follower_component_lines(plan: Plan) -> list[str]:
+    """``#SBATCH`` lines of component 1 (the followers) of a hetjob."""
+    lines = ["#SBATCH hetjob", f"#SBATCH --nodes={plan.nodes - 1}", "#SBATCH --ntasks-per-node=1"]
+    if plan.partition:
+        lines.append(f"#SBATCH --partition={shlex.quote(plan.partition)}")
+    if plan.gres:
+        lines.append(f"#SBATCH --gres={shlex.quote(plan.gres)}")
+    exclude = [*plan.exclude, *([plan.leader_host] if plan.leader_host else [])]
+    if exclude:
+        lines.append(f"#SBATCH --exclude={shlex.quote(','.join(exclude))}")
+    lines.append(f"#SBATCH --time={plan.time_minutes}")
+    return lines
+
+
+def render_job_script(plan: Plan, run_dir: RunDir, command: str) -> str:
+    """The sbatch script for ``plan``; ``command`` is the (already quoted) task command run by srun.
+
+    Pure: the same inputs give the same text (golden-file tested).
+    """
+    params = slurm_parameters(plan, run_dir)
+    map_count = plan.replicas if plan.replicas > 1 else None
+    text = submitit_slurm._make_sbatch_string(command=command, folder=run_dir.submitit_dir,
+                                              map_count=map_count, **params)
+    lines = text.split("\n")
+    lines.insert(1, f"# speedslurm deployment {run_dir.deployment_id}: {plan.model.name} on "
+                    f"{plan.nodes} node(s) x {plan.replicas} replica(s) ({plan.layout})")
+    if plan.heterogeneous:
+        last = max(i for i, line in enumerate(lines) if line.startswith("#SBATCH"))
+        lines[last + 1:last + 1] = follower_component_lines(plan)
+    return "\n".join(lines)
+
+
+def entry_command(python: str, folder: Path) -> str:
+    return " ".join([python, "-u -m speedslurm.jobentry", shlex.quote(str(folder))])
+
+
+class HetjobSlurmExecutor(submitit.SlurmExecutor):
+    """submitit's Slurm executor, with the script rendered by :func:`render_job_script` (hetjob aware)."""
+
+    def __init__(self, plan: Plan, run_dir: RunDir, python: str | None = None) -> None:
+        super().__init__(folder=run_dir.submitit_dir, max_num_timeout=0, python=python)
+        self.plan = plan
+        self.run_dir = run_dir
+
+    @property
+    def _submitit_command_str(self) -> str:
+        return entry_command(self.python, Path(self.folder))
+
+    def _make_submission_file_text(self, command: str, uid: str) -> str:
+        return render_job_script(self.plan, self.run_dir, command)
+
+    def _num_tasks(self) -> int:
+        return self.plan.nodes
+
+
+def submit_slurm(plan: Plan, run_dir: RunDir, fn: tp.Callable[..., tp.Any]) -> list[str]:
+    """Submit ``fn(run_dir, replica)`` for every replica; returns the Slurm job id(s) per replica."""
+    if plan.replicas == 1:
+        ex = HetjobSlurmExecutor(plan, run_dir)
+        job = ex.submit(fn, str(run_dir.root), 0)
+        return [str(job.job_id)]
+    # Arrays: submitit's own array path renders the same script as render_job_script (map_count = R).
+    ex_arr = submitit.SlurmExecutor(folder=run_dir.submitit_dir, max_num_timeout=0)
+    ex_arr.update_parameters(**slurm_parameters(plan, run_dir), array_parallelism=plan.replicas)
+    jobs = ex_arr.map_array(fn, [str(run_dir.root)] * plan.replicas, list(range(plan.replicas)))
+    return [str(j.job_id) for j in jobs]
+
+
+def submit_local(plan: Plan, run_dir: RunDir, fn: tp.Callable[..., tp.Any]) -> list[str]:
+    """Run the same job side as local processes: one submitit local job of N tasks per replica."""
+    ids = []
+    for replica in range(plan.replicas):
+        ex = submitit.LocalExecutor(folder=run_dir.submitit_dir / f"r{replica}")
+        ex.update_parameters(tasks_per_node=plan.nodes, timeout_min=plan.time_minutes,
+                             signal_delay_s=SIGNAL_DELAY_S)
+        job = ex.submit(fn, str(run_dir.root), replica)
+        job._cancel_at_deletion = False  # the deployment outlives this process
+        ids.append(str(job.job_id))
+    return ids
+
+
+def python_command() -> str:
+    return shlex.quote(sys.executable)

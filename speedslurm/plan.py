@@ -1,0 +1,193 @@
+"""The planner: how many nodes a model needs, and the shape of the job that serves it.
+
+Memory formula (all in bytes, one llama.cpp device per node)::
+
+    need(N)  = W + KV(ctx) + N x C          W: tensor bytes of the model
+    have(N)  = N x U                        KV(ctx) = n_layer x ctx x n_head_kv x (d_k + d_v) x bytes/element
+    N        = smallest N with need(N) <= have(N) = ceil((W + KV) / (U - C))
+
+U is the usable GPU memory of one node (GiB, after the CUDA context: 22 GiB on the lab's 24 GiB cards)
+and C the compute buffer each device keeps (1.1 GiB by default: the seed's 70B log shows 1104 MiB per
+device). The seed's Q4_K_S (40.35 GB = 37.6 GiB, KV 2.5 GiB at ctx 8192) gives 2 nodes; Q6_K_L
+(58.4 GB = 54.4 GiB) gives 3. llama.cpp spreads layers in proportion to each device's free memory, so
+every device holds its share of W and KV plus one C.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import typing as tp
+
+from .errors import UsageError
+from .models import ModelSpec
+from .settings import Settings
+
+GIB = 1024**3
+_TIME_RE = re.compile(r"^(?:(?:(?P<d>\d+)-)?(?:(?P<h>\d+):)?(?P<m>\d+)(?::(?P<s>\d+))?)$")
+
+
+def parse_time_minutes(value: str) -> int:
+    """Slurm --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S -> minutes (rounded up)."""
+    text = str(value).strip()
+    if text.isdigit():
+        return int(text)
+    m = re.match(r"^(?P<d>\d+)-(?P<h>\d+)(?::(?P<m>\d+)(?::(?P<s>\d+))?)?$", text)
+    if m:
+        d, h, mi, s = (int(m[k] or 0) for k in "dhms")
+        return d * 1440 + h * 60 + mi + math.ceil(s / 60)
+    parts = text.split(":")
+    if all(p.isdigit() for p in parts) and 2 <= len(parts) <= 3:
+        nums = [int(p) for p in parts]
+        if len(nums) == 2:  # M:S
+            return nums[0] + math.ceil(nums[1] / 60)
+        return nums[0] * 60 + nums[1] + math.ceil(nums[2] / 60)
+    raise UsageError(f"--time {value!r} is not a Slurm time",
+                     fix="use minutes (90), H:M:S (01:30:00) or D-H:M:S (1-00:00:00)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceShare:
+    node: str                  # "leader" or "follower-K" until Slurm names the node
+    weights_bytes: int
+    kv_bytes: int
+    compute_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_bytes + self.compute_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    model: ModelSpec
+    ctx: int
+    nodes: int                 # per replica
+    min_nodes: int             # what the memory formula asks for
+    replicas: int
+    parallel: int              # llama-server slots
+    usable_bytes: int          # per node
+    compute_bytes: int         # per node
+    kv_bytes: int              # whole KV cache
+    partition: str | None
+    time: str
+    time_minutes: int
+    gres: str | None
+    leader_host: str | None    # leader pinned to this node (the model's host)
+    exclude: tuple[str, ...]
+    executor: str              # "slurm" or "local"
+    devices: tuple[DeviceShare, ...]
+    account: str | None = None
+    qos: str | None = None
+    cpus_per_node: int | None = None
+    mem_per_node: str | None = None
+
+    @property
+    def total_nodes(self) -> int:
+        return self.nodes * self.replicas
+
+    @property
+    def heterogeneous(self) -> bool:
+        """One replica of more than one node runs as a heterogeneous job (leader + followers)."""
+        return self.replicas == 1 and self.nodes > 1
+
+    @property
+    def layout(self) -> str:
+        if self.replicas > 1:
+            return "array"
+        return "hetjob" if self.heterogeneous else "single"
+
+    def to_json(self) -> dict[str, tp.Any]:
+        data = dataclasses.asdict(self)
+        data["model"] = self.model.to_json()
+        data["total_nodes"] = self.total_nodes
+        data["layout"] = self.layout
+        data["need_gib"] = round((self.model.weights_bytes + self.kv_bytes + self.nodes * self.compute_bytes) / GIB, 2)
+        data["have_gib"] = round(self.nodes * self.usable_bytes / GIB, 2)
+        return data
+
+
+def nodes_needed(weights_bytes: int, kv_bytes: int, usable_bytes: int, compute_bytes: int) -> int:
+    """Smallest N with weights + KV + N x compute <= N x usable (see the module docstring)."""
+    per_node = usable_bytes - compute_bytes
+    if per_node <= 0:
+        raise UsageError("a node's usable GPU memory is smaller than one compute buffer",
+                         fix="raise cluster.usable_gib or lower llama.compute_overhead_gib")
+    return max(1, math.ceil((weights_bytes + kv_bytes) / per_node))
+
+
+def make_plan(settings: Settings, model: ModelSpec, *, ctx: int | None = None, nodes: int | None = None,
+              replicas: int = 1, time: str | None = None, executor: str = "slurm",
+              partition_size: int | None = None) -> Plan:
+    """Size the deployment and validate it; raises :class:`UsageError` before anything is queued."""
+    ctx = ctx if ctx is not None else model.ctx
+    if ctx <= 0:
+        raise UsageError(f"--ctx {ctx} must be positive", fix="pass a context size such as --ctx 8192")
+    if nodes is not None and nodes < 1:
+        raise UsageError(f"--nodes {nodes} must be at least 1", fix="pass --nodes 1 or more, or leave it out to let the planner choose")
+    if replicas < 1:
+        raise UsageError(f"--replicas {replicas} must be at least 1", fix="pass --replicas 1 or more")
+    llama = settings.llama
+    if llama.parallel < 1:
+        raise UsageError(f"llama.parallel {llama.parallel} must be at least 1", fix="set llama.parallel to 1 or more")
+    usable_gib = min((n.usable_gib for n in settings.cluster.nodes.values() if n.usable_gib),
+                     default=settings.cluster.usable_gib)
+    usable = int(usable_gib * GIB)
+    compute = int(llama.compute_overhead_gib * GIB)
+    kv = model.kv_bytes(ctx, llama.kv_bytes_per_element)
+    need = nodes_needed(model.weights_bytes, kv, usable, compute)
+    if executor == "local":
+        # Local roles share this machine's memory; GPU sizing does not apply.
+        need = 1
+    chosen = nodes if nodes is not None else need
+    if chosen < need:
+        raise UsageError(
+            f"model {model.name} needs {need} nodes at ctx {ctx} "
+            f"({(model.weights_bytes + kv + need * compute) / GIB:.1f} GiB in all, {usable_gib:g} GiB usable per node); "
+            f"--nodes {chosen} is too few",
+            fix=f"pass --nodes {need} or more, or a smaller --ctx")
+    time_value = time or settings.cluster.time
+    minutes = parse_time_minutes(time_value)
+    if partition_size is not None and chosen * replicas > partition_size:
+        raise UsageError(
+            f"{replicas} replica(s) of {chosen} node(s) need {chosen * replicas} nodes; "
+            f"partition {settings.cluster.partition or '(default)'} has {partition_size}",
+            fix=f"lower --replicas to {max(1, partition_size // chosen)} or fewer")
+    leader_host = model.host if executor == "slurm" else None
+    if leader_host and replicas > 1:
+        raise UsageError(
+            f"model {model.name} lives on {leader_host}'s local disk, so only one replica can load it",
+            fix="copy the model to the shared filesystem and remove its `host:` entry, or use --replicas 1")
+    devices = tuple(
+        DeviceShare("leader" if i == 0 else f"follower-{i}", model.weights_bytes // chosen, kv // chosen, compute)
+        for i in range(chosen))
+    return Plan(
+        model=model, ctx=ctx, nodes=chosen, min_nodes=need, replicas=replicas, parallel=llama.parallel,
+        usable_bytes=usable, compute_bytes=compute, kv_bytes=kv, partition=settings.cluster.partition,
+        time=time_value, time_minutes=minutes, gres=settings.cluster.gres_per_node, leader_host=leader_host,
+        exclude=tuple(settings.cluster.exclude), executor=executor, devices=devices,
+        account=settings.cluster.account, qos=settings.cluster.qos,
+        cpus_per_node=settings.cluster.cpus_per_node, mem_per_node=settings.cluster.mem_per_node,
+    )
+
+
+def describe_plan(plan: Plan) -> list[str]:
+    """Human-readable lines for ``speedslurm plan``."""
+    m = plan.model
+    lines = [
+        f"model      {m.name}  ({m.path}{', on ' + m.host + ' local disk' if m.host else ''})",
+        f"weights    {m.weights_bytes / GIB:.2f} GiB   KV cache {plan.kv_bytes / GIB:.2f} GiB at ctx {plan.ctx}"
+        f"   compute {plan.compute_bytes / GIB:.2f} GiB per node",
+        f"nodes      {plan.nodes} per replica (memory needs {plan.min_nodes}: "
+        f"{(m.weights_bytes + plan.kv_bytes + plan.nodes * plan.compute_bytes) / GIB:.1f} GiB of "
+        f"{plan.nodes * plan.usable_bytes / GIB:.1f} GiB usable)",
+        f"replicas   {plan.replicas} ({plan.layout}; {plan.total_nodes} node(s) in all)",
+        f"server     --parallel {plan.parallel} slots, ctx {plan.ctx}",
+        f"slurm      partition={plan.partition or '(default)'} time={plan.time} gres={plan.gres or '-'}"
+        + (f" leader on {plan.leader_host}" if plan.leader_host else ""),
+    ]
+    for d in plan.devices:
+        lines.append(f"  {d.node:<11} weights {d.weights_bytes / GIB:6.2f} GiB + KV {d.kv_bytes / GIB:5.2f} GiB"
+                     f" + compute {d.compute_bytes / GIB:4.2f} GiB = {d.total_bytes / GIB:6.2f} GiB")
+    return lines

@@ -1,0 +1,111 @@
+"""Slurm queries: partitions, node addresses, job states. Every call goes through :func:`proc.call`."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import typing as tp
+
+from .errors import CommandError, UsageError
+from .proc import call
+
+# Job ids as Slurm prints them: 123, 123_4 (array task), 123+1 (hetjob component), 123_[0-3] (pending array)
+JOB_ID_RE = re.compile(r"^(?P<base>\d+)(?:_(?P<task>\d+|\[[^\]]*\]))?(?:\+(?P<comp>\d+))?(?:\.(?P<step>\S+))?$")
+SUBMITTED_RE = re.compile(r"Submitted batch job (?P<id>\d+)")
+
+# Slurm states that end a job for good.
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+                "BOOT_FAIL", "DEADLINE", "REVOKED", "SPECIAL_EXIT"}
+BAD_STATES = FINAL_STATES - {"COMPLETED"}
+
+
+def have_slurm() -> bool:
+    return shutil.which("sbatch") is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class JobState:
+    job_id: str          # as Slurm prints it
+    state: str           # RUNNING, PENDING, COMPLETED, ...
+    reason: str = ""
+    exit_code: str = ""
+    nodes: str = ""
+
+    @property
+    def final(self) -> bool:
+        return self.state.split()[0] in FINAL_STATES
+
+
+def partition_info(partition: str | None) -> dict[str, tp.Any]:
+    """Nodes of a partition (or the default one): {'name', 'nodes': [...], 'gres': {...}, 'states': {...}}."""
+    argv = ["sinfo", "-h", "-N", "-o", "%N|%P|%G|%t"]
+    if partition:
+        argv += ["-p", partition]
+    out = call(argv, timeout=20)
+    nodes: dict[str, dict[str, str]] = {}
+    name = partition
+    for line in out.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) != 4:
+            continue
+        node, part, gres, state = parts
+        if partition is None and not part.endswith("*"):
+            continue
+        name = part.rstrip("*")
+        nodes[node] = {"gres": gres, "state": state}
+    if not nodes:
+        known = partitions()
+        raise UsageError(f"partition {partition or '(default)'!r} does not exist or has no nodes",
+                         fix=f"set cluster.partition to one of: {', '.join(known) or '(none found)'}")
+    return {"name": name, "nodes": sorted(nodes), "detail": nodes}
+
+
+def partitions() -> list[str]:
+    try:
+        out = call(["sinfo", "-h", "-o", "%P"], timeout=20)
+    except CommandError:
+        return []
+    return sorted({p.strip().rstrip("*") for p in out.split() if p.strip()})
+
+
+def node_address(node: str) -> str | None:
+    """Slurm's NodeAddr for ``node`` (None when scontrol does not know it)."""
+    try:
+        out = call(["scontrol", "show", "node", node, "-o"], timeout=20)
+    except CommandError:
+        return None
+    m = re.search(r"\bNodeAddr=(\S+)", out)
+    return m.group(1) if m else None
+
+
+def job_states(job_ids: tp.Iterable[str]) -> dict[str, JobState]:
+    """States of jobs (arrays and hetjobs expanded: keys like 123, 123_1, 123+1) from squeue, then sacct."""
+    ids = sorted({str(j).split("_")[0].split("+")[0] for j in job_ids})
+    if not ids:
+        return {}
+    states: dict[str, JobState] = {}
+    try:
+        out = call(["squeue", "-h", "-j", ",".join(ids), "-o", "%i|%T|%r|%N"], timeout=20, check=False)
+    except CommandError:
+        out = ""
+    for line in out.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) >= 4:
+            states[parts[0]] = JobState(parts[0], parts[1], parts[2], "", parts[3])
+    try:
+        acct = call(["sacct", "-n", "-X", "-P", "-j", ",".join(ids), "-o", "JobID,State,ExitCode,NodeList"],
+                    timeout=20, check=False)
+    except CommandError:
+        acct = ""
+    for line in acct.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) >= 4 and parts[0] not in states:
+            states[parts[0]] = JobState(parts[0], parts[1].split()[0], "", parts[2], parts[3])
+    return states
+
+
+def scancel(job_ids: tp.Iterable[str]) -> None:
+    ids = [str(j) for j in job_ids]
+    if ids:
+        call(["scancel", *ids], timeout=30)
