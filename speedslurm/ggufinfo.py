@@ -206,7 +206,11 @@ def _read_header(path: Path) -> _Header:
         if os.fstat(fh.fileno()).st_size < 24:
             raise UsageError(f"{path} is not a GGUF file (bad magic)", fix="pass a .gguf model file")
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            return _Parser(mm, path).parse()
+            try:
+                return _Parser(mm, path).parse()
+            except struct.error:
+                raise UsageError(f"{path} is truncated or not a valid GGUF file (header runs past the end)",
+                                 fix="download or copy the file again") from None
 
 
 def shard_paths(path: str | os.PathLike[str]) -> list[Path]:

