@@ -57,10 +57,17 @@ def describe_failure(info: dict[str, tp.Any]) -> str:
 
 
 class StaticSource:
-    """A single server at a fixed URL; it is ready from the start and nothing else will come."""
+    """Fixed servers (one URL, or endpoint files); ready from the start, and nothing else will come.
 
-    def __init__(self, endpoint: Endpoint) -> None:
-        self.endpoint = endpoint
+    Replica numbers must be distinct; endpoints that share one (files from different deployments) are
+    renumbered 0..N-1 in the order given.
+    """
+
+    def __init__(self, endpoints: Endpoint | tp.Sequence[Endpoint]) -> None:
+        eps = [endpoints] if isinstance(endpoints, Endpoint) else list(endpoints)
+        if len({e.replica for e in eps}) != len(eps):
+            eps = [dataclasses.replace(e, replica=i) for i, e in enumerate(eps)]
+        self.endpoints = eps
 
     @classmethod
     def probe(cls, base_url: str, api_key: str | None, parallel: int | None = None,
@@ -96,7 +103,7 @@ class StaticSource:
         return cls(ep)
 
     def poll(self) -> SourceState:
-        return SourceState([self.endpoint], {}, True)
+        return SourceState(list(self.endpoints), {}, True)
 
 
 def _get_json(url: str, key: str, timeout: float, shown: str) -> dict[str, tp.Any] | None:

@@ -57,14 +57,14 @@ def options_from(kw: dict[str, tp.Any]) -> BatchOptions:
 
 @cli.command("run")
 @click.option("--deployment", "deployment_id", default=None, metavar="ID", help="A running deployment (see status).")
-@click.option("--endpoint-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="An endpoint.json written by a deployment's leader.")
+@click.option("--endpoint-file", "endpoint_files", type=click.Path(dir_okay=False, path_type=Path), multiple=True,
+              help="An endpoint.json written by a deployment's leader (repeat for several replicas).")
 @click.option("--base-url", default=None, metavar="URL", help="Any OpenAI-compatible server, e.g. http://host:8080.")
 @click.option("--api-key", envvar="SPEEDSLURM_API_KEY", default=None,
               help="API key for --base-url. Env: SPEEDSLURM_API_KEY.")
 @batch_options
 @click.pass_context
-def run_cmd(ctx: click.Context, deployment_id: str | None, endpoint_file: Path | None, base_url: str | None,
+def run_cmd(ctx: click.Context, deployment_id: str | None, endpoint_files: tuple[Path, ...], base_url: str | None,
             api_key: str | None, **kw: tp.Any) -> None:
     """Send a prompts file through a deployment or server; append one result line per prompt.
 
@@ -72,7 +72,7 @@ def run_cmd(ctx: click.Context, deployment_id: str | None, endpoint_file: Path |
     Running the same command again resumes: prompts with a successful line are skipped, failed ones retried.
     Ctrl-C stops sending, lets in-flight requests finish briefly, and exits 130.
     """
-    given = [name for name, v in (("--deployment", deployment_id), ("--endpoint-file", endpoint_file),
+    given = [name for name, v in (("--deployment", deployment_id), ("--endpoint-file", endpoint_files),
                                   ("--base-url", base_url)) if v]
     if len(given) != 1:
         raise UsageError("say where to send the prompts: exactly one of --deployment, --endpoint-file, --base-url"
@@ -89,8 +89,8 @@ def run_cmd(ctx: click.Context, deployment_id: str | None, endpoint_file: Path |
             from ..batch.sources import StaticSource
 
             source: EndpointSource = StaticSource.probe(base_url, api_key, timeout=min(30.0, options.timeout))
-        elif endpoint_file:
-            source = _endpoint_file_source(endpoint_file)
+        elif endpoint_files:
+            source = _endpoint_file_source(endpoint_files)
         else:
             source = _deployment_source(ctx, tp.cast(str, deployment_id))
         execute(source, prepared, options, kw["json_mode"])
@@ -123,21 +123,25 @@ def _print_summary(summary: tp.Any, err: Console, json_mode: bool) -> None:
         summary.render(err)
 
 
-def _endpoint_file_source(path: Path) -> EndpointSource:
+def _endpoint_file_source(paths: tp.Sequence[Path]) -> EndpointSource:
     from ..batch.sources import StaticSource
     from ..rundir import Endpoint, read_json
 
-    try:
-        data = read_json(path)
-    except ValueError as exc:
-        raise UsageError(f"endpoint file {path} is not valid JSON: {exc}", fix="point at a deployment's endpoint.json") from None
-    if data is None:
-        raise UsageError(f"endpoint file {path} does not exist", fix="check the path given to --endpoint-file")
-    try:
-        return StaticSource(Endpoint.from_json(data))
-    except TypeError as exc:
-        raise UsageError(f"endpoint file {path} lacks fields: {exc}",
-                         fix="point at a deployment's endpoint.json") from None
+    endpoints = []
+    for path in paths:
+        try:
+            data = read_json(path)
+        except ValueError as exc:
+            raise UsageError(f"endpoint file {path} is not valid JSON: {exc}",
+                             fix="point at a deployment's endpoint.json") from None
+        if data is None:
+            raise UsageError(f"endpoint file {path} does not exist", fix="check the path given to --endpoint-file")
+        try:
+            endpoints.append(Endpoint.from_json(data))
+        except TypeError as exc:
+            raise UsageError(f"endpoint file {path} lacks fields: {exc}",
+                             fix="point at a deployment's endpoint.json") from None
+    return StaticSource(endpoints)
 
 
 def _deployment_source(ctx: click.Context, deployment_id: str) -> EndpointSource:
