@@ -364,7 +364,8 @@ def run_leader(dep: dict[str, tp.Any], rd: RunDir, replica: int, stop: _Stop) ->
         api_key = fh.read().strip()
     endpoint = Endpoint(
         url=url, api_key=api_key, model=dep["model"]["name"], deployment_id=rd.deployment_id, replica=replica,
-        job_id=os.environ.get("SPEEDSLURM_JOB_ID") or os.environ.get("SLURM_JOB_ID", ""), leader_node=node,
+        job_id=(os.environ.get("SPEEDSLURM_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+        or os.environ.get("SUBMITIT_LOCAL_JOB_ID", "")), leader_node=node,
         follower_nodes=[f["node"] for f in followers], rpc_servers=[f"{f['host']}:{f['port']}" for f in followers],
         llama_version=str(bins.get("version") or version), parallel=int(dep["parallel"]), ctx=int(dep["ctx"]), started_at=started,
         ready_at=time.time(), pid=child.pid,

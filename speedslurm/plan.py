@@ -153,7 +153,7 @@ def make_plan(settings: Settings, model: ModelSpec, *, ctx: int | None = None, n
         raise UsageError(
             f"{replicas} replica(s) of {chosen} node(s) need {chosen * replicas} nodes; "
             f"partition {settings.cluster.partition or '(default)'} has {partition_size}",
-            fix=f"lower --replicas to {max(1, partition_size // chosen)} or fewer")
+            fix=f"pass --replicas {max(1, partition_size // chosen)} or fewer")
     leader_host = model.host if executor == "slurm" else None
     if leader_host and replicas > 1:
         raise UsageError(

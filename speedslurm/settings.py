@@ -151,13 +151,15 @@ def configs_dir() -> Path | None:
     return candidate if candidate.is_dir() else None
 
 
-def user_config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+def user_config_path(explicit: str | os.PathLike[str] | None = None,
+                     environ: tp.Mapping[str, str] | None = None) -> Path:
+    environ = os.environ if environ is None else environ
     if explicit:
         return Path(explicit)
-    env = os.environ.get("SPEEDSLURM_CONFIG")
+    env = environ.get("SPEEDSLURM_CONFIG")
     if env:
         return Path(env)
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    base = environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
     return Path(base) / "speedslurm" / "config.yaml"
 
 
@@ -268,7 +270,7 @@ def load_settings(*, profile: str | None = None, config_path: str | os.PathLike[
     defaults_path = package_defaults_path()
     layers.append((_load_yaml(defaults_path, required=True), "default"))
 
-    user_path = user_config_path(config_path)
+    user_path = user_config_path(config_path, environ)
     user = _load_yaml(user_path, required=bool(config_path or environ.get("SPEEDSLURM_CONFIG")))
     env_layers = env_layer(environ)
     set_layers = parse_overrides(overrides)

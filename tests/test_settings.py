@@ -1,0 +1,109 @@
+"""Settings: precedence of the layers, and errors that name the file, the key and the valid keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from speedslurm.errors import ConfigError
+from speedslurm.settings import describe, load_settings
+
+
+@pytest.fixture
+def user_cfg(tmp_path: Path) -> Path:
+    return tmp_path / "config.yaml"
+
+
+def test_precedence_defaults_configs_user_env_set_flags(user_cfg: Path) -> None:
+    base = load_settings(profile="testbed", config_path=None, environ={})
+    assert base.llama.ngl == 99  # packaged default (and configs/testbed.yaml agrees)
+    assert base.cluster.name == "testbed"  # configs/testbed.yaml beats the default "default"
+    assert base.origins["cluster.name"].endswith("testbed.yaml")
+
+    user_cfg.write_text("llama:\n  parallel: 6\n  threads: 3\nrun:\n  poll_interval_s: 0.5\n")
+    s = load_settings(profile="testbed", config_path=user_cfg, environ={})
+    assert (s.llama.parallel, s.llama.threads) == (6, 3)
+    assert s.origins["llama.parallel"] == str(user_cfg)
+
+    env = {"SPEEDSLURM_LLAMA__PARALLEL": "7"}
+    s = load_settings(profile="testbed", config_path=user_cfg, environ=env)
+    assert s.llama.parallel == 7 and s.origins["llama.parallel"] == "env SPEEDSLURM_LLAMA__PARALLEL"
+    assert s.llama.threads == 3  # the user file still applies below the env var
+
+    s = load_settings(profile="testbed", config_path=user_cfg, environ=env, overrides=["llama.parallel=8"])
+    assert s.llama.parallel == 8
+
+    s = load_settings(profile="testbed", config_path=user_cfg, environ=env, overrides=["llama.parallel=8"],
+                      cli={"llama.parallel": 9, "llama.threads": None})
+    assert s.llama.parallel == 9 and s.llama.threads == 3  # an unset flag hides nothing
+
+
+def test_user_config_from_env_var(user_cfg: Path) -> None:
+    user_cfg.write_text("cluster:\n  partition: other\n")
+    s = load_settings(profile="testbed", environ={"SPEEDSLURM_CONFIG": str(user_cfg)})
+    assert s.cluster.partition == "other"
+
+
+def test_unknown_key_names_file_key_and_valid_keys(user_cfg: Path) -> None:
+    user_cfg.write_text("llama:\n  paralel: 4\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(profile="testbed", config_path=user_cfg, environ={})
+    text = err.value.render()
+    assert str(user_cfg) in text and "llama.paralel" in text and "parallel" in text
+    assert err.value.exit_code == 2
+
+
+def test_unknown_section_lists_sections(user_cfg: Path) -> None:
+    user_cfg.write_text("clusterr:\n  partition: x\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(profile="testbed", config_path=user_cfg, environ={})
+    assert "clusterr" in err.value.message and "cluster" in (err.value.fix or "")
+
+
+def test_wrong_type_names_key_and_type(user_cfg: Path) -> None:
+    user_cfg.write_text("llama:\n  parallel: lots\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(profile="testbed", config_path=user_cfg, environ={})
+    assert "llama.parallel must be int" in err.value.message and str(user_cfg) in err.value.message
+
+
+def test_yaml_syntax_error_gives_file_and_line(user_cfg: Path) -> None:
+    user_cfg.write_text("llama:\n  parallel: 4\n  threads: [1, 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(profile="testbed", config_path=user_cfg, environ={})
+    assert f"{user_cfg}:" in err.value.message and "YAML syntax error" in err.value.message
+
+
+def test_env_var_with_unknown_key_is_named() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(profile="testbed", environ={"SPEEDSLURM_LLAMA__NOPE": "1"})
+    assert "SPEEDSLURM_LLAMA__NOPE" in err.value.message
+
+
+def test_unknown_profile_lists_known_ones() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(profile="nosuch", environ={})
+    assert "gorgonas" in (err.value.fix or "") and "testbed" in (err.value.fix or "")
+
+
+def test_explicit_missing_user_config_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(profile="testbed", config_path=tmp_path / "nope.yaml", environ={})
+
+
+def test_gorgonas_profile_lists_the_seed_nodes() -> None:
+    s = load_settings(profile="gorgonas", environ={})
+    assert sorted(s.cluster.nodes, key=lambda n: int(n[7:])) == [
+        "gorgona1", "gorgona2", "gorgona3", "gorgona4", "gorgona5", "gorgona6", "gorgona7", "gorgona10"]
+    assert s.cluster.nodes["gorgona10"].address == "192.168.62.40"
+    assert s.cluster.nodes["gorgona1"].cuda_arch == "sm_89" and s.cluster.nodes["gorgona5"].cuda_arch == "sm_86"
+    assert {n.usable_gib for n in s.cluster.nodes.values()} == {22}
+    assert s.models["Q6_K_L"].files[0].endswith("-00001-of-00002.gguf") and len(s.models["Q6_K_L"].files) == 2
+
+
+def test_describe_reports_origins() -> None:
+    s = load_settings(profile="testbed", environ={}, overrides=["llama.parallel=5"])
+    rows = {k: (v, o) for k, v, o in describe(s)}
+    assert rows["llama.parallel"] == (5, "--set llama.parallel")
+    assert rows["llama.ngl"][1] in ("default",) or rows["llama.ngl"][1].endswith(".yaml")
