@@ -1,0 +1,320 @@
+"""The runner against in-process stub servers: retries, rejections, resume, replicas failing and appearing."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import typing as tp
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from speedslurm.batch import (
+    BatchFailed,
+    BatchOptions,
+    RunDirSource,
+    StaticSource,
+    Summary,
+    final_view,
+    prepare_batch,
+    run_batch,
+)
+from speedslurm.batch.sources import describe_failure
+from speedslurm.errors import SpeedslurmError, UsageError
+from speedslurm.rundir import Endpoint, RunDir, write_json_atomic
+from speedslurm.stubserver import StubServer
+
+KEY = "test-key"
+FAST = dict(poll_interval=0.05, backoff_base=0.01, backoff_max=0.05, settle=0.3, quiet=True, timeout=5.0)
+
+
+def endpoint(url: str, replica: int = 0, parallel: int = 2, key: str = KEY) -> Endpoint:
+    return Endpoint(url=url, api_key=key, model="stub-model", deployment_id="d", replica=replica, job_id="1",
+                    leader_node="127.0.0.1", follower_nodes=[], rpc_servers=[], llama_version="stub",
+                    parallel=parallel, ctx=4096, started_at=0.0, ready_at=0.0)
+
+
+def prompts_file(tmp_path: Path, n: int, name: str = "p.jsonl", long_ids: tp.Iterable[int] = ()) -> Path:
+    path = tmp_path / name
+    long = set(long_ids)
+    with open(path, "w") as fh:
+        for i in range(n):
+            text = "x" * 500 if i in long else f"question {i}"
+            if i % 2:
+                fh.write(json.dumps({"custom_id": f"q{i}", "messages": [{"role": "user", "content": text}]}) + "\n")
+            else:
+                fh.write(json.dumps({"custom_id": f"q{i}", "prompt": text}) + "\n")
+    return path
+
+
+def run(source: tp.Any, prompts: Path, out: Path | None = None, **kw: tp.Any) -> Summary:
+    options = BatchOptions(**{**FAST, **kw})
+    prepared = prepare_batch(prompts, out, options)
+    try:
+        return run_batch(source, prepared, options, Console(stderr=True, quiet=True))
+    finally:
+        prepared.close()
+
+
+def lines(path: Path) -> list[dict[str, tp.Any]]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def assert_exactly_once_ok(out: Path, n: int) -> None:
+    recs = lines(out)
+    ok = [r["custom_id"] for r in recs if r["response"] and r["response"]["status_code"] == 200]
+    assert len(ok) == len(set(ok)), "a custom_id has two successful lines"
+    assert set(ok) == {f"q{i}" for i in range(n)}
+
+
+def test_basic_run_all_formats_and_summary(tmp_path: Path) -> None:
+    prompts = prompts_file(tmp_path, 40)
+    with StubServer(api_key=KEY, slots=4) as stub:
+        source = StaticSource.probe(stub.url, KEY)
+        assert source.endpoints[0].parallel == 4 and source.endpoints[0].model == "stub-model"
+        s = run(source, prompts, max_tokens=5)
+    out = tmp_path / "p.results.jsonl"
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert_exactly_once_ok(out, 40)
+    assert (s.ok, s.failed, s.skipped, s.total, s.status) == (40, 0, 0, 40, "completed")
+    assert s.completion_tokens == 40 * 5 and s.prompt_tokens > 0
+    assert s.per_replica == {0: 40} and len(s.latencies) == 40
+    rec = lines(out)[0]
+    assert rec["response"]["body"]["choices"][0]["text"].startswith("echo: question")
+
+
+def test_openai_client_gives_the_same_results(tmp_path: Path) -> None:
+    prompts = prompts_file(tmp_path, 10, long_ids=[3])
+    with StubServer(api_key=KEY, fail_first=1, max_prompt_chars=100) as stub:
+        s = run(StaticSource(endpoint(stub.url)), prompts, client="openai")
+    assert (s.ok, s.failed, s.retries) == (9, 1, 10)  # the long prompt got a 503 first, then its 400
+    view = final_view(tmp_path / "p.results.jsonl")
+    assert view["q3"]["error"]["code"] == "http_400"
+    assert view["q2"]["response"]["body"]["object"] == "text_completion"
+
+
+def test_transient_errors_are_retried(tmp_path: Path) -> None:
+    prompts = prompts_file(tmp_path, 20)
+    with StubServer(api_key=KEY, fail_first=2, fail_status=503) as stub:
+        s = run(StaticSource(endpoint(stub.url)), prompts)
+        assert stub.stats.received == 60
+    assert (s.ok, s.failed, s.retries) == (20, 0, 40)
+    assert_exactly_once_ok(tmp_path / "p.results.jsonl", 20)
+    assert len(lines(tmp_path / "p.results.jsonl")) == 20  # retried attempts leave no lines
+
+
+def test_dropped_connections_are_retried(tmp_path: Path) -> None:
+    prompts = prompts_file(tmp_path, 12)
+    with StubServer(api_key=KEY, drop_first=1) as stub:
+        s = run(StaticSource(endpoint(stub.url)), prompts, down_after=1000)
+    assert (s.ok, s.failed) == (12, 0)
+    assert s.retries == 12
+
+
+def test_retries_are_bounded_then_an_error_line(tmp_path: Path) -> None:
+    prompts = prompts_file(tmp_path, 4)
+    with StubServer(api_key=KEY, fail_first=100, fail_status=500) as stub:
+        s = run(StaticSource(endpoint(stub.url)), prompts, retries=2)
+        assert stub.stats.received == 4 * 3
+    assert (s.ok, s.failed, s.errors) == (0, 4, {"http_500": 4})
+    err = lines(tmp_path / "p.results.jsonl")[0]["error"]
+    assert err["code"] == "http_500" and "gave up after 3 attempts" in err["message"]
+
+
+def test_context_overflow_gets_an_error_line_and_the_batch_goes_on(tmp_path: Path) -> None:
+    prompts = prompts_file(tmp_path, 10, long_ids=[2, 7])
+    with StubServer(api_key=KEY, max_prompt_chars=100) as stub:
+        s = run(StaticSource(endpoint(stub.url)), prompts)
+        assert stub.stats.rejected == 2  # not retried
+    assert (s.ok, s.failed, s.errors) == (8, 2, {"http_400": 2})
+    view = final_view(tmp_path / "p.results.jsonl")
+    assert view["q2"]["response"] is None
+    assert "exceeds the available context size" in view["q2"]["error"]["message"]
+
+
+def test_resume_retries_failures_and_skips_successes(tmp_path: Path) -> None:
+    prompts = prompts_file(tmp_path, 10, long_ids=[4])
+    out = tmp_path / "out.jsonl"
+    with StubServer(api_key=KEY, max_prompt_chars=100) as stub:
+        first = run(StaticSource(endpoint(stub.url)), prompts, out)
+    assert (first.ok, first.failed) == (9, 1)
+    with StubServer(api_key=KEY) as stub:  # the context is big enough now
+        second = run(StaticSource(endpoint(stub.url)), prompts, out)
+        assert stub.stats.received == 1
+    assert (second.ok, second.failed, second.skipped) == (1, 0, 9)
+    assert_exactly_once_ok(out, 10)
+    recs = [r for r in lines(out) if r["custom_id"] == "q4"]
+    assert [r["error"] and r["error"]["code"] for r in recs] == ["http_400", None]  # error line, then success
+    with StubServer(api_key=KEY) as stub:
+        third = run(StaticSource(endpoint(stub.url)), prompts, out)
+        assert stub.stats.received == 0
+    assert (third.ok, third.skipped, third.per_replica) == (0, 10, {})
+
+
+def test_resume_after_a_partial_last_line(tmp_path: Path) -> None:
+    prompts = prompts_file(tmp_path, 6)
+    out = tmp_path / "out.jsonl"
+    with StubServer(api_key=KEY) as stub:
+        run(StaticSource(endpoint(stub.url)), prompts, out)
+        data = out.read_bytes()
+        cut = data[: len(data) - 30]  # the run was killed in the middle of writing its last line
+        out.write_bytes(cut)
+        options = BatchOptions(**FAST)
+        prepared = prepare_batch(prompts, out, options)
+        assert any("removed a partial last line" in n for n in prepared.results.previous.notices)
+        try:
+            s = run_batch(StaticSource(endpoint(stub.url)), prepared, options, Console(quiet=True))
+        finally:
+            prepared.close()
+    assert (s.ok, s.skipped) == (1, 5)
+    assert out.read_bytes().endswith(b"\n")
+    assert_exactly_once_ok(out, 6)
+
+
+def test_wrong_api_key_stops_the_run(tmp_path: Path) -> None:
+    prompts = prompts_file(tmp_path, 5)
+    with StubServer(api_key=KEY) as stub:
+        with pytest.raises(UsageError, match="rejected the API key"):
+            StaticSource.probe(stub.url, "wrong")
+        with pytest.raises(BatchFailed, match=r"replica r0 at .* rejected the API key \(401\)") as info:
+            run(StaticSource(endpoint(stub.url, key="wrong")), prompts)
+    assert info.value.exit_code == 1 and info.value.summary.ok == 0
+    assert (tmp_path / "p.results.jsonl").read_bytes() == b""  # no error lines for a config mistake
+
+
+def test_unreachable_base_url() -> None:
+    with StubServer() as stub:
+        url = stub.url
+    with pytest.raises(SpeedslurmError, match=f"cannot reach the server at {url}"):
+        StaticSource.probe(url, None, timeout=2)
+
+
+def test_concurrency_override(tmp_path: Path) -> None:
+    prompts = prompts_file(tmp_path, 30)
+    with StubServer(api_key=KEY, latency=0.05, slots=100) as stub:
+        t0 = time.perf_counter()
+        s = run(StaticSource(endpoint(stub.url, parallel=1)), prompts, concurrency=10)
+        wall = time.perf_counter() - t0
+    assert s.ok == 30
+    assert wall < 30 * 0.05 / 2  # well above 1 slot's pace: 10 in flight
+
+
+def test_replica_failing_mid_batch_moves_its_requests(tmp_path: Path) -> None:
+    prompts = prompts_file(tmp_path, 80)
+    a = StubServer(api_key=KEY, latency=0.02, slots=2).start()
+    b = StubServer(api_key=KEY, latency=0.02, slots=2).start()
+    killer = threading.Thread(target=lambda: (_wait_for(lambda: a.stats.completions >= 10), a.stop()))
+    killer.start()
+    try:
+        s = run(StaticSource([endpoint(a.url, 0), endpoint(b.url, 1)]), prompts)
+    finally:
+        killer.join()
+        b.stop()
+    assert s.ok == 80 and s.failed == 0
+    assert s.per_replica[0] >= 10 and s.per_replica[1] > 0
+    assert s.per_replica[0] + s.per_replica[1] == 80
+    assert "unreachable" in s.failed_replicas[0] and 1 not in s.failed_replicas
+    assert_exactly_once_ok(tmp_path / "p.results.jsonl", 80)
+
+
+def _wait_for(cond: tp.Callable[[], bool], timeout: float = 20) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise TimeoutError
+        time.sleep(0.005)
+
+
+def write_endpoint(rd: RunDir, ep: Endpoint) -> None:
+    rd.replica_dir(ep.replica).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(rd.endpoint_path(ep.replica), ep.to_json())
+
+
+def test_run_dir_replica_appears_late_and_one_fails_with_its_reason(tmp_path: Path) -> None:
+    prompts = prompts_file(tmp_path, 120)
+    rd = RunDir(tmp_path / "dep")
+    a = StubServer(api_key=KEY, latency=0.02, slots=2).start()
+    b = StubServer(api_key=KEY, latency=0.02, slots=2).start()
+    write_endpoint(rd, endpoint(a.url, 0))
+
+    def script() -> None:
+        _wait_for(lambda: a.stats.completions >= 10)
+        write_endpoint(rd, endpoint(b.url, 1))  # replica 1 becomes READY mid-batch
+        _wait_for(lambda: b.stats.completions >= 10)
+        write_json_atomic(rd.failed_path(0), {"role": "follower", "rank": 1, "node": "n2", "exit_code": -9,
+                                              "reason": "rpc-server was killed"})
+        a.stop()
+
+    t = threading.Thread(target=script)
+    t.start()
+    try:
+        s = run(RunDirSource(rd, 2), prompts)
+    finally:
+        t.join()
+        b.stop()
+    assert s.ok == 120 and s.per_replica[0] >= 10 and s.per_replica[1] >= 10
+    assert s.failed_replicas == {0: "follower 1 on n2: rpc-server was killed (exit code -9)"}
+    assert_exactly_once_ok(tmp_path / "p.results.jsonl", 120)
+
+
+def test_every_replica_failed_stops_with_the_reason_and_a_valid_file(tmp_path: Path) -> None:
+    prompts = prompts_file(tmp_path, 200)
+    rd = RunDir(tmp_path / "dep")
+    a = StubServer(api_key=KEY, latency=0.02, slots=2).start()
+    write_endpoint(rd, endpoint(a.url, 0))
+
+    def script() -> None:
+        _wait_for(lambda: a.stats.completions >= 10)
+        a.stop()
+        write_json_atomic(rd.failed_path(0), {"role": "leader", "node": "n1", "exit_code": 134,
+                                              "reason": "llama-server aborted"})
+
+    t = threading.Thread(target=script)
+    t.start()
+    try:
+        with pytest.raises(BatchFailed) as info:
+            run(RunDirSource(rd, 1), prompts, out=tmp_path / "out.jsonl")
+    finally:
+        t.join()
+    err = info.value
+    assert "every replica failed (replica r0: leader on n1: llama-server aborted (exit code 134))" in err.message
+    assert "run the same command" in (err.fix or "")
+    assert err.summary.status == "failed" and err.summary.ok >= 10
+    recs = lines(tmp_path / "out.jsonl")  # every line complete and valid JSON
+    assert len(recs) == err.summary.ok + err.summary.failed
+    b = StubServer(api_key=KEY).start()
+    try:
+        s = run(StaticSource(endpoint(b.url)), prompts, out=tmp_path / "out.jsonl")
+    finally:
+        b.stop()
+    assert s.skipped == err.summary.ok and s.ok == 200 - err.summary.ok
+    assert_exactly_once_ok(tmp_path / "out.jsonl", 200)
+
+
+def test_job_ended_fails_pending_replicas() -> None:
+    alive = [True]
+    calls = []
+    now = [0.0]
+
+    def job_alive() -> bool:
+        calls.append(now[0])
+        return alive[0]
+
+    src = RunDirSource(RunDir(Path("/nonexistent/dep")), 2, job_alive=job_alive, alive_every=2.0,
+                       clock=lambda: now[0])
+    st = src.poll()
+    assert (st.ready, st.failed, st.finished) == ([], {}, False)
+    now[0] = 1.0
+    src.poll()
+    assert calls == [0.0]  # rate-limited
+    alive[0] = False
+    now[0] = 2.5
+    st = src.poll()
+    assert st.finished and set(st.failed) == {0, 1} and "the job ended" in st.failed[0]
+
+
+def test_describe_failure() -> None:
+    assert describe_failure({"role": "leader", "node": "n1", "exit_code": 134}) == "leader on n1 (exit code 134)"
+    assert describe_failure({}) == "failed (no reason recorded)"
