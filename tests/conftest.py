@@ -1,0 +1,210 @@
+"""Test tiers and the fixtures that reach the real test bed.
+
+Markers (declared in pyproject.toml):
+
+* ``slurm`` -- needs the four-node Slurm test bed (``make testbed-up``);
+* ``llama`` -- needs the llama.cpp binaries (``make install``);
+* ``slow``  -- takes minutes; still run by ``make test``.
+
+A plain ``pytest`` skips ``slurm``/``llama`` tests whose bed or binaries are missing and prints why.
+With ``SPEEDSLURM_REQUIRE_TESTBED=1`` (set by ``make test`` and so by CI) a missing bed or missing binaries
+fails those tests instead: nothing is skipped silently.
+
+Every ``slurm`` test has the jobs its body left queued or running cancelled when it ends (fixtures clean up
+their own), and a failing one gets the ``sacct`` records of the jobs submitted since its set-up began
+attached to its report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import shutil
+import subprocess
+import time
+import typing as tp
+from pathlib import Path
+
+import pytest
+
+REQUIRE_ENV = "SPEEDSLURM_REQUIRE_TESTBED"
+PARTITION = "gorgonas"
+NODE_ADDRESSES = {"n1": "10.77.0.11", "n2": "10.77.0.12", "n3": "10.77.0.13", "n4": "10.77.0.14"}
+HOST_ADDRESS = "10.77.0.1"
+DEFAULT_SLURM_CONF = Path("/etc/slurm/slurm.conf")
+
+
+@dataclasses.dataclass(frozen=True)
+class Testbed:
+    """What tests need to know about the bed made by ``scripts/testbed up``."""
+
+    partition: str
+    nodes: dict[str, str]  # node name -> its address inside its network namespace
+    host_address: str      # this machine's address on the bed's bridge (where slurmctld listens)
+
+    @property
+    def node_names(self) -> list[str]:
+        return sorted(self.nodes)
+
+
+def _require() -> bool:
+    return os.environ.get(REQUIRE_ENV, "") not in ("", "0")
+
+
+def _sh(argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@functools.cache
+def _bed_problem() -> str | None:
+    """Why the Slurm test bed is unusable, or None when ``sinfo`` shows partition gorgonas with n1..n4."""
+    if shutil.which("sinfo") is None:
+        return "Slurm client commands (sinfo) are not installed; run `make testbed-up` as root"
+    conf = Path(os.environ.get("SLURM_CONF", DEFAULT_SLURM_CONF))
+    if not conf.exists():
+        # Without a configuration file sinfo falls back to DNS SRV lookups; don't send those.
+        return f"no Slurm configuration at {conf}; run `make testbed-up` as root"
+    try:
+        res = _sh(["sinfo", "-h", "-N", "-p", PARTITION, "-o", "%N"], timeout=20)
+    except subprocess.TimeoutExpired:
+        return "sinfo did not answer within 20 s; is slurmctld running? (`make testbed-status`)"
+    if res.returncode != 0:
+        return f"sinfo cannot reach the controller: {res.stderr.strip()[-300:]}; run `make testbed-up`"
+    names = set(res.stdout.split())
+    if not names:
+        return f"partition {PARTITION} is missing; run `make testbed-up`"
+    missing = sorted(set(NODE_ADDRESSES) - names)
+    if missing:
+        return f"partition {PARTITION} lacks nodes {', '.join(missing)}; run `make testbed-up`"
+    return None
+
+
+@functools.cache
+def _llama_lookup() -> tuple[tp.Any, str | None]:
+    """(binaries, None) when llama.cpp is found, else (None, why)."""
+    try:
+        from speedslurm.binaries import find_llama_binaries
+    except ImportError as exc:
+        return None, f"speedslurm.binaries cannot be imported: {exc}"
+    try:
+        return find_llama_binaries(), None
+    except Exception as exc:  # its typed error names the places searched
+        text = getattr(exc, "render", None)
+        return None, "llama.cpp binaries not found: " + (text() if callable(text) else str(exc))
+
+
+def _unusable(what: str, reason: str) -> tp.NoReturn:
+    if _require():
+        pytest.fail(f"{what} required ({REQUIRE_ENV}=1) but unusable: {reason}", pytrace=False)
+    pytest.skip(f"{what} unusable: {reason}")
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    bed = _bed_problem()
+    bins, why = _llama_lookup()
+    lines = [f"slurm test bed: {'ready, partition ' + PARTITION if bed is None else bed}",
+             f"llama.cpp: {why or f'{bins.version} ({Path(bins.llama_server).parent})'}"]
+    if _require():
+        lines.append(f"{REQUIRE_ENV}=1: a missing bed or missing binaries fail the tests instead of skipping")
+    return lines
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("slurm") is not None:
+        problem = _bed_problem()
+        if problem:
+            _unusable("the Slurm test bed", problem)
+        item.stash[_START] = time.time()
+    if item.get_closest_marker("llama") is not None:
+        _, why = _llama_lookup()
+        if why:
+            _unusable("llama.cpp", why)
+
+
+# ------------------------------------------------------------------------------------------ job cleanup
+
+_START = pytest.StashKey[float]()
+_BEFORE = pytest.StashKey[set[str]]()
+
+
+def _queued_jobs() -> set[str]:
+    """Ids of the jobs the controller still holds (pending, running, completing), as scancel takes them.
+
+    A heterogeneous job is listed once per component ("12+0", "12+1"); its leader id cancels all of them.
+    """
+    res = _sh(["squeue", "-h", "-o", "%i"], timeout=20)
+    return {j.split("+")[0] for j in res.stdout.split()} if res.returncode == 0 else set()
+
+
+def _sacct_since(start: float) -> str:
+    since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(start - 1))
+    res = _sh(["sacct", "-a", "-S", since, "-o",
+               "JobID%22,JobName%24,Partition,State%22,ExitCode,NodeList%16,Start,End"], timeout=30)
+    return res.stdout + res.stderr
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> tp.Generator[None, None, None]:
+    # Snapshot after fixture set-up: jobs of (possibly shared) fixtures are the fixtures' to clean up.
+    if _START in item.stash:
+        item.stash[_BEFORE] = _queued_jobs()
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> tp.Generator[None, tp.Any, None]:
+    outcome = yield
+    report = outcome.get_result()
+    if _START not in item.stash:
+        return
+    if report.failed:
+        report.sections.append(("sacct: jobs since the test started", _sacct_since(item.stash[_START])))
+    if report.when == "call" and _BEFORE in item.stash:
+        # Jobs the test body submitted that the controller still holds: cancel them and wait until they are
+        # gone, so the next test finds idle nodes.
+        leftover = sorted(_queued_jobs() - item.stash[_BEFORE])
+        if leftover:
+            _sh(["scancel", *leftover])
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and _queued_jobs() & set(leftover):
+                time.sleep(0.5)
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="session")
+def testbed() -> Testbed:
+    """The Slurm test bed: partition ``gorgonas``, nodes n1..n4 at 10.77.0.11..14."""
+    problem = _bed_problem()
+    if problem:
+        _unusable("the Slurm test bed", problem)
+    return Testbed(partition=PARTITION, nodes=dict(NODE_ADDRESSES), host_address=HOST_ADDRESS)
+
+
+@pytest.fixture(scope="session")
+def llama_bins() -> tp.Any:
+    """The llama.cpp binaries (``.llama_server``, ``.rpc_server``, ``.version``)."""
+    bins, why = _llama_lookup()
+    if why:
+        _unusable("llama.cpp", why)
+    return bins
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight llama GGUF (shape in speedslurm.testmodels), written once per session."""
+    from speedslurm.testmodels import write_tiny_llama_gguf
+
+    return write_tiny_llama_gguf(tmp_path_factory.mktemp("models") / "tiny-llama.gguf")
+
+
+@pytest.fixture
+def shared_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh folder that jobs on the bed can read and write.
+
+    The slurmds run on this machine and jobs run as root, so any local folder is visible to them; pytest's
+    base folder is private (mode 0700) and lies under a sticky /tmp.
+    """
+    return tmp_path_factory.mktemp("shared")
