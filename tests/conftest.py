@@ -163,7 +163,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.when == "call" and _BEFORE in item.stash:
         # Jobs the test body submitted that the controller still holds: cancel them and wait until they are
         # gone, so the next test finds idle nodes.
-        leftover = sorted(_queued_jobs() - item.stash[_BEFORE])
+        before: set[str] = item.stash[_BEFORE]
+        leftover = sorted(_queued_jobs().difference(before))
         if leftover:
             _sh(["scancel", *leftover])
             deadline = time.monotonic() + 30
