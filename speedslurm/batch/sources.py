@@ -129,16 +129,20 @@ class RunDirSource:
     """Replicas of one deployment, read from its run directory.
 
     ``job_alive`` (optional) says whether the deployment's job(s) still run; when it returns False every replica
-    that has not failed is reported failed ("the job ended") and the source is finished. It is called at most
-    every ``alive_every`` seconds (it may ask Slurm). ``accept`` can reject a stale endpoint file.
+    that has not failed is reported failed ("the job ended") and the source is finished. ``job_failures``
+    (optional) names replicas whose own job ended (replica -> why), for deployments with one job per replica.
+    Both are called at most every ``alive_every`` seconds (they may ask Slurm). ``accept`` can reject a stale
+    endpoint file.
     """
 
     def __init__(self, run_dir: RunDir, replicas: int, job_alive: tp.Callable[[], bool] | None = None,
                  accept: tp.Callable[[Endpoint], bool] | None = None, alive_every: float = 2.0,
-                 clock: tp.Callable[[], float] = time.monotonic) -> None:
+                 clock: tp.Callable[[], float] = time.monotonic,
+                 job_failures: tp.Callable[[], dict[int, str]] | None = None) -> None:
         self.run_dir = run_dir
         self.replicas = replicas
         self.job_alive = job_alive
+        self.job_failures = job_failures
         self.accept = accept
         self.alive_every = alive_every
         self.clock = clock
@@ -160,12 +164,17 @@ class RunDirSource:
                 ep = self._read_endpoint(r)
                 if ep is not None and (self.accept is None or self.accept(ep)):
                     self._ready[r] = ep
-        if self.job_alive is not None and not self._job_ended and len(self._failed) < self.replicas:
+        checks = self.job_alive is not None or self.job_failures is not None
+        if checks and not self._job_ended and len(self._failed) < self.replicas:
             now = self.clock()
             if now - self._alive_checked >= self.alive_every:
                 self._alive_checked = now
-                if not self.job_alive():
+                if self.job_alive is not None and not self.job_alive():
                     self._job_ended = True
+                for r, why in (self.job_failures() if self.job_failures is not None else {}).items():
+                    if r not in self._failed and 0 <= r < self.replicas:
+                        self._failed[r] = self._read_failure(r) or why
+                        self._ready.pop(r, None)
         if self._job_ended:
             for r in range(self.replicas):
                 if r not in self._failed:

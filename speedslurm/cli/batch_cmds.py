@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 import typing as tp
 from pathlib import Path
 
@@ -99,7 +101,11 @@ def run_cmd(ctx: click.Context, deployment_id: str | None, endpoint_files: tuple
 
 
 def execute(source: EndpointSource, prepared: tp.Any, options: BatchOptions, json_mode: bool) -> None:
-    """Run a prepared batch, print the summary (table on stderr, or JSON on stdout), map failures to exit codes."""
+    """Run a prepared batch, print the summary (table on stderr, or JSON on stdout), map failures to exit codes.
+
+    Ctrl-C ends in ``SystemExit(130)`` after the summary and the resume command are printed (a caller's
+    ``finally`` still runs); :class:`BatchFailed` propagates (exit 1) after the summary is printed.
+    """
     from ..batch.runner import BatchFailed, BatchInterrupted, run_batch
 
     err = Console(stderr=True)
@@ -107,7 +113,13 @@ def execute(source: EndpointSource, prepared: tp.Any, options: BatchOptions, jso
         err.print(f"[yellow]Notice:[/yellow] {notice}", highlight=False)
     try:
         summary = run_batch(source, prepared, options, err)
-    except (BatchFailed, BatchInterrupted) as exc:
+    except BatchInterrupted as exc:
+        _print_summary(exc.summary, err, json_mode)
+        again = "speedslurm " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "the same command"
+        err.print(f"[yellow]Interrupted:[/yellow] {exc.message}\nTo resume, run the same command again: {again}"
+                  + (" (with the same prompts on stdin)" if prepared.spooled else ""), highlight=False, soft_wrap=True)
+        raise SystemExit(130) from None
+    except BatchFailed as exc:
         _print_summary(exc.summary, err, json_mode)
         raise
     _print_summary(summary, err, json_mode)
@@ -145,25 +157,27 @@ def _endpoint_file_source(paths: tp.Sequence[Path]) -> EndpointSource:
 
 
 def _deployment_source(ctx: click.Context, deployment_id: str) -> EndpointSource:
-    from ..batch.sources import RunDirSource
+    """The replicas of a running deployment: its run directory, plus Slurm's view of its jobs."""
+    from ..batch.sources import RunDirSource, describe_failure
 
     try:
-        from ..deploy import resolve_run_dir  # type: ignore[attr-defined]
+        from ..deploy import find_deployment, replica_statuses
         from ..settings import load_settings
     except ImportError as exc:
-        raise SpeedslurmError("--deployment is not available in this build yet",
+        raise SpeedslurmError("--deployment is not available in this build",
                               fix="use --endpoint-file RUN_DIR/r0/endpoint.json or --base-url URL") from exc
     obj = ctx.find_root().obj or {}
     settings = load_settings(profile=obj.get("profile"), config_path=obj.get("config_path"),
                              overrides=obj.get("overrides", ()))
-    run_dir = resolve_run_dir(settings, deployment_id)
-    info = run_dir.deployment() or {}
-    replicas = int(info.get("replicas", 1))
-    job_alive = None
-    try:
-        from ..deploy import job_alive_checker  # type: ignore[attr-defined]
+    dep = find_deployment(settings, deployment_id)
 
-        job_alive = job_alive_checker(settings, run_dir)
-    except ImportError:
-        pass
-    return RunDirSource(run_dir, replicas, job_alive=job_alive)
+    def job_failures() -> dict[int, str]:
+        out = {}
+        for st in replica_statuses(dep):
+            if st.state in ("FAILED", "ENDED"):
+                why = describe_failure(st.failure) if st.failure else \
+                    f"job {st.job_id} ended ({st.job_state or 'gone'}{': ' + st.reason if st.reason else ''})"
+                out[st.replica] = why
+        return out
+
+    return RunDirSource(dep.run_dir, dep.replicas, job_failures=job_failures)
