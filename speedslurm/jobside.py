@@ -28,7 +28,9 @@ from pathlib import Path
 from .rundir import Endpoint, RunDir, read_json, write_json_atomic
 
 LOG_TAIL_LINES = 20
-_BIND_ERRORS = ("bind", "address already in use", "couldn't bind", "failed to listen", "could not bind")
+# What rpc-server ("Failed to create server socket") and llama-server ("couldn't bind HTTP server socket")
+# print when their port was taken between our check and their bind.
+_BIND_ERRORS = ("failed to create server socket", "couldn't bind", "address already in use")
 
 
 class RoleFailed(Exception):

@@ -15,12 +15,15 @@ component's task the leader's job id so they all find the one pickled job.
 
 from __future__ import annotations
 
+import os
 import shlex
+import subprocess
 import sys
 import typing as tp
 from pathlib import Path
 
 import submitit
+import submitit.local.local
 from submitit.slurm import slurm as submitit_slurm
 
 from .plan import Plan
@@ -136,11 +139,39 @@ def submit_slurm(plan: Plan, run_dir: RunDir, fn: tp.Callable[..., tp.Any]) -> l
     return [str(j.job_id) for j in jobs]
 
 
+class DetachedLocalExecutor(submitit.LocalExecutor):
+    """submitit's local executor whose controller outlives the client and holds none of its pipes.
+
+    submitit starts the controller with the client's stdin/stdout/stderr; a deployment left running by
+    ``speedslurm up`` would then keep a caller's pipe open (``$(speedslurm up ...)`` would never return)
+    and die with the terminal. Here it gets its own session, /dev/null and a log file instead.
+    """
+
+    def _submit_command(self, command: str) -> submitit.local.local.LocalJob[tp.Any]:
+        ntasks = self.parameters.get("tasks_per_node", 1)
+        env = dict(os.environ)
+        env.update(
+            SUBMITIT_LOCAL_NTASKS=str(ntasks), SUBMITIT_LOCAL_COMMAND=command,
+            SUBMITIT_LOCAL_TIMEOUT_S=str(int(60 * self.parameters.get("timeout_min", 2.0))),
+            SUBMITIT_LOCAL_SIGNAL_DELAY_S=str(int(self.parameters.get("signal_delay_s", 30))),
+            SUBMITIT_LOCAL_NODEID="0", SUBMITIT_LOCAL_JOB_NUM_NODES="1", SUBMITIT_STDERR_TO_STDOUT="",
+            SUBMITIT_EXECUTOR="local", CUDA_VISIBLE_DEVICES="", SUBMITIT_LOCAL_WITH_SHELL="",
+        )
+        folder = Path(self.folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "controller.log", "ab") as log:
+            process = subprocess.Popen([sys.executable, "-m", "submitit.local._local", str(folder)], env=env,
+                                       stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+        return submitit.local.local.LocalJob(folder=folder, job_id=str(process.pid), process=process,
+                                             tasks=list(range(ntasks)))
+
+
 def submit_local(plan: Plan, run_dir: RunDir, fn: tp.Callable[..., tp.Any]) -> list[str]:
     """Run the same job side as local processes: one submitit local job of N tasks per replica."""
     ids = []
     for replica in range(plan.replicas):
-        ex = submitit.LocalExecutor(folder=run_dir.submitit_dir / f"r{replica}")
+        ex = DetachedLocalExecutor(folder=run_dir.submitit_dir / f"r{replica}")
         ex.update_parameters(tasks_per_node=plan.nodes, timeout_min=plan.time_minutes,
                              signal_delay_s=SIGNAL_DELAY_S)
         job = ex.submit(fn, str(run_dir.root), replica)

@@ -28,7 +28,8 @@ def err_console() -> Console:
 
 
 def out_console() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    # Piped output keeps whole lines (ids, URLs) instead of folding them at 80 columns.
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 250)
 
 
 def is_tty() -> bool:

@@ -1,0 +1,175 @@
+"""Deployments on the real test bed: real Slurm (hetjobs, arrays), real llama.cpp, real sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+pytestmark = [pytest.mark.llama]
+bed = pytest.mark.slurm
+
+
+@pytest.fixture
+def ss(shared_tmp: Path):
+    """Run the speedslurm CLI as a user would, against the test bed profile and a private runs folder."""
+    env = {**os.environ, "SPEEDSLURM_PROFILE": "testbed", "SPEEDSLURM_RUN__DIR": str(shared_tmp / "runs")}
+    env.pop("OPENAI_API_KEY", None)
+    started: list[str] = []
+
+    def run(*args: str, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run([sys.executable, "-m", "speedslurm", *args], capture_output=True, text=True,
+                             env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+        if args and args[0] == "up" and res.returncode == 0 and "--json" in args:
+            started.append(json.loads(res.stdout)["deployment"])
+        if check and res.returncode != 0:
+            raise AssertionError(f"speedslurm {' '.join(args)} exited {res.returncode}\n{res.stdout}\n{res.stderr}")
+        return res
+
+    run.env = env  # type: ignore[attr-defined]
+    yield run
+    for dep in started:
+        run("down", dep, check=False)
+
+
+def _chat(base_url: str, key: str) -> str:
+    client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=60)
+    r = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Say hi"}], max_tokens=6)
+    assert r.usage is not None and r.usage.completion_tokens > 0
+    return r.choices[0].message.content or ""
+
+
+def _listeners(node_ns: str) -> list[tuple[str, str]]:
+    """(local address:port, process) of TCP listeners in a test bed node's network namespace."""
+    out = subprocess.run(["nsenter", f"--net=/run/netns/{node_ns}", "ss", "-Hltnp"], capture_output=True,
+                         text=True, check=True).stdout
+    rows = []
+    for line in out.splitlines():
+        parts = line.split()
+        rows.append((parts[3], parts[-1]))
+    return rows
+
+
+def _speedslurm_processes() -> list[str]:
+    out = subprocess.run(["pgrep", "-af", "rpc-server|llama-server|speedslurm.jobentry"], capture_output=True,
+                         text=True).stdout
+    return [line for line in out.splitlines() if "pgrep" not in line]
+
+
+@bed
+def test_up_three_nodes_ready_key_sockets_and_down(ss, tiny_gguf: Path) -> None:
+    t0 = time.monotonic()
+    res = ss("up", "--model", str(tiny_gguf), "--nodes", "3", "--executor", "slurm", "--timeout", "120", "--json")
+    up_s = time.monotonic() - t0
+    dep = json.loads(res.stdout)
+    rep = dep["replicas"][0]
+    assert rep["state"] == "READY"
+    assert rep["endpoint"]["api_key"] == "***"  # never printed unless asked
+    assert rep["endpoint"]["leader_node"] == "n1" or rep["endpoint"]["leader_node"].startswith("n")
+    assert len(rep["endpoint"]["follower_nodes"]) == 2
+    print(f"up to READY: {up_s:.1f}s")
+
+    env_lines = ss("endpoint", dep["deployment"], "--env").stdout
+    exports = dict(line.removeprefix("export ").split("=", 1) for line in env_lines.splitlines())
+    base_url, key = exports["OPENAI_BASE_URL"], exports["OPENAI_API_KEY"]
+    assert base_url.startswith("http://10.77.0.1") and base_url.endswith("/v1")
+    assert _chat(base_url, key)
+
+    with pytest.raises(openai.AuthenticationError):  # 401 without the key
+        openai.OpenAI(base_url=base_url, api_key="wrong", max_retries=0).chat.completions.create(
+            model="x", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+
+    # rpc-servers listen only on their node's 10.x address
+    followers = rep["endpoint"]["follower_nodes"]
+    for node in followers:
+        rpc = [addr for addr, proc in _listeners(f"ss{node}") if "rpc-server" in proc]
+        assert rpc, f"no rpc-server listening on {node}"
+        addr = {"n1": "10.77.0.11", "n2": "10.77.0.12", "n3": "10.77.0.13", "n4": "10.77.0.14"}[node]
+        assert all(a.startswith(addr + ":") for a in rpc), rpc
+
+    status = json.loads(ss("status", dep["deployment"], "--json").stdout)[0]
+    assert status["state"] == "READY" and "secret" not in json.dumps(status)
+    assert key not in ss("status", dep["deployment"], "--json").stdout
+
+    down = ss("down", dep["deployment"])
+    assert "cancelled" in down.stdout
+    deadline = time.monotonic() + 30
+    while _speedslurm_processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _speedslurm_processes() == []
+    status = json.loads(ss("status", dep["deployment"], "--json").stdout)[0]
+    assert status["state"] == "ENDED"
+
+
+@bed
+def test_up_two_replicas_is_a_job_array_of_two_node_jobs(ss, tiny_gguf: Path) -> None:
+    res = ss("up", "--model", str(tiny_gguf), "--nodes", "2", "--replicas", "2", "--executor", "slurm",
+             "--timeout", "120", "--json")
+    dep = json.loads(res.stdout)
+    reps = dep["replicas"]
+    assert [r["state"] for r in reps] == ["READY", "READY"]
+    assert all("_" in r["job_id"] for r in reps)  # array task ids
+    assert len({r["job_id"].split("_")[0] for r in reps}) == 1
+    leaders = {r["endpoint"]["leader_node"] for r in reps}
+    assert len(leaders) == 2
+    eps = json.loads(ss("endpoint", dep["deployment"], "--json", "--show-key").stdout)
+    assert len(eps) == 2
+    for ep in eps:
+        assert _chat(ep["url"] + "/v1", ep["api_key"])
+    ss("down", dep["deployment"])
+
+
+def test_up_local_executor_two_roles(ss, tiny_gguf: Path) -> None:
+    res = ss("up", "--model", str(tiny_gguf), "--nodes", "2", "--executor", "local", "--timeout", "60", "--json")
+    dep = json.loads(res.stdout)
+    ep = dep["replicas"][0]["endpoint"]
+    assert ep["url"].startswith("http://127.0.0.1:") and ep["rpc_servers"][0].startswith("127.0.0.1:")
+    full = json.loads(ss("endpoint", dep["deployment"], "--json", "--show-key").stdout)[0]
+    assert _chat(full["url"] + "/v1", full["api_key"])
+    ss("down", dep["deployment"])
+    status = json.loads(ss("status", dep["deployment"], "--json").stdout)[0]
+    assert status["state"] == "ENDED"
+
+
+@bed
+def test_follower_that_cannot_start_fails_up_quickly(ss, tiny_gguf: Path) -> None:
+    t0 = time.monotonic()
+    res = ss("--set", 'llama.extra_rpc_args=["--no-such-flag"]', "up", "--model", str(tiny_gguf), "--nodes", "3",
+             "--executor", "slurm", check=False, timeout=120)
+    elapsed = time.monotonic() - t0
+    assert res.returncode == 1, res.stderr
+    assert "rpc-server on n" in res.stderr and "exited with code" in res.stderr
+    assert "last log lines" in res.stderr and "no-such-flag" in res.stderr
+    # The failure is seen within seconds of the job starting (Slurm's own scheduling comes first).
+    started = [line for line in res.stderr.splitlines() if "RUNNING" in line or "STARTING" in line]
+    assert elapsed < 60, elapsed
+    assert started or "FAILED" in res.stderr or res.returncode == 1
+
+
+def test_taken_ports_are_replaced_by_free_ones(ss, tiny_gguf: Path) -> None:
+    import socket
+
+    held = []
+    for _ in range(2):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        held.append(s)
+    rpc_port, server_port = (s.getsockname()[1] for s in held)
+    try:
+        res = ss("--set", f"llama.rpc_port={rpc_port}", "--set", f"llama.server_port={server_port}", "up",
+                 "--model", str(tiny_gguf), "--nodes", "2", "--executor", "local", "--timeout", "60", "--json")
+        ep = json.loads(res.stdout)["replicas"][0]["endpoint"]
+        assert not ep["url"].endswith(f":{server_port}")
+        assert ep["rpc_servers"][0] != f"127.0.0.1:{rpc_port}"
+        full = json.loads(ss("endpoint", json.loads(res.stdout)["deployment"], "--json", "--show-key").stdout)[0]
+        assert _chat(full["url"] + "/v1", full["api_key"])
+    finally:
+        for s in held:
+            s.close()
