@@ -148,7 +148,11 @@ def _progress_printer(as_json: bool) -> tp.Callable[[list[dp.ReplicaStatus], flo
 
 def do_up(ctx: click.Context, model: str, *, executor: str | None, nodes: int | None, replicas: int,
           ctx_size: int | None, time_limit: str | None, timeout: float | None, until: str,
-          as_json: bool) -> tuple[dp.Deployment, list[dp.ReplicaStatus]]:
+          as_json: bool, keep_on_interrupt: bool = False) -> tuple[dp.Deployment, list[dp.ReplicaStatus]]:
+    """Validate, launch, and wait until ``until`` ("all" or "first") replicas are READY.
+
+    A failure while waiting cancels the job(s); so does Ctrl-C unless ``keep_on_interrupt``.
+    """
     settings = settings_from(ctx)
     plan, binaries = dp.prepare(settings, model, nodes=nodes, replicas=replicas, ctx=ctx_size,
                                 time_limit=time_limit, executor=executor)
@@ -161,8 +165,11 @@ def do_up(ctx: click.Context, model: str, *, executor: str | None, nodes: int | 
                                  interval=settings.run.poll_interval_s, on_update=_progress_printer(as_json),
                                  describe_failure=lambda s: dp.failure_text(dep, s))
     except KeyboardInterrupt:
-        dp.down(dep)
-        err_console().print(f"Interrupted: cancelled deployment {dep.id}.")
+        if keep_on_interrupt:
+            err_console().print(f"Interrupted: deployment {dep.id} keeps starting (`speedslurm down {dep.id}` stops it).")
+        else:
+            dp.down(dep)
+            err_console().print(f"Interrupted: cancelled deployment {dep.id}.")
         raise
     except Exception:
         # A deployment that cannot become ready must not keep nodes busy.
