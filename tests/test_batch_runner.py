@@ -27,7 +27,8 @@ from speedslurm.rundir import Endpoint, RunDir, write_json_atomic
 from speedslurm.stubserver import StubServer
 
 KEY = "test-key"
-FAST = dict(poll_interval=0.05, backoff_base=0.01, backoff_max=0.05, settle=0.3, quiet=True, timeout=5.0)
+FAST: dict[str, tp.Any] = dict(poll_interval=0.05, backoff_base=0.01, backoff_max=0.05, settle=0.3, quiet=True,
+                               timeout=5.0)
 
 
 def endpoint(url: str, replica: int = 0, parallel: int = 2, key: str = KEY) -> Endpoint:
@@ -207,7 +208,12 @@ def test_replica_failing_mid_batch_moves_its_requests(tmp_path: Path) -> None:
     prompts = prompts_file(tmp_path, 80)
     a = StubServer(api_key=KEY, latency=0.02, slots=2).start()
     b = StubServer(api_key=KEY, latency=0.02, slots=2).start()
-    killer = threading.Thread(target=lambda: (_wait_for(lambda: a.stats.completions >= 10), a.stop()))
+
+    def kill_a() -> None:
+        _wait_for(lambda: a.stats.completions >= 10)
+        a.stop()
+
+    killer = threading.Thread(target=kill_a)
     killer.start()
     try:
         s = run(StaticSource([endpoint(a.url, 0), endpoint(b.url, 1)]), prompts)

@@ -66,7 +66,7 @@ class BatchOptions:
     retries: int = 5  # retries per request for transient errors
     skip_invalid: bool = False
     quiet: bool = False
-    client: str = "raw"  # "raw" (lean HTTP/1.1) or "openai" (AsyncOpenAI)
+    client: str = "raw"  # "raw" (lean HTTP/1.1; https servers use openai) or "openai" (AsyncOpenAI)
     poll_interval: float = 0.25  # seconds between looks at the endpoint source
     backoff_base: float = 0.5
     backoff_max: float = 15.0
@@ -302,7 +302,10 @@ class _Runner:
 
     # -- replicas --------------------------------------------------------------------------------
     def _add_replica(self, ep: Endpoint) -> None:
-        rep = _Replica(ep, self._make_transport(ep, self.opts.timeout))
+        make = self._make_transport
+        if self.opts.client == "raw" and not ep.url.startswith("http://"):
+            make = CLIENTS["openai"]  # the lean client speaks plain http only; https goes through openai
+        rep = _Replica(ep, make(ep, self.opts.timeout))
         self.replicas[ep.replica] = rep
         n = self.opts.concurrency or max(1, ep.parallel)
         for _ in range(n):

@@ -63,7 +63,7 @@ def options_from(kw: dict[str, tp.Any]) -> BatchOptions:
               help="An endpoint.json written by a deployment's leader (repeat for several replicas).")
 @click.option("--base-url", default=None, metavar="URL", help="Any OpenAI-compatible server, e.g. http://host:8080.")
 @click.option("--api-key", envvar="SPEEDSLURM_API_KEY", default=None,
-              help="API key for --base-url. Env: SPEEDSLURM_API_KEY.")
+              help="API key for --base-url (a deployment's key comes from its endpoint file). Env: SPEEDSLURM_API_KEY.")
 @batch_options
 @click.pass_context
 def run_cmd(ctx: click.Context, deployment_id: str | None, endpoint_files: tuple[Path, ...], base_url: str | None,
@@ -80,8 +80,6 @@ def run_cmd(ctx: click.Context, deployment_id: str | None, endpoint_files: tuple
         raise UsageError("say where to send the prompts: exactly one of --deployment, --endpoint-file, --base-url"
                          + (f" (got {', '.join(given)})" if given else ""),
                          fix="e.g. speedslurm run --deployment ID --prompts P.jsonl")
-    if api_key and not base_url:
-        raise UsageError("--api-key goes with --base-url", fix="a deployment's key is read from its endpoint file")
     from ..batch.runner import prepare_batch
 
     options = options_from(kw)
