@@ -339,3 +339,25 @@ def test_job_failures_mark_single_replicas(tmp_path: Path) -> None:
     ended[1] = "job 12_1 ended (CANCELLED)"
     st = src.poll()
     assert [e.replica for e in st.ready] == [0] and st.failed == {1: "job 12_1 ended (CANCELLED)"}
+
+
+def test_stub_server_behaves_like_llama_server() -> None:
+    import urllib.error
+    import urllib.request
+
+    def get(url: str, key: str | None = None) -> tuple[int, dict[str, tp.Any]]:
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    with StubServer(api_key=KEY, slots=3, loading_s=0.3) as stub:
+        assert get(stub.url + "/health") == (503, {"error": {"code": 503, "message": "Loading model",
+                                                             "type": "unavailable_error"}})
+        time.sleep(0.35)
+        assert get(stub.url + "/health") == (200, {"status": "ok"})
+        assert get(stub.url + "/v1/models")[1]["data"][0]["id"] == "stub-model"  # no key needed
+        assert get(stub.url + "/props")[0] == 401
+        assert get(stub.url + "/props", KEY)[1]["total_slots"] == 3

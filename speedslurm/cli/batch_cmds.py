@@ -92,7 +92,7 @@ def run_cmd(ctx: click.Context, deployment_id: str | None, endpoint_files: tuple
         elif endpoint_files:
             source = _endpoint_file_source(endpoint_files)
         else:
-            source = _deployment_source(ctx, tp.cast(str, deployment_id))
+            source = deployment_source(ctx, tp.cast(str, deployment_id))
         execute(source, prepared, options, kw["json_mode"])
     finally:
         prepared.close()
@@ -154,7 +154,7 @@ def _endpoint_file_source(paths: tp.Sequence[Path]) -> EndpointSource:
     return StaticSource(endpoints)
 
 
-def _deployment_source(ctx: click.Context, deployment_id: str) -> EndpointSource:
+def deployment_source(ctx: click.Context, deployment_id: str) -> EndpointSource:
     """The replicas of a running deployment: its run directory, plus Slurm's view of its jobs."""
     from ..batch.sources import RunDirSource, describe_failure
 
@@ -179,3 +179,6 @@ def _deployment_source(ctx: click.Context, deployment_id: str) -> EndpointSource
         return out
 
     return RunDirSource(dep.run_dir, dep.replicas, job_failures=job_failures)
+
+
+_deployment_source = deployment_source  # older name, still imported by submit
