@@ -120,7 +120,8 @@ def _binaries_record(binaries: tp.Any) -> dict[str, tp.Any]:
 
 def launch(settings: Settings, plan: Plan, binaries: tp.Any) -> Deployment:
     """Create the run directory, write deployment.json and the API key, submit. Returns at once."""
-    from . import jobside, launch as submit
+    from . import jobside
+    from . import launch as submit
 
     root = make_private_dir(runs_root(settings))
     rd = RunDir(root / new_deployment_id(plan.model.name))
@@ -228,6 +229,21 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
+def endpoint_is_current(dep: Deployment, endpoint: Endpoint) -> bool:
+    """False for an endpoint file left by another job than the replica's current one."""
+    return _same_job(endpoint.job_id, _replica_job_id(dep, endpoint.replica))
+
+
+def failure_is_current(dep: Deployment, replica: int, failure: dict[str, tp.Any]) -> bool:
+    """False for a failed.json left by another job than the replica's current one."""
+    return _same_job(failure.get("job_id"), _replica_job_id(dep, replica))
+
+
+def _same_job(file_job_id: tp.Any, job_id: str) -> bool:
+    """A handshake file belongs to the replica's job (unknown on either side: accept)."""
+    return not job_id or not file_job_id or str(file_job_id) == job_id
+
+
 def _job_state_for(job_id: str, states: dict[str, slurm.JobState]) -> slurm.JobState | None:
     if job_id in states:
         return states[job_id]
@@ -252,9 +268,15 @@ def replica_statuses(dep: Deployment, states: dict[str, slurm.JobState] | None =
     out = []
     for r in range(dep.replicas):
         job_id = _replica_job_id(dep, r)
+        # Handshake files of another job (an earlier submission into this run dir) are not this one's.
         failure = dep.run_dir.failure(r)
+        if failure and not failure_is_current(dep, r, failure):
+            failure = None
         endpoint = dep.run_dir.endpoint(r)
-        loading = dep.run_dir.loading_path(r).exists()
+        if endpoint and not endpoint_is_current(dep, endpoint):
+            endpoint = None
+        loading_info = read_json(dep.run_dir.loading_path(r))
+        loading = bool(loading_info) and _same_job((loading_info or {}).get("job_id"), job_id)
         cancelled = bool(dep.info.get("cancelled_at"))
         if dep.executor == "local":
             alive = bool(job_id) and _pid_alive(int(job_id))

@@ -97,6 +97,21 @@ def free_port(address: str, preferred: int = 0) -> int:
     raise RoleFailed(f"no free port on {address}")
 
 
+def current_job_id() -> str:
+    """This job's id as the client recorded it at submission: 123 (hetjob leader), 123_4 (array task),
+    or the local controller's pid. Every handshake file carries it, so files left by another job in the
+    same run directory are never taken for this one's."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return (os.environ.get("SPEEDSLURM_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+            or os.environ.get("SUBMITIT_LOCAL_JOB_ID", ""))
+
+
+def _ours(data: dict[str, tp.Any] | None) -> bool:
+    return bool(data) and str(data.get("job_id", "")) == current_job_id()  # type: ignore[union-attr]
+
+
 def node_name() -> str:
     # The UTS hostname is shared by the test bed's namespaces and says nothing about the node:
     # Slurm's SLURMD_NODENAME is the node's identity.
@@ -136,6 +151,21 @@ def binary_build(path: str) -> str:
 # Children
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the role process dies, however it dies.
+
+    A role killed outright (SIGKILL after a grace period, OOM) would otherwise leave its server running
+    outside any supervision, still holding the node's port and GPU memory.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class Child:
     """One supervised child process whose output goes to a log file."""
 
@@ -149,7 +179,7 @@ class Child:
         self._log = open(log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
         os.chmod(log_path, 0o600)
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, start_new_session=True)
+                                     env=env, start_new_session=True, preexec_fn=_die_with_parent)
 
     @property
     def pid(self) -> int:
@@ -217,10 +247,10 @@ def _start_listening(make_argv: tp.Callable[[int], list[str]], address: str, pre
 
 def _fail(rd: RunDir, replica: int, role: str, rank: int, exc: RoleFailed) -> None:
     path = rd.failed_path(replica)
-    if path.exists():  # the first failure is the cause; later ones are consequences
+    if _ours(read_json(path)):  # the first failure is the cause; later ones are consequences
         return
     write_json_atomic(path, {
-        "role": role, "rank": rank, "node": node_name(), "exit_code": exc.exit_code,
+        "job_id": current_job_id(), "role": role, "rank": rank, "node": node_name(), "exit_code": exc.exit_code,
         "reason": exc.reason, "log_tail": exc.log_tail, "time": time.time(),
     })
 
@@ -232,7 +262,7 @@ def _supervise(child: Child, rd: RunDir, replica: int, stop: _Stop, what: str, p
         code = child.poll()
         if code is not None:
             raise RoleFailed(f"{what} exited with code {code}", code, child.tail())
-        if failed.exists():
+        if failed.exists() and _ours(read_json(failed)):
             child.stop()
             raise RoleFailed("another role of this replica failed", None, "")
         time.sleep(poll_s)
@@ -263,7 +293,7 @@ def run_follower(dep: dict[str, tp.Any], rd: RunDir, replica: int, rank: int, st
     child, port = _start_listening(argv, address, int(llama.get("rpc_port") or 0), rd.log_path(replica, "follower", rank),
                                    env, stop, 60, f"rpc-server on {node}")
     write_json_atomic(rd.follower_path(replica, rank), {
-        "rank": rank, "node": node, "host": address, "port": port, "pid": child.pid, "version": version,
+        "job_id": current_job_id(), "rank": rank, "node": node, "host": address, "port": port, "pid": child.pid, "version": version,
         "started_at": time.time(),
     })
     _supervise(child, rd, replica, stop, f"rpc-server on {node} ({address}:{port})", dep["poll_interval_s"])
@@ -277,12 +307,14 @@ def _wait_followers(dep: dict[str, tp.Any], rd: RunDir, replica: int, stop: _Sto
         if stop:
             raise RoleFailed(f"stopped by signal {stop.signum} while waiting for rpc-servers")
         failure = rd.failure(replica)
-        if failure:
+        if _ours(failure):
+            assert failure is not None
             raise RoleFailed(f"a follower failed: {failure.get('reason')}", None, failure.get("log_tail", ""))
         for rank in range(1, n):
             if rank not in found:
                 data = read_json(rd.follower_path(replica, rank))
-                if data:
+                if _ours(data):
+                    assert data is not None
                     found[rank] = data
         if len(found) == n - 1:
             break
@@ -339,7 +371,7 @@ def run_leader(dep: dict[str, tp.Any], rd: RunDir, replica: int, stop: _Stop) ->
     child, port = _start_listening(argv, address, int(llama.get("server_port") or 0), rd.log_path(replica, "leader"),
                                    env, stop, 120, f"llama-server on {node}")
     url = f"http://{address}:{port}"
-    write_json_atomic(rd.loading_path(replica), {"url": url, "node": node, "pid": child.pid, "time": time.time()})
+    write_json_atomic(rd.loading_path(replica), {"job_id": current_job_id(), "url": url, "node": node, "pid": child.pid, "time": time.time()})
     deadline = time.monotonic() + float(dep["health_timeout_s"])
     poll = float(dep["poll_interval_s"])
     while True:
@@ -351,7 +383,8 @@ def run_leader(dep: dict[str, tp.Any], rd: RunDir, replica: int, stop: _Stop) ->
             raise RoleFailed(f"llama-server on {node} exited with code {code} while loading the model", code,
                              child.tail())
         failure = rd.failure(replica)
-        if failure:
+        if _ours(failure):
+            assert failure is not None
             child.stop()
             raise RoleFailed(f"a follower failed: {failure.get('reason')}", None, failure.get("log_tail", ""))
         if _health(url) == 200:
@@ -366,8 +399,7 @@ def run_leader(dep: dict[str, tp.Any], rd: RunDir, replica: int, stop: _Stop) ->
         api_key = fh.read().strip()
     endpoint = Endpoint(
         url=url, api_key=api_key, model=dep["model"]["name"], deployment_id=rd.deployment_id, replica=replica,
-        job_id=(os.environ.get("SPEEDSLURM_JOB_ID") or os.environ.get("SLURM_JOB_ID")
-        or os.environ.get("SUBMITIT_LOCAL_JOB_ID", "")), leader_node=node,
+        job_id=current_job_id(), leader_node=node,
         follower_nodes=[f["node"] for f in followers], rpc_servers=[f"{f['host']}:{f['port']}" for f in followers],
         llama_version=str(bins.get("version") or version), parallel=int(dep["parallel"]), ctx=int(dep["ctx"]), started_at=started,
         ready_at=time.time(), pid=child.pid,

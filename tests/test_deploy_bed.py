@@ -26,7 +26,7 @@ def ss(shared_tmp: Path):
     def run(*args: str, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess[str]:
         res = subprocess.run([sys.executable, "-m", "speedslurm", *args], capture_output=True, text=True,
                              env=env, timeout=timeout, stdin=subprocess.DEVNULL)
-        if args and args[0] == "up" and res.returncode == 0 and "--json" in args:
+        if "up" in args and res.returncode == 0 and "--json" in args:
             started.append(json.loads(res.stdout)["deployment"])
         if check and res.returncode != 0:
             raise AssertionError(f"speedslurm {' '.join(args)} exited {res.returncode}\n{res.stdout}\n{res.stderr}")

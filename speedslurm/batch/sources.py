@@ -138,12 +138,14 @@ class RunDirSource:
     def __init__(self, run_dir: RunDir, replicas: int, job_alive: tp.Callable[[], bool] | None = None,
                  accept: tp.Callable[[Endpoint], bool] | None = None, alive_every: float = 2.0,
                  clock: tp.Callable[[], float] = time.monotonic,
-                 job_failures: tp.Callable[[], dict[int, str]] | None = None) -> None:
+                 job_failures: tp.Callable[[], dict[int, str]] | None = None,
+                 accept_failure: tp.Callable[[int, dict[str, tp.Any]], bool] | None = None) -> None:
         self.run_dir = run_dir
         self.replicas = replicas
         self.job_alive = job_alive
         self.job_failures = job_failures
         self.accept = accept
+        self.accept_failure = accept_failure
         self.alive_every = alive_every
         self.clock = clock
         self._ready: dict[int, Endpoint] = {}
@@ -189,7 +191,9 @@ class RunDirSource:
             info = self.run_dir.failure(r)
         except (ValueError, OSError):
             return None  # being written; next poll
-        return describe_failure(info) if info is not None else None
+        if info is None or (self.accept_failure is not None and not self.accept_failure(r, info)):
+            return None  # none, or left by another job in this run directory
+        return describe_failure(info)
 
     def _read_endpoint(self, r: int) -> Endpoint | None:
         try:

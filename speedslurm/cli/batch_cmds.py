@@ -178,7 +178,11 @@ def deployment_source(ctx: click.Context, deployment_id: str) -> EndpointSource:
                 out[st.replica] = why
         return out
 
-    return RunDirSource(dep.run_dir, dep.replicas, job_failures=job_failures)
+    from ..deploy import endpoint_is_current, failure_is_current
+
+    return RunDirSource(dep.run_dir, dep.replicas, job_failures=job_failures,
+                        accept=lambda ep: endpoint_is_current(dep, ep),
+                        accept_failure=lambda r, info: failure_is_current(dep, r, info))
 
 
 _deployment_source = deployment_source  # older name, still imported by submit

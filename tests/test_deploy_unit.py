@@ -1,0 +1,68 @@
+"""Client-side deployment state from the run directory and Slurm's view, without a cluster."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from speedslurm.deploy import Deployment, deployment_state, replica_statuses
+from speedslurm.rundir import Endpoint, RunDir, make_private_dir, write_json_atomic
+from speedslurm.slurm import JobState
+
+
+def _dep(tmp_path: Path, job_ids: list[str], replicas: int = 1) -> Deployment:
+    rd = RunDir(make_private_dir(tmp_path / "dep-1"))
+    info = {"id": "dep-1", "created_at": time.time(), "replicas": replicas, "executor": "slurm",
+            "job_ids": job_ids, "model": {"name": "m"}, "nodes": 2}
+    write_json_atomic(rd.root / "deployment.json", info)
+    for r in range(replicas):
+        rd.replica_dir(r).mkdir()
+    return Deployment(rd, info)
+
+
+def _endpoint(job_id: str, replica: int = 0) -> dict:
+    return Endpoint(url="http://10.77.0.11:1", api_key="k", model="m", deployment_id="dep-1", replica=replica,
+                    job_id=job_id, leader_node="n1", follower_nodes=["n2"], rpc_servers=[], llama_version="v",
+                    parallel=4, ctx=1, started_at=0, ready_at=0).to_json()
+
+
+def test_states_follow_the_handshake_files(tmp_path: Path) -> None:
+    dep = _dep(tmp_path, ["7"])
+    running = {"7+0": JobState("7+0", "RUNNING"), "7+1": JobState("7+1", "RUNNING")}
+    assert replica_statuses(dep, {"7+0": JobState("7+0", "PENDING")})[0].state == "PENDING"
+    assert replica_statuses(dep, running)[0].state == "STARTING"
+    write_json_atomic(dep.run_dir.loading_path(0), {"job_id": "7"})
+    assert replica_statuses(dep, running)[0].state == "LOADING"
+    write_json_atomic(dep.run_dir.endpoint_path(0), _endpoint("7"))
+    st = replica_statuses(dep, running)[0]
+    assert st.state == "READY" and st.endpoint is not None
+    ended = {"7+0": JobState("7+0", "CANCELLED"), "7+1": JobState("7+1", "CANCELLED")}
+    assert replica_statuses(dep, ended)[0].state == "ENDED"
+    write_json_atomic(dep.run_dir.failed_path(0), {"job_id": "7", "reason": "boom"})
+    assert replica_statuses(dep, running)[0].state == "FAILED"
+
+
+def test_a_node_failure_is_failed_not_ended(tmp_path: Path) -> None:
+    dep = _dep(tmp_path, ["7"])
+    states = {"7+0": JobState("7+0", "RUNNING"), "7+1": JobState("7+1", "NODE_FAIL")}
+    assert replica_statuses(dep, states)[0].state == "FAILED"
+
+
+def test_stale_endpoint_and_failure_of_another_job_are_ignored(tmp_path: Path) -> None:
+    dep = _dep(tmp_path, ["8"])
+    write_json_atomic(dep.run_dir.endpoint_path(0), _endpoint("5"))  # left by job 5
+    write_json_atomic(dep.run_dir.failed_path(0), {"job_id": "5", "reason": "old"})
+    write_json_atomic(dep.run_dir.loading_path(0), {"job_id": "5"})
+    st = replica_statuses(dep, {"8+0": JobState("8+0", "RUNNING")})[0]
+    assert st.state == "STARTING" and st.endpoint is None and st.failure is None
+
+
+def test_array_replicas_and_pending_array(tmp_path: Path) -> None:
+    dep = _dep(tmp_path, ["9_0", "9_1"], replicas=2)
+    pending = {"9_[0-1]": JobState("9_[0-1]", "PENDING", "Resources")}
+    assert [s.state for s in replica_statuses(dep, pending)] == ["PENDING", "PENDING"]
+    write_json_atomic(dep.run_dir.endpoint_path(1), _endpoint("9_1", replica=1))
+    states = {"9_0": JobState("9_0", "RUNNING"), "9_1": JobState("9_1", "RUNNING")}
+    statuses = replica_statuses(dep, states)
+    assert [s.state for s in statuses] == ["STARTING", "READY"]
+    assert deployment_state(statuses) == "READY"
