@@ -87,9 +87,17 @@ lint: $(PKG_STAMP)
 	$(PY) -m ruff check speedslurm tests scripts/testbed
 	$(PY) -m mypy speedslurm
 
+# The demo: the real gemma-3-270m model (assembled from its PyPI package) on two local roles, leader and
+# follower, over llama.cpp RPC on 127.0.0.1 -- the same job side as on Slurm -- and a dozen varied prompts.
+DEMO_DIR ?= .cache/demo
 demo: install
-	@echo "make demo: will deploy the embedded default model on the test bed and run a batch of prompts through it;"
-	@echo "the deploy and batch commands are not in this version yet, so nothing is submitted."
+	@mkdir -p $(DEMO_DIR)
+	$(PY) -c "from speedslurm.testmodels import gemma_270m_path; print('model:', gemma_270m_path())"
+	@out=$(DEMO_DIR)/results-$$(date +%Y%m%d-%H%M%S).jsonl; \
+	set -x; \
+	$(VENV)/bin/speedslurm --profile local submit --model gemma-3-270m --nodes 2 \
+	  --prompts examples/prompts.jsonl --out $$out --max-tokens 64; \
+	$(VENV)/bin/speedslurm show $$out -n 5 --width 160
 
 bench: install
 	@echo "make bench: benchmarks are not in this version yet."

@@ -362,6 +362,12 @@ def run_leader(dep: dict[str, tp.Any], rd: RunDir, replica: int, stop: _Stop) ->
                "--metrics", "--api-key-file", key_file, "--no-webui", "--kv-unified"]
         if rpc:
             cmd += ["--rpc", rpc]
+        template = dep["model"].get("chat_template")
+        if template:
+            # A Jinja text is used as is; a built-in name ("gemma", "chatml", ...) is only recognised with the
+            # Jinja engine off (with it on, llama-server would take the name itself as the template).
+            cmd += (["--chat-template", template] if "{" in template
+                    else ["--no-jinja", "--chat-template", template])
         for flag, key in (("-t", "threads"), ("-b", "batch_size"), ("-ub", "ubatch_size"), ("-fa", "flash_attn")):
             if llama.get(key) is not None:
                 cmd += [flag, str(llama[key])]

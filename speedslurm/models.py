@@ -37,6 +37,7 @@ class ModelSpec:
     architecture: str | None = None
     file_type: str | None = None
     file_bytes: int | None = None
+    chat_template: str | None = None  # passed to llama-server as --chat-template
 
     def kv_bytes(self, ctx: int, bytes_per_element: float = 2) -> int:
         """KV cache bytes = n_layer x ctx x n_head_kv x (head_dim_k + head_dim_v) x bytes per element."""
@@ -89,14 +90,15 @@ def _from_entry(name: str, entry: ModelEntry) -> ModelSpec:
         raise UsageError(f"model {name!r} lists no files", fix=f"add `files:` to models.{name} in your config")
     first = paths[0]
     if first.exists():
-        return _from_file(name, first, ctx=entry.ctx, host=entry.host)
+        return dataclasses.replace(_from_file(name, first, ctx=entry.ctx, host=entry.host),
+                                   chat_template=entry.chat_template)
     if entry.host and entry.size_bytes and entry.arch:
         # The file lives on the host's local disk: plan from the registry's figures.
         return ModelSpec(
             name=name, path=first, files=tuple(paths), weights_bytes=int(entry.size_bytes),
             n_layer=entry.arch.n_layer, n_head_kv=entry.arch.n_head_kv, head_dim=entry.arch.head_dim,
             head_dim_v=entry.arch.head_dim, ctx=entry.ctx, host=entry.host, local=False,
-            file_bytes=int(entry.size_bytes),
+            file_bytes=int(entry.size_bytes), chat_template=entry.chat_template,
         )
     raise UsageError(f"model {name!r}: file {first} does not exist",
                      fix=f"download it (`speedslurm models pull {name}`) or fix models.{name}.files in your config")

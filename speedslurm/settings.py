@@ -112,6 +112,7 @@ class ModelEntry:
     host: str | None = None
     size_bytes: int | None = None
     arch: ModelArch | None = None
+    chat_template: str | None = None   # llama-server --chat-template: a built-in name ("gemma") or Jinja text
 
     @property
     def paths(self) -> list[Path]:
