@@ -1,5 +1,214 @@
-"""Commands (see speedslurm.cli)."""
+"""Cluster readiness commands: render, build-llama, doctor, models pull."""
 
 from __future__ import annotations
 
-from . import cli  # noqa: F401
+import sys
+import time
+import typing as tp
+from pathlib import Path
+
+import click
+
+from ..errors import SpeedslurmError, UsageError
+from . import cli
+from .common import err_console, is_tty, json_option, out_console, print_json, settings_from
+
+# ----------------------------------------------------------------------------------------------------------
+# render
+
+
+@cli.command("render")
+@click.option("--model", "-m", required=True, help="Registry name (see `speedslurm models`) or a .gguf path.")
+@click.option("--nodes", type=int, default=None, help="Nodes per replica (default: what the model needs).")
+@click.option("--replicas", type=int, default=1, show_default=True, help="Copies of the deployment (a job array).")
+@click.option("--ctx", "ctx_size", type=int, default=None, help="Context size (tokens); default: the model's.")
+@click.option("--time", "time_limit", default=None, help="Job time limit (Slurm format, e.g. 04:00:00).")
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the script here (default: RUN_DIR/job.sbatch, and print it).")
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The run directory to create (default: a new one under run.dir).")
+@json_option
+@click.pass_context
+def render_cmd(ctx: click.Context, model: str, nodes: int | None, replicas: int, ctx_size: int | None,
+               time_limit: str | None, output: Path | None, run_dir: Path | None, as_json: bool) -> None:
+    """Write the job script `up` would submit, for plain `sbatch`, and the run directory it needs.
+
+    \b
+    The script runs the same job side as `up` (python -m speedslurm.jobside RUN_DIR) with the same
+    #SBATCH header. Submit it with `sbatch FILE`; then `speedslurm status ID` and
+    `speedslurm run --deployment ID` work as for `up`.
+    """
+    from .. import deploy as dp
+    from .. import render as rn
+    from ..rundir import RunDir
+
+    settings = settings_from(ctx)
+    plan, binaries = dp.prepare(settings, model, nodes=nodes, replicas=replicas, ctx=ctx_size,
+                                time_limit=time_limit, executor="slurm")
+    root = run_dir.expanduser().absolute() if run_dir else rn.default_run_dir(settings, plan.model.name)
+    python = sys.executable
+    # Render before creating anything: a value the script cannot carry stops here.
+    rn.render_script(plan, RunDir(root), python)
+    record = rn.deployment_record(settings, plan, rn.binaries_record(binaries), root.name)
+    rd = rn.create_run_dir(root, record, plan.replicas)
+    script = rn.render_script(plan, rd, python)
+    path = output or rd.root / "job.sbatch"
+    path.write_text(script)
+    if as_json:
+        print_json({"deployment": rd.deployment_id, "run_dir": str(rd.root), "script_path": str(path.absolute()),
+                    "script": script, "endpoint_files": [str(rd.endpoint_path(r)) for r in range(plan.replicas)]})
+        return
+    if output is None:
+        click.echo(script)
+    con = err_console()
+    con.print(f"deployment {rd.deployment_id}: {plan.model.name} on {plan.nodes} node(s) x {plan.replicas} "
+              f"replica(s) ({plan.layout})", markup=False)
+    con.print(f"run directory {rd.root}", markup=False)
+    con.print(f"script        {path}", markup=False)
+    con.print(f"Submit:  sbatch {path}   Then:  speedslurm status {rd.deployment_id}", markup=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# build-llama
+
+
+@cli.command("build-llama")
+@click.option("--source", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="A llama.cpp source tree the build node can read (shared filesystem).")
+@click.option("--git", "git_url", default=None, metavar="URL", help="Clone this repository into PREFIX/src instead.")
+@click.option("--ref", "git_ref", default=None, help="Branch, tag or commit of --git.")
+@click.option("--prefix", type=click.Path(file_okay=False, path_type=Path), default=Path("~/opt/llama.cpp"),
+              show_default=True, help="Install prefix on the shared filesystem; binaries go to PREFIX/bin.")
+@click.option("--cuda-archs", default="86;89", show_default=True, help="CMAKE_CUDA_ARCHITECTURES of the CUDA build.")
+@click.option("--cpu", is_flag=True, help="Build for the CPU only (GGML_CUDA=OFF).")
+@click.option("--partition", default=None, help="Partition to build on and to check (default: cluster.partition).")
+@click.option("--cpus", type=int, default=None, help="CPUs for the build job (default: the partition's default).")
+@click.option("--time", "time_limit", default="02:00:00", show_default=True, help="Time limit of the build job.")
+@click.option("--timeout", type=float, default=None, help="Stop following the job after this many seconds.")
+@click.option("--no-node-check", is_flag=True, help="Skip running the binaries on every node.")
+@click.option("--write-config", is_flag=True, help="Set llama.bin_dir to PREFIX/bin in your user config file.")
+@json_option
+@click.pass_context
+def build_llama_cmd(ctx: click.Context, source: Path | None, git_url: str | None, git_ref: str | None, prefix: Path,
+                    cuda_archs: str, cpu: bool, partition: str | None, cpus: int | None, time_limit: str,
+                    timeout: float | None, no_node_check: bool, write_config: bool, as_json: bool) -> None:
+    """Build llama.cpp (llama-server + RPC server) as a Slurm job into a shared prefix, then check every node.
+
+    \b
+    CUDA build for the 4090 (sm_89) and 3090 Ti (sm_86) nodes at once:
+      speedslurm build-llama --source ~/src/llama.cpp --prefix ~/opt/llama.cpp
+    Afterwards set `llama.bin_dir: PREFIX/bin` (or pass --write-config).
+    """
+    from .. import buildllama as bl
+    from ..settings import user_config_path
+
+    settings = settings_from(ctx)
+    partition = partition or settings.cluster.partition
+    opts = bl.BuildOptions(prefix=prefix.expanduser().absolute(),
+                           source=source.expanduser().absolute() if source else None, git_url=git_url,
+                           git_ref=git_ref, cuda=not cpu, cuda_archs=cuda_archs, partition=partition, cpus=cpus,
+                           time=time_limit)
+    if source is not None and not (opts.source / "CMakeLists.txt").is_file():  # type: ignore[operator]
+        raise UsageError(f"{opts.source} holds no CMakeLists.txt: not a llama.cpp source tree",
+                         fix="pass the top folder of a llama.cpp checkout (the one with CMakeLists.txt)")
+    script = bl.render_build_script(bl.template_text(), opts)
+    opts.log_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    job_id, script_path = bl.submit(script, opts.log_dir)
+    log_path = opts.log_path(job_id)
+    con = err_console()
+    quiet = as_json and not is_tty()
+    if not quiet:
+        con.print(f"build job {job_id} submitted ({script_path}); log {log_path}", markup=False)
+
+    def on_line(line: str) -> None:
+        if not quiet:
+            con.print(f"  {line}", markup=False)
+
+    def on_state(state: str, elapsed: float) -> None:
+        if not quiet:
+            con.print(f"[{elapsed:6.1f}s] job {job_id}: {state}", markup=False)
+
+    final = bl.follow_job(job_id, log_path, on_line=on_line, on_state=on_state, timeout=timeout)
+    build_s = time.monotonic() - started
+    if final.state != "COMPLETED":
+        from ..jobside import log_tail
+
+        raise SpeedslurmError(f"build job {job_id} ended {final.state} after {build_s:.0f}s"
+                              + (f" ({final.reason})" if final.reason else "")
+                              + f"\n--- last log lines ---\n{log_tail(log_path, 30)}",
+                              fix=f"read {log_path}; fix the cause and run the command again "
+                                  "(the build tree in PREFIX/build is kept)")
+    if not quiet:
+        con.print(f"build finished in {build_s:.0f}s; checking the binaries"
+                  + ("" if no_node_check else " on every node"), markup=False)
+    report = bl.verify_build(opts.bin_dir, partition, on_nodes=not no_node_check)
+    written = None
+    if write_config and report.ok:
+        written = bl.write_bin_dir_setting(user_config_path(), opts.bin_dir)
+    if as_json:
+        print_json({"job_id": job_id, "state": final.state, "build_s": round(build_s, 1), "log": str(log_path),
+                    "prefix": str(opts.prefix), **report.to_json(),
+                    "config_written": str(written) if written else None})
+    else:
+        _print_build_report(report, written)
+    if not report.ok:
+        raise SpeedslurmError("the build is not usable on every node: " + "; ".join(
+            report.problems + [f"{n.node}: {n.error}" for n in report.nodes if not n.ok]),
+            fix="see the lines above; a node that cannot load a library needs the same system packages "
+                "(or CUDA driver) as the build node")
+
+
+def _print_build_report(report: tp.Any, written: Path | None) -> None:
+    con = out_console()
+    con.print(f"binaries     {report.bin_dir}", markup=False)
+    if report.llama_server:
+        con.print(f"llama-server {report.llama_server}  version {report.version}", markup=False)
+        con.print(f"rpc-server   {report.rpc_server}", markup=False)
+        con.print(f"same build   {'yes' if report.same_build else 'NO'} ({report.server_build})", markup=False)
+    for problem in report.problems:
+        con.print(f"[red]FAIL[/red] {problem}")
+    for n in report.nodes:
+        mark = "[green]ok[/green]  " if n.ok else "[red]FAIL[/red]"
+        con.print(f"{mark} {n.node}: {n.version if n.ok else n.error}")
+    if report.ok:
+        if written:
+            con.print(f"Wrote llama.bin_dir: {report.bin_dir} to {written}", markup=False)
+        else:
+            con.print(f"Use it: set `llama.bin_dir: {report.bin_dir}` in your config "
+                      f"(or run again with --write-config, or pass --set llama.bin_dir={report.bin_dir})",
+                      markup=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# doctor
+
+
+@cli.command("doctor")
+@click.option("--no-nodes", is_flag=True, help="Skip the checks that run a task on every node.")
+@json_option
+@click.pass_context
+def doctor_cmd(ctx: click.Context, no_nodes: bool, as_json: bool) -> None:
+    """Check that the cluster is ready: Slurm, partition, binaries, run directory, ports, models, munge.
+
+    One pass/fail line per check, with the fix. Exits 0 only when every check passes.
+    """
+    from ..doctor import run_checks
+
+    settings = settings_from(ctx)
+    checks = run_checks(settings, on_nodes=not no_nodes)
+    ok = all(c.ok for c in checks)
+    if as_json:
+        print_json({"ok": ok, "checks": [c.to_json() for c in checks]})
+    else:
+        con = out_console()
+        for c in checks:
+            mark = "[green]PASS[/green]" if c.ok else "[red]FAIL[/red]"
+            con.print(f"{mark} {c.name}: {c.detail}", highlight=False)
+            if not c.ok and c.fix:
+                con.print(f"     fix: {c.fix}", markup=False)
+        failed = [c.name for c in checks if not c.ok]
+        con.print(f"{len(checks) - len(failed)}/{len(checks)} checks passed"
+                  + (f"; failing: {', '.join(failed)}" if failed else ""), markup=False)
+    if not ok:
+        raise SystemExit(1)

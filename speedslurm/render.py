@@ -1,0 +1,187 @@
+"""``speedslurm render``: the job script ``up`` would submit, as a file to submit with plain ``sbatch``.
+
+The script comes from :func:`speedslurm.launch.render_job_script`, the one renderer ``up`` submits through
+submitit, so the ``#SBATCH`` header, the setup lines and the ``srun`` flags are the same. Two things differ:
+
+* the task command is ``python -u -m speedslurm.jobside RUN_DIR`` (the job side without submitit's pickles),
+  which reads ``RUN_DIR/deployment.json``; so rendering also creates the run directory (mode 0700) with
+  ``deployment.json`` and the deployment's API key, as ``up`` does before it submits;
+* one line before ``srun`` records the Slurm job id in ``deployment.json`` (``python -m speedslurm.render
+  record-job``), which ``up`` learns from sbatch; ``speedslurm status`` and ``down`` then see the job.
+
+Values reach the script shell-quoted (``shlex.quote``). A line break cannot be quoted inside an ``#SBATCH``
+comment line (it would end the comment and start a shell line), so run directories and settings that contain
+one are refused, and control characters in the model's name are replaced in the script (the run directory's
+``deployment.json`` keeps the real name).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import secrets
+import shlex
+import sys
+import time
+import typing as tp
+from pathlib import Path
+
+from .errors import UsageError
+from .plan import Plan
+from .rundir import (
+    DEPLOYMENT,
+    RunDir,
+    check_parent_not_world_writable,
+    make_private_dir,
+    read_json,
+    write_json_atomic,
+)
+from .settings import Settings
+
+RECORD_MARK = "# record this job's id in deployment.json (speedslurm status and down find the job by it)"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _refuse_control(what: str, value: str) -> str:
+    if _CONTROL.search(value):
+        raise UsageError(f"{what} {value!r} contains a line break or another control character, which a job "
+                         "script cannot carry safely",
+                         fix=f"choose a {what} without control characters")
+    return value
+
+
+def entry_command(python: str, run_dir: RunDir) -> str:
+    """The task command ``srun`` starts on every node: the job side, reading the run directory."""
+    return " ".join([shlex.quote(python), "-u", "-m", "speedslurm.jobside", shlex.quote(str(run_dir.root))])
+
+
+def record_command(python: str, run_dir: RunDir) -> str:
+    return " ".join([shlex.quote(python), "-m", "speedslurm.render", "record-job", shlex.quote(str(run_dir.root))])
+
+
+def _script_plan(plan: Plan) -> Plan:
+    """``plan`` with the values the script shows checked, and control characters out of the model's name."""
+    for what, value in (("partition", plan.partition), ("gres", plan.gres), ("node name", plan.leader_host),
+                        ("account", plan.account), ("qos", plan.qos), ("mem_per_node", plan.mem_per_node),
+                        ("time", plan.time), *(("excluded node", n) for n in plan.exclude)):
+        if value:
+            _refuse_control(what, value)
+    name = _CONTROL.sub("?", plan.model.name)
+    if name == plan.model.name:
+        return plan
+    return dataclasses.replace(plan, model=dataclasses.replace(plan.model, name=name))
+
+
+def render_script(plan: Plan, run_dir: RunDir, python: str) -> str:
+    """The sbatch script for ``plan`` that runs the job side from ``run_dir``. Pure (golden-file tested)."""
+    from .launch import render_job_script
+
+    _refuse_control("run directory", str(run_dir.root))
+    _refuse_control("python path", python)
+    text = render_job_script(_script_plan(plan), run_dir, entry_command(python, run_dir))
+    lines = text.split("\n")
+    at = lines.index("# command")
+    lines[at:at] = [RECORD_MARK, record_command(python, run_dir) + " || true", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run directory
+
+
+def binaries_record(binaries: tp.Any) -> dict[str, tp.Any]:
+    """What the job side needs to know about the llama.cpp binaries (the same keys ``up`` writes)."""
+    from .binaries import env_for
+
+    return {"llama_server": str(binaries.llama_server), "rpc_server": str(binaries.rpc_server),
+            "version": binaries.version, "source": binaries.source, "env": env_for(binaries)}
+
+
+def deployment_record(settings: Settings, plan: Plan, binaries: dict[str, tp.Any], deployment_id: str,
+                      *, now: float | None = None) -> dict[str, tp.Any]:
+    """The content of ``deployment.json``: what the job side reads and ``status`` shows."""
+    return {
+        "id": deployment_id, "created_at": time.time() if now is None else now, "uid": os.getuid(),
+        "model": plan.model.to_json(), "plan": plan.to_json(), "nodes": plan.nodes, "replicas": plan.replicas,
+        "ctx": plan.ctx, "parallel": plan.parallel, "executor": plan.executor, "job_ids": [],
+        "node_addresses": {n: e.address for n, e in settings.cluster.nodes.items() if e.address},
+        "llama": dataclasses.asdict(settings.llama), "binaries": binaries,
+        "follower_timeout_s": settings.run.follower_timeout_s, "health_timeout_s": settings.run.health_timeout_s,
+        "poll_interval_s": settings.run.poll_interval_s, "submitted_by": "sbatch (speedslurm render)",
+    }
+
+
+def create_run_dir(root: Path, record: dict[str, tp.Any], replicas: int) -> RunDir:
+    """Make the run directory (0700, refusing a world-writable parent) with its API key and deployment.json."""
+    _refuse_control("run directory", str(root))
+    check_parent_not_world_writable(root.parent)
+    if (root / DEPLOYMENT).exists():
+        raise UsageError(f"{root} already holds a deployment", fix="choose a new --run-dir, or leave it out")
+    rd = RunDir(make_private_dir(root))
+    for r in range(replicas):
+        make_private_dir(rd.log_dir(r))
+    fd = os.open(rd.root / "api_key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_urlsafe(32) + "\n")
+    write_json_atomic(rd.root / DEPLOYMENT, {**record, "id": rd.deployment_id})
+    return rd
+
+
+def default_run_dir(settings: Settings, model_name: str) -> Path:
+    from .deploy import new_deployment_id
+
+    root = settings.run.root
+    make_private_dir(root)
+    return root / new_deployment_id(model_name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Job id, recorded by the script itself
+
+
+def job_id_from_env(environ: tp.Mapping[str, str]) -> tuple[str, int]:
+    """(job id as ``up`` records it, replica) of the running batch script: ``123`` or ``123_4`` for arrays."""
+    array_job, task = environ.get("SLURM_ARRAY_JOB_ID"), environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task is not None:
+        return f"{array_job}_{task}", int(task)
+    return environ.get("SLURM_JOB_ID", ""), 0
+
+
+def record_job(run_dir: Path, job_id: str, replica: int) -> None:
+    """Put ``job_id`` at index ``replica`` of deployment.json's job_ids (array tasks do this concurrently)."""
+    import fcntl
+
+    rd = RunDir(Path(run_dir))
+    with open(rd.root / ".deployment.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        info = read_json(rd.root / DEPLOYMENT)
+        if info is None:
+            raise UsageError(f"{rd.root} holds no {DEPLOYMENT}", fix="render the script again")
+        ids = [str(j) for j in info.get("job_ids", [])]
+        ids += [""] * (int(info.get("replicas", 1)) - len(ids))
+        if replica < len(ids):
+            ids[replica] = job_id
+        info["job_ids"] = ids
+        info.setdefault("submitted_at", time.time())
+        write_json_atomic(rd.root / DEPLOYMENT, info)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m speedslurm.render record-job RUN_DIR``: run by the rendered script before ``srun``."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] != "record-job":
+        print("usage: python -m speedslurm.render record-job RUN_DIR", file=sys.stderr)
+        return 2
+    job_id, replica = job_id_from_env(os.environ)
+    if not job_id:
+        print("record-job: SLURM_JOB_ID is not set (not inside a Slurm job)", file=sys.stderr)
+        return 1
+    with contextlib.suppress(BrokenPipeError):
+        record_job(Path(args[1]), job_id, replica)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
