@@ -220,8 +220,8 @@ def check_on_nodes(settings: Settings, nodes: list[str], call: Call = proc_call,
     except OSError as exc:
         fail = _fail_from("run directory shared", exc, "set run.dir to a folder you can write")
         return [fail, dataclasses.replace(fail, name="free ports")]
-    answers = {n: a for n, (a, _why) in zip(nodes, results) if a is not None}
-    silent = {n: why for n, (a, why) in zip(nodes, results) if a is None}
+    answers = {n: a for n, (a, _why) in zip(nodes, results, strict=True) if a is not None}
+    silent = {n: why for n, (a, why) in zip(nodes, results, strict=True) if a is None}
     unchecked = f"; not checked (busy or not answering): {', '.join(f'{n} ({w})' for n, w in silent.items())}" \
         if silent else ""
     if not answers:

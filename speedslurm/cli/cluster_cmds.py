@@ -12,6 +12,7 @@ import click
 from ..errors import SpeedslurmError, UsageError
 from . import cli
 from .common import err_console, is_tty, json_option, out_console, print_json, settings_from
+from .deploy_cmds import models_group
 
 # ----------------------------------------------------------------------------------------------------------
 # render
@@ -212,3 +213,53 @@ def doctor_cmd(ctx: click.Context, no_nodes: bool, as_json: bool) -> None:
                   + (f"; failing: {', '.join(failed)}" if failed else ""), markup=False)
     if not ok:
         raise SystemExit(1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# models pull
+
+
+@models_group.command("pull")
+@click.argument("name")
+@click.option("--dir", "dest_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Download into this folder (default: where the registry's `files:` say).")
+@click.option("--revision", default=None, help="Branch, tag or commit of the repository (default: main).")
+@json_option
+@click.pass_context
+def models_pull_cmd(ctx: click.Context, name: str, dest_dir: Path | None, revision: str | None,
+                    as_json: bool) -> None:
+    """Download a registry model's GGUF file(s) from the Hugging Face Hub (resumable; sizes verified).
+
+    \b
+    Interrupted? Run the same command again: it resumes. HF_ENDPOINT selects a mirror, HF_TOKEN a token.
+    """
+    from ..pull import pull_model
+
+    settings = settings_from(ctx)
+    con = err_console()
+    quiet = as_json and not is_tty()
+    started = time.monotonic()
+
+    def on_file(f: tp.Any, state: str) -> None:
+        if quiet:
+            return
+        size = f"{f.size / 1e9:.2f} GB" if f.size else "size unknown"
+        if state == "start":
+            con.print(f"{f.repo}/{f.remote} ({size}) -> {f.dest}", markup=False)
+        elif state == "present":
+            con.print("  already present, size verified", markup=False)
+        else:
+            con.print("  downloaded, size verified", markup=False)
+
+    done = pull_model(settings, name, dest_dir.expanduser() if dest_dir else None, revision=revision,
+                      progress=not quiet, on_file=on_file)
+    if as_json:
+        print_json({"model": name, "elapsed_s": round(time.monotonic() - started, 1),
+                    "files": [{**f.to_json(), "state": state} for f, state in done]})
+        return
+    paths = [str(f.dest) for f, _ in done]
+    if dest_dir and paths:
+        con.print(f"Use it: speedslurm up --model {paths[0]}   (or point models.{name}.files at {dest_dir})",
+                  markup=False)
+    else:
+        con.print(f"Use it: speedslurm up --model {name}", markup=False)
