@@ -2,24 +2,28 @@
 
 The registry entry names the repository (``repo``) and the local files (``files``); each file is looked
 up in the repository's file list by its name (split models often sit in a sub-folder there). The download
-is ``huggingface_hub``'s own: resumable (an interrupted run leaves a ``.incomplete`` file that the next run
-continues with an HTTP Range request), with a progress bar. Files are staged in ``.speedslurm-pull/`` beside
-their destination and renamed into place only once their size equals the size the hub reports, so a
+goes through ``huggingface_hub`` (the hub's URLs, headers, token, redirects, retries and progress bar) into
+``.speedslurm-pull/NAME.part`` beside the destination. The part file survives an interrupted run and the next
+run continues it with an HTTP Range request (the library's own ``hf_hub_download`` discards partial files in
+current versions). The file is renamed into place only once its size equals the size the hub reports, so a
 half-written file never carries the model's name. ``HF_ENDPOINT`` points at a mirror; ``HF_TOKEN`` at a token.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
 import typing as tp
+import urllib.parse
 from pathlib import Path
 
 from .errors import SpeedslurmError, UsageError
 from .settings import Settings
 
 STAGING = ".speedslurm-pull"
+_RESUME_FIX = "check the network and free disk space, then run the command again: the download resumes where it stopped"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,42 +99,58 @@ def _size_error(f: PullFile, actual: int) -> SpeedslurmError:
 
 def pull_file(f: PullFile, *, endpoint: str | None = None, revision: str | None = None,
               progress: bool = True) -> str:
-    """Download one file (resuming a partial one); returns 'present' or 'downloaded'."""
+    """Download one file, continuing a partial one; returns 'present' or 'downloaded'.
+
+    The partial file is ``.speedslurm-pull/NAME.part`` beside the destination; it survives an interrupted
+    run, and the next run asks the hub only for the bytes after it (HTTP Range).
+    """
     if f.dest.is_file() and f.size is not None and f.dest.stat().st_size == f.size:
         return "present"
     hub = _hub()
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers, disable_progress_bars, enable_progress_bars
 
-    f.staging_dir.mkdir(parents=True, exist_ok=True)
-    (disable_progress_bars if not progress else enable_progress_bars)()
+    (enable_progress_bars if progress else disable_progress_bars)()
+    url = hub.hf_hub_url(f.repo, f.remote, revision=revision, endpoint=_endpoint(endpoint))
+    headers = build_hf_headers()
     try:
-        got = Path(hub.hf_hub_download(repo_id=f.repo, filename=f.remote, revision=revision,
-                                       local_dir=f.staging_dir, endpoint=_endpoint(endpoint)))
+        meta = hub.get_hf_file_metadata(url, headers=headers, endpoint=_endpoint(endpoint))
+    except Exception as exc:
+        raise SpeedslurmError(f"cannot reach {f.remote} in {f.repo}: {type(exc).__name__}: {exc}",
+                              fix="check the network (or HF_ENDPOINT) and HF_TOKEN, then run the command again") from None
+    location = meta.location or url
+    if urllib.parse.urlsplit(location).netloc != urllib.parse.urlsplit(url).netloc:
+        headers.pop("authorization", None)  # a signed CDN address: the token stays with the hub
+    expected = f.size if f.size is not None else meta.size
+    f.staging_dir.mkdir(parents=True, exist_ok=True)
+    part = f.staging_dir / (f.dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    if expected is not None and have > expected:
+        part.unlink()  # longer than the file: not a prefix of it
+        have = 0
+    try:
+        with open(part, "ab") as fh:
+            http_get(location, fh, resume_size=have, headers=headers,
+                     expected_size=meta.size if meta.size is not None else expected,
+                     displayed_filename=f.dest.name)
     except OSError as exc:
         if "Consistency check failed" in str(exc):
+            part.unlink(missing_ok=True)
             raise SpeedslurmError(f"{f.remote}: the download's size differs from what the hub announced: {exc}",
-                                  fix="run the command again (the partial file is discarded)") from None
-        raise SpeedslurmError(f"cannot download {f.remote} from {f.repo}: {exc}",
-                              fix="check the network and free disk space, then run the command again: the download resumes where it stopped") from None
-    except Exception as exc:
+                                  fix="run the command again (the partial file was discarded)") from None
+        raise SpeedslurmError(f"cannot download {f.remote} from {f.repo}: {exc}", fix=_RESUME_FIX) from None
+    except Exception as exc:  # the library's HTTP errors
         raise SpeedslurmError(f"cannot download {f.remote} from {f.repo}: {type(exc).__name__}: {exc}",
-                              fix="run the command again: the download resumes where it stopped") from None
-    actual = got.stat().st_size
-    if f.size is not None and actual != f.size:
-        got.unlink(missing_ok=True)
+                              fix=_RESUME_FIX) from None
+    actual = part.stat().st_size
+    if expected is not None and actual != expected:
+        part.unlink(missing_ok=True)
         raise _size_error(f, actual)
     f.dest.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(got, f.dest)
-    _tidy(f.staging_dir)
+    os.replace(part, f.dest)
+    with contextlib.suppress(OSError):
+        f.staging_dir.rmdir()  # only when no other download is in progress there
     return "downloaded"
-
-
-def _tidy(staging: Path) -> None:
-    """Remove the staging folder once nothing is left in it but the library's bookkeeping."""
-    leftovers = [p for p in staging.rglob("*") if p.is_file() and ".cache" not in p.relative_to(staging).parts]
-    incomplete = list(staging.rglob("*.incomplete"))
-    if not leftovers and not incomplete:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def pull_model(settings: Settings, name: str, dest_dir: Path | None = None, *, endpoint: str | None = None,

@@ -11,6 +11,7 @@ import hashlib
 import http.server
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -134,12 +135,7 @@ class FakeHub:
 
 
 def _payload(n: int, seed: int = 1) -> bytes:
-    out = bytearray()
-    block = hashlib.sha256(str(seed).encode()).digest()
-    while len(out) < n:
-        block = hashlib.sha256(block).digest()
-        out += block
-    return bytes(out[:n])
+    return random.Random(seed).randbytes(n)
 
 
 @pytest.fixture
@@ -180,20 +176,24 @@ def test_pull_downloads_and_skips_present_files(hf_env: Path) -> None:
 
 
 def test_pull_resumes_an_interrupted_download(hf_env: Path) -> None:
-    data = _payload(2_000_000, seed=2)
+    # huggingface_hub writes in chunks of constants.DOWNLOAD_CHUNK_SIZE (10 MiB): break in the second one.
+    from huggingface_hub import constants
+
+    chunk = constants.DOWNLOAD_CHUNK_SIZE
+    data = _payload(2 * chunk + 12345, seed=2)
     dest = hf_env / "models"
     settings = _settings(dest, ["tiny.gguf"])
     with FakeHub({"tiny.gguf": data}) as hub:
-        # First run: the connection drops after 700 kB and the hub then answers 500: the run fails.
-        hub.break_after = 700_000
+        # First run: the connection drops inside the second chunk and the hub then answers 500: the run fails.
+        hub.break_after = chunk + chunk // 2
         hub.fail_gets = 10
         with pytest.raises(SpeedslurmError, match="cannot download tiny.gguf") as info:
             pull_model(settings, "tiny", endpoint=hub.url, progress=False)
         assert "resumes" in (info.value.fix or "")
         assert not (dest / "tiny.gguf").exists()  # a partial file never carries the model's name
-        partial = list((dest / ".speedslurm-pull").rglob("*.incomplete"))
-        assert partial and partial[0].stat().st_size == 700_000
-        # Second run: the hub is back; the download continues from byte 700000.
+        have = (dest / ".speedslurm-pull" / "tiny.gguf.part").stat().st_size
+        assert have == chunk
+        # Second run: the hub is back; the download continues after the bytes already here.
         hub.fail_gets = 0
         hub.requests.clear()
         hub.bytes_sent = 0
@@ -201,8 +201,9 @@ def test_pull_resumes_an_interrupted_download(hf_env: Path) -> None:
     assert [s for _, s in done] == ["downloaded"]
     assert (dest / "tiny.gguf").read_bytes() == data
     ranges = [r for method, path, r in hub.requests if method == "GET" and path.endswith("tiny.gguf")]
-    assert ranges == ["bytes=700000-"]
-    assert hub.bytes_sent == len(data) - 700_000
+    assert ranges == [f"bytes={have}-"]
+    assert hub.bytes_sent == len(data) - have
+    assert not (dest / ".speedslurm-pull").exists()
 
 
 def test_pull_refuses_a_size_mismatch(hf_env: Path) -> None:
