@@ -72,6 +72,8 @@ def prepare(settings: Settings, model: str, *, nodes: int | None = None, replica
                      partition_size=partition_size)
     try:
         binaries = find_llama_binaries(settings.llama.bin_dir)
+        # Mismatched builds would only show on the nodes, as a failed RPC handshake: refuse them here.
+        binaries.check_same_build()
     except UsageError:
         if require_binaries:
             raise
