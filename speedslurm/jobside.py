@@ -17,6 +17,7 @@ import contextlib
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -255,8 +256,10 @@ def _fail(rd: RunDir, replica: int, role: str, rank: int, exc: RoleFailed) -> No
     })
 
 
-def _supervise(child: Child, rd: RunDir, replica: int, stop: _Stop, what: str, poll_s: float) -> None:
-    """Wait while the child runs; a child exit, a failure elsewhere in the replica, or a signal ends it."""
+def _supervise(child: Child, rd: RunDir, replica: int, stop: _Stop, what: str, poll_s: float,
+               peers: tp.Sequence[dict[str, tp.Any]] = ()) -> None:
+    """Wait while the child runs; a child exit, a failure elsewhere in the replica, an rpc peer that stopped
+    acknowledging (``peers``: the leader's followers), or a signal ends it."""
     failed = rd.failed_path(replica)
     while not stop:
         code = child.poll()
@@ -265,8 +268,45 @@ def _supervise(child: Child, rd: RunDir, replica: int, stop: _Stop, what: str, p
         if failed.exists() and _ours(read_json(failed)):
             child.stop()
             raise RoleFailed("another role of this replica failed", None, "")
+        _check_peers(child.pid, peers)
         time.sleep(poll_s)
     child.stop()
+
+
+# A peer that acknowledged nothing for this many retransmission timeouts in a row (about 3 s on a LAN: the
+# timeout starts at 200 ms and doubles) is gone: its node lost power or its link is cut. A dead peer that can
+# still answer (its process died) resets the connection and llama-server aborts by itself; a silent one would
+# leave llama-server blocked, with requests in flight, until TCP gives up (about 15 minutes).
+PEER_RETRANSMITS = 4
+
+
+def _unacknowledged(pid: int, host: str, port: int) -> int:
+    """Most retransmission timeouts in a row among established connections to host:port in ``pid``'s netns."""
+    worst = 0
+    try:
+        with open(f"/proc/{pid}/net/tcp") as fh:
+            next(fh)
+            for line in fh:
+                parts = line.split()
+                if len(parts) < 7 or parts[3] != "01":  # ESTABLISHED
+                    continue
+                rem_ip, rem_port = parts[2].split(":")
+                if int(rem_port, 16) != port or socket.inet_ntoa(struct.pack("<I", int(rem_ip, 16))) != host:
+                    continue
+                if parts[5].split(":")[0] == "01":  # the retransmission timer runs
+                    worst = max(worst, int(parts[6], 16))
+    except (OSError, StopIteration, ValueError):
+        return 0
+    return worst
+
+
+def _check_peers(pid: int, peers: tp.Sequence[dict[str, tp.Any]]) -> None:
+    for peer in peers:
+        host, port = str(peer.get("host", "")), int(peer.get("port") or 0)
+        if host and port and _unacknowledged(pid, host, port) >= PEER_RETRANSMITS:
+            raise RoleFailed(f"rpc-server on {peer.get('node', host)} ({host}:{port}) stopped answering: nothing "
+                             f"acknowledged after {PEER_RETRANSMITS} TCP retransmissions (its node is down or "
+                             "its network link is cut)")
 
 
 def run_follower(dep: dict[str, tp.Any], rd: RunDir, replica: int, rank: int, stop: _Stop) -> None:
@@ -393,6 +433,7 @@ def run_leader(dep: dict[str, tp.Any], rd: RunDir, replica: int, stop: _Stop) ->
             assert failure is not None
             child.stop()
             raise RoleFailed(f"a follower failed: {failure.get('reason')}", None, failure.get("log_tail", ""))
+        _check_peers(child.pid, followers)
         if _health(url) == 200:
             break
         if time.monotonic() > deadline:
@@ -411,7 +452,7 @@ def run_leader(dep: dict[str, tp.Any], rd: RunDir, replica: int, stop: _Stop) ->
         ready_at=time.time(), pid=child.pid,
     )
     write_json_atomic(rd.endpoint_path(replica), endpoint.to_json())
-    _supervise(child, rd, replica, stop, f"llama-server on {node} ({url})", poll)
+    _supervise(child, rd, replica, stop, f"llama-server on {node} ({url})", poll, peers=followers)
 
 
 def serve(run_dir: str, replica: int = 0) -> int:
