@@ -1,0 +1,649 @@
+"""Faults while a batch runs on the real test bed: each one is reported within 10 s, the results file stays
+valid, and running the same command again gives every prompt exactly one successful line.
+
+With ``--replicas 2`` a replica that dies (its rpc-server, its llama-server, a node, a link) costs nothing: the
+batch finishes on the other replica and exits 0, naming the failed replica in the summary. With one replica the
+command exits non-zero and says how to resume. See docs/reliability.md for the scenarios and their results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import typing as tp
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.llama]
+bed = pytest.mark.slurm
+
+REPORT_S = 10.0  # a fault must be named on stderr within this many seconds
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def write_prompts(path: Path, n: int, max_tokens: int, prefix: str = "p") -> list[str]:
+    """n chat prompts with custom ids ``<prefix>-<i>``; returns the ids."""
+    ids = [f"{prefix}-{i}" for i in range(n)]
+    with open(path, "w") as fh:
+        for i, cid in enumerate(ids):
+            fh.write(json.dumps({"custom_id": cid, "messages": [{"role": "user", "content": f"Count to {i}"}],
+                                 "max_tokens": max_tokens}) + "\n")
+    return ids
+
+
+def result_lines(path: Path) -> list[dict[str, tp.Any]]:
+    """Every line of a results file, each checked to be one whole JSON object."""
+    data = path.read_bytes()
+    assert not data or data.endswith(b"\n"), "the results file ends in a partial line"
+    out = []
+    for raw in data.splitlines():
+        rec = json.loads(raw)
+        assert set(rec) == {"id", "custom_id", "response", "error"}, rec
+        out.append(rec)
+    return out
+
+
+def ok_ids(path: Path) -> list[str]:
+    return [r["custom_id"] for r in result_lines(path) if r["response"] and r["response"]["status_code"] == 200]
+
+
+def assert_exactly_once(path: Path, ids: list[str]) -> None:
+    ok = ok_ids(path)
+    assert len(ok) == len(set(ok)), "a custom_id has two successful lines"
+    assert sorted(ok) == sorted(ids), f"{len(set(ids) - set(ok))} prompts lack a successful line"
+
+
+def count_lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as fh:
+            return sum(1 for _ in fh)
+    except FileNotFoundError:
+        return 0
+
+
+def wait_for(what: str, cond: tp.Callable[[], tp.Any], timeout: float = 180, every: float = 0.1) -> tp.Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+class Run:
+    """A speedslurm command running in the background; stderr lines are kept with the time they arrived."""
+
+    def __init__(self, env: dict[str, str], args: list[str]) -> None:
+        self.args = args
+        self.proc = subprocess.Popen([sys.executable, "-m", "speedslurm", *args], env=env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: list[tuple[float, str]] = []
+        self.stdout = ""
+        self._threads = [threading.Thread(target=self._read_err, daemon=True),
+                         threading.Thread(target=self._read_out, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _read_err(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append((time.monotonic(), line.rstrip("\n")))
+
+    def _read_out(self) -> None:
+        assert self.proc.stdout is not None
+        self.stdout = self.proc.stdout.read()
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(line for _t, line in self.lines)
+
+    def first(self, needle: str, after: float = 0.0) -> float | None:
+        """When a stderr line containing ``needle`` (case-insensitive) arrived after ``after``."""
+        for t, line in self.lines:
+            if t >= after and needle.lower() in line.lower():
+                return t
+        return None
+
+    def wait(self, timeout: float = 300) -> int:
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        for t in self._threads:
+            t.join(10)
+        return rc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def speedslurm(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "speedslurm", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def assert_reported(run: Run, needle: str, since: float) -> float:
+    """The fault is named on stderr within REPORT_S of ``since``; returns how long it took."""
+    t = wait_for(f"{needle!r} on stderr", lambda: run.first(needle, since) or (run.proc.poll() is not None
+                                                                               and run.first(needle, since)),
+                 timeout=REPORT_S + 30)
+    took = t - since
+    assert took <= REPORT_S, f"{needle!r} took {took:.1f}s to be reported:\n{run.stderr}"
+    return took
+
+
+def run_dirs(runs: Path) -> list[Path]:
+    return sorted((p.parent for p in runs.glob("*/deployment.json")), key=lambda p: p.stat().st_mtime)
+
+
+def deployment(runs: Path) -> dict[str, tp.Any]:
+    """deployment.json of the newest run dir, once its job ids are recorded."""
+    def found() -> dict[str, tp.Any] | None:
+        for d in reversed(run_dirs(runs)):
+            with contextlib.suppress(ValueError, OSError):
+                info = json.loads((d / "deployment.json").read_text())
+                if info.get("job_ids"):
+                    info["_dir"] = str(d)
+                    return info
+        return None
+    return tp.cast(dict[str, tp.Any], wait_for("the deployment's job ids", found, timeout=60))
+
+
+def read_json(path: Path) -> dict[str, tp.Any] | None:
+    try:
+        return tp.cast(dict[str, tp.Any], json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def netns_inode(ns: str) -> int:
+    return os.stat(f"/run/netns/{ns}").st_ino
+
+
+def processes_in_netns(ns: str) -> list[int]:
+    ino = netns_inode(ns)
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(entry / "ns" / "net").st_ino == ino:
+                    pids.append(int(entry.name))
+    return pids
+
+
+def job_env_of(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+def node_state(node: str) -> str:
+    out = subprocess.run(["sinfo", "-h", "-n", node, "-o", "%t"], capture_output=True, text=True).stdout
+    return out.strip()
+
+
+SLURMD_PID = Path("/var/lib/speedslurm-testbed/run")
+
+
+def restore_node(node: str) -> None:
+    """Start the node's slurmd again if it is not running and bring the node back to idle."""
+    pidfile = SLURMD_PID / f"slurmd-{node}.pid"
+    alive = False
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(pidfile.read_text().split()[0])
+        alive = Path(f"/proc/{pid}/comm").read_text().strip() == "slurmd"
+    if not alive:
+        subprocess.run(["nsenter", f"--net=/run/netns/ss{node}", "slurmd", "-N", node], check=True, timeout=60)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        state = node_state(node)
+        if state.rstrip("*~#") in ("idle", "mix", "alloc"):
+            return
+        if any(s in state for s in ("down", "drain", "drng", "fail")):
+            subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], capture_output=True)
+        time.sleep(1)
+    raise AssertionError(f"node {node} did not come back (state {node_state(node)!r})")
+
+
+def end_deployments(env: dict[str, str], runs: Path) -> None:
+    """Cancel every job and stop every local deployment started under ``runs`` (a killed client leaves them)."""
+    for d in run_dirs(runs) if runs.is_dir() else []:
+        info = read_json(d / "deployment.json") or {}
+        ids = [str(j) for j in info.get("job_ids", [])]
+        if info.get("executor") == "local":
+            speedslurm(env, "down", d.name, timeout=60)
+        elif ids:
+            subprocess.run(["scancel", *sorted({j.split("_")[0] for j in ids})], capture_output=True)
+
+
+@pytest.fixture
+def env(shared_tmp: Path) -> tp.Iterator[dict[str, str]]:
+    e = {**os.environ, "SPEEDSLURM_PROFILE": "testbed", "SPEEDSLURM_RUN__DIR": str(shared_tmp / "runs")}
+    e.pop("SBATCH_HOLD", None)
+    yield e
+    end_deployments(e, shared_tmp / "runs")
+
+
+def replica_fault(env: dict[str, str], shared_tmp: Path, tiny_gguf: Path,
+                  inject: tp.Callable[[Path], None], needle: str, n: int = 120,
+                  extra: tp.Sequence[str] = (), reported: tp.Callable[[], None] | None = None,
+                  executor: str = "slurm") -> tuple[Run, list[str], Path]:
+    """Run a 2-replica batch, call ``inject(replica 1's dir)`` once results flow, and check the batch completes."""
+    prompts = shared_tmp / "f.jsonl"
+    ids = write_prompts(prompts, n, max_tokens=32)
+    out = shared_tmp / "f.results.jsonl"
+    runs = shared_tmp / "runs"
+    run = Run(env, ["--set", "llama.rpc_cache=false", *extra, "submit", "--model", str(tiny_gguf), "--nodes", "2",
+                    "--replicas", "2", "--executor", executor, "--prompts", str(prompts), "--concurrency", "4"])
+    try:
+        r1 = wait_for("replica 1 ready and results flowing",
+                      lambda: next((d.parent for d in runs.glob("*/r1/endpoint.json")
+                                    if count_lines(out) >= 10), None), timeout=240)
+        assert count_lines(out) < n, "the batch ended before the fault"
+        t_fault = time.monotonic()
+        inject(r1)
+        took = assert_reported(run, needle, t_fault)
+        if reported is not None:
+            reported()
+        rc = run.wait(300)
+    finally:
+        run.kill()
+    assert rc == 0, run.stderr
+    assert "replica r1 failed" in run.stderr.replace("\n", " "), run.stderr
+    assert_exactly_once(out, ids)
+    print(f"reported in {took:.1f}s")
+    # the same command again: nothing left to do, nothing sent twice
+    again = speedslurm(env, *run.args)
+    assert again.returncode == 0 and "Nothing to do" in again.stderr, again.stderr
+    assert_exactly_once(out, ids)
+    return run, ids, out
+
+
+# ------------------------------------------------------------------------------------------ 1, 2: processes die
+
+
+def test_1_follower_rpc_server_killed_mid_batch(env, shared_tmp: Path, tiny_gguf: Path) -> None:
+    def kill_rpc(r1: Path) -> None:
+        os.kill(json.loads((r1 / "follower-1.json").read_text())["pid"], signal.SIGKILL)
+
+    run, _ids, _out = replica_fault(env, shared_tmp, tiny_gguf, kill_rpc, "replica r1 failed", executor="local")
+    assert "rpc-server" in run.stderr or "llama-server" in run.stderr
+
+
+def test_2_leader_llama_server_killed_mid_batch(env, shared_tmp: Path, tiny_gguf: Path) -> None:
+    def kill_server(r1: Path) -> None:
+        os.kill(json.loads((r1 / "endpoint.json").read_text())["pid"], signal.SIGKILL)
+
+    run, _ids, _out = replica_fault(env, shared_tmp, tiny_gguf, kill_server, "replica r1 failed", executor="local")
+    assert "llama-server" in run.stderr and "exited with code -9" in run.stderr.replace("\n", " "), run.stderr
+
+
+def test_1_single_replica_rpc_server_killed_then_resume(env, shared_tmp: Path, tiny_gguf: Path) -> None:
+    """One replica: the command fails (exit 1) naming the dead rpc-server; the same command resumes."""
+    prompts = shared_tmp / "s.jsonl"
+    ids = write_prompts(prompts, 80, max_tokens=32)
+    out = shared_tmp / "s.results.jsonl"
+    runs = shared_tmp / "runs"
+    args = ["--set", "llama.rpc_cache=false", "submit", "--model", str(tiny_gguf), "--nodes", "2",
+            "--executor", "local", "--prompts", str(prompts), "--concurrency", "2"]
+    run = Run(env, args)
+    try:
+        r0 = wait_for("results flowing", lambda: next((d.parent for d in runs.glob("*/r0/endpoint.json")
+                                                       if count_lines(out) >= 10), None), timeout=120)
+        t_fault = time.monotonic()
+        os.kill(json.loads((r0 / "follower-1.json").read_text())["pid"], signal.SIGKILL)
+        assert_reported(run, "replica r0 failed", t_fault)
+        rc = run.wait(120)
+    finally:
+        run.kill()
+    assert rc == 1, run.stderr
+    assert "every replica failed" in run.stderr and "run the same command" in run.stderr.replace("\n", " ")
+    first = ok_ids(out)
+    assert 10 <= len(first) < len(ids)
+    again = speedslurm(env, *args)
+    assert again.returncode == 0, again.stderr
+    assert_exactly_once(out, ids)
+
+
+# ------------------------------------------------------------------------------------------ 3: scancel
+
+
+@bed
+def test_3_scancel_mid_batch_then_resume(env, shared_tmp: Path, tiny_gguf: Path) -> None:
+    prompts = shared_tmp / "c.jsonl"
+    ids = write_prompts(prompts, 100, max_tokens=32)
+    out = shared_tmp / "c.results.jsonl"
+    runs = shared_tmp / "runs"
+    args = ["--set", "llama.rpc_cache=false", "submit", "--model", str(tiny_gguf), "--nodes", "2",
+            "--executor", "slurm", "--prompts", str(prompts), "--concurrency", "2"]
+    run = Run(env, args)
+    try:
+        wait_for("results flowing", lambda: count_lines(out) >= 10, timeout=240)
+        job = deployment(runs)["job_ids"][0]
+        t_fault = time.monotonic()
+        subprocess.run(["scancel", job], check=True)
+        took = assert_reported(run, "replica r0 failed", t_fault)
+        rc = run.wait(120)
+    finally:
+        run.kill()
+    assert rc == 1, run.stderr
+    flat = run.stderr.replace("\n", " ")
+    assert f"job {job}" in flat and "CANCELLED" in flat, run.stderr
+    print(f"reported in {took:.1f}s")
+    assert 10 <= len(ok_ids(out)) < len(ids)
+    again = speedslurm(env, *args)
+    assert again.returncode == 0, again.stderr
+    assert_exactly_once(out, ids)
+
+
+# ------------------------------------------------------------------------------------------ 4: SIGINT
+
+
+def test_4_sigint_then_resume(env, shared_tmp: Path, tiny_gguf: Path) -> None:
+    prompts = shared_tmp / "i.jsonl"
+    ids = write_prompts(prompts, 80, max_tokens=32)
+    out = shared_tmp / "i.results.jsonl"
+    args = ["submit", "--model", str(tiny_gguf), "--nodes", "2", "--executor", "local", "--prompts", str(prompts),
+            "--concurrency", "2"]
+    run = Run(env, args)
+    try:
+        wait_for("results flowing", lambda: count_lines(out) >= 10, timeout=120)
+        t_fault = time.monotonic()
+        run.proc.send_signal(signal.SIGINT)
+        assert_reported(run, "Stopping", t_fault)
+        rc = run.wait(60)
+        assert time.monotonic() - t_fault <= REPORT_S + 15  # grace for in-flight requests, then down
+    finally:
+        run.kill()
+    assert rc == 130, run.stderr
+    assert "To resume, run the same command again" in run.stderr.replace("\n", " "), run.stderr
+    assert 10 <= len(ok_ids(out)) < len(ids)
+    again = speedslurm(env, *args)
+    assert again.returncode == 0, again.stderr
+    assert_exactly_once(out, ids)
+
+
+# ------------------------------------------------------------------------------------------ 5, 6: node and link
+
+
+@bed
+def test_5_follower_node_fails_mid_batch(env, shared_tmp: Path, tiny_gguf: Path) -> None:
+    """A node failure: the follower node's slurmd and every process of the job on it are killed at once."""
+    victim: dict[str, str] = {}
+
+    def power_off(r1: Path) -> None:
+        follower = json.loads((r1 / "follower-1.json").read_text())
+        node = victim["node"] = follower["node"]
+        job = str(follower["job_id"]).split("_")[0]
+        slurmd = int((SLURMD_PID / f"slurmd-{node}.pid").read_text().split()[0])
+        os.kill(slurmd, signal.SIGKILL)
+        for pid in processes_in_netns(f"ss{node}"):
+            e = job_env_of(pid)
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes() if Path(f"/proc/{pid}").exists() else b""
+            if e.get("SLURM_JOB_ID") == job or e.get("SLURM_ARRAY_JOB_ID") == job or f"[{job}".encode() in cmd:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+    try:
+        run, _ids, _out = replica_fault(env, shared_tmp, tiny_gguf, power_off, "replica r1 failed")
+    finally:
+        if victim:
+            restore_node(victim["node"])
+    assert "rpc-server" in run.stderr or "llama-server" in run.stderr
+
+
+@bed
+def test_6_follower_link_cut_mid_batch(env, shared_tmp: Path, tiny_gguf: Path) -> None:
+    """The follower's link goes down: nothing answers, nothing resets; the leader notices the silence."""
+    cut: dict[str, str] = {}
+
+    def link_down(r1: Path) -> None:
+        node = json.loads((r1 / "follower-1.json").read_text())["node"]
+        cut["node"], cut["down"] = node, "yes"
+        subprocess.run(["ip", "-n", f"ss{node}", "link", "set", "eth0", "down"], check=True)
+
+    def restore() -> None:
+        if cut.get("down"):
+            subprocess.run(["ip", "-n", f"ss{cut['node']}", "link", "set", "eth0", "up"], check=True)
+            cut.pop("down")
+
+    # The link comes back as soon as the failure is reported, before Slurm would declare the node dead.
+    node = ""
+    try:
+        run, _ids, _out = replica_fault(env, shared_tmp, tiny_gguf, link_down, "replica r1 failed", reported=restore)
+    finally:
+        node = cut.get("node", node)
+        restore()
+        if node:
+            restore_node(node)
+    assert "stopped answering" in run.stderr.replace("\n", " "), run.stderr
+
+
+# ------------------------------------------------------------------------------------------ 7: time limit
+
+
+@bed
+def test_7_time_limit_mid_batch_then_resume(env, shared_tmp: Path, tiny_gguf: Path) -> None:
+    """A one-minute job on a batch slower than that: the server is paused after 10 results, so the job reaches
+    its limit with requests in flight. Exit 1 naming the time-out; the same command then finishes the rest."""
+    prompts = shared_tmp / "t.jsonl"
+    ids = write_prompts(prompts, 60, max_tokens=16)
+    out = shared_tmp / "t.results.jsonl"
+    runs = shared_tmp / "runs"
+    args = ["--set", "llama.rpc_cache=false", "submit", "--model", str(tiny_gguf), "--nodes", "2",
+            "--executor", "slurm", "--time", "1", "--prompts", str(prompts), "--concurrency", "2",
+            "--timeout", "300"]
+    run = Run(env, args)
+    paused = None
+    try:
+        r0 = wait_for("results flowing", lambda: next((d.parent for d in runs.glob("*/r0/endpoint.json")
+                                                       if count_lines(out) >= 10), None), timeout=240)
+        paused = json.loads((r0 / "endpoint.json").read_text())["pid"]
+        os.kill(paused, signal.SIGSTOP)
+        job = deployment(runs)["job_ids"][0]
+        wait_for("the job to end", lambda: run.first("replica r0 failed") or run.proc.poll() is not None,
+                 timeout=150, every=0.2)
+        t_end = run.first("replica r0 failed")
+        rc = run.wait(120)
+    finally:
+        if paused:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(paused, signal.SIGCONT)
+        run.kill()
+    assert rc == 1, run.stderr
+    flat = run.stderr.replace("\n", " ")
+    assert t_end is not None and f"job {job}" in flat and "TIMEOUT" in flat, run.stderr
+    done = ok_ids(out)
+    assert 10 <= len(done) < len(ids)
+    again = speedslurm(env, *args)
+    assert again.returncode == 0, again.stderr
+    assert_exactly_once(out, ids)
+
+
+# ------------------------------------------------------------------------------------------ 8: port taken
+
+
+def _holders(port: int, nodes: dict[str, str]) -> list[subprocess.Popen[str]]:
+    """Processes listening on ``port`` at each node's address, inside each node's namespace."""
+    code = ("import socket,sys,time;s=socket.socket();s.bind((sys.argv[1],int(sys.argv[2])));s.listen();"
+            "print('ok',flush=True);time.sleep(3600)")
+    procs = []
+    for node, addr in nodes.items():
+        p = subprocess.Popen(["nsenter", f"--net=/run/netns/ss{node}", sys.executable, "-c", code, addr, str(port)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        procs.append(p)
+    for p in procs:
+        assert p.stdout is not None and p.stdout.readline().strip() == "ok", "could not occupy the port"
+    return procs
+
+
+@bed
+def test_8_taken_port_on_the_nodes_is_replaced(env, shared_tmp: Path, tiny_gguf: Path, testbed) -> None:
+    with socket.socket() as s:  # a port that is free here; the nodes' namespaces have their own port spaces
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    holders = _holders(port, testbed.nodes)
+    try:
+        prompts = shared_tmp / "o.jsonl"
+        ids = write_prompts(prompts, 20, max_tokens=8)
+        res = speedslurm(env, "--set", f"llama.rpc_port={port}", "--set", f"llama.server_port={port}",
+                         "--set", "llama.rpc_cache=false", "submit", "--model", str(tiny_gguf), "--nodes", "3",
+                         "--executor", "slurm", "--prompts", str(prompts), "--keep")
+        assert res.returncode == 0, res.stderr
+        assert_exactly_once(shared_tmp / "o.results.jsonl", ids)
+        dep = deployment(shared_tmp / "runs")
+        ep = json.loads((Path(dep["_dir"]) / "r0" / "endpoint.json").read_text())
+        assert not ep["url"].endswith(f":{port}")
+        assert len(ep["rpc_servers"]) == 2 and all(not r.endswith(f":{port}") for r in ep["rpc_servers"])
+        speedslurm(env, "down", Path(dep["_dir"]).name)
+    finally:
+        for p in holders:
+            p.kill()
+            p.wait()
+
+
+# ------------------------------------------------------------------------------------------ 9: stale files
+
+
+class _Trap(http.server.BaseHTTPRequestHandler):
+    hits: list[str] = []
+
+    def _any(self) -> None:
+        _Trap.hits.append(f"{self.command} {self.path}")
+        self.send_response(500)
+        self.end_headers()
+
+    do_GET = do_POST = _any
+
+    def log_message(self, *args: tp.Any) -> None:
+        pass
+
+
+@bed
+def test_9_stale_handshake_files_of_another_job_are_never_used(env, shared_tmp: Path, tiny_gguf: Path) -> None:
+    """Endpoint, failure and rendezvous files of an earlier job sit in r0 before the job starts: all ignored."""
+    trap = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Trap)
+    _Trap.hits = []
+    threading.Thread(target=trap.serve_forever, daemon=True).start()
+    prompts = shared_tmp / "st.jsonl"
+    ids = write_prompts(prompts, 20, max_tokens=8)
+    runs = shared_tmp / "runs"
+    held = {**env, "SBATCH_HOLD": "1"}  # queued held, so the stale files are in place before it starts
+    run = Run(held, ["--set", "llama.rpc_cache=false", "submit", "--model", str(tiny_gguf), "--nodes", "2",
+                     "--executor", "slurm", "--prompts", str(prompts)])
+    try:
+        dep = deployment(runs)
+        job = dep["job_ids"][0]
+        r0 = Path(dep["_dir"]) / "r0"
+        stale = "1" if job != "1" else "2"
+        url = f"http://127.0.0.1:{trap.server_address[1]}"
+        (r0 / "endpoint.json").write_text(json.dumps({
+            "url": url, "api_key": "stale-key", "model": "stale", "deployment_id": dep["id"], "replica": 0,
+            "job_id": stale, "leader_node": "n1", "follower_nodes": ["n2"], "rpc_servers": ["10.77.0.12:1"],
+            "llama_version": "old", "parallel": 4, "ctx": 512, "started_at": 1.0, "ready_at": 2.0, "pid": 1}))
+        (r0 / "failed.json").write_text(json.dumps({"job_id": stale, "role": "leader", "rank": 0, "node": "n1",
+                                                    "reason": "an earlier job failed", "exit_code": 1}))
+        (r0 / "follower-1.json").write_text(json.dumps({"job_id": stale, "rank": 1, "node": "n2",
+                                                        "host": "127.0.0.1", "port": trap.server_address[1]}))
+        time.sleep(1.5)  # the client polls the run dir meanwhile: neither READY nor FAILED from these
+        status = json.loads(speedslurm(env, "status", dep["id"], "--json").stdout)[0]
+        assert status["replicas"][0]["state"] == "PENDING", status
+        subprocess.run(["scontrol", "release", job], check=True)
+        rc = run.wait(300)
+    finally:
+        run.kill()
+        trap.shutdown()
+    assert rc == 0, run.stderr
+    assert_exactly_once(shared_tmp / "st.results.jsonl", ids)
+    assert _Trap.hits == [], f"the stale endpoint was used: {_Trap.hits}"
+    ep = json.loads((r0 / "endpoint.json").read_text())
+    assert ep["job_id"] == job and ep["url"] != url
+    assert "earlier job failed" not in run.stderr
+
+
+# ------------------------------------------------------------------------------------------ 10: two builds
+
+
+def _patched_build(src: Path, dst: Path) -> Path:
+    """A copy of the RPC server and its libraries whose libggml-rpc carries another build-id."""
+    from speedslurm.binaries import _elf_build_id
+
+    dst.mkdir()
+    for item in src.iterdir():
+        if item.name == "ggml-rpc-server" or item.name.startswith("libggml"):
+            if item.is_symlink():
+                os.symlink(os.readlink(item), dst / item.name)
+            else:
+                shutil.copy2(item, dst / item.name)
+    lib = (dst / "libggml-rpc.so").resolve()
+    old = bytes.fromhex(tp.cast(str, _elf_build_id(lib)))
+    data = lib.read_bytes()
+    assert data.count(old) == 1
+    lib.write_bytes(data.replace(old, bytes(b ^ 0xFF for b in old)))
+    return dst
+
+
+@pytest.fixture
+def two_builds(shared_tmp: Path, llama_bins) -> tuple[Path, Path]:
+    """(a llama.bin_dir whose two binaries are links into one build, the RPC server of another build)."""
+    real = Path(llama_bins.rpc_server).resolve().parent
+    other = _patched_build(real, shared_tmp / "other-build")
+    bin_dir = shared_tmp / "bin"
+    bin_dir.mkdir()
+    os.symlink(real / "llama-server", bin_dir / "llama-server")
+    os.symlink(real / "ggml-rpc-server", bin_dir / "ggml-rpc-server")
+    return bin_dir, other / "ggml-rpc-server"
+
+
+@bed
+def test_10_rpc_server_of_another_build_fails_saying_the_builds_differ(env, shared_tmp: Path, tiny_gguf: Path,
+                                                                        two_builds, llama_bins) -> None:
+    """The client sees one build; on the nodes the RPC server comes from another (a per-node install that
+    drifted). The leader compares build ids and fails at once instead of a broken RPC handshake."""
+    bin_dir, other_rpc = two_builds
+    prompts = shared_tmp / "b.jsonl"
+    ids = write_prompts(prompts, 20, max_tokens=8)
+    out = shared_tmp / "b.results.jsonl"
+    runs = shared_tmp / "runs"
+    args = ["--set", f"llama.bin_dir={bin_dir}", "--set", "llama.rpc_cache=false", "submit", "--model",
+            str(tiny_gguf), "--nodes", "2", "--executor", "slurm", "--prompts", str(prompts)]
+    run = Run({**env, "SBATCH_HOLD": "1"}, args)
+    link = bin_dir / "ggml-rpc-server"
+    try:
+        job = deployment(runs)["job_ids"][0]
+        link.unlink()
+        os.symlink(other_rpc, link)
+        t_start = time.monotonic()
+        subprocess.run(["scontrol", "release", job], check=True)
+        rc = run.wait(180)
+        took = time.monotonic() - t_start
+    finally:
+        run.kill()
+        if link.is_symlink():
+            link.unlink()
+        os.symlink(Path(llama_bins.rpc_server).resolve(), link)
+    assert rc == 1, run.stderr
+    assert "different llama.cpp builds" in run.stderr.replace("\n", " "), run.stderr
+    assert took < 60, took  # Slurm's scheduling of the released job included
+    assert out.exists() and result_lines(out) == []  # nothing was sent; the file is valid
+    again = speedslurm(env, *args)  # builds match again: the same command completes
+    assert again.returncode == 0, again.stderr
+    assert_exactly_once(out, ids)
