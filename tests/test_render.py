@@ -218,3 +218,53 @@ def test_record_job_fills_each_replica(tmp_path: Path) -> None:
     assert info["job_ids"] == ["12_0", "12_1"] and info["replicas"] == 2
     with pytest.raises(UsageError, match="already holds a deployment"):
         create_run_dir(rd.root, {}, 1)
+
+
+# ------------------------------------------------------------------------------------------ templates
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "sbatch_templates"
+RPC_TEMPLATES = ["llama-rpc-hetjob.sbatch", "llama-rpc-array.sbatch"]
+
+
+def _common(name: str) -> str:
+    text = (TEMPLATES / name).read_text()
+    return text[text.index("# ---- settings"):text.index("# ---- end of common")]
+
+
+def test_templates_parse_and_share_their_common_part() -> None:
+    for name in [*RPC_TEMPLATES, "build-llama.sbatch"]:
+        res = subprocess.run(["bash", "-n", str(TEMPLATES / name)], capture_output=True, text=True)
+        assert res.returncode == 0, f"{name}: {res.stderr}"
+    assert _common(RPC_TEMPLATES[0]) == _common(RPC_TEMPLATES[1]), "edit both templates' common part alike"
+
+
+def test_template_endpoint_fields_match_the_job_side() -> None:
+    import dataclasses
+
+    from speedslurm.rundir import Endpoint
+
+    text = (TEMPLATES / RPC_TEMPLATES[0]).read_text()
+    block = text[text.index('write_atomic "$RUN_DIR/r$REPLICA/endpoint.json"'):]
+    block = block[:block.index("\nEOF\n")]
+    import re
+
+    assert re.findall(r'^ "(\w+)":', block, re.M) == [f.name for f in dataclasses.fields(Endpoint)]
+
+
+def test_template_json_strings_survive_hostile_text(tmp_path: Path) -> None:
+    values = ['plain', 'q"uote', "back\\slash", "new\nline\ttab\rcr", "$(touch pwned) `x`", "ctl\x01\x1fend", "ünï"]
+    code = _common(RPC_TEMPLATES[0]) + '\nfor v in "$@"; do json_str "$v"; echo; done\n'
+    res = subprocess.run(["bash", "-c", code, "t", *values], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    decoded = [json.loads(line) for line in res.stdout.splitlines()]
+    assert decoded == [v.replace("\x01", "").replace("\x1f", "") for v in values]
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_template_writes_files_atomically_with_mode_0600(tmp_path: Path) -> None:
+    code = _common(RPC_TEMPLATES[0]) + '\necho \'{"a": 1}\' | write_atomic "$1/x.json"\n'
+    res = subprocess.run(["bash", "-c", code, "t", str(tmp_path)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "x.json").read_text()) == {"a": 1}
+    assert oct((tmp_path / "x.json").stat().st_mode & 0o777) == "0o600"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temp file left
