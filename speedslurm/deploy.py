@@ -78,7 +78,12 @@ def prepare(settings: Settings, model: str, *, nodes: int | None = None, replica
         if require_binaries:
             raise
         binaries = None
-    check_parent_not_world_writable(runs_root(settings))
+    root = runs_root(settings)
+    if re.search(r"[\x00-\x1f\x7f]", str(root)):
+        # The path is written into the job script's #SBATCH lines, where a line break would start a new option.
+        raise UsageError(f"run directory {str(root)!r} contains a line break or another control character",
+                         fix="set run.dir to a path without control characters")
+    check_parent_not_world_writable(root)
     return plan, binaries
 
 

@@ -16,6 +16,7 @@ component's task the leader's job id so they all find the one pickled job.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -33,8 +34,14 @@ from .rundir import RunDir
 SIGNAL_DELAY_S = 60
 
 
+def _one_line(text: str) -> str:
+    """``text`` with line breaks and other control characters replaced: a value that reached the script
+    across a line break would start a line of its own, and sbatch reads every ``#SBATCH`` line as an option."""
+    return re.sub(r"[\x00-\x1f\x7f]", "?", text)
+
+
 def job_name(plan: Plan) -> str:
-    return f"speedslurm-{plan.model.name}"[:64]
+    return _one_line(f"speedslurm-{plan.model.name}")[:64]
 
 
 def slurm_parameters(plan: Plan, run_dir: RunDir) -> dict[str, tp.Any]:
@@ -95,7 +102,7 @@ def render_job_script(plan: Plan, run_dir: RunDir, command: str) -> str:
     text = submitit_slurm._make_sbatch_string(command=command, folder=run_dir.submitit_dir,
                                               map_count=map_count, **params)
     lines = text.split("\n")
-    lines.insert(1, f"# speedslurm deployment {run_dir.deployment_id}: {plan.model.name} on "
+    lines.insert(1, f"# speedslurm deployment {run_dir.deployment_id}: {_one_line(plan.model.name)} on "
                     f"{plan.nodes} node(s) x {plan.replicas} replica(s) ({plan.layout})")
     if plan.heterogeneous:
         last = max(i for i, line in enumerate(lines) if line.startswith("#SBATCH"))
