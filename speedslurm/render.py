@@ -120,6 +120,7 @@ def create_run_dir(root: Path, record: dict[str, tp.Any], replicas: int) -> RunD
     if (root / DEPLOYMENT).exists():
         raise UsageError(f"{root} already holds a deployment", fix="choose a new --run-dir, or leave it out")
     rd = RunDir(make_private_dir(root))
+    make_private_dir(rd.submitit_dir)  # Slurm opens the job's output files there before the script runs
     for r in range(replicas):
         make_private_dir(rd.log_dir(r))
     fd = os.open(rd.root / "api_key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

