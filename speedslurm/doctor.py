@@ -253,13 +253,18 @@ def check_on_nodes(settings: Settings, nodes: list[str], call: Call = proc_call,
 def check_models(settings: Settings) -> Check:
     if not settings.models:
         return Check("model files", True, "no registry models configured")
-    missing, present, remote = [], [], []
+    missing: list[str] = []
+    present: list[str] = []
+    remote: list[str] = []
     for name, entry in sorted(settings.models.items()):
-        if entry.host:
+        if entry.host:  # on that node's local disk: the job side checks it there
             remote.append(f"{name} (on {entry.host})")
             continue
         absent = [str(p) for p in entry.paths if not p.is_file()]
-        (missing if absent else present).append(f"{name}: {', '.join(absent)}" if absent else name)
+        if absent:
+            missing.append(f"{name}: {', '.join(absent)}")
+        else:
+            present.append(name)
     if missing:
         first = missing[0].split(":")[0]
         return Check("model files", False, "missing: " + "; ".join(missing),

@@ -109,7 +109,7 @@ def build_llama_cmd(ctx: click.Context, source: Path | None, git_url: str | None
                            source=source.expanduser().absolute() if source else None, git_url=git_url,
                            git_ref=git_ref, cuda=not cpu, cuda_archs=cuda_archs, partition=partition, cpus=cpus,
                            time=time_limit)
-    if source is not None and not (opts.source / "CMakeLists.txt").is_file():  # type: ignore[operator]
+    if opts.source is not None and not (opts.source / "CMakeLists.txt").is_file():
         raise UsageError(f"{opts.source} holds no CMakeLists.txt: not a llama.cpp source tree",
                          fix="pass the top folder of a llama.cpp checkout (the one with CMakeLists.txt)")
     script = bl.render_build_script(bl.template_text(), opts)
