@@ -173,3 +173,24 @@ def test_array_template_two_replicas(testbed: tp.Any, tiny_gguf: Path, llama_bin
         assert summary
     finally:
         cancel(job_id)
+
+
+def test_render_cli_with_hostile_paths(testbed: tp.Any, tiny_gguf: Path, llama_bins: tp.Any, shared_tmp: Path,
+                                       bed_env: dict[str, str]) -> None:
+    """`render` itself, with a hostile model file name and run directory: quoted, nothing executed."""
+    model = shared_tmp / "m $(touch pwned1) `touch pwned2` 'q' \"d\";x.gguf"
+    model.write_bytes(tiny_gguf.read_bytes())
+    run_dir = Path(bed_env["SPEEDSLURM_RUN__DIR"]) / "r $(touch pwned3) `touch pwned4` 'q' \"d\""
+    res = subprocess.run([sys.executable, "-m", "speedslurm", "render", "--model", str(model), "--nodes", "2",
+                          "--run-dir", str(run_dir), "--json"], capture_output=True, text=True, env=bed_env,
+                         cwd=shared_tmp, timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["run_dir"] == str(run_dir) and Path(out["script_path"]).parent == run_dir
+    assert subprocess.run(["bash", "-n", out["script_path"]]).returncode == 0
+    info = json.loads((run_dir / "deployment.json").read_text())
+    assert info["model"]["path"] == str(model) and info["id"] == run_dir.name
+    assert not list(shared_tmp.glob("pwned*"))
+    bad = subprocess.run([sys.executable, "-m", "speedslurm", "render", "--model", str(model), "--run-dir",
+                          str(shared_tmp / "a\nb")], capture_output=True, text=True, env=bed_env, timeout=300)
+    assert bad.returncode == 2 and "line break" in bad.stderr
