@@ -472,6 +472,14 @@ def serve(run_dir: str, replica: int = 0) -> int:
         rank = int(os.environ.get("SLURM_PROCID", "0"))
     role = "leader" if rank == 0 else "follower"
     rd.log_dir(replica).mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def time_limit_warning(signum: int, frame: tp.Any) -> None:
+        stop(signum, frame)
+        if rank == 0:  # say why the replica ends, or the client could only report "the job ended"
+            _fail(rd, replica, role, rank, RoleFailed("the job is reaching its time limit (Slurm's warning signal "
+                                                      "came); its servers stop now"))
+
+    signal.signal(signal.SIGUSR2, time_limit_warning)
     try:
         if rank == 0:
             run_leader(dep, rd, replica, stop)

@@ -40,6 +40,12 @@ def _one_line(text: str) -> str:
     return re.sub(r"[\x00-\x1f\x7f]", "?", text)
 
 
+def signal_delay_s(plan: Plan) -> int:
+    """When Slurm warns the job before its time limit: a minute before, but at most half the limit, so that a
+    short job (``--time 1``) is not told to stop as soon as it starts."""
+    return min(SIGNAL_DELAY_S, plan.time_minutes * 60 // 2)
+
+
 def job_name(plan: Plan) -> str:
     return _one_line(f"speedslurm-{plan.model.name}")[:64]
 
@@ -51,7 +57,7 @@ def slurm_parameters(plan: Plan, run_dir: RunDir) -> dict[str, tp.Any]:
         "time": plan.time_minutes,
         "nodes": 1 if plan.heterogeneous else plan.nodes,
         "ntasks_per_node": 1,
-        "signal_delay_s": SIGNAL_DELAY_S,
+        "signal_delay_s": signal_delay_s(plan),
         "srun_args": ["--kill-on-bad-exit=1"] + (["--het-group=0,1"] if plan.heterogeneous else []),
         "wckey": "speedslurm",
         "setup": [f"export SPEEDSLURM_RUN_DIR={shlex.quote(str(run_dir.root))}",
@@ -180,7 +186,7 @@ def submit_local(plan: Plan, run_dir: RunDir, fn: tp.Callable[..., tp.Any]) -> l
     for replica in range(plan.replicas):
         ex = DetachedLocalExecutor(folder=run_dir.submitit_dir / f"r{replica}")
         ex.update_parameters(tasks_per_node=plan.nodes, timeout_min=plan.time_minutes,
-                             signal_delay_s=SIGNAL_DELAY_S)
+                             signal_delay_s=signal_delay_s(plan))
         job = ex.submit(fn, str(run_dir.root), replica)
         job._cancel_at_deletion = False  # the deployment outlives this process
         ids.append(str(job.job_id))
