@@ -152,6 +152,7 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=4, help="P5 slots per stub")
     parser.add_argument("--seconds", type=float, default=5.0, help="P5 target duration per run")
     parser.add_argument("--skip", default="", help="comma list of parts to skip: p3,p5")
+    parser.add_argument("--json-out", default=None, help="also write the rows and the table as JSON to this file")
     args = parser.parse_args()
     n = args.n or (20_000 if args.quick else 100_000)
     reps = args.reps or (1 if args.quick else 3)
@@ -160,9 +161,11 @@ def main() -> None:
           file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="bench-client-") as t:
         tmp = Path(t)
+        raw: dict[str, tp.Any] = {}
         lines = [f"# bench_client: {os.cpu_count()} CPUs, Python {platform.python_version()}, reps={reps}", ""]
         if "p3" not in skip:
             rows = bench_p3(tmp, n, reps, args.clients.split(","), args.concurrency)
+            raw["p3"] = rows
             lines += ["P3 zero-latency stub (median (min-max))", "",
                       "| client | prompts | requests/s | peak RSS MB | goal |", "|---|---|---|---|---|"]
             for row in rows:
@@ -171,12 +174,15 @@ def main() -> None:
             lines.append("")
         if "p5" not in skip:
             rows = bench_p5(tmp, reps, args.latency, args.slots, args.seconds, "raw")
+            raw["p5"] = rows
             lines += [f"P5 replicas ({args.latency * 1000:.0f} ms per request, {args.slots} slots each)", "",
                       "| replicas | prompts | requests/s | ratio vs 1 | goal |", "|---|---|---|---|---|"]
             for row in rows:
                 lines.append(f"| {row['replicas']} | {row['n']:,} | {spread(row['req_s'])} | {row['ratio']:.2f} "
                              f"| >= {0.9 * row['replicas']:.1f} |")
         print("\n".join(lines))
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps({**raw, "table": "\n".join(lines)}, indent=1))
 
 
 if __name__ == "__main__":
