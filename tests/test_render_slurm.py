@@ -106,9 +106,11 @@ def bed_env(shared_tmp: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.parametrize(("nodes", "replicas"), [(3, 1), (2, 2)], ids=["hetjob", "array"])
 def test_rendered_script_with_plain_sbatch(testbed: tp.Any, tiny_gguf: Path, llama_bins: tp.Any, shared_tmp: Path,
-                                           bed_env: dict[str, str]) -> None:
-    res = speedslurm(["render", "--model", str(tiny_gguf), "--nodes", "3", "--time", "10", "--json"], bed_env)
+                                           bed_env: dict[str, str], nodes: int, replicas: int) -> None:
+    res = speedslurm(["render", "--model", str(tiny_gguf), "--nodes", str(nodes), "--replicas", str(replicas),
+                      "--time", "10", "--json"], bed_env)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     run_dir, dep_id = Path(out["run_dir"]), out["deployment"]
@@ -116,16 +118,20 @@ def test_rendered_script_with_plain_sbatch(testbed: tp.Any, tiny_gguf: Path, lla
     assert run_dir.parent == Path(bed_env["SPEEDSLURM_RUN__DIR"])
     job_id = sbatch([out["script_path"]], shared_tmp)
     try:
-        (ep,) = wait_endpoints([run_dir / "r0" / "endpoint.json"], job_id, lambda: read_logs(run_dir))
-        assert ep.deployment_id == dep_id and ep.replica == 0 and len(ep.follower_nodes) == 2
-        assert ep.url.startswith("http://10.77.0.") and all(r.startswith("10.77.0.") for r in ep.rpc_servers)
-        assert ep.api_key == (run_dir / "api_key").read_text().strip()
+        files = [run_dir / f"r{r}" / "endpoint.json" for r in range(replicas)]
+        eps = wait_endpoints(files, job_id, lambda: read_logs(run_dir))
+        expected_ids = [job_id] if replicas == 1 else [f"{job_id}_{r}" for r in range(replicas)]
+        for r, ep in enumerate(eps):
+            assert ep.deployment_id == dep_id and ep.replica == r and len(ep.follower_nodes) == nodes - 1
+            assert ep.url.startswith("http://10.77.0.") and all(x.startswith("10.77.0.") for x in ep.rpc_servers)
+            assert ep.api_key == (run_dir / "api_key").read_text().strip()
+            assert ep.job_id == expected_ids[r]
         info = json.loads((run_dir / "deployment.json").read_text())
-        assert info["job_ids"] == [job_id]
+        assert info["job_ids"] == expected_ids
         status = speedslurm(["status", dep_id, "--json"], bed_env)
         assert status.returncode == 0, status.stderr
         assert json.loads(status.stdout)[0]["state"] == "READY"
-        summary = send_batch(bed_env, shared_tmp / "batch", ["--deployment", dep_id])
+        summary = send_batch(bed_env, shared_tmp / "batch", ["--deployment", dep_id], n=4 * replicas)
         assert summary
     finally:
         cancel(job_id)
