@@ -9,8 +9,10 @@ and review the diff.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +24,7 @@ from speedslurm.errors import UsageError
 from speedslurm.models import ModelSpec
 from speedslurm.plan import make_plan
 from speedslurm.render import create_run_dir, deployment_record, job_id_from_env, record_job, render_script
-from speedslurm.rundir import RunDir
+from speedslurm.rundir import Endpoint, RunDir
 from speedslurm.settings import ClusterSettings, LlamaSettings, RunSettings, Settings
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -239,15 +241,9 @@ def test_templates_parse_and_share_their_common_part() -> None:
 
 
 def test_template_endpoint_fields_match_the_job_side() -> None:
-    import dataclasses
-
-    from speedslurm.rundir import Endpoint
-
     text = (TEMPLATES / RPC_TEMPLATES[0]).read_text()
     block = text[text.index('write_atomic "$RUN_DIR/r$REPLICA/endpoint.json"'):]
     block = block[:block.index("\nEOF\n")]
-    import re
-
     assert re.findall(r'^ "(\w+)":', block, re.M) == [f.name for f in dataclasses.fields(Endpoint)]
 
 
