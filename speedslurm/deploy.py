@@ -134,6 +134,7 @@ def launch(settings: Settings, plan: Plan, binaries: tp.Any) -> Deployment:
     rd = RunDir(root / new_deployment_id(plan.model.name))
     make_private_dir(rd.root)
     for r in range(plan.replicas):
+        make_private_dir(rd.replica_dir(r))  # mkdir's parents=True would give r<R> the umask's mode
         make_private_dir(rd.log_dir(r))
     key_path = rd.root / "api_key"
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
