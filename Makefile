@@ -28,7 +28,7 @@ help:
 	@echo "make testbed-status  daemons, links and nodes of the test bed"
 	@echo "make test-unit       the tests that need neither the bed nor llama.cpp"
 	@echo "make lint            ruff and mypy"
-	@echo "make bench           benchmarks on the test bed"
+	@echo "make bench           benchmarks on the test bed; writes docs/benchmarks.md (QUICK=1: under 5 minutes)"
 
 install: $(PKG_STAMP) $(LLAMA_STAMP)
 
@@ -99,5 +99,8 @@ demo: install
 	  --prompts examples/prompts.jsonl --out $$out --max-tokens 64; \
 	$(VENV)/bin/speedslurm show $$out -n 5 --width 160
 
-bench: install
-	@echo "make bench: benchmarks are not in this version yet."
+# Benchmarks on the test bed, side by side with the lab's hand procedure; prints a table and rewrites
+# docs/benchmarks.md. QUICK=1: fewer repetitions and prompts, under 5 minutes.
+QUICK ?=
+bench: install testbed-up
+	$(PY) bench/bench_bed.py $(if $(QUICK),--quick)

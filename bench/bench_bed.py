@@ -76,7 +76,7 @@ class Interrupted(RuntimeError):
 T = tp.TypeVar("T")
 
 
-def retrying(fn: tp.Callable[[], T], what: str, tries: int = 4) -> T:
+def retrying(fn: tp.Callable[[], T], what: str, tries: int = 8) -> T:
     """Run ``fn`` again when another user of the bed cancelled its job; the retries are logged."""
     for attempt in range(1, tries + 1):
         try:
@@ -85,7 +85,7 @@ def retrying(fn: tp.Callable[[], T], what: str, tries: int = 4) -> T:
             if attempt == tries:
                 raise
             log(f"{what}: {exc}; again ({attempt}/{tries - 1})")
-            time.sleep(3)
+            time.sleep(2 * attempt)
     raise AssertionError("unreachable")
 
 
@@ -300,8 +300,11 @@ def sequential_loop(endpoint: dict[str, tp.Any], texts: list[str], max_tokens: i
     t0 = time.perf_counter()
     tokens = 0
     for t in texts:
-        r = client.chat.completions.create(model=endpoint["model"], messages=[{"role": "user", "content": t}],
-                                           max_tokens=max_tokens, temperature=0)
+        try:
+            r = client.chat.completions.create(model=endpoint["model"], messages=[{"role": "user", "content": t}],
+                                               max_tokens=max_tokens, temperature=0)
+        except openai.APIConnectionError as exc:  # the deployment's job was cancelled under it
+            raise Interrupted(f"sequential loop: {exc}") from exc
         tokens += r.usage.completion_tokens if r.usage else 0
     wall = time.perf_counter() - t0
     return {"tokens": tokens, "wall": wall, "tok_s": tokens / wall}
@@ -366,17 +369,21 @@ def bench_sweep(bed: Bed, n: int, seq_n: int, max_tokens: int) -> list[dict[str,
     rows = []
     for label, env in SWEEP:
         log(f"P2 sweep: {label}")
+
+
+        def one(env: dict[str, str] = env) -> tuple[dict[str, float], dict[str, float]]:
+            up = bed.up(env=env)
+            try:
+                ep = endpoint_of(bed, up["id"])
+                return speedslurm_run(bed, up["id"], prompts), sequential_loop(ep, texts[:seq_n], max_tokens)
+            finally:
+                bed.down(up["id"])
+
         try:
-            up = retrying(lambda: bed.up(env=env), "sweep up")  # noqa: B023
+            run, seq = retrying(one, f"sweep {label}")
         except RuntimeError as exc:
             rows.append({"label": label, "error": str(exc).splitlines()[0]})
             continue
-        try:
-            ep = endpoint_of(bed, up["id"])
-            run = speedslurm_run(bed, up["id"], prompts)
-            seq = sequential_loop(ep, texts[:seq_n], max_tokens)
-        finally:
-            bed.down(up["id"])
         rows.append({"label": label, "run": run["tok_s"], "seq": seq["tok_s"], "ratio": run["tok_s"] / seq["tok_s"]})
         log(f"  run {run['tok_s']:.1f} tok/s, seq {seq['tok_s']:.1f} tok/s")
     return rows
@@ -573,7 +580,9 @@ def render(results: dict[str, tp.Any], facts: dict[str, str], args: argparse.Nam
         lines.append(f"| P2 completion tok/s, {r['n']} prompts x {r['max_tokens']} tokens | {fmt(r['run'], 1)} "
                      f"| {fmt(r['seq'], 1)} (sequential loop) | {r['ratio']:.2f}x | >= 2.5x "
                      f"| {'yes' if r['ratio'] >= 2.5 else 'no'} |")
-        detail += p2_detail(r, results.get("sweep"))
+        detail += p2_detail(r)
+    if results.get("sweep"):
+        detail += sweep_detail(results["sweep"])
     if "client" in results:
         c = results["client"]
         for row in c.get("p3", []):
@@ -639,7 +648,7 @@ def p1_detail(r: dict[str, tp.Any]) -> list[str]:
     return lines
 
 
-def p2_detail(r: dict[str, tp.Any], sweep: list[dict[str, tp.Any]] | None) -> list[str]:
+def p2_detail(r: dict[str, tp.Any]) -> list[str]:
     lines = [
         "## P2 throughput",
         "",
@@ -654,6 +663,11 @@ def p2_detail(r: dict[str, tp.Any], sweep: list[dict[str, tp.Any]] | None) -> li
         f"(per pair: {', '.join(f'{x:.2f}' for x in r['ratios'])}).",
         "",
     ]
+    return lines
+
+
+def sweep_detail(sweep: list[dict[str, tp.Any]]) -> list[str]:
+    lines = ["### Settings tried", ""]
     if sweep:
         lines += [
             "Settings tried (each on its own deployment; `speedslurm run` over the sweep's prompts, the sequential "
@@ -768,7 +782,7 @@ def main() -> None:
             n = 16 if args.quick else 64
             results["p2"] = retrying(lambda: bench_p2(bed, reps, n, 64), "P2")
         if "sweep" in parts:
-            results["sweep"] = bench_sweep(bed, 32 if args.quick else 64, 4 if args.quick else 8, 64)
+            results["sweep"] = bench_sweep(bed, 32, 4, 64)
         if "p4" in parts:
             results["p4"] = bench_p4(bed, reps, with_big=True)
     finally:
