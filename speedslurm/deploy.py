@@ -118,11 +118,42 @@ class Deployment:
         return self
 
 
-def _binaries_record(binaries: tp.Any) -> dict[str, tp.Any]:
+def binaries_record(binaries: tp.Any) -> dict[str, tp.Any]:
+    """The binaries as deployment.json records them for the job side."""
     from .binaries import env_for
 
     return {"llama_server": str(binaries.llama_server), "rpc_server": str(binaries.rpc_server),
             "version": binaries.version, "source": binaries.source, "env": env_for(binaries)}
+
+
+def deployment_record(settings: Settings, plan: Plan, binaries: dict[str, tp.Any], deployment_id: str, *,
+                      submitted_by: str = "speedslurm up", now: float | None = None) -> dict[str, tp.Any]:
+    """The content of ``deployment.json``: what the job side reads and ``status`` shows."""
+    return {
+        "id": deployment_id, "created_at": time.time() if now is None else now, "uid": os.getuid(),
+        "model": plan.model.to_json(), "plan": plan.to_json(), "nodes": plan.nodes, "replicas": plan.replicas,
+        "ctx": plan.ctx, "parallel": plan.parallel, "executor": plan.executor, "job_ids": [],
+        "node_addresses": {n: e.address for n, e in settings.cluster.nodes.items() if e.address},
+        "llama": dataclasses.asdict(settings.llama), "binaries": binaries,
+        "follower_timeout_s": settings.run.follower_timeout_s, "health_timeout_s": settings.run.health_timeout_s,
+        "poll_interval_s": settings.run.poll_interval_s, "submitted_by": submitted_by,
+    }
+
+
+def create_run_dir(root: Path, record: dict[str, tp.Any], replicas: int) -> RunDir:
+    """Make the run directory (0700, refusing a world-writable parent) with its API key and deployment.json."""
+    check_parent_not_world_writable(root.parent)
+    if (root / "deployment.json").exists():
+        raise UsageError(f"{root} already holds a deployment", fix="choose a new run directory, or leave it out")
+    rd = RunDir(make_private_dir(root))
+    make_private_dir(rd.submitit_dir)  # Slurm opens the job's output files there before the script runs
+    for r in range(replicas):
+        make_private_dir(rd.log_dir(r))
+    fd = os.open(rd.root / "api_key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_urlsafe(32) + "\n")
+    write_json_atomic(rd.root / "deployment.json", {**record, "id": rd.deployment_id})
+    return rd
 
 
 def launch(settings: Settings, plan: Plan, binaries: tp.Any) -> Deployment:
@@ -131,25 +162,10 @@ def launch(settings: Settings, plan: Plan, binaries: tp.Any) -> Deployment:
     from . import launch as submit
 
     root = make_private_dir(runs_root(settings))
-    rd = RunDir(root / new_deployment_id(plan.model.name))
-    make_private_dir(rd.root)
-    for r in range(plan.replicas):
-        make_private_dir(rd.replica_dir(r))  # mkdir's parents=True would give r<R> the umask's mode
-        make_private_dir(rd.log_dir(r))
-    key_path = rd.root / "api_key"
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_urlsafe(32) + "\n")
-    info: dict[str, tp.Any] = {
-        "id": rd.deployment_id, "created_at": time.time(), "uid": os.getuid(),
-        "model": plan.model.to_json(), "plan": plan.to_json(), "nodes": plan.nodes, "replicas": plan.replicas,
-        "ctx": plan.ctx, "parallel": plan.parallel, "executor": plan.executor, "job_ids": [],
-        "node_addresses": {n: e.address for n, e in settings.cluster.nodes.items() if e.address},
-        "llama": dataclasses.asdict(settings.llama), "binaries": _binaries_record(binaries),
-        "follower_timeout_s": settings.run.follower_timeout_s, "health_timeout_s": settings.run.health_timeout_s,
-        "poll_interval_s": settings.run.poll_interval_s,
-    }
-    write_json_atomic(rd.root / "deployment.json", info)
+    deployment_id = new_deployment_id(plan.model.name)
+    rd = create_run_dir(root / deployment_id, deployment_record(settings, plan, binaries_record(binaries),
+                                                                deployment_id), plan.replicas)
+    info = rd.deployment() or {}
     submit_fn = submit.submit_local if plan.executor == "local" else submit.submit_slurm
     info["job_ids"] = submit_fn(plan, rd, jobside.serve)
     info["submitted_at"] = time.time()

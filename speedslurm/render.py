@@ -21,19 +21,18 @@ import contextlib
 import dataclasses
 import os
 import re
-import secrets
 import shlex
 import sys
 import time
 import typing as tp
 from pathlib import Path
 
+from . import deploy
 from .errors import UsageError
 from .plan import Plan
 from .rundir import (
     DEPLOYMENT,
     RunDir,
-    check_parent_not_world_writable,
     make_private_dir,
     read_json,
     write_json_atomic,
@@ -91,43 +90,20 @@ def render_script(plan: Plan, run_dir: RunDir, python: str) -> str:
 # The run directory
 
 
-def binaries_record(binaries: tp.Any) -> dict[str, tp.Any]:
-    """What the job side needs to know about the llama.cpp binaries (the same keys ``up`` writes)."""
-    from .binaries import env_for
-
-    return {"llama_server": str(binaries.llama_server), "rpc_server": str(binaries.rpc_server),
-            "version": binaries.version, "source": binaries.source, "env": env_for(binaries)}
-
-
 def deployment_record(settings: Settings, plan: Plan, binaries: dict[str, tp.Any], deployment_id: str,
                       *, now: float | None = None) -> dict[str, tp.Any]:
-    """The content of ``deployment.json``: what the job side reads and ``status`` shows."""
-    return {
-        "id": deployment_id, "created_at": time.time() if now is None else now, "uid": os.getuid(),
-        "model": plan.model.to_json(), "plan": plan.to_json(), "nodes": plan.nodes, "replicas": plan.replicas,
-        "ctx": plan.ctx, "parallel": plan.parallel, "executor": plan.executor, "job_ids": [],
-        "node_addresses": {n: e.address for n, e in settings.cluster.nodes.items() if e.address},
-        "llama": dataclasses.asdict(settings.llama), "binaries": binaries,
-        "follower_timeout_s": settings.run.follower_timeout_s, "health_timeout_s": settings.run.health_timeout_s,
-        "poll_interval_s": settings.run.poll_interval_s, "submitted_by": "sbatch (speedslurm render)",
-    }
+    """``deployment.json`` as ``up`` writes it, marked as submitted by hand."""
+    return deploy.deployment_record(settings, plan, binaries, deployment_id, now=now,
+                                    submitted_by="sbatch (speedslurm render)")
+
+
+binaries_record = deploy.binaries_record
 
 
 def create_run_dir(root: Path, record: dict[str, tp.Any], replicas: int) -> RunDir:
-    """Make the run directory (0700, refusing a world-writable parent) with its API key and deployment.json."""
+    """The run directory of a rendered script: as ``up`` makes it, refusing control characters in its path."""
     _refuse_control("run directory", str(root))
-    check_parent_not_world_writable(root.parent)
-    if (root / DEPLOYMENT).exists():
-        raise UsageError(f"{root} already holds a deployment", fix="choose a new --run-dir, or leave it out")
-    rd = RunDir(make_private_dir(root))
-    make_private_dir(rd.submitit_dir)  # Slurm opens the job's output files there before the script runs
-    for r in range(replicas):
-        make_private_dir(rd.log_dir(r))
-    fd = os.open(rd.root / "api_key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_urlsafe(32) + "\n")
-    write_json_atomic(rd.root / DEPLOYMENT, {**record, "id": rd.deployment_id})
-    return rd
+    return deploy.create_run_dir(root, record, replicas)
 
 
 def default_run_dir(settings: Settings, model_name: str) -> Path:
