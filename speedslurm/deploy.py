@@ -148,6 +148,7 @@ def create_run_dir(root: Path, record: dict[str, tp.Any], replicas: int) -> RunD
     rd = RunDir(make_private_dir(root))
     make_private_dir(rd.submitit_dir)  # Slurm opens the job's output files there before the script runs
     for r in range(replicas):
+        make_private_dir(rd.replica_dir(r))  # mkdir's parents=True would give r<R> the umask's mode
         make_private_dir(rd.log_dir(r))
     fd = os.open(rd.root / "api_key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
