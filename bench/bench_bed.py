@@ -690,6 +690,14 @@ def sweep_detail(sweep: list[dict[str, tp.Any]]) -> list[str]:
             else:
                 lines.append(f"| {row['label']} | {row['run']:.1f} | {row['seq']:.1f} | {row['ratio']:.2f}x |")
         lines.append("")
+    lines += [
+        "The testbed profile uses 16 slots and 1 thread per process. More slots raise batched throughput "
+        "further but shrink each slot's share of the unified KV cache (ctx 4096 here). 2 threads per process is "
+        "faster when nothing else runs, but every node of the bed shares the machine's 2 cores: as soon as "
+        "anything else runs (a test, a second deployment, a compile) llama.cpp's spinning worker threads "
+        "oversubscribe them and throughput collapses (one such sweep measured 6.7 tok/s at 8 slots with 2 threads).",
+        "",
+    ]
     return lines
 
 
