@@ -71,6 +71,22 @@ for i in range(32):
 EOF
 sslurm run --deployment "$dep" --prompts "$OUT/prompts.jsonl" --out "$OUT/results.jsonl" --json --quiet >"$OUT/run.json" 2>"$OUT/run.err"
 echo "run rc=$?"; head -c 600 "$OUT/run.json"; echo
+# Throughput: one request at a time (the seed's sequential client loop) vs speedslurm's default (the server's
+# slots), same deployment, same 32 prompts of 64 tokens; interleaved A B A B.
+python3 - >"$OUT/p2.jsonl" <<'EOF2'
+import json
+for i in range(32):
+    print(json.dumps({"prompt": f"Story {i}:", "max_tokens": 64, "ignore_eos": True, "temperature": 0}))
+EOF2
+for rep in 1 2; do
+  for mode in seq par; do
+    conc=$([ $mode = seq ] && echo "--concurrency 1" || echo "")
+    rm -f "$WORK/p2-$mode.jsonl"
+    sslurm run --deployment "$dep" --prompts "$OUT/p2.jsonl" --out "$WORK/p2-$mode.jsonl" $conc --json --quiet \
+      | python3 -c "import json,sys; d=json.load(sys.stdin); print('$mode', $rep, d['completion_tok_s'], d['requests']['ok'])" \
+      | tee -a "$OUT/p2.txt"
+  done
+done
 rd="$WORK/runs/$dep"
 grep -h -E "model buffer size|KV buffer size|compute buffer size|offloaded|RPC" "$rd"/r0/logs/leader.log | head -40 >"$OUT/buffers.txt"
 cat "$OUT/buffers.txt"
