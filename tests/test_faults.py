@@ -122,6 +122,14 @@ class Run:
                 return t
         return None
 
+    def show(self, needle: str) -> None:
+        """Print the message that names the fault (the whole wrapped line group), for the test log."""
+        text = self.stderr
+        i = text.lower().find(needle.lower())
+        if i >= 0:
+            print(f"\n[{self.args[self.args.index('submit') if 'submit' in self.args else 0]}] "
+                  + flat(text[i:i + 400]))
+
     def wait(self, timeout: float = 300) -> int:
         try:
             rc = self.proc.wait(timeout)
@@ -285,6 +293,7 @@ def replica_fault(env: dict[str, str], shared_tmp: Path, tiny_gguf: Path,
     assert "replica r1 failed" in flat(run.stderr), run.stderr
     assert_exactly_once(out, ids)
     print(f"reported in {took:.1f}s")
+    run.show(needle)
     # the same command again: nothing left to do, nothing sent twice
     again = speedslurm(env, *run.args)
     assert again.returncode == 0 and "Nothing to do" in again.stderr, again.stderr
@@ -330,6 +339,7 @@ def test_1_single_replica_rpc_server_killed_then_resume(env, shared_tmp: Path, t
     finally:
         run.kill()
     assert rc == 1, run.stderr
+    run.show("replica r0 failed")
     assert "every replica failed" in run.stderr and "run the same command" in flat(run.stderr)
     first = ok_ids(out)
     assert 10 <= len(first) < len(ids)
@@ -360,6 +370,7 @@ def test_3_scancel_mid_batch_then_resume(env, shared_tmp: Path, tiny_gguf: Path)
     finally:
         run.kill()
     assert rc == 1, run.stderr
+    run.show("replica r0 failed")
     text = flat(run.stderr)
     assert f"job {job}" in text and "CANCELLED" in text, run.stderr
     print(f"reported in {took:.1f}s")
@@ -389,6 +400,7 @@ def test_4_sigint_then_resume(env, shared_tmp: Path, tiny_gguf: Path) -> None:
     finally:
         run.kill()
     assert rc == 130, run.stderr
+    run.show("Interrupted")
     assert "To resume, run the same command again" in flat(run.stderr), run.stderr
     assert 10 <= len(ok_ids(out)) < len(ids)
     again = speedslurm(env, *args)
@@ -482,6 +494,7 @@ def test_7_time_limit_mid_batch_then_resume(env, shared_tmp: Path, tiny_gguf: Pa
                 os.kill(paused, signal.SIGCONT)
         run.kill()
     assert rc == 1, run.stderr
+    run.show("replica r0 failed")
     text = flat(run.stderr)
     assert "time limit" in text and "run the same command" in text, run.stderr
     failure = read_json(next(runs.glob("*/r0/failed.json")))
@@ -662,6 +675,7 @@ def test_10_rpc_server_of_another_build_fails_saying_the_builds_differ(env, shar
             link.unlink()
         os.symlink(Path(llama_bins.rpc_server).resolve(), link)
     assert rc == 1, run.stderr
+    run.show("Error:")
     assert "different llama.cpp builds" in flat(run.stderr), run.stderr
     print(f"failed {took:.1f}s after release (Slurm's scheduling included)")
     failure = read_json(next(runs.glob("*/r0/failed.json")))
