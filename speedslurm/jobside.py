@@ -153,16 +153,18 @@ def binary_build(path: str) -> str:
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the role process dies, however it dies.
+    """In the child before exec: be killed when the role process dies, however it dies.
 
-    A role killed outright (SIGKILL after a grace period, OOM) would otherwise leave its server running
-    outside any supervision, still holding the node's port and GPU memory.
+    A role killed outright (SIGKILL after Slurm's KillWait, OOM) would otherwise leave its server running
+    outside any supervision, still holding the node's port and GPU memory. SIGKILL, not SIGTERM: a
+    llama-server whose RPC peer is gone can hang in its graceful shutdown. A role that ends normally has
+    already stopped its child gracefully (:meth:`Child.stop`).
     """
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
 
@@ -189,7 +191,8 @@ class Child:
     def poll(self) -> int | None:
         return self.proc.poll()
 
-    def stop(self, timeout: float = 10) -> int | None:
+    def stop(self, timeout: float = 3) -> int | None:
+        # Shorter than Slurm's KillWait, so that the role still runs when the grace period ends.
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)

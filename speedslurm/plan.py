@@ -149,6 +149,11 @@ def make_plan(settings: Settings, model: ModelSpec, *, ctx: int | None = None, n
             fix=f"pass --nodes {need} or more, or a smaller --ctx")
     time_value = time or settings.cluster.time
     minutes = parse_time_minutes(time_value)
+    if partition_size is not None and chosen > partition_size:
+        raise UsageError(
+            f"one replica of {model.name} needs {chosen} node(s); partition "
+            f"{settings.cluster.partition or '(default)'} has {partition_size}",
+            fix="use a smaller --ctx or quantisation, fewer --nodes, or a partition with more nodes")
     if partition_size is not None and chosen * replicas > partition_size:
         raise UsageError(
             f"{replicas} replica(s) of {chosen} node(s) need {chosen * replicas} nodes; "

@@ -96,7 +96,7 @@ CASES = [
     _c("model too big for the allowed nodes", lambda d: (_submit(d, "--ctx", "50000000"), {}),
        ("needs", "nodes", "--nodes 1 is too few"), ("--nodes", "smaller --ctx")),
     _c("model needs more nodes than the partition has", lambda d: (_submit(d, "--ctx", "50000000", nodes=None), {}),
-       ("partition gorgonas has 4",), ("--replicas",)),
+       ("needs 55 node(s)", "partition gorgonas has 4"), ("smaller --ctx", "partition with more nodes")),
     _c("--nodes 0", lambda d: (_submit(d, nodes="0"), {}), ("--nodes 0 must be at least 1",), ("--nodes 1 or more",)),
     _c("--replicas 0", lambda d: (_submit(d, "--replicas", "0"), {}), ("--replicas 0",), ("--replicas 1 or more",)),
     _c("--ctx 0", lambda d: (_submit(d, "--ctx", "0"), {}), ("--ctx 0 must be positive",), ("--ctx 8192",)),

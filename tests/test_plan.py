@@ -136,3 +136,9 @@ def test_tiny_model_plans_one_node(gorgonas, tiny_gguf: Path) -> None:
     spec = resolve_model(gorgonas, str(tiny_gguf))
     assert spec.n_layer > 0 and spec.weights_bytes > 0
     assert make_plan(gorgonas, spec).nodes == 1
+
+
+def test_one_replica_larger_than_the_partition(gorgonas) -> None:
+    with pytest.raises(UsageError) as err:
+        make_plan(gorgonas, llama70b(59 * 10**9), partition_size=2)
+    assert "needs 3 node(s)" in err.value.message and "--replicas" not in (err.value.fix or "")
