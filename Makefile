@@ -76,7 +76,7 @@ testbed-status:
 
 # Every tier. SPEEDSLURM_REQUIRE_TESTBED=1 turns a missing bed or missing binaries into errors, not skips;
 # pytest's "no tests collected" (exit 5) is a failure too.
-test: install testbed-up
+test: install lint testbed-up
 	@rc=0; SPEEDSLURM_REQUIRE_TESTBED=1 $(PY) -m pytest -m "" $(PYTEST_ARGS) tests || rc=$$?; \
 	if [ $$rc = 5 ]; then echo "make test: pytest collected no tests"; fi; exit $$rc
 
@@ -84,7 +84,7 @@ test-unit: $(PKG_STAMP)
 	$(PY) -m pytest -m "not slurm and not llama" $(PYTEST_ARGS) tests
 
 lint: $(PKG_STAMP)
-	$(PY) -m ruff check speedslurm tests scripts/testbed
+	$(PY) -m ruff check speedslurm tests scripts/testbed bench
 	$(PY) -m mypy speedslurm
 
 # The demo: the real gemma-3-270m model (assembled from its PyPI package) on two local roles, leader and
