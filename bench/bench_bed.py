@@ -74,6 +74,7 @@ class Interrupted(RuntimeError):
 
 
 T = tp.TypeVar("T")
+RETRIES: list[str] = []  # measurements repeated because another user of the bed cancelled their job
 
 
 def retrying(fn: tp.Callable[[], T], what: str, tries: int = 8) -> T:
@@ -85,6 +86,7 @@ def retrying(fn: tp.Callable[[], T], what: str, tries: int = 8) -> T:
             if attempt == tries:
                 raise
             log(f"{what}: {exc}; again ({attempt}/{tries - 1})")
+            RETRIES.append(what)
             time.sleep(2 * attempt)
     raise AssertionError("unreachable")
 
@@ -566,6 +568,8 @@ def render(results: dict[str, tp.Any], facts: dict[str, str], args: argparse.Nam
         f"| Python | {facts['python']} |",
         f"| before the run | {quiet_before} |",
         f"| after the run | {quiet_after} |",
+        f"| interference | {len(RETRIES)} measurement(s) repeated because a job of theirs was cancelled by another "
+        "user of the bed |",
         "",
         "Every figure is a ratio of two procedures measured in the same run on the same bed; values are medians "
         "over the repetitions, min-max in parentheses. All four nodes share the machine's CPU cores, so every "
