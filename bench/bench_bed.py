@@ -568,8 +568,8 @@ def render(results: dict[str, tp.Any], facts: dict[str, str], args: argparse.Nam
         f"| Python | {facts['python']} |",
         f"| before the run | {quiet_before} |",
         f"| after the run | {quiet_after} |",
-        f"| interference | {len(RETRIES)} measurement(s) repeated because a job of theirs was cancelled by another "
-        "user of the bed |",
+        f"| interference | {len(RETRIES)} measurement(s) repeated because another user of the bed cancelled the "
+        "benchmark's job |",
         "",
         "Every figure is a ratio of two procedures measured in the same run on the same bed; values are medians "
         "over the repetitions, min-max in parentheses. All four nodes share the machine's CPU cores, so every "
