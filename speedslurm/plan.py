@@ -82,6 +82,7 @@ class Plan:
     qos: str | None = None
     cpus_per_node: int | None = None
     mem_per_node: str | None = None
+    hetjob: bool = True        # cluster.hetjob: a multi-node replica as a heterogeneous job
 
     @property
     def total_nodes(self) -> int:
@@ -89,14 +90,19 @@ class Plan:
 
     @property
     def heterogeneous(self) -> bool:
-        """One replica of more than one node runs as a heterogeneous job (leader + followers)."""
-        return self.replicas == 1 and self.nodes > 1
+        """One replica of more than one node runs as a heterogeneous job (leader + followers).
+
+        With ``cluster.hetjob: false`` it is a plain N-node job instead, unless the leader is pinned to a host.
+        """
+        return self.replicas == 1 and self.nodes > 1 and (self.hetjob or self.leader_host is not None)
 
     @property
     def layout(self) -> str:
         if self.replicas > 1:
             return "array"
-        return "hetjob" if self.heterogeneous else "single"
+        if self.heterogeneous:
+            return "hetjob"
+        return "single" if self.nodes == 1 else "plain"
 
     def to_json(self) -> dict[str, tp.Any]:
         data = dataclasses.asdict(self)
@@ -174,6 +180,7 @@ def make_plan(settings: Settings, model: ModelSpec, *, ctx: int | None = None, n
         exclude=tuple(settings.cluster.exclude), executor=executor, devices=devices,
         account=settings.cluster.account, qos=settings.cluster.qos,
         cpus_per_node=settings.cluster.cpus_per_node, mem_per_node=settings.cluster.mem_per_node,
+        hetjob=settings.cluster.hetjob,
     )
 
 

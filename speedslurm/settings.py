@@ -52,6 +52,7 @@ class ClusterSettings:
     nodes: dict[str, NodeSettings] = dataclasses.field(default_factory=dict)
     exclude: list[str] = dataclasses.field(default_factory=list)
     time: str = "04:00:00"
+    hetjob: bool = True
 
     def node_address(self, node: str) -> str | None:
         entry = self.nodes.get(node)

@@ -173,3 +173,16 @@ def test_taken_ports_are_replaced_by_free_ones(ss, tiny_gguf: Path) -> None:
     finally:
         for s in held:
             s.close()
+
+
+@bed
+def test_plain_job_layout_when_hetjobs_are_off(ss, tiny_gguf: Path) -> None:
+    res = ss("--set", "cluster.hetjob=false", "up", "--model", str(tiny_gguf), "--nodes", "3", "--executor", "slurm",
+             "--timeout", "120", "--json")
+    dep = json.loads(res.stdout)
+    rep = dep["replicas"][0]
+    assert rep["state"] == "READY" and "+" not in rep["job_id"] and "_" not in rep["job_id"]
+    assert len(rep["endpoint"]["follower_nodes"]) == 2
+    full = json.loads(ss("endpoint", dep["deployment"], "--json", "--show-key").stdout)[0]
+    assert _chat(full["url"] + "/v1", full["api_key"])
+    ss("down", dep["deployment"])

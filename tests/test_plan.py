@@ -142,3 +142,15 @@ def test_one_replica_larger_than_the_partition(gorgonas) -> None:
     with pytest.raises(UsageError) as err:
         make_plan(gorgonas, llama70b(59 * 10**9), partition_size=2)
     assert "needs 3 node(s)" in err.value.message and "--replicas" not in (err.value.fix or "")
+
+
+def test_hetjob_off_gives_one_plain_n_node_job(tmp_path: Path) -> None:
+    settings = load_settings(profile="gorgonas", environ={}, overrides=["cluster.hetjob=false"])
+    plan = make_plan(settings, llama70b(59 * 10**9))
+    assert plan.layout == "plain" and not plan.heterogeneous
+    rd = RunDir(tmp_path / "dep")
+    text = render_job_script(plan, rd, "python3 -m speedslurm.jobentry x")
+    assert "#SBATCH hetjob" not in text and "#SBATCH --nodes=3" in text and "--het-group" not in text
+    # a model pinned to its host still needs the leader component
+    pinned = make_plan(settings, llama70b(59 * 10**9, host="gorgona1"))
+    assert pinned.layout == "hetjob"
