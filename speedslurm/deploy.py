@@ -330,6 +330,28 @@ def replica_statuses(dep: Deployment, states: dict[str, slurm.JobState] | None =
     return out
 
 
+class StatusProbe:
+    """``replica_statuses`` for a polling loop: the run directory at every call, Slurm at most every
+    ``slurm_every`` seconds. squeue and sacct cost a process each; asked ten times a second they take CPU
+    from the model load they are waiting for. Failures still show at once: they come from failed.json."""
+
+    def __init__(self, dep: Deployment, slurm_every: float = 1.0,
+                 clock: tp.Callable[[], float] = time.monotonic) -> None:
+        self.dep = dep
+        self.slurm_every = slurm_every
+        self.clock = clock
+        self._states: dict[str, slurm.JobState] | None = None
+        self._asked = -float("inf")
+
+    def __call__(self) -> list[ReplicaStatus]:
+        if self.dep.executor == "slurm":
+            now = self.clock()
+            if self._states is None or now - self._asked >= self.slurm_every:
+                self._states = slurm.job_states(self.dep.job_ids)
+                self._asked = now
+        return replica_statuses(self.dep, self._states)
+
+
 def deployment_state(statuses: tp.Sequence[ReplicaStatus]) -> str:
     """One state for the deployment: the best state any replica reached, FAILED when all failed."""
     states = [s.state for s in statuses]

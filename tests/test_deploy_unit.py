@@ -66,3 +66,24 @@ def test_array_replicas_and_pending_array(tmp_path: Path) -> None:
     statuses = replica_statuses(dep, states)
     assert [s.state for s in statuses] == ["STARTING", "READY"]
     assert deployment_state(statuses) == "READY"
+
+
+def test_status_probe_asks_slurm_at_most_once_a_second(tmp_path: Path, monkeypatch) -> None:
+    from speedslurm import deploy
+
+    dep = _dep(tmp_path, ["7"])
+    calls = []
+    monkeypatch.setattr(deploy.slurm, "job_states",
+                        lambda ids: calls.append(ids) or {"7+0": JobState("7+0", "RUNNING")})
+    now = [0.0]
+    probe = deploy.StatusProbe(dep, slurm_every=1.0, clock=lambda: now[0])
+    for _ in range(10):
+        assert probe()[0].state == "STARTING"
+        now[0] += 0.1
+    assert len(calls) == 1
+    write_json_atomic(dep.run_dir.failed_path(0), {"job_id": "7", "reason": "boom"})
+    assert probe()[0].state == "FAILED"  # a failure shows at once, without asking Slurm
+    assert len(calls) == 1
+    now[0] = 5.0
+    probe()
+    assert len(calls) == 2  # a second later it asks again

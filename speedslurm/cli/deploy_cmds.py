@@ -161,7 +161,7 @@ def do_up(ctx: click.Context, model: str, *, executor: str | None, nodes: int | 
         err_console().print(f"deployment {dep.id}: {plan.model.name} on {plan.nodes} node(s) x {plan.replicas} "
                             f"replica(s), job(s) {', '.join(dep.job_ids)}")
     try:
-        statuses = dp.wait_ready(lambda: dp.replica_statuses(dep), until=until, timeout=timeout,
+        statuses = dp.wait_ready(dp.StatusProbe(dep), until=until, timeout=timeout,
                                  interval=settings.run.poll_interval_s, on_update=_progress_printer(as_json),
                                  describe_failure=lambda s: dp.failure_text(dep, s))
     except KeyboardInterrupt:
