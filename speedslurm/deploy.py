@@ -322,7 +322,7 @@ def replica_statuses(dep: Deployment, states: dict[str, slurm.JobState] | None =
             state = "READY"
         elif loading:
             state = "LOADING"
-        elif job_state in ("RUNNING", "COMPLETING"):
+        elif job_state == "RUNNING":
             state = "STARTING"
         else:
             state = "PENDING"

@@ -34,7 +34,8 @@ class JobState:
 
     @property
     def final(self) -> bool:
-        return self.state.split()[0] in FINAL_STATES
+        # COMPLETING: the job is over and Slurm is killing what is left of it; nothing in it serves any more.
+        return self.state.split()[0] in FINAL_STATES or self.state.startswith("COMPLETING")
 
 
 def partition_info(partition: str | None) -> dict[str, tp.Any]:

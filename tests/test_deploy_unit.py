@@ -87,3 +87,10 @@ def test_status_probe_asks_slurm_at_most_once_a_second(tmp_path: Path, monkeypat
     now[0] = 5.0
     probe()
     assert len(calls) == 2  # a second later it asks again
+
+
+def test_a_completing_job_no_longer_serves(tmp_path: Path) -> None:
+    dep = _dep(tmp_path, ["7"])
+    write_json_atomic(dep.run_dir.endpoint_path(0), _endpoint("7"))
+    states = {"7+0": JobState("7+0", "COMPLETING"), "7+1": JobState("7+1", "COMPLETING")}
+    assert replica_statuses(dep, states)[0].state == "ENDED"

@@ -9,6 +9,7 @@ import typing as tp
 import click
 
 from .. import deploy as dp
+from ..errors import DeploymentFailed
 from . import cli
 from .batch_cmds import _deployment_source, batch_options, execute, options_from
 from .common import err_console
@@ -54,6 +55,10 @@ def submit_cmd(ctx: click.Context, model: str, executor: str | None, nodes: int 
         except KeyboardInterrupt:
             err.print(f"Interrupted before the batch started; nothing was sent. To start again: {again}")
             raise SystemExit(130) from None
+        except DeploymentFailed as exc:
+            # Nothing was sent yet: the same command starts a new deployment and runs the whole batch.
+            exc.fix = f"{exc.fix}; nothing was sent: run the same command again to retry ({again})"
+            raise
         try:
             execute(_deployment_source(ctx, dep.id), prepared, options, json_mode)
         finally:
