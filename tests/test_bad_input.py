@@ -53,20 +53,12 @@ def _bad_prompts(content: bytes | str) -> tp.Callable[[Path], tuple[list[str], d
 
 def _mixed_bin_dir(d: Path) -> Path:
     """llama-server from one build, the RPC server from a copy whose libggml-rpc has another build-id."""
-    from speedslurm.binaries import _elf_build_id, find_llama_binaries
+    from builds import patched_rpc_build
+
+    from speedslurm.binaries import find_llama_binaries
 
     real = Path(find_llama_binaries().rpc_server).resolve().parent
-    other = d / "other"
-    other.mkdir()
-    for item in real.iterdir():
-        if item.name == "ggml-rpc-server" or item.name.startswith("libggml"):
-            if item.is_symlink():
-                os.symlink(os.readlink(item), other / item.name)
-            else:
-                shutil.copy2(item, other / item.name)
-    lib = (other / "libggml-rpc.so").resolve()
-    old = bytes.fromhex(tp.cast(str, _elf_build_id(lib)))
-    lib.write_bytes(lib.read_bytes().replace(old, bytes(b ^ 0xFF for b in old)))
+    other = patched_rpc_build(real, d / "other")
     mixed = d / "mixed"
     mixed.mkdir()
     os.symlink(real / "llama-server", mixed / "llama-server")

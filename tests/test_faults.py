@@ -23,6 +23,7 @@ import typing as tp
 from pathlib import Path
 
 import pytest
+from builds import patched_rpc_build
 
 pytestmark = [pytest.mark.llama]
 bed = pytest.mark.slurm
@@ -620,30 +621,13 @@ def test_9_stale_handshake_files_of_another_job_are_never_used(env, shared_tmp: 
 # ------------------------------------------------------------------------------------------ 10: two builds
 
 
-def _patched_build(src: Path, dst: Path) -> Path:
-    """A copy of the RPC server and its libraries whose libggml-rpc carries another build-id."""
-    from speedslurm.binaries import _elf_build_id
-
-    dst.mkdir()
-    for item in src.iterdir():
-        if item.name == "ggml-rpc-server" or item.name.startswith("libggml"):
-            if item.is_symlink():
-                os.symlink(os.readlink(item), dst / item.name)
-            else:
-                shutil.copy2(item, dst / item.name)
-    lib = (dst / "libggml-rpc.so").resolve()
-    old = bytes.fromhex(tp.cast(str, _elf_build_id(lib)))
-    data = lib.read_bytes()
-    assert data.count(old) == 1
-    lib.write_bytes(data.replace(old, bytes(b ^ 0xFF for b in old)))
-    return dst
 
 
 @pytest.fixture
 def two_builds(shared_tmp: Path, llama_bins) -> tuple[Path, Path]:
     """(a llama.bin_dir whose two binaries are links into one build, the RPC server of another build)."""
     real = Path(llama_bins.rpc_server).resolve().parent
-    other = _patched_build(real, shared_tmp / "other-build")
+    other = patched_rpc_build(real, shared_tmp / "other-build")
     bin_dir = shared_tmp / "bin"
     bin_dir.mkdir()
     os.symlink(real / "llama-server", bin_dir / "llama-server")
