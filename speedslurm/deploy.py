@@ -269,23 +269,6 @@ def _same_job(file_job_id: tp.Any, job_id: str) -> bool:
     return not job_id or not file_job_id or str(file_job_id) == job_id
 
 
-def _job_state_for(job_id: str, states: dict[str, slurm.JobState]) -> slurm.JobState | None:
-    if job_id in states:
-        return states[job_id]
-    base, _, task = job_id.partition("_")
-    matches = [s for k, s in states.items() if k.split("+")[0] == job_id]
-    if not matches and task:
-        # a pending array shows as 123_[0-3]
-        matches = [s for k, s in states.items() if k.startswith(f"{base}_[")]
-    if not matches:
-        return None
-    for s in matches:  # the worst component decides
-        if s.state.split()[0] in slurm.BAD_STATES:
-            return s
-    running = [s for s in matches if s.state == "RUNNING"]
-    return running[0] if running else matches[0]
-
-
 def replica_statuses(dep: Deployment, states: dict[str, slurm.JobState] | None = None) -> list[ReplicaStatus]:
     dep.reload()
     if states is None and dep.executor == "slurm":
@@ -308,7 +291,7 @@ def replica_statuses(dep: Deployment, states: dict[str, slurm.JobState] | None =
             job_state = "RUNNING" if alive else "ENDED"
             final, bad, reason, nodes = not alive, False, "", "localhost"
         else:
-            js = _job_state_for(job_id, states or {}) if job_id else None
+            js = slurm.state_for(job_id, states or {}) if job_id else None
             job_state = js.state if js else ("PENDING" if job_id and not cancelled else "")
             final = bool(js and js.final) or (js is None and cancelled)
             bad = bool(js and js.state.split()[0] in slurm.BAD_STATES and js.state.split()[0] != "CANCELLED")

@@ -16,8 +16,9 @@ SUBMITTED_RE = re.compile(r"Submitted batch job (?P<id>\d+)")
 
 # Slurm states that end a job for good.
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
-                "BOOT_FAIL", "DEADLINE", "REVOKED", "SPECIAL_EXIT"}
-BAD_STATES = FINAL_STATES - {"COMPLETED"}
+                "BOOT_FAIL", "DEADLINE", "REVOKED", "SPECIAL_EXIT", "GONE"}
+# GONE: not in the queue any more, and accounting has no record (yet: slurmdbd may lag behind).
+BAD_STATES = FINAL_STATES - {"COMPLETED", "GONE"}
 
 
 def have_slurm() -> bool:
@@ -81,19 +82,29 @@ def node_address(node: str) -> str | None:
 
 
 def job_states(job_ids: tp.Iterable[str]) -> dict[str, JobState]:
-    """States of jobs (arrays and hetjobs expanded: keys like 123, 123_1, 123+1) from squeue, then sacct."""
-    ids = sorted({str(j).split("_")[0].split("+")[0] for j in job_ids})
+    """States of jobs (arrays and hetjobs expanded: keys like 123, 123_1, 123+1) from squeue, then sacct.
+
+    squeue is the authority on live jobs: a recorded job it no longer lists has ended, whatever accounting
+    says, since slurmdbd takes records asynchronously and can lag behind (still RUNNING, or no record yet).
+    Such a job gets sacct's final state when there is one, else ``GONE``.
+    """
+    wanted = [str(j) for j in job_ids]
+    ids = sorted({j.split("_")[0].split("+")[0] for j in wanted})
     if not ids:
         return {}
-    states: dict[str, JobState] = {}
+    queued: dict[str, JobState] = {}
+    squeue_ok = True
     try:
-        out = call(["squeue", "-h", "-j", ",".join(ids), "-o", "%i|%T|%r|%N"], timeout=20, check=False)
-    except CommandError:
+        out = call(["squeue", "-h", "-j", ",".join(ids), "-o", "%i|%T|%r|%N"], timeout=20)
+    except CommandError as exc:
         out = ""
+        # An id Slurm has forgotten is an answer ("Invalid job id"); a controller that does not answer is not.
+        squeue_ok = "Invalid job id" in exc.stderr
     for line in out.splitlines():
         parts = line.strip().split("|")
         if len(parts) >= 4:
-            states[parts[0]] = JobState(parts[0], parts[1], parts[2], "", parts[3])
+            queued[parts[0]] = JobState(parts[0], parts[1], parts[2], "", parts[3])
+    accounted: dict[str, JobState] = {}
     try:
         acct = call(["sacct", "-n", "-X", "-P", "-j", ",".join(ids), "-o", "JobID,State,ExitCode,NodeList"],
                     timeout=20, check=False)
@@ -101,9 +112,36 @@ def job_states(job_ids: tp.Iterable[str]) -> dict[str, JobState]:
         acct = ""
     for line in acct.splitlines():
         parts = line.strip().split("|")
-        if len(parts) >= 4 and parts[0] not in states:
-            states[parts[0]] = JobState(parts[0], parts[1].split()[0], "", parts[2], parts[3])
+        if len(parts) >= 4:
+            accounted[parts[0]] = JobState(parts[0], parts[1].split()[0], "", parts[2], parts[3])
+    states = dict(queued)
+    for key, acc in accounted.items():
+        if key not in states and (acc.final or not squeue_ok):
+            states[key] = acc
+    if squeue_ok:
+        for jid in wanted:
+            if state_for(jid, queued) is None:
+                last = state_for(jid, accounted)
+                states[jid] = last if last is not None and last.final else JobState(jid, "GONE")
     return states
+
+
+def state_for(job_id: str, states: dict[str, JobState]) -> JobState | None:
+    """The state of one recorded job id (123, 123_4) among ``job_states``' keys; the worst component decides."""
+    if job_id in states:
+        return states[job_id]
+    base, _, task = job_id.partition("_")
+    matches = [s for k, s in states.items() if k.split("+")[0] == job_id]
+    if not matches and task:
+        # a pending array shows as 123_[0-3]
+        matches = [s for k, s in states.items() if k.startswith(f"{base}_[")]
+    if not matches:
+        return None
+    for s in matches:
+        if s.state.split()[0] in BAD_STATES:
+            return s
+    running = [s for s in matches if s.state == "RUNNING"]
+    return running[0] if running else matches[0]
 
 
 def scancel(job_ids: tp.Iterable[str]) -> None:

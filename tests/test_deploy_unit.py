@@ -94,3 +94,35 @@ def test_a_completing_job_no_longer_serves(tmp_path: Path) -> None:
     write_json_atomic(dep.run_dir.endpoint_path(0), _endpoint("7"))
     states = {"7+0": JobState("7+0", "COMPLETING"), "7+1": JobState("7+1", "COMPLETING")}
     assert replica_statuses(dep, states)[0].state == "ENDED"
+
+
+def test_a_job_gone_from_the_queue_has_ended_even_without_accounting(monkeypatch) -> None:
+    from speedslurm import slurm
+    from speedslurm.errors import CommandError
+
+    def fake_call(argv, **kw):
+        if argv[0] == "squeue":
+            if "12" in argv[3]:
+                return "12_0|RUNNING|None|n1\n"
+            raise CommandError(argv, 1, "", "slurm_load_jobs error: Invalid job id specified")
+        return "11|RUNNING||n3\n"  # accounting lags: it still says RUNNING for a job squeue forgot
+
+    monkeypatch.setattr(slurm, "call", fake_call)
+    states = slurm.job_states(["12_0", "12_1"])
+    assert slurm.state_for("12_0", states).state == "RUNNING"
+    assert slurm.state_for("12_1", states).state == "GONE"
+    states = slurm.job_states(["11"])
+    assert slurm.state_for("11", states).state == "GONE" and slurm.state_for("11", states).final
+
+
+def test_an_unreachable_controller_is_not_taken_for_an_ended_job(monkeypatch) -> None:
+    from speedslurm import slurm
+    from speedslurm.errors import CommandError
+
+    def fake_call(argv, **kw):
+        if argv[0] == "squeue":
+            raise CommandError(argv, 1, "", "Unable to contact slurm controller (connect failure)")
+        return ""
+
+    monkeypatch.setattr(slurm, "call", fake_call)
+    assert slurm.state_for("12", slurm.job_states(["12"])) is None
