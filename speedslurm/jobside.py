@@ -20,6 +20,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import typing as tp
 import urllib.error
@@ -264,6 +265,7 @@ def _supervise(child: Child, rd: RunDir, replica: int, stop: _Stop, what: str, p
     """Wait while the child runs; a child exit, a failure elsewhere in the replica, an rpc peer that stopped
     acknowledging (``peers``: the leader's followers), or a signal ends it."""
     failed = rd.failed_path(replica)
+    heartbeat = HeartbeatProbe(peers)
     while not stop:
         code = child.poll()
         if code is not None:
@@ -272,6 +274,7 @@ def _supervise(child: Child, rd: RunDir, replica: int, stop: _Stop, what: str, p
             child.stop()
             raise RoleFailed("another role of this replica failed", None, "")
         _check_peers(child.pid, peers)
+        heartbeat.check()
         time.sleep(poll_s)
     child.stop()
 
@@ -301,6 +304,61 @@ def _unacknowledged(pid: int, host: str, port: int) -> int:
     except (OSError, StopIteration, ValueError):
         return 0
     return worst
+
+
+# Heartbeat: each follower answers on a port of its own (bound to its cluster address, answering one fixed
+# line and nothing else); the leader connects every HEARTBEAT_EVERY_S. A follower whose node lost power or
+# whose link is cut stops answering even while llama-server waits for a reply with nothing unacknowledged,
+# which the retransmission watchdog below cannot see.
+HEARTBEAT_EVERY_S = 1.0
+HEARTBEAT_TIMEOUT_S = 1.0
+HEARTBEAT_MISSES = 3
+
+
+def start_heartbeat(address: str) -> int:
+    """Answer ``ok`` on a free port of ``address`` in a daemon thread; returns the port."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind((address, 0))
+    server.listen(16)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with contextlib.suppress(OSError), conn:
+                conn.sendall(b"ok\n")
+
+    threading.Thread(target=serve, name="heartbeat", daemon=True).start()
+    return int(server.getsockname()[1])
+
+
+class HeartbeatProbe:
+    """The leader's view of its followers' heartbeats; raises :class:`RoleFailed` after repeated misses."""
+
+    def __init__(self, peers: tp.Sequence[dict[str, tp.Any]], clock: tp.Callable[[], float] = time.monotonic) -> None:
+        self.peers = [p for p in peers if p.get("heartbeat_port")]
+        self.clock = clock
+        self.misses = {id(p): 0 for p in self.peers}
+        self.last = -float("inf")
+
+    def check(self) -> None:
+        if not self.peers or self.clock() - self.last < HEARTBEAT_EVERY_S:
+            return
+        self.last = self.clock()
+        for peer in self.peers:
+            host, port = str(peer["host"]), int(peer["heartbeat_port"])
+            try:
+                with socket.create_connection((host, port), timeout=HEARTBEAT_TIMEOUT_S) as conn:
+                    ok = conn.recv(3) == b"ok\n"
+            except OSError:
+                ok = False
+            self.misses[id(peer)] = 0 if ok else self.misses[id(peer)] + 1
+            if self.misses[id(peer)] >= HEARTBEAT_MISSES:
+                raise RoleFailed(f"follower on {peer.get('node', host)} ({host}) stopped answering its heartbeat "
+                                 f"{HEARTBEAT_MISSES} times in a row: its node is down or its network link is cut")
 
 
 def _check_peers(pid: int, peers: tp.Sequence[dict[str, tp.Any]]) -> None:
@@ -336,8 +394,8 @@ def run_follower(dep: dict[str, tp.Any], rd: RunDir, replica: int, rank: int, st
     child, port = _start_listening(argv, address, int(llama.get("rpc_port") or 0), rd.log_path(replica, "follower", rank),
                                    env, stop, 60, f"rpc-server on {node}")
     write_json_atomic(rd.follower_path(replica, rank), {
-        "job_id": current_job_id(), "rank": rank, "node": node, "host": address, "port": port, "pid": child.pid, "version": version,
-        "started_at": time.time(),
+        "job_id": current_job_id(), "rank": rank, "node": node, "host": address, "port": port, "pid": child.pid,
+        "version": version, "heartbeat_port": start_heartbeat(address), "started_at": time.time(),
     })
     _supervise(child, rd, replica, stop, f"rpc-server on {node} ({address}:{port})", dep["poll_interval_s"])
 

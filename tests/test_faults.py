@@ -454,13 +454,9 @@ def test_6_follower_link_cut_mid_batch(env, shared_tmp: Path, tiny_gguf: Path) -
             cut.pop("down")
 
     # The link comes back as soon as the failure is reported, before Slurm would declare the node dead.
-    # Four slots: the leader's watchdog sees sends that go unacknowledged. With many slots batched into one
-    # long step the leader can sit in a receive with nothing unacknowledged; then only Slurm's node failure
-    # detection (SlurmdTimeout) ends it (docs/reliability.md, known limits).
     node = ""
     try:
-        run, _ids, _out = replica_fault(env, shared_tmp, tiny_gguf, link_down, "replica r1 failed", reported=restore,
-                                        extra=("--set", "llama.parallel=4"))
+        run, _ids, _out = replica_fault(env, shared_tmp, tiny_gguf, link_down, "replica r1 failed", reported=restore)
     finally:
         node = cut.get("node", node)
         restore()

@@ -1,0 +1,35 @@
+"""Job-side pieces that need no cluster: the followers' heartbeat and the leader's probe of it."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from speedslurm.jobside import HEARTBEAT_MISSES, HeartbeatProbe, RoleFailed, start_heartbeat
+
+
+def test_a_live_follower_answers_and_a_silent_one_fails_the_leader() -> None:
+    live = {"node": "n2", "host": "127.0.0.1", "heartbeat_port": start_heartbeat("127.0.0.1")}
+    with socket.socket() as s:  # a port nobody answers on any more
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    dead = {"node": "n3", "host": "127.0.0.1", "heartbeat_port": dead_port}
+    now = [0.0]
+    probe = HeartbeatProbe([live], clock=lambda: now[0])
+    for _ in range(5):
+        probe.check()
+        now[0] += 1.0
+    probe = HeartbeatProbe([live, dead], clock=lambda: now[0])
+    for i in range(HEARTBEAT_MISSES - 1):
+        if i:
+            now[0] += 1.0
+        probe.check()
+    probe.check()  # asked again too soon: no new attempt, no failure yet
+    now[0] += 1.0
+    with pytest.raises(RoleFailed, match="follower on n3 .* stopped answering its heartbeat 3 times"):
+        probe.check()
+
+
+def test_peers_without_a_heartbeat_are_not_probed() -> None:
+    HeartbeatProbe([{"node": "n2", "host": "10.77.0.12", "port": 1}]).check()
