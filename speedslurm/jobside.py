@@ -99,15 +99,15 @@ def free_port(address: str, preferred: int = 0) -> int:
     raise RoleFailed(f"no free port on {address}")
 
 
-def current_job_id() -> str:
+def current_job_id(environ: tp.Mapping[str, str] | None = None) -> str:
     """This job's id as the client recorded it at submission: 123 (hetjob leader), 123_4 (array task),
     or the local controller's pid. Every handshake file carries it, so files left by another job in the
     same run directory are never taken for this one's."""
-    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    env = os.environ if environ is None else environ
+    array, task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
     if array and task:
         return f"{array}_{task}"
-    return (os.environ.get("SPEEDSLURM_JOB_ID") or os.environ.get("SLURM_JOB_ID")
-            or os.environ.get("SUBMITIT_LOCAL_JOB_ID", ""))
+    return env.get("SPEEDSLURM_JOB_ID") or env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_ID", "")
 
 
 def _ours(data: dict[str, tp.Any] | None) -> bool:

@@ -120,10 +120,10 @@ def default_run_dir(settings: Settings, model_name: str) -> Path:
 
 def job_id_from_env(environ: tp.Mapping[str, str]) -> tuple[str, int]:
     """(job id as ``up`` records it, replica) of the running batch script: ``123`` or ``123_4`` for arrays."""
-    array_job, task = environ.get("SLURM_ARRAY_JOB_ID"), environ.get("SLURM_ARRAY_TASK_ID")
-    if array_job and task is not None:
-        return f"{array_job}_{task}", int(task)
-    return environ.get("SLURM_JOB_ID", ""), 0
+    from .jobside import current_job_id
+
+    job_id = current_job_id(environ)
+    return job_id, int(job_id.split("_")[1]) if "_" in job_id else 0
 
 
 def record_job(run_dir: Path, job_id: str, replica: int) -> None:
