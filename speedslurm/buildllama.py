@@ -23,6 +23,7 @@ from pathlib import Path
 
 from . import slurm
 from .errors import CommandError, DeploymentFailed, UsageError
+from .packaged import TEMPLATES, data_dir
 from .proc import call
 
 TEMPLATE_NAME = "build-llama.sbatch"
@@ -33,12 +34,13 @@ _NODE_LINE_RE = re.compile(r"^NODE\|(?P<node>[^|]*)\|(?P<server_rc>-?\d+)\|(?P<r
 
 
 def templates_dir() -> Path:
-    """The project's ``sbatch_templates/`` folder."""
+    """The packaged ``sbatch_templates/`` folder; ``$SPEEDSLURM_TEMPLATES_DIR`` replaces it."""
     env = os.environ.get("SPEEDSLURM_TEMPLATES_DIR")
-    folder = Path(env) if env else Path(__file__).resolve().parent.parent / "sbatch_templates"
-    if not (folder / TEMPLATE_NAME).is_file():
-        raise UsageError(f"the sbatch templates are not in {folder}",
-                         fix="run from a checkout of speedslurm, or set SPEEDSLURM_TEMPLATES_DIR to its sbatch_templates/")
+    folder = Path(env) if env else data_dir(TEMPLATES)
+    if folder is None or not (folder / TEMPLATE_NAME).is_file():
+        raise UsageError(f"the sbatch templates are not in {folder or 'the installed package'}",
+                         fix="reinstall speedslurm (its wheel carries sbatch_templates/), or set "
+                             "SPEEDSLURM_TEMPLATES_DIR to a folder holding them")
     return folder
 
 

@@ -3,10 +3,12 @@
 Layers, lowest to highest precedence:
 
 1. packaged defaults (``speedslurm/defaults.yaml``: lists every valid key);
-2. the project's ``configs/``: ``models.yaml`` then ``<profile>.yaml``;
-3. the user's file: ``$SPEEDSLURM_CONFIG`` or ``~/.config/speedslurm/config.yaml``;
-4. ``SPEEDSLURM_<SECTION>__<KEY>`` environment variables (values parsed as YAML scalars);
-5. CLI flags (``--set section.key=value`` and each command's own flags).
+2. the model registry: the packaged ``configs/models.yaml``, then the user's ``~/.config/speedslurm/models.yaml``;
+3. the cluster profile: the packaged ``configs/<profile>.yaml``, then the user's
+   ``~/.config/speedslurm/profiles/<profile>.yaml`` (a profile must exist in one of them);
+4. the user's file: ``$SPEEDSLURM_CONFIG`` or ``~/.config/speedslurm/config.yaml``;
+5. ``SPEEDSLURM_<SECTION>__<KEY>`` environment variables (values parsed as YAML scalars);
+6. CLI flags (``--set section.key=value`` and each command's own flags).
 
 Unknown keys and wrong types are :class:`ConfigError` naming the file, the key and the valid keys.
 Nothing is read at import time: a broken file cannot break ``--help``.
@@ -23,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from .errors import ConfigError
+from .packaged import CONFIGS, data_dir
 
 ENV_PREFIX = "SPEEDSLURM_"
 # Environment variables with a meaning of their own, not settings paths.
@@ -144,13 +147,34 @@ def package_defaults_path() -> Path:
     return Path(__file__).with_name("defaults.yaml")
 
 
-def configs_dir() -> Path | None:
-    """The project's ``configs/``: ``$SPEEDSLURM_CONFIGS_DIR``, else the folder beside the package source."""
-    env = os.environ.get("SPEEDSLURM_CONFIGS_DIR")
+def configs_dir(environ: tp.Mapping[str, str] | None = None) -> Path | None:
+    """The packaged ``configs/`` (registry and profiles); ``$SPEEDSLURM_CONFIGS_DIR`` replaces it."""
+    environ = os.environ if environ is None else environ
+    env = environ.get("SPEEDSLURM_CONFIGS_DIR")
     if env:
         return Path(env)
-    candidate = Path(__file__).resolve().parent.parent / "configs"
-    return candidate if candidate.is_dir() else None
+    return data_dir(CONFIGS)
+
+
+def user_config_dir(environ: tp.Mapping[str, str] | None = None) -> Path:
+    """``$XDG_CONFIG_HOME/speedslurm`` or ``~/.config/speedslurm``: the user's config.yaml, models.yaml and
+    ``profiles/<name>.yaml``, layered over the packaged ones."""
+    environ = os.environ if environ is None else environ
+    base = environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    return Path(base) / "speedslurm"
+
+
+def profile_paths(name: str, cdir: Path | None, udir: Path) -> list[Path]:
+    """Where profile ``name`` may be defined, lowest precedence first: packaged, then the user's own."""
+    if not name or "/" in name or name.startswith(".") or name == "models":
+        return []
+    return [*([cdir / f"{name}.yaml"] if cdir else []), udir / "profiles" / f"{name}.yaml"]
+
+
+def known_profiles(cdir: Path | None, udir: Path) -> list[str]:
+    names = {p.stem for p in cdir.glob("*.yaml") if p.stem != "models"} if cdir else set()
+    names |= {p.stem for p in (udir / "profiles").glob("*.yaml")}
+    return sorted(names)
 
 
 def user_config_path(explicit: str | os.PathLike[str] | None = None,
@@ -161,8 +185,7 @@ def user_config_path(explicit: str | os.PathLike[str] | None = None,
     env = environ.get("SPEEDSLURM_CONFIG")
     if env:
         return Path(env)
-    base = environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
-    return Path(base) / "speedslurm" / "config.yaml"
+    return user_config_dir(environ) / "config.yaml"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -284,16 +307,19 @@ def load_settings(*, profile: str | None = None, config_path: str | os.PathLike[
             if "profile" in layer:
                 chosen = str(layer["profile"])
                 break
-    cdir = configs_dir()
+    cdir = configs_dir(environ)
+    udir = user_config_dir(environ)
     if cdir is not None:
         layers.append((_load_yaml(cdir / "models.yaml", required=False), str(cdir / "models.yaml")))
-        name = chosen or str(layers[0][0].get("profile", "gorgonas"))
-        prof_path = cdir / f"{name}.yaml"
-        if chosen and not prof_path.exists():
-            known = sorted(p.stem for p in cdir.glob("*.yaml") if p.stem != "models")
-            raise ConfigError(f"unknown profile {name!r}: {prof_path} does not exist",
-                              fix=f"use one of: {', '.join(known)}")
-        layers.append((_load_yaml(prof_path, required=False), str(prof_path)))
+    layers.append((_load_yaml(udir / "models.yaml", required=False), str(udir / "models.yaml")))
+    name = chosen or str(layers[0][0].get("profile", "gorgonas"))
+    profile_files = [p for p in profile_paths(name, cdir, udir) if p.is_file()]
+    if not profile_files:
+        raise ConfigError(f"unknown profile {name!r}",
+                          fix=f"use one of: {', '.join(known_profiles(cdir, udir)) or '(none found)'}; "
+                              f"or write your own as {udir / 'profiles' / (name + '.yaml')}")
+    for path in profile_files:
+        layers.append((_load_yaml(path, required=True), str(path)))
     layers.append((user, str(user_path)))
     layers.extend(env_layers)
     layers.extend(set_layers)

@@ -107,3 +107,35 @@ def test_describe_reports_origins() -> None:
     rows = {k: (v, o) for k, v, o in describe(s)}
     assert rows["llama.parallel"] == (5, "--set llama.parallel")
     assert rows["llama.ngl"][1] in ("default",) or rows["llama.ngl"][1].endswith(".yaml")
+
+
+def test_unknown_profile_is_an_error_naming_the_profiles(tmp_path: Path) -> None:
+    env = {"XDG_CONFIG_HOME": str(tmp_path)}
+    with pytest.raises(ConfigError) as err:
+        load_settings(profile="testbedd", environ=env)
+    text = err.value.render()
+    assert "unknown profile 'testbedd'" in text
+    assert "gorgonas, local, testbed" in text
+    assert err.value.exit_code == 2
+
+
+def test_user_profiles_and_models_add_to_the_packaged_ones(tmp_path: Path) -> None:
+    udir = tmp_path / "speedslurm"
+    (udir / "profiles").mkdir(parents=True)
+    (udir / "profiles" / "mylab.yaml").write_text("cluster:\n  name: mylab\n  partition: gpu\n")
+    (udir / "profiles" / "testbed.yaml").write_text("llama:\n  parallel: 3\n")
+    (udir / "models.yaml").write_text("models:\n  mine:\n    files: [/data/mine.gguf]\n")
+    env = {"XDG_CONFIG_HOME": str(tmp_path)}
+
+    s = load_settings(profile="mylab", environ=env)
+    assert (s.cluster.name, s.cluster.partition) == ("mylab", "gpu")
+    assert s.origins["cluster.name"] == str(udir / "profiles" / "mylab.yaml")
+    assert {"Q4_K_S", "Q6_K_L", "mine"} <= set(s.models)   # packaged registry plus the user's
+    assert s.origins["models.mine.files"] == str(udir / "models.yaml")
+
+    s = load_settings(profile="testbed", environ=env)       # the user's file layers over the packaged one
+    assert s.cluster.name == "testbed" and s.llama.parallel == 3
+
+    with pytest.raises(ConfigError) as err:
+        load_settings(profile="nope", environ=env)
+    assert "mylab" in err.value.render() and "testbed" in err.value.render()
