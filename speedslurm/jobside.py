@@ -17,6 +17,7 @@ import contextlib
 import os
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -370,6 +371,30 @@ def _check_peers(pid: int, peers: tp.Sequence[dict[str, tp.Any]]) -> None:
                              "its network link is cut)")
 
 
+def private_dir(path: str, node: str, setting: str) -> str:
+    """Create ``path`` mode 0700, or accept it only when it is a real folder of this user that nobody else can
+    write: rpc-server loads cached tensors from it, so a folder another user controls could feed it weights."""
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise RoleFailed(f"cannot create the rpc-server cache folder {path} on {node}: {exc.strerror}; "
+                         f"set {setting} to a folder of yours on local disk") from None
+    st = os.lstat(path)
+    problem = ("is not a folder (a link or a file)" if not stat.S_ISDIR(st.st_mode)
+               else f"belongs to uid {st.st_uid}, not to you (uid {os.getuid()})" if st.st_uid != os.getuid()
+               else f"is writable by others (mode {stat.S_IMODE(st.st_mode):04o})" if st.st_mode & 0o022
+               else "")
+    if problem:
+        raise RoleFailed(f"refusing the rpc-server cache folder {path} on {node}: it {problem}; remove it, or set "
+                         f"{setting} to a private folder of yours on local disk")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)   # ours and not writable by others: just make it private
+    return path
+
+
 def run_follower(dep: dict[str, tp.Any], rd: RunDir, replica: int, rank: int, stop: _Stop) -> None:
     node = node_name()
     address = cluster_address(dep, node)
@@ -381,8 +406,7 @@ def run_follower(dep: dict[str, tp.Any], rd: RunDir, replica: int, rank: int, st
     if llama.get("rpc_cache"):
         cache_dir = llama.get("rpc_cache_dir") or os.path.join(
             os.environ.get("TMPDIR", "/tmp"), f"speedslurm-rpc-cache-{os.getuid()}")
-        cache_dir = os.path.expanduser(cache_dir)
-        os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+        cache_dir = private_dir(os.path.expanduser(cache_dir), node, "llama.rpc_cache_dir")
         env["LLAMA_CACHE"] = cache_dir
         cache_args = ["-c"]
     threads = ["-t", str(llama["threads"])] if llama.get("threads") else []

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -33,3 +35,28 @@ def test_a_live_follower_answers_and_a_silent_one_fails_the_leader() -> None:
 
 def test_peers_without_a_heartbeat_are_not_probed() -> None:
     HeartbeatProbe([{"node": "n2", "host": "10.77.0.12", "port": 1}]).check()
+
+
+def test_rpc_cache_folder_is_private_and_foreign_ones_are_refused(tmp_path: Path) -> None:
+    from speedslurm.jobside import RoleFailed, private_dir
+
+    made = private_dir(str(tmp_path / "cache"), "n1", "llama.rpc_cache_dir")
+    assert os.stat(made).st_mode & 0o777 == 0o700
+
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    os.chmod(loose, 0o777)
+    with pytest.raises(RoleFailed, match=r"loose on n1: it is writable by others \(mode 0777\).*llama.rpc_cache_dir"):
+        private_dir(str(loose), "n1", "llama.rpc_cache_dir")
+
+    link = tmp_path / "link"
+    link.symlink_to(made)
+    with pytest.raises(RoleFailed, match="is not a folder"):
+        private_dir(str(link), "n1", "llama.rpc_cache_dir")
+
+    if os.getuid() == 0:  # a folder that belongs to another account
+        foreign = tmp_path / "foreign"
+        foreign.mkdir(mode=0o700)
+        os.chown(foreign, 65534, 65534)
+        with pytest.raises(RoleFailed, match="belongs to uid 65534, not to you"):
+            private_dir(str(foreign), "n1", "llama.rpc_cache_dir")
