@@ -8,7 +8,7 @@
 
 When a child exits, the role writes ``failed.json`` (exit code, reason, last log lines) where the client
 reads it, and the task ends non-zero so Slurm ends the whole job (srun --kill-on-bad-exit). SIGTERM (from
-scancel or the time limit) stops the children cleanly.
+scancel or the time limit) and Slurm's time-limit warning (SIGUSR2) stop the children cleanly.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from .jobentry import hold_time_limit_warning, release_time_limit_warning
 from .rundir import Endpoint, RunDir, read_json, write_json_atomic
 
 LOG_TAIL_LINES = 20
@@ -541,12 +542,17 @@ def run_leader(dep: dict[str, tp.Any], rd: RunDir, replica: int, stop: _Stop) ->
 
 
 def serve(run_dir: str, replica: int = 0) -> int:
-    """The job function submitted for each replica; its rank picks the role."""
+    """The job function submitted for each replica; its rank picks the role.
+
+    Slurm's time-limit warning (SIGUSR2) stays blocked (the task entry blocked it first thing) until its
+    handler below is installed: one that came earlier is delivered then, never lost and never fatal.
+    """
+    hold_time_limit_warning()  # already held when started through jobentry; this covers other callers
+    stop = _Stop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
     import submitit
 
-    stop = _Stop()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
-        signal.signal(sig, stop)
     rd = RunDir(Path(run_dir))
     dep = rd.deployment()
     if dep is None:
@@ -565,6 +571,7 @@ def serve(run_dir: str, replica: int = 0) -> int:
                                                       "came); its servers stop now"))
 
     signal.signal(signal.SIGUSR2, time_limit_warning)
+    release_time_limit_warning()  # before any child starts: children inherit the signal mask
     try:
         if rank == 0:
             run_leader(dep, rd, replica, stop)
@@ -587,6 +594,7 @@ def serve(run_dir: str, replica: int = 0) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m speedslurm.jobside RUN_DIR [REPLICA]``: the same job side without submitit (templates)."""
+    hold_time_limit_warning()  # first, before the slow imports in serve()
     args = sys.argv[1:] if argv is None else argv
     if not args:
         print("usage: python -m speedslurm.jobside RUN_DIR [REPLICA]", file=sys.stderr)

@@ -9,8 +9,9 @@
 
 submitit's Slurm executor knows no hetjobs: :class:`HetjobSlurmExecutor` renders the hetjob script
 through :func:`render_job_script` (which builds on submitit's own sbatch renderer, so values are
-shell-quoted the same way) and starts the tasks through :mod:`speedslurm.jobentry`, which gives every
-component's task the leader's job id so they all find the one pickled job.
+shell-quoted the same way). Every executor starts its tasks through :mod:`speedslurm.jobentry`, which
+holds Slurm's time-limit warning before its slow imports and gives every component's task the leader's job
+id, so they all find the one pickled job.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ from .rundir import RunDir
 
 # Slurm's SIGUSR2 warning before the time limit; the job side treats it like SIGTERM.
 SIGNAL_DELAY_S = 60
+# slurmctld checks time limits every 30 s (PERIODIC_TIMEOUT) and sends the warning at the first check at
+# which it is due within the next 30 s, so it comes up to this much earlier than asked.
+SLURM_CHECK_PERIOD_S = 30
+# The shortest warning asked for: it still comes at least this long before the end, whatever the check's phase.
+MIN_SIGNAL_DELAY_S = 10
 
 
 def _one_line(text: str) -> str:
@@ -41,9 +47,14 @@ def _one_line(text: str) -> str:
 
 
 def signal_delay_s(plan: Plan) -> int:
-    """When Slurm warns the job before its time limit: a minute before, but at most half the limit, so that a
-    short job (``--time 1``) is not told to stop as soon as it starts."""
-    return min(SIGNAL_DELAY_S, plan.time_minutes * 60 // 2)
+    """How long before its time limit Slurm warns the job (``--signal=USR2@S``).
+
+    A minute, but the warning comes between S and S + 30 s before the end (SLURM_CHECK_PERIOD_S), so a short
+    job asks for less: S + 30 s at most half its limit, but S at least MIN_SIGNAL_DELAY_S. A one-minute job
+    asks for 10 s and is warned 20 to 50 s after it starts; asking for 30 s let the warning come at once.
+    """
+    half = plan.time_minutes * 60 // 2
+    return max(MIN_SIGNAL_DELAY_S, min(SIGNAL_DELAY_S, half - SLURM_CHECK_PERIOD_S))
 
 
 def job_name(plan: Plan) -> str:
@@ -120,17 +131,22 @@ def entry_command(python: str, folder: Path) -> str:
     return " ".join([python, "-u -m speedslurm.jobentry", shlex.quote(str(folder))])
 
 
-class HetjobSlurmExecutor(submitit.SlurmExecutor):
+class EntrySlurmExecutor(submitit.SlurmExecutor):
+    """submitit's Slurm executor whose tasks start through :mod:`speedslurm.jobentry`, not submitit's own
+    entry (which imports submitit before anything can hold Slurm's time-limit warning)."""
+
+    @property
+    def _submitit_command_str(self) -> str:
+        return entry_command(self.python, Path(self.folder))
+
+
+class HetjobSlurmExecutor(EntrySlurmExecutor):
     """submitit's Slurm executor, with the script rendered by :func:`render_job_script` (hetjob aware)."""
 
     def __init__(self, plan: Plan, run_dir: RunDir, python: str | None = None) -> None:
         super().__init__(folder=run_dir.submitit_dir, max_num_timeout=0, python=python)
         self.plan = plan
         self.run_dir = run_dir
-
-    @property
-    def _submitit_command_str(self) -> str:
-        return entry_command(self.python, Path(self.folder))
 
     def _make_submission_file_text(self, command: str, uid: str) -> str:
         return render_job_script(self.plan, self.run_dir, command)
@@ -146,7 +162,7 @@ def submit_slurm(plan: Plan, run_dir: RunDir, fn: tp.Callable[..., tp.Any]) -> l
         job = ex.submit(fn, str(run_dir.root), 0)
         return [str(job.job_id)]
     # Arrays: submitit's own array path renders the same script as render_job_script (map_count = R).
-    ex_arr = submitit.SlurmExecutor(folder=run_dir.submitit_dir, max_num_timeout=0)
+    ex_arr = EntrySlurmExecutor(folder=run_dir.submitit_dir, max_num_timeout=0)
     ex_arr.update_parameters(**slurm_parameters(plan, run_dir), array_parallelism=plan.replicas)
     jobs = ex_arr.map_array(fn, [str(run_dir.root)] * plan.replicas, list(range(plan.replicas)))
     return [str(j.job_id) for j in jobs]
@@ -157,8 +173,13 @@ class DetachedLocalExecutor(submitit.LocalExecutor):
 
     submitit starts the controller with the client's stdin/stdout/stderr; a deployment left running by
     ``speedslurm up`` would then keep a caller's pipe open (``$(speedslurm up ...)`` would never return)
-    and die with the terminal. Here it gets its own session, /dev/null and a log file instead.
+    and die with the terminal. Here it gets its own session, /dev/null and a log file instead. Its tasks
+    start through :mod:`speedslurm.jobentry`, as on Slurm.
     """
+
+    @property
+    def _submitit_command_str(self) -> str:
+        return entry_command(self.python, Path(self.folder))
 
     def _submit_command(self, command: str) -> submitit.local.local.LocalJob[tp.Any]:
         ntasks = self.parameters.get("tasks_per_node", 1)
