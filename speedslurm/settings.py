@@ -29,8 +29,9 @@ from .packaged import CONFIGS, data_dir
 
 ENV_PREFIX = "SPEEDSLURM_"
 # Environment variables with a meaning of their own, not settings paths.
+# SPEEDSLURM_API_KEY is `run --api-key`'s variable (a secret, never a setting).
 _ENV_RESERVED = {"SPEEDSLURM_CONFIG", "SPEEDSLURM_PROFILE", "SPEEDSLURM_CONFIGS_DIR",
-                 "SPEEDSLURM_REQUIRE_TESTBED"}
+                 "SPEEDSLURM_REQUIRE_TESTBED", "SPEEDSLURM_API_KEY", "SPEEDSLURM_TEMPLATES_DIR"}
 
 
 @dataclasses.dataclass(frozen=True)

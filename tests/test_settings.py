@@ -139,3 +139,9 @@ def test_user_profiles_and_models_add_to_the_packaged_ones(tmp_path: Path) -> No
     with pytest.raises(ConfigError) as err:
         load_settings(profile="nope", environ=env)
     assert "mylab" in err.value.render() and "testbed" in err.value.render()
+
+
+def test_variables_with_a_meaning_of_their_own_are_not_settings() -> None:
+    env = {"SPEEDSLURM_API_KEY": "sk-secret", "SPEEDSLURM_TEMPLATES_DIR": "/x"}
+    s = load_settings(profile="testbed", environ=env)
+    assert "sk-secret" not in repr(s.to_dict()) and s.cluster.name == "testbed"

@@ -20,7 +20,7 @@ Behaviour:
 * a replica that fails (its failed.json, the job ended, or ``down_after`` connection errors in a row) stops
   getting requests, and its in-flight requests go back to the queue for the others, without costing a retry;
 * when every replica has failed and none can come, :class:`BatchFailed` (exit 1) names each replica and why;
-* Ctrl-C (SIGINT): nothing new is sent, in-flight requests get ``options.grace`` seconds to finish and be written
+* Ctrl-C (SIGINT), SIGTERM and SIGHUP: nothing new is sent, in-flight requests get ``options.grace`` seconds to finish and be written
   (a second Ctrl-C cancels them at once), the file is flushed, and :class:`BatchInterrupted` (exit 130) says how
   to resume: run the same command again.
 """
@@ -28,6 +28,7 @@ Behaviour:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import heapq
 import json
@@ -219,8 +220,10 @@ class _Runner:
             self._cancel_all()
             return
         self.stopping = True
-        self.console.print(f"[yellow]Stopping:[/yellow] nothing new is sent; {self.inflight} requests in flight "
-                           f"get up to {self.opts.grace:g} s to finish (Ctrl-C again to stop now)", highlight=False)
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone; stopping must not fail
+            self.console.print(f"[yellow]Stopping:[/yellow] nothing new is sent; {self.inflight} requests in flight "
+                               f"get up to {self.opts.grace:g} s to finish (Ctrl-C again to stop now)",
+                               highlight=False)
         self.grace_handle = asyncio.get_running_loop().call_later(self.opts.grace, self._cancel_all)
         self._wake()
 
@@ -541,6 +544,9 @@ def _error_message(reply: Reply) -> str:
     return text[:300] or "(empty body)"
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 async def run_batch_async(source: EndpointSource, prepared: PreparedBatch, options: BatchOptions,
                           console: Console | None = None) -> Summary:
     """Run the batch inside a running event loop (no signal handling; cancel the task to stop)."""
@@ -560,12 +566,15 @@ def run_batch(source: EndpointSource, prepared: PreparedBatch, options: BatchOpt
         runner = _Runner(source, prepared, options, console or Console(stderr=True))
         loop = asyncio.get_running_loop()
         handled = threading.current_thread() is threading.main_thread()
-        if handled:
-            loop.add_signal_handler(signal.SIGINT, runner.interrupt)
+        # SIGTERM and SIGHUP (`timeout`, a dropped ssh session, an outer job's time limit) stop like Ctrl-C.
+        previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} if handled else {}
+        for sig in previous:
+            loop.add_signal_handler(sig, runner.interrupt)
         try:
             return await runner.run()
         finally:
-            if handled:
-                loop.remove_signal_handler(signal.SIGINT)
+            for sig, handler in previous.items():
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, handler)
 
     return asyncio.run(main())

@@ -5,7 +5,9 @@ Command modules register themselves on :data:`cli`; they are imported here (chea
 
 from __future__ import annotations
 
+import signal
 import sys
+import types
 
 import click
 
@@ -43,8 +45,16 @@ def _register() -> None:
     from . import batch_cmds, cluster_cmds, deploy_cmds, results_cmd, submit_cmd  # noqa: F401
 
 
+def _stop_like_ctrl_c(signum: int, frame: types.FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     _register()
+    # SIGTERM and SIGHUP (`timeout`, a dropped ssh session, an outer job's time limit) do what Ctrl-C does:
+    # stop cleanly, cancel the deployment unless --keep, leave a valid results file, say how to resume.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop_like_ctrl_c)
     try:
         cli.main(args=argv, prog_name="speedslurm", standalone_mode=False)
     except click.exceptions.Abort:
