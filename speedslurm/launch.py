@@ -30,6 +30,7 @@ from submitit.slurm import slurm as submitit_slurm
 
 from .plan import Plan
 from .rundir import RunDir
+from .sbatchopts import as_parameters, sbatch_line
 
 # Slurm's SIGUSR2 warning before the time limit; the job side treats it like SIGTERM.
 SIGNAL_DELAY_S = 60
@@ -90,8 +91,12 @@ def slurm_parameters(plan: Plan, run_dir: RunDir) -> dict[str, tp.Any]:
         params["qos"] = plan.qos
     if plan.cpus_per_node:
         params["cpus_per_task"] = plan.cpus_per_node
-    if plan.mem_per_node:
-        params["additional_parameters"] = {"mem": plan.mem_per_node}
+    extra: dict[str, tp.Any] = {"mem": plan.mem_per_node} if plan.mem_per_node else {}
+    # cluster.sbatch: checked against sbatch's options when the plan was made; submitit renders them
+    # among its own lines (sorted, values shell-quoted).
+    extra.update(as_parameters(plan.sbatch))
+    if extra:
+        params["additional_parameters"] = extra
     return params
 
 
@@ -106,6 +111,8 @@ def follower_component_lines(plan: Plan) -> list[str]:
     if exclude:
         lines.append(f"#SBATCH --exclude={shlex.quote(','.join(exclude))}")
     lines.append(f"#SBATCH --time={plan.time_minutes}")
+    # Slurm resets most options (--constraint among them) for each component: repeat cluster.sbatch here.
+    lines += [sbatch_line(name, value) for name, value in as_parameters(plan.sbatch).items()]
     return lines
 
 

@@ -22,6 +22,7 @@ import typing as tp
 
 from .errors import UsageError
 from .models import ModelSpec
+from .sbatchopts import flag, sbatch_line, sbatch_options
 from .settings import Settings
 
 GIB = 1024**3
@@ -83,6 +84,8 @@ class Plan:
     cpus_per_node: int | None = None
     mem_per_node: str | None = None
     hetjob: bool = True        # cluster.hetjob: a multi-node replica as a heterogeneous job
+    # cluster.sbatch, checked: (option name with "_", value or True for a bare flag), sorted
+    sbatch: tuple[tuple[str, str | bool], ...] = ()
 
     @property
     def total_nodes(self) -> int:
@@ -107,6 +110,7 @@ class Plan:
     def to_json(self) -> dict[str, tp.Any]:
         data = dataclasses.asdict(self)
         data["model"] = self.model.to_json()
+        data["sbatch"] = {flag(name): value for name, value in self.sbatch}
         data["total_nodes"] = self.total_nodes
         data["layout"] = self.layout
         data["need_gib"] = round((self.model.weights_bytes + self.kv_bytes + self.nodes * self.compute_bytes) / GIB, 2)
@@ -127,6 +131,7 @@ def make_plan(settings: Settings, model: ModelSpec, *, ctx: int | None = None, n
               replicas: int = 1, time: str | None = None, executor: str = "slurm",
               partition_size: int | None = None) -> Plan:
     """Size the deployment and validate it; raises :class:`UsageError` before anything is queued."""
+    extra_sbatch = sbatch_options(settings.cluster.sbatch, settings.origins)
     ctx = ctx if ctx is not None else model.ctx
     if ctx <= 0:
         raise UsageError(f"--ctx {ctx} must be positive", fix="pass a context size such as --ctx 8192")
@@ -180,7 +185,7 @@ def make_plan(settings: Settings, model: ModelSpec, *, ctx: int | None = None, n
         exclude=tuple(settings.cluster.exclude), executor=executor, devices=devices,
         account=settings.cluster.account, qos=settings.cluster.qos,
         cpus_per_node=settings.cluster.cpus_per_node, mem_per_node=settings.cluster.mem_per_node,
-        hetjob=settings.cluster.hetjob,
+        hetjob=settings.cluster.hetjob, sbatch=extra_sbatch,
     )
 
 
@@ -199,6 +204,8 @@ def describe_plan(plan: Plan) -> list[str]:
         f"slurm      partition={plan.partition or '(default)'} time={plan.time} gres={plan.gres or '-'}"
         + (f" leader on {plan.leader_host}" if plan.leader_host else ""),
     ]
+    if plan.sbatch:
+        lines.append("sbatch     " + " ".join(sbatch_line(n, v).removeprefix("#SBATCH ") for n, v in plan.sbatch))
     for d in plan.devices:
         lines.append(f"  {d.node:<11} weights {d.weights_bytes / GIB:6.2f} GiB + KV {d.kv_bytes / GIB:5.2f} GiB"
                      f" + compute {d.compute_bytes / GIB:4.2f} GiB = {d.total_bytes / GIB:6.2f} GiB")
