@@ -27,7 +27,7 @@ help:
 	@echo "make testbed-down    stop and remove the test bed"
 	@echo "make testbed-status  daemons, links and nodes of the test bed"
 	@echo "make test-unit       the tests that need neither the bed nor llama.cpp"
-	@echo "make lint            ruff and mypy"
+	@echo "make lint            ruff, mypy and deptry (declared dependencies = imported ones)"
 	@echo "make bench           benchmarks on the test bed; writes docs/benchmarks.md (QUICK=1: under 5 minutes)"
 
 install: $(PKG_STAMP) $(LLAMA_STAMP)
@@ -83,9 +83,12 @@ test: install lint testbed-up
 test-unit: $(PKG_STAMP)
 	$(PY) -m pytest -m "not slurm and not llama" $(PYTEST_ARGS) tests
 
+# deptry: every module speedslurm imports is a declared dependency, every declared one is imported
+# (settings in pyproject.toml's [tool.deptry]).
 lint: $(PKG_STAMP)
 	$(PY) -m ruff check speedslurm tests scripts/testbed bench
 	$(PY) -m mypy speedslurm
+	$(PY) -m deptry speedslurm
 
 # The demo: the real gemma-3-270m model (assembled from its PyPI package) on two local roles, leader and
 # follower, over llama.cpp RPC on 127.0.0.1 -- the same job side as on Slurm -- and a dozen varied prompts.

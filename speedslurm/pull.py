@@ -45,8 +45,10 @@ def _hub() -> tp.Any:
     try:
         import huggingface_hub
     except ImportError:
-        raise UsageError("downloading models needs the huggingface_hub package",
-                         fix="pip install 'speedslurm[hub]' (or pip install huggingface_hub)") from None
+        # A declared dependency of speedslurm: missing only from a broken or hand-made environment.
+        raise UsageError("downloading models needs the huggingface_hub package, a dependency of speedslurm that "
+                         "this Python lacks",
+                         fix="reinstall speedslurm in this environment, or pip install 'huggingface_hub>=0.24'") from None
     return huggingface_hub
 
 

@@ -188,6 +188,8 @@ class OpenAITransport:
     """The ``openai`` package's ``AsyncOpenAI``, used for its HTTP plumbing only (no model parsing, no retries)."""
 
     def __init__(self, endpoint: Endpoint, timeout: float) -> None:
+        # openai >= 3 sends through httpx2 (its 2.x line used httpx): cast_to=httpx2.Response asks it for the
+        # raw response, whatever the body holds.
         import httpx2
         import openai
 
