@@ -1,7 +1,13 @@
 """Typed errors. Every user-facing failure names the problem and the fix.
 
-Exit codes follow the CLI's contract: 2 for bad input or a configuration problem found before anything
-is queued, 1 for a failure at run time (a job that failed, a server that died).
+The CLI's exit statuses, all of them (the CLI's ``main`` maps each error to its ``exit_code``):
+
+* 0: done; for a batch (``run``, ``submit``): every request has a successful line;
+* 1: a failure at run time (a job that failed, a server that died, a batch that could not go on);
+* 2: bad input or a configuration problem, found before anything is queued;
+* 3: a batch ran to its end, but some requests failed (their error lines are in the results file; running
+  the same command again retries them);
+* 130: interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -43,6 +49,12 @@ class CommandError(SpeedslurmError):
         self.returncode = returncode
         self.stdout = stdout
         self.stderr = stderr
+
+
+class RequestsFailed(SpeedslurmError):
+    """A batch ran to its end but some requests got error lines (exit code 3)."""
+
+    exit_code = 3
 
 
 class DeploymentFailed(SpeedslurmError):

@@ -11,12 +11,23 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from ..errors import SpeedslurmError, UsageError
+from ..errors import RequestsFailed, SpeedslurmError, UsageError
 from . import cli
 
 if tp.TYPE_CHECKING:
     from ..batch.runner import BatchOptions
     from ..batch.sources import EndpointSource
+
+
+# The exit statuses of `run` and `submit` (the contract itself is in errors.py), shown under their --help.
+BATCH_EXIT_STATUSES = """\b
+Exit status:
+  0    every request has a successful line
+  3    the batch finished, but some requests failed (error lines in the results
+       file; the same command again retries them)
+  1    a failure: the deployment failed, or the batch could not go on
+  2    bad input or settings; nothing was sent
+  130  interrupted (Ctrl-C)"""
 
 
 def batch_options(fn: tp.Callable[..., tp.Any]) -> tp.Callable[..., tp.Any]:
@@ -57,8 +68,9 @@ def options_from(kw: dict[str, tp.Any]) -> BatchOptions:
                         skip_invalid=kw["skip_invalid"], quiet=kw["quiet"] or kw["json_mode"], client=kw["client"])
 
 
-@cli.command("run")
-@click.option("--deployment", "deployment_id", default=None, metavar="ID", help="A running deployment (see status).")
+@cli.command("run", epilog=BATCH_EXIT_STATUSES)
+@click.option("--deployment", "deployment_id", default=None, metavar="ID",
+              help="A running deployment: its id (see status) or its Slurm job id.")
 @click.option("--endpoint-file", "endpoint_files", type=click.Path(dir_okay=False, path_type=Path), multiple=True,
               help="An endpoint.json written by a deployment's leader (repeat for several replicas).")
 @click.option("--base-url", default=None, metavar="URL", help="Any OpenAI-compatible server, e.g. http://host:8080.")
@@ -102,7 +114,8 @@ def execute(source: EndpointSource, prepared: tp.Any, options: BatchOptions, jso
     """Run a prepared batch, print the summary (table on stderr, or JSON on stdout), map failures to exit codes.
 
     Ctrl-C ends in ``SystemExit(130)`` after the summary and the resume command are printed (a caller's
-    ``finally`` still runs); :class:`BatchFailed` propagates (exit 1) after the summary is printed.
+    ``finally`` still runs); :class:`BatchFailed` propagates (exit 1) after the summary is printed, and so
+    does :class:`RequestsFailed` (exit 3) when the batch ended with error lines.
     """
     from ..batch.runner import BatchFailed, BatchInterrupted, run_batch
 
@@ -121,9 +134,11 @@ def execute(source: EndpointSource, prepared: tp.Any, options: BatchOptions, jso
         _print_summary(exc.summary, err, json_mode)
         raise
     _print_summary(summary, err, json_mode)
-    if summary.failed and not json_mode:
-        err.print(f"[yellow]{summary.failed} request(s) failed[/yellow] (error lines in {summary.results_path}); "
-                  "run the same command again to retry them", highlight=False)
+    if summary.failed:
+        # Exit 3, not 0: a script must be able to tell a batch with error lines from a complete one.
+        raise RequestsFailed(f"the batch finished, but {summary.failed} of {summary.ok + summary.failed} "
+                             f"request(s) failed (error lines in {summary.results_path})",
+                             fix="run the same command again to retry them")
 
 
 def _print_summary(summary: tp.Any, err: Console, json_mode: bool) -> None:

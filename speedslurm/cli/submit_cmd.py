@@ -11,12 +11,12 @@ import click
 from .. import deploy as dp
 from ..errors import DeploymentFailed
 from . import cli
-from .batch_cmds import _deployment_source, batch_options, execute, options_from
+from .batch_cmds import BATCH_EXIT_STATUSES, _deployment_source, batch_options, execute, options_from
 from .common import err_console
 from .deploy_cmds import _model_options, do_up
 
 
-@cli.command("submit")
+@cli.command("submit", epilog=BATCH_EXIT_STATUSES)
 @_model_options
 @click.option("--keep", is_flag=True, help="Leave the deployment running after the batch (and after Ctrl-C).")
 @click.option("--ready-timeout", type=float, default=None,
