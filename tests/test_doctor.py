@@ -131,7 +131,7 @@ def _doctor(args: list[str]) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.slurm
 @pytest.mark.llama
-def test_doctor_passes_on_the_testbed(testbed: tp.Any, llama_bins: tp.Any) -> None:
+def test_doctor_passes_on_the_testbed(testbed: tp.Any, llama_bins: tp.Any, gemma_270m: Path) -> None:
     res = _doctor(["doctor", "--json"])
     out = json.loads(res.stdout)
     failing = [c for c in out["checks"] if not c["ok"]]
