@@ -29,7 +29,13 @@ from .rundir import (
 )
 from .settings import Settings
 
-STATES = ("PENDING", "STARTING", "LOADING", "READY", "FAILED", "ENDED")
+# UNSUBMITTED: written by `speedslurm render`, and no job of it found yet (run `sbatch` on its script).
+STATES = ("UNSUBMITTED", "PENDING", "STARTING", "LOADING", "READY", "FAILED", "ENDED")
+# Why a job ended, from Slurm's final state: these are ends (ENDED), every other final state is a failure.
+ENDED_WHY = {"CANCELLED": "cancelled", "TIMEOUT": "time limit", "PREEMPTED": "preempted",
+             "DEADLINE": "deadline reached", "COMPLETED": "completed"}
+FAILED_WHY = {"NODE_FAIL": "node failure", "OUT_OF_MEMORY": "out of memory", "BOOT_FAIL": "node boot failure",
+              "FAILED": "job failed", "REVOKED": "revoked", "SPECIAL_EXIT": "special exit"}
 _ID_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -191,20 +197,79 @@ def list_deployments(settings: Settings) -> list[Deployment]:
 
 
 def find_deployment(settings: Settings, ident: str) -> Deployment:
-    """By deployment id, a unique prefix of it, or a Slurm job id."""
+    """By deployment id, a unique prefix of it, or a Slurm job id (123, 123_4, 123+1: what sbatch, squeue and
+    sacct print). Every command that takes a deployment (status, endpoint, logs, down, run) resolves it here."""
     deps = list_deployments(settings)
-    exact = [d for d in deps if d.id == ident or ident in d.job_ids
-             or any(j.split("_")[0] == ident for j in d.job_ids)]
+    exact = [d for d in deps if d.id == ident] or _by_job_id(deps, ident)
+    if not exact and slurm.job_key(ident) and slurm.have_slurm():
+        # A script from `render` records its job id once it runs; a job still queued is found by its output folder.
+        for dep in deps:
+            if _needs_job_ids(dep):
+                find_submitted_job(dep)
+        exact = _by_job_id(deps, ident)
     if not exact:
         exact = [d for d in deps if d.id.startswith(ident)]
     if len(exact) == 1:
         return exact[0]
     if not exact:
         recent = ", ".join(d.id for d in deps[-5:]) or "none"
-        raise UsageError(f"unknown deployment {ident!r} (in {runs_root(settings)})",
-                         fix=f"pass an id from `speedslurm status` (recent: {recent})")
+        raise UsageError(f"unknown deployment {ident!r}: no deployment id and no job id of one (in "
+                         f"{runs_root(settings)})",
+                         fix=f"pass a deployment id or a Slurm job id from `speedslurm status` (recent: {recent})")
     raise UsageError(f"{ident!r} matches several deployments: {', '.join(d.id for d in exact)}",
                      fix="pass the full deployment id")
+
+
+def _by_job_id(deps: tp.Sequence[Deployment], ident: str) -> list[Deployment]:
+    """Deployments with a job ``ident``: 123 matches every task of array 123 and every component of hetjob 123."""
+    key = slurm.job_key(ident)
+    if key is None or key[0] == "":
+        return []
+    base, task = key
+    found = []
+    for dep in deps:
+        keys = [slurm.job_key(j) for j in dep.job_ids if j]
+        if any(k and k[0] == base and (not task or k[1] == task) for k in keys):
+            found.append(dep)
+    return found
+
+
+def _needs_job_ids(dep: Deployment) -> bool:
+    """A deployment rendered for plain sbatch that has not recorded the job id of every replica yet."""
+    if dep.executor != "slurm" or not str(dep.info.get("submitted_by", "")).startswith("sbatch"):
+        return False
+    ids = dep.job_ids
+    return len(ids) < dep.replicas or not all(ids[:dep.replicas])
+
+
+def script_path(dep: Deployment) -> Path:
+    """The job script ``render`` wrote for the deployment."""
+    return Path(dep.info.get("script") or dep.run_dir.root / "job.sbatch")
+
+
+def find_submitted_job(dep: Deployment) -> bool:
+    """Find and record the job id(s) of a rendered deployment that plain sbatch submitted.
+
+    The script records its id when it starts; until then (or when it never ran), the job is found in the queue
+    by its output folder (the run directory's ``submitit/``), else in accounting by the script it was submitted
+    from. An array's other tasks follow from one recorded task. True when every replica has its id.
+    """
+    from .render import record_job
+
+    ids = dep.job_ids + [""] * max(0, dep.replicas - len(dep.job_ids))
+    base = next((k[0] for k in map(slurm.job_key, ids) if k and k[1]), None) if dep.replicas > 1 else None
+    if base is None:
+        found = slurm.queued_jobs_writing_to(dep.run_dir.submitit_dir) or slurm.accounted_jobs_submitted_from(
+            script_path(dep), float(dep.info.get("created_at", 0)))
+        bases = sorted({k[0] for k in map(slurm.job_key, found) if k}, key=int)
+        if not bases:
+            return False
+        base = bases[-1]  # submitted twice: the latest submission is the one meant
+    for replica, job_id in enumerate(ids[:dep.replicas]):
+        if not job_id:
+            record_job(dep.run_dir.root, f"{base}_{replica}" if dep.replicas > 1 else base, replica)
+    dep.reload()
+    return not _needs_job_ids(dep)
 
 
 def resolve_run_dir(settings: Settings, deployment_id: str) -> RunDir:
@@ -225,10 +290,11 @@ class ReplicaStatus:
     endpoint: Endpoint | None = None
     failure: dict[str, tp.Any] | None = None
     nodes: str = ""
+    why: str = ""  # what the state alone does not say: why it ended or failed, what it waits for
 
     def to_json(self, show_key: bool = False) -> dict[str, tp.Any]:
-        return {"replica": self.replica, "state": self.state, "job_id": self.job_id, "job_state": self.job_state,
-                "reason": self.reason, "nodes": self.nodes,
+        return {"replica": self.replica, "state": self.state, "why": self.why, "job_id": self.job_id,
+                "job_state": self.job_state, "reason": self.reason, "nodes": self.nodes,
                 "endpoint": self.endpoint.public(show_key) if self.endpoint else None,
                 "failure": self.failure}
 
@@ -269,10 +335,28 @@ def _same_job(file_job_id: tp.Any, job_id: str) -> bool:
     return not job_id or not file_job_id or str(file_job_id) == job_id
 
 
+def _failure_why(failure: dict[str, tp.Any]) -> str:
+    from .batch.sources import describe_failure
+
+    return describe_failure(failure)
+
+
 def replica_statuses(dep: Deployment, states: dict[str, slurm.JobState] | None = None) -> list[ReplicaStatus]:
+    """Each replica's state, and why: from the run directory's handshake files and Slurm's view of the job.
+
+    Slurm's final state says why a job ended: CANCELLED (``down`` or scancel), TIMEOUT and the like are ends
+    (ENDED), NODE_FAIL, FAILED and the like failures. A failed.json written after the job was cancelled is a
+    consequence of the cancellation (the servers were killed), not the reason it ended; one that ``down`` found
+    before it cancelled (up's own clean-up after a failure) stays the reason.
+    """
     dep.reload()
+    if dep.executor == "slurm" and _needs_job_ids(dep) and not dep.info.get("cancelled_at") \
+            and find_submitted_job(dep):
+        states = None  # new ids: ask Slurm about them
     if states is None and dep.executor == "slurm":
-        states = slurm.job_states(dep.job_ids)
+        states = slurm.job_states([j for j in dep.job_ids if j])
+    cancelled = bool(dep.info.get("cancelled_at"))
+    failed_first = _failed_before_cancel(dep)
     out = []
     for r in range(dep.replicas):
         job_id = _replica_job_id(dep, r)
@@ -285,32 +369,61 @@ def replica_statuses(dep: Deployment, states: dict[str, slurm.JobState] | None =
             endpoint = None
         loading_info = read_json(dep.run_dir.loading_path(r))
         loading = bool(loading_info) and _same_job((loading_info or {}).get("job_id"), job_id)
-        cancelled = bool(dep.info.get("cancelled_at"))
+        reason, nodes, word = "", "", ""
         if dep.executor == "local":
             alive = bool(job_id) and _pid_alive(int(job_id))
             job_state = "RUNNING" if alive else "ENDED"
-            final, bad, reason, nodes = not alive, False, "", "localhost"
+            final, nodes = not alive, "localhost"
         else:
             js = slurm.state_for(job_id, states or {}) if job_id else None
             job_state = js.state if js else ("PENDING" if job_id and not cancelled else "")
             final = bool(js and js.final) or (js is None and cancelled)
-            bad = bool(js and js.state.split()[0] in slurm.BAD_STATES and js.state.split()[0] != "CANCELLED")
+            word = js.state.split()[0] if js else ""
             reason = js.reason if js else ""
             nodes = js.nodes if js else ""
-        if failure:
-            state = "FAILED"
+        was_cancelled = r not in failed_first and (word == "CANCELLED" or cancelled)
+        if dep.executor == "slurm" and not job_id and not cancelled:
+            state, why = "UNSUBMITTED", f"rendered, not submitted: sbatch {script_path(dep)}"
+        elif failure and failure.get("cause") == "time limit":
+            state, why = "ENDED", "time limit"
+        elif failure and was_cancelled:
+            state, why = "ENDED", "cancelled"
+        elif failure:
+            state, why = "FAILED", _failure_why(failure)
         elif final:
-            state = "FAILED" if bad and not cancelled else "ENDED"
+            state, why = _final_state(word, cancelled)
         elif endpoint:
-            state = "READY"
+            state, why = "READY", ""
         elif loading:
-            state = "LOADING"
+            state, why = "LOADING", ""
         elif job_state == "RUNNING":
-            state = "STARTING"
+            state, why = "STARTING", ""
         else:
-            state = "PENDING"
-        out.append(ReplicaStatus(r, state, job_id, job_state, reason, endpoint, failure, nodes))
+            state, why = "PENDING", reason if reason and reason != "None" else ""
+        out.append(ReplicaStatus(r, state, job_id, job_state, reason, endpoint, failure, nodes, why))
     return out
+
+
+def _failed_before_cancel(dep: Deployment) -> set[int]:
+    """Replicas that had failed when ``down`` cancelled the deployment: their failure is why they ended."""
+    if "failed_before_cancel" in dep.info:
+        return {int(r) for r in dep.info["failed_before_cancel"]}
+    # Recorded by older versions without the list: a failure older than the cancellation came first.
+    at = float(dep.info.get("cancelled_at") or 0)
+    return {r for r in range(dep.replicas) if at and float((dep.run_dir.failure(r) or {}).get("time", at)) < at}
+
+
+def _final_state(word: str, cancelled: bool) -> tuple[str, str]:
+    """(ENDED or FAILED, why) of a job that is over, from Slurm's state word (empty: local, or no record)."""
+    if word in FAILED_WHY:
+        return "FAILED", FAILED_WHY[word]
+    if word in ENDED_WHY:
+        return "ENDED", ENDED_WHY[word]
+    if cancelled:
+        return "ENDED", "cancelled"
+    if word in ("", "GONE", "COMPLETING"):
+        return "ENDED", "ended" if word != "GONE" else "left the queue (no accounting record)"
+    return "FAILED", word.lower()
 
 
 class StatusProbe:
@@ -338,10 +451,16 @@ class StatusProbe:
 def deployment_state(statuses: tp.Sequence[ReplicaStatus]) -> str:
     """One state for the deployment: the best state any replica reached, FAILED when all failed."""
     states = [s.state for s in statuses]
-    for state in ("READY", "LOADING", "STARTING", "PENDING"):
+    for state in ("READY", "LOADING", "STARTING", "PENDING", "UNSUBMITTED"):
         if state in states:
             return state
     return "FAILED" if "FAILED" in states else "ENDED"
+
+
+def deployment_why(statuses: tp.Sequence[ReplicaStatus]) -> str:
+    """Why the deployment is in :func:`deployment_state`: the first such replica's why."""
+    state = deployment_state(statuses)
+    return next((s.why for s in statuses if s.state == state), "")
 
 
 def failure_text(dep: Deployment, status: ReplicaStatus) -> tuple[str, str]:
@@ -414,8 +533,13 @@ def wait_ready(probe: tp.Callable[[], list[ReplicaStatus]], *, until: str = "all
 
 
 def down(dep: Deployment) -> list[str]:
-    """Cancel the deployment's job(s); returns the ids cancelled."""
+    """Cancel the deployment's job(s); returns the ids cancelled.
+
+    Replicas that had failed already are recorded: the servers that the cancellation kills may write failures
+    of their own, which must not be taken for the reason the deployment ended.
+    """
     ids = dep.job_ids
+    failed = [s.replica for s in replica_statuses(dep) if s.state == "FAILED"]
     if dep.executor == "local":
         for job_id in ids:
             pid = int(job_id)
@@ -429,9 +553,10 @@ def down(dep: Deployment) -> list[str]:
             if _pid_alive(int(job_id)):
                 os.kill(int(job_id), signal.SIGKILL)
     else:
-        slurm.scancel([j.split("_")[0] if "_" in j else j for j in ids])
+        slurm.scancel([j.split("_")[0] if "_" in j else j for j in ids if j])
     info = dict(dep.reload().info)
     info["cancelled_at"] = time.time()
+    info["failed_before_cancel"] = failed
     write_json_atomic(dep.run_dir.root / "deployment.json", info)
     dep.info = info
     return ids

@@ -252,13 +252,15 @@ def _start_listening(make_argv: tp.Callable[[int], list[str]], address: str, pre
 # Roles
 
 
-def _fail(rd: RunDir, replica: int, role: str, rank: int, exc: RoleFailed) -> None:
+def _fail(rd: RunDir, replica: int, role: str, rank: int, exc: RoleFailed, cause: str = "failed") -> None:
+    """Write failed.json; ``cause`` tells the client whether the replica failed or came to an end
+    ("time limit": the client shows ENDED, not FAILED)."""
     path = rd.failed_path(replica)
     if _ours(read_json(path)):  # the first failure is the cause; later ones are consequences
         return
     write_json_atomic(path, {
         "job_id": current_job_id(), "role": role, "rank": rank, "node": node_name(), "exit_code": exc.exit_code,
-        "reason": exc.reason, "log_tail": exc.log_tail, "time": time.time(),
+        "reason": exc.reason, "log_tail": exc.log_tail, "time": time.time(), "cause": cause,
     })
 
 
@@ -568,7 +570,7 @@ def serve(run_dir: str, replica: int = 0) -> int:
         stop(signum, frame)
         if rank == 0:  # say why the replica ends, or the client could only report "the job ended"
             _fail(rd, replica, role, rank, RoleFailed("the job is reaching its time limit (Slurm's warning signal "
-                                                      "came); its servers stop now"))
+                                                      "came); its servers stop now"), cause="time limit")
 
     signal.signal(signal.SIGUSR2, time_limit_warning)
     release_time_limit_warning()  # before any child starts: children inherit the signal mask

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import shlex
 import shutil
+import time
 import typing as tp
+from pathlib import Path
 
 from .errors import CommandError, UsageError
 from .proc import call
@@ -142,6 +146,60 @@ def state_for(job_id: str, states: dict[str, JobState]) -> JobState | None:
             return s
     running = [s for s in matches if s.state == "RUNNING"]
     return running[0] if running else matches[0]
+
+
+def job_key(job_id: str) -> tuple[str, str] | None:
+    """(base id, array task or "") of a job id as Slurm or speedslurm prints it (123, 123_4, 123+1, 123_[0-3])."""
+    m = JOB_ID_RE.match(job_id.strip())
+    if not m:
+        return None
+    task = m.group("task") or ""
+    return m.group("base"), "" if task.startswith("[") else task
+
+
+def queued_jobs_writing_to(folder: Path) -> list[str]:
+    """Ids (as squeue prints them: 123, 123+0, 123_[0-1]) of this user's queued jobs whose output file lies in
+    ``folder``: how a script submitted with plain sbatch is found before it runs and records its own id."""
+    try:
+        out = call(["squeue", "-h", "-u", str(os.getuid()), "-O", "JobArrayID:|,STDOUT:|"], timeout=20)
+    except CommandError:
+        return []
+    prefix = str(folder).rstrip("/") + "/"
+    found = []
+    for line in out.splitlines():
+        job_id, _, path = line.partition("|")
+        if path.rstrip("|").strip().startswith(prefix):
+            found.append(job_id.strip())
+    return found
+
+
+# Every job state sacct knows: with -s, sacct lists jobs in any state between -S and -E, also those that never ran.
+_ALL_STATES = "BF,CA,CD,CF,DL,F,NF,OOM,PD,PR,R,RQ,RS,RV,S,SE,TO"
+
+
+def accounted_jobs_submitted_from(script: Path, since: float) -> list[str]:
+    """Ids of this user's jobs since ``since`` (epoch seconds) that ``sbatch SCRIPT`` submitted, from accounting
+    (SubmitLine, relative to WorkDir): a job that ended before anything recorded its id is still found."""
+    start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(since - 60))
+    try:
+        out = call(["sacct", "-n", "-X", "-P", "-u", str(os.getuid()), "-S", start, "-E", "now", "-s", _ALL_STATES,
+                    "-o", "JobID,SubmitLine,WorkDir"], timeout=20, check=False)
+    except CommandError:
+        return []
+    target = os.path.realpath(script)
+    found = []
+    for line in out.splitlines():
+        parts = line.split("|")
+        if len(parts) < 3:
+            continue
+        job_id, submit_line, workdir = parts[0], "|".join(parts[1:-1]), parts[-1]
+        try:
+            words = shlex.split(submit_line)
+        except ValueError:
+            continue
+        if any(os.path.realpath(os.path.join(workdir, w)) == target for w in words[1:] if not w.startswith("-")):
+            found.append(job_id)
+    return found
 
 
 def scancel(job_ids: tp.Iterable[str]) -> None:

@@ -183,6 +183,12 @@ def deployment_source(ctx: click.Context, deployment_id: str) -> EndpointSource:
     settings = load_settings(profile=obj.get("profile"), config_path=obj.get("config_path"),
                              overrides=obj.get("overrides", ()))
     dep = find_deployment(settings, deployment_id)
+    statuses = replica_statuses(dep)
+    if all(st.state == "UNSUBMITTED" for st in statuses):
+        from ..deploy import script_path
+
+        raise UsageError(f"deployment {dep.id} was rendered but not submitted: nothing will serve it",
+                         fix=f"submit it with `sbatch {script_path(dep)}`, then run this command again")
 
     def job_failures() -> dict[int, str]:
         out = {}

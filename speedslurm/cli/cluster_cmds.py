@@ -50,10 +50,12 @@ def render_cmd(ctx: click.Context, model: str, nodes: int | None, replicas: int,
     python = sys.executable
     # Render before creating anything: a value the script cannot carry stops here.
     rn.render_script(plan, RunDir(root), python)
-    record = rn.deployment_record(settings, plan, rn.binaries_record(binaries), root.name)
+    path = output or root / "job.sbatch"
+    # status names the script to submit while no job of it is found, and finds a job by it in accounting.
+    record = {**rn.deployment_record(settings, plan, rn.binaries_record(binaries), root.name),
+              "script": str(path.absolute())}
     rd = rn.create_run_dir(root, record, plan.replicas)
     script = rn.render_script(plan, rd, python)
-    path = output or rd.root / "job.sbatch"
     path.write_text(script)
     if as_json:
         print_json({"deployment": rd.deployment_id, "run_dir": str(rd.root), "script_path": str(path.absolute()),

@@ -224,6 +224,7 @@ def _status_rows(settings: tp.Any, ident: str | None, show_all: bool) -> list[di
             continue
         rows.append({
             "id": dep.id, "model": dep.info.get("model", {}).get("name"), "state": state,
+            "why": dp.deployment_why(statuses),
             "executor": dep.executor, "job_ids": dep.job_ids, "nodes": dep.info.get("nodes"),
             "replicas": [s.to_json() for s in statuses], "age_s": round(time.time() - dep.info.get("created_at", 0), 1),
             "endpoints": [s.endpoint.openai_base_url for s in statuses if s.endpoint and s.state == "READY"],
@@ -256,15 +257,17 @@ def status_cmd(ctx: click.Context, ident: str | None, watch: bool, show_all: boo
 
 def _print_status(rows: list[dict[str, tp.Any]]) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     con = out_console()
     if not rows:
         con.print("No deployments. Start one with `speedslurm up --model NAME`.")
         return
     table = Table(box=None, pad_edge=False)
-    for col in ("DEPLOYMENT", "MODEL", "STATE", "JOB", "NODES", "ENDPOINT", "AGE"):
+    for col in ("DEPLOYMENT", "MODEL", "STATE", "JOB", "NODES", "ENDPOINT", "AGE", "WHY"):
         table.add_column(col)
-    colors = {"READY": "green", "FAILED": "red", "ENDED": "dim", "LOADING": "yellow", "STARTING": "yellow"}
+    colors = {"READY": "green", "FAILED": "red", "ENDED": "dim", "LOADING": "yellow", "STARTING": "yellow",
+              "UNSUBMITTED": "yellow"}
     for row in rows:
         for rep in row["replicas"]:
             state = rep["state"]
@@ -272,7 +275,7 @@ def _print_status(rows: list[dict[str, tp.Any]]) -> None:
             nodes = rep["nodes"] or str(row["nodes"])
             table.add_row(row["id"] if rep["replica"] == 0 else f"  replica {rep['replica']}", row["model"] or "?",
                           f"[{colors.get(state, 'white')}]{state}[/]", rep["job_id"] or "-", nodes, ep,
-                          _age(row["age_s"]))
+                          _age(row["age_s"]), Text(rep["why"] or "-"))
     con.print(table)
 
 
@@ -288,11 +291,14 @@ def endpoint_cmd(ctx: click.Context, ident: str, as_env: bool, show_key: bool, r
     """Print a deployment's endpoint; `--env` gives shell exports for the openai client."""
     settings = settings_from(ctx)
     dep = dp.find_deployment(settings, ident)
-    ready = [s for s in dp.replica_statuses(dep) if s.state == "READY" and s.endpoint]
+    statuses = dp.replica_statuses(dep)
+    ready = [s for s in statuses if s.state == "READY" and s.endpoint]
     if replica is not None:
         ready = [s for s in ready if s.replica == replica]
     if not ready:
-        raise UsageError(f"deployment {dep.id} has no ready endpoint{'' if replica is None else f' for replica {replica}'}",
+        state, why = dp.deployment_state(statuses), dp.deployment_why(statuses)
+        raise UsageError(f"deployment {dep.id} has no ready endpoint{'' if replica is None else f' for replica {replica}'}"
+                         f" (state {state}{': ' + why if why else ''})",
                          fix=f"check `speedslurm status {dep.id}`")
     if as_env:
         ep = ready[0].endpoint
@@ -354,10 +360,20 @@ def down_cmd(ctx: click.Context, ident: str, as_json: bool) -> None:
     """Cancel a deployment's job(s) and report what ended."""
     settings = settings_from(ctx)
     dep = dp.find_deployment(settings, ident)
-    ids = dp.down(dep)
-    statuses = dp.wait_ended(dep, timeout=30)
-    state = dp.deployment_state(statuses)
-    if as_json:
-        print_json({"deployment": dep.id, "cancelled": ids, "state": state})
+    before = dp.replica_statuses(dep)
+    if all(s.state == "UNSUBMITTED" for s in before):
+        why = dp.deployment_why(before)
+        if as_json:
+            print_json({"deployment": dep.id, "cancelled": [], "state": "UNSUBMITTED", "why": why})
+            return
+        click.echo(f"deployment {dep.id}: nothing to cancel; state UNSUBMITTED ({why})")
         return
-    click.echo(f"deployment {dep.id}: cancelled job(s) {', '.join(ids) or '-'}; state {state}")
+    over = {s.job_id for s in before if s.state in ("ENDED", "FAILED")}
+    ids = [j for j in dp.down(dep) if j not in over]
+    statuses = dp.wait_ended(dep, timeout=30)
+    state, why = dp.deployment_state(statuses), dp.deployment_why(statuses)
+    if as_json:
+        print_json({"deployment": dep.id, "cancelled": ids, "state": state, "why": why})
+        return
+    done = f"cancelled job(s) {', '.join(ids)}" if ids else f"job(s) {', '.join(sorted(over)) or '-'} had ended already"
+    click.echo(f"deployment {dep.id}: {done}; state {state}{f' ({why})' if why else ''}")
