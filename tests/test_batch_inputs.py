@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,10 @@ from speedslurm.batch.inputs import (
     InvalidLine,
     Request,
     RequestDefaults,
+    Spool,
+    fingerprint,
     iter_prompts,
     scan_prompts,
-    spool_stdin,
 )
 from speedslurm.errors import UsageError
 
@@ -172,14 +174,21 @@ def test_only_invalid_lines_with_skip_invalid_is_not_empty(tmp_path: Path) -> No
     assert (scan.requests, scan.invalid) == (0, 1)
 
 
-def test_spool_stdin_is_private_copy() -> None:
-    data = b'{"prompt": "from stdin"}\n'
-    path = spool_stdin(io.BytesIO(data))
+def test_scan_copies_what_it_read_into_a_private_spool(tmp_path: Path) -> None:
+    data = b'{"prompt": "from stdin"}\n\n{"prompt": "second"}'
+    spool = Spool.create(tmp_path)
     try:
-        assert path.read_bytes() == data
-        assert path.stat().st_mode & 0o777 == 0o600
+        assert os.fstat(spool.fd).st_mode & 0o777 == 0o600
+        assert list(tmp_path.iterdir()) == []  # anonymous: nothing to clean up after a crash
+        with spool.writer() as copy:
+            scan = scan_prompts(io.BytesIO(data), NO_DEFAULTS, display="<stdin>", copy_to=copy)
+        assert scan.requests == 2 and scan.lines == {"line-1": 1, "line-3": 3}
+        with spool.reader() as fh:
+            assert fh.read() == data  # byte for byte, blank line included: line numbers stay the same
+        with spool.reader() as fh:
+            assert [r.custom_id for r in iter_prompts(fh, NO_DEFAULTS)] == ["line-1", "line-3"]
     finally:
-        path.unlink()
+        spool.close()
 
 
 def test_large_file_is_streamed(tmp_path: Path) -> None:
@@ -191,3 +200,41 @@ def test_large_file_is_streamed(tmp_path: Path) -> None:
     assert scan.requests == 20_000
     it = iter_prompts(path, NO_DEFAULTS)
     assert next(it).custom_id == "line-1"  # a generator: nothing beyond the first line is parsed yet
+
+
+def test_fingerprint_is_what_is_asked(tmp_path: Path) -> None:
+    path = write(tmp_path, [{"custom_id": "a", "prompt": "p", "max_tokens": 3, "temperature": 0.5},
+                            {"custom_id": "b", "temperature": 0.5, "max_tokens": 3, "prompt": "p"},
+                            {"custom_id": "c", "url": COMPLETIONS, "body": {"prompt": "p", "max_tokens": 3,
+                                                                          "temperature": 0.5}},
+                            {"custom_id": "d", "prompt": "p", "max_tokens": 4, "temperature": 0.5}])
+    fp = {r.custom_id: r.fingerprint for r in requests(path)}
+    assert fp["a"] == fp["b"] == fp["c"]  # key order and line format do not matter, the request does
+    assert fp["d"] != fp["a"] and len(fp["a"]) == 16
+    assert fp["a"] == fingerprint(COMPLETIONS, {"prompt": "p", "max_tokens": 3, "temperature": 0.5})
+    assert scan_prompts(path, NO_DEFAULTS).fingerprints == fp
+    # flag defaults are part of the request
+    with_default = {r.custom_id: r.fingerprint for r in requests(write(tmp_path, [{"prompt": "p"}], "q.jsonl"),
+                                                                 RequestDefaults(max_tokens=9))}
+    assert with_default["line-1"] == fingerprint(COMPLETIONS, {"prompt": "p", "max_tokens": 9})
+
+
+@pytest.mark.parametrize(("line", "problem"), [
+    ('{"prompt": "a \\ud800"}', 'prompt holds the JSON escape "\\ud800"'),
+    ('{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}',
+     'messages[0].content[0].text holds the JSON escape "\\udfff"'),
+    ('{"custom_id": "q", "url": "/v1/completions", "body": {"prompt": "x", "stop": ["\\udc80"]}}',
+     'body.stop[0] holds the JSON escape "\\udc80"'),
+    ('{"custom_id": "\\ud83dz", "prompt": "x"}', 'custom_id holds the JSON escape "\\ud83d"'),
+])
+def test_lone_surrogates_fail_validation(tmp_path: Path, line: str, problem: str) -> None:
+    path = write(tmp_path, ['{"prompt": "fine \\ud83d\\ude00"}', line])
+    with pytest.raises(UsageError) as exc:
+        scan_prompts(path, NO_DEFAULTS)
+    assert exc.value.message == (f"{path}:2: {problem}, half of a UTF-16 surrogate pair without its other half: "
+                                 "not valid Unicode, and it cannot be sent")
+    assert "write the character itself" in (exc.value.fix or "") and "--skip-invalid" in (exc.value.fix or "")
+    scan = scan_prompts(path, NO_DEFAULTS, skip_invalid=True)
+    assert (scan.requests, scan.invalid) == (1, 1)
+    bad = list(iter_prompts(path, NO_DEFAULTS))[1]
+    assert isinstance(bad, InvalidLine) and bad.custom_id == ("q" if '"q"' in line else "line-2")

@@ -51,7 +51,7 @@ def result_lines(path: Path) -> list[dict[str, tp.Any]]:
     out = []
     for raw in data.splitlines():
         rec = json.loads(raw)
-        assert set(rec) == {"id", "custom_id", "response", "error"}, rec
+        assert set(rec) == {"id", "custom_id", "request_fingerprint", "response", "error"}, rec
         out.append(rec)
     return out
 

@@ -11,17 +11,24 @@ A line without ``custom_id`` gets ``line-N`` (N = its 1-based line number). Flag
 ``--temperature``, ``--system``) fill fields a line does not set; the system message is prepended to a chat
 that has none.
 
-:func:`scan_prompts` is the first pass: it validates every line and collects the ids (duplicates are an
-error) before anything is sent. :func:`iter_prompts` is the second pass that the runner consumes.
+The input is read exactly once: :func:`scan_prompts` validates every line, collects the ids (duplicates are an
+error) and each request's :func:`fingerprint`, and copies the bytes it read into a :class:`Spool` (a private,
+anonymous file). :func:`iter_prompts` is the second pass that the runner consumes, over the spool, never over
+the path again: a file edited in between, a generator still writing, stdin, a FIFO or ``<(command)`` all give
+the run exactly the lines that were validated.
+
+Everything a line makes the runner send must be encodable as UTF-8: a JSON escape of half a surrogate pair
+(``"\\ud800"``), which ``json.loads`` accepts, is a validation error here, not a failure when the request is sent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import os
-import shutil
-import sys
+import re
 import tempfile
 import typing as tp
 from pathlib import Path
@@ -56,6 +63,7 @@ class Request:
     body: dict[str, tp.Any]
     line: int
     attempts: int = 0  # failed tries so far (the runner's retry count)
+    fingerprint: str = ""  # what was asked (url and body); written into its result line
 
 
 @dataclasses.dataclass
@@ -69,14 +77,19 @@ class InvalidLine:
 
 @dataclasses.dataclass
 class ScanResult:
-    """What the first pass learned: how many requests, which ids, which lines are invalid."""
+    """What the first pass learned: how many requests, which ids, which lines are invalid, what each asks."""
 
     path: Path
     display: str
     requests: int
     invalid: int
-    ids: set[str]  # every custom_id, valid lines and invalid ones
+    lines: dict[str, int]  # every custom_id (valid lines and invalid ones) -> its line number
     invalid_ids: set[str]
+    fingerprints: dict[str, str] = dataclasses.field(default_factory=dict)  # valid requests: id -> fingerprint
+
+    @property
+    def ids(self) -> tp.KeysView[str]:
+        return self.lines.keys()
 
 
 class LineError(Exception):
@@ -180,6 +193,9 @@ def parse_line(text: str, lineno: int, defaults: RequestDefaults) -> Request:
                         f"quote it: \"custom_id\": \"{cid}\"")
     if cid is not None and not cid:
         raise LineError("custom_id is empty", "give the line a non-empty custom_id or leave the key out")
+    if cid is not None and _SURROGATE.search(cid):
+        # No custom_id on the error: it could not be written into the results file either.
+        raise LineError(f"custom_id {_surrogate_problem(cid)}", _SURROGATE_FIX)
     custom_id = cid if cid is not None else f"line-{lineno}"
 
     if "body" in obj or "url" in obj or "method" in obj:
@@ -236,63 +252,136 @@ def parse_line(text: str, lineno: int, defaults: RequestDefaults) -> Request:
         except LineError as exc:
             exc.custom_id = cid
             raise
-    return Request(custom_id, url, _apply_defaults(url, body, defaults), lineno)
+    body = _apply_defaults(url, body, defaults)
+    try:
+        fp = fingerprint(url, body)
+    except UnicodeEncodeError:
+        where, text = _find_surrogate(body, "body" if "body" in obj else "") or ("the request", "")
+        raise LineError(f"{where} {_surrogate_problem(text)}", _SURROGATE_FIX, cid) from None
+    return Request(custom_id, url, body, lineno, fingerprint=fp)
 
 
-def _lines(path: Path) -> tp.Iterator[tuple[int, str | None, LineError | None]]:
-    """Yield (line number, text or None for blank, decode error) for each line, streamed in binary."""
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield lineno, None, LineError(
-                    f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})",
-                    "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
-                continue
-            if lineno == 1 and text.startswith("\ufeff"):
-                text = text[1:]
-            if not text.strip():
-                yield lineno, None, None
-                continue
-            yield lineno, text, None
+def fingerprint(url: str, body: dict[str, tp.Any]) -> str:
+    """A short hash of what a request asks (its url and its body as sent, before a replica adds ``model``).
+
+    The first 16 hex digits of the sha256 of the canonical JSON (sorted keys, no spaces, UTF-8). Raises
+    :class:`UnicodeEncodeError` for text that UTF-8 cannot encode (lone surrogates).
+    """
+    canon = json.dumps({"url": url, "body": body}, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()[:16]
 
 
-def scan_prompts(path: Path, defaults: RequestDefaults, skip_invalid: bool = False,
-                 display: str | None = None) -> ScanResult:
-    """First pass: validate every line and collect the custom_ids, before anything is sent.
+# After json.loads every surrogate code point is a lone one (a valid pair of escapes becomes one character).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_FIX = ("write the character itself, or both halves of its pair (e.g. \"\\ud83d\\ude00\"); "
+                  "drop the escape if the text was cut in the middle of a character")
+
+
+def _surrogate_problem(text: str) -> str:
+    m = _SURROGATE.search(text)
+    code = f"\\u{ord(m.group()):04x}" if m else "a surrogate"
+    return (f"holds the JSON escape \"{code}\", half of a UTF-16 surrogate pair without its other half: "
+            "not valid Unicode, and it cannot be sent")
+
+
+def _find_surrogate(value: tp.Any, where: str) -> tuple[str, str] | None:
+    """The JSON path and the text of the first string (key or value) holding a lone surrogate."""
+    if isinstance(value, str):
+        return (where or "the line", value) if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if _SURROGATE.search(k):
+                return f"a key in {where or 'the line'}", k
+            found = _find_surrogate(v, f"{where}.{k}" if where else k)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _find_surrogate(v, f"{where}[{i}]")
+            if found:
+                return found
+    return None
+
+
+Source = str | Path | tp.BinaryIO  # a path, or a binary stream read as it is
+
+
+@contextlib.contextmanager
+def _opened(source: Source) -> tp.Iterator[tp.BinaryIO]:
+    """A binary stream over ``source``: an open stream is used as it is (and left open), a path is opened."""
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as fh:
+            yield fh
+    else:
+        yield source
+
+
+def _lines(fh: tp.Iterable[bytes], copy_to: tp.BinaryIO | None = None
+           ) -> tp.Iterator[tuple[int, str | None, LineError | None]]:
+    """Yield (line number, text or None for blank, decode error) for each line of a binary stream.
+
+    ``copy_to`` gets every line's bytes as read, blank ones included, so its line numbers are the input's.
+    """
+    for lineno, raw in enumerate(fh, 1):
+        if copy_to is not None:
+            copy_to.write(raw)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield lineno, None, LineError(
+                f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})",
+                "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+            continue
+        if lineno == 1 and text.startswith("\ufeff"):
+            text = text[1:]
+        if not text.strip():
+            yield lineno, None, None
+            continue
+        yield lineno, text, None
+
+
+def scan_prompts(source: Source, defaults: RequestDefaults, skip_invalid: bool = False,
+                 display: str | None = None, copy_to: tp.BinaryIO | None = None) -> ScanResult:
+    """First pass: validate every line, collect the custom_ids and fingerprints, before anything is sent.
+
+    ``source`` is a path or a binary stream (read to its end, not closed). ``copy_to`` receives the bytes read:
+    the second pass (:func:`iter_prompts`) reads that copy, so that it sees exactly what was validated.
 
     Raises :class:`UsageError` naming ``file:line``, the problem and the fix for the first bad line (unless
     ``skip_invalid``), for a duplicate custom_id (always) and for a file with no prompts.
     """
-    name = display or str(path)
+    name = display or str(source if isinstance(source, (str, os.PathLike)) else "<stream>")
     first_line: dict[str, int] = {}  # id -> first line; to name both lines of a duplicate
+    fingerprints: dict[str, str] = {}
     requests = invalid = 0
     invalid_ids: set[str] = set()
     first_error: tuple[int, LineError] | None = None
-    for lineno, text, err in _lines(path):
-        if text is None and err is None:
-            continue
-        cid: str | None = None
-        if err is None:
-            try:
-                cid = parse_line(tp.cast(str, text), lineno, defaults).custom_id
-            except LineError as exc:
-                err = exc
-        if err is not None:
-            invalid += 1
-            if first_error is None:
-                first_error = (lineno, err)
-            cid = err.custom_id or f"line-{lineno}"
-            invalid_ids.add(cid)
-        assert cid is not None
-        prev = first_line.get(cid)
-        if prev is not None:
-            raise UsageError(f"{name}:{lineno}: duplicate custom_id {json.dumps(cid)} (first used on line {prev})",
-                             fix="give every line its own custom_id; results are matched to prompts by it")
-        first_line[cid] = lineno
-        if err is None:
-            requests += 1
+    with _opened(source) as fh:
+        for lineno, text, err in _lines(fh, copy_to):
+            if text is None and err is None:
+                continue
+            cid: str | None = None
+            if err is None:
+                try:
+                    req = parse_line(tp.cast(str, text), lineno, defaults)
+                    cid = req.custom_id
+                except LineError as exc:
+                    err = exc
+            if err is not None:
+                invalid += 1
+                if first_error is None:
+                    first_error = (lineno, err)
+                cid = err.custom_id or f"line-{lineno}"
+                invalid_ids.add(cid)
+            assert cid is not None
+            prev = first_line.get(cid)
+            if prev is not None:
+                raise UsageError(f"{name}:{lineno}: duplicate custom_id {json.dumps(cid)} (first used on line {prev})",
+                                 fix="give every line its own custom_id; results are matched to prompts by it")
+            first_line[cid] = lineno
+            if err is None:
+                requests += 1
+                fingerprints[cid] = req.fingerprint
     if first_error is not None and not skip_invalid:
         lineno, err = first_error
         more = f" ({invalid - 1} more invalid line{'s' if invalid > 2 else ''} after it)" if invalid > 1 else ""
@@ -301,32 +390,68 @@ def scan_prompts(path: Path, defaults: RequestDefaults, skip_invalid: bool = Fal
     if requests == 0 and invalid == 0:
         raise UsageError(f"{name} has no prompts (the file is empty or only blank lines)",
                          fix="write one JSON object per line, e.g. {\"prompt\": \"Hello\"}")
-    return ScanResult(Path(path), name, requests, invalid, set(first_line), invalid_ids)
+    path = Path(source) if isinstance(source, (str, os.PathLike)) else Path(name)
+    return ScanResult(path, name, requests, invalid, first_line, invalid_ids, fingerprints)
 
 
-def iter_prompts(path: Path, defaults: RequestDefaults) -> tp.Iterator[Request | InvalidLine]:
+def iter_prompts(source: Source, defaults: RequestDefaults) -> tp.Iterator[Request | InvalidLine]:
     """Second pass: yield each request (or invalid line) in file order, one at a time."""
-    for lineno, text, err in _lines(path):
-        if text is None and err is None:
-            continue
-        if err is None:
-            try:
-                yield parse_line(tp.cast(str, text), lineno, defaults)
+    with _opened(source) as fh:
+        for lineno, text, err in _lines(fh):
+            if text is None and err is None:
                 continue
-            except LineError as exc:
-                err = exc
-        yield InvalidLine(err.custom_id or f"line-{lineno}", lineno, err.problem)
+            if err is None:
+                try:
+                    yield parse_line(tp.cast(str, text), lineno, defaults)
+                    continue
+                except LineError as exc:
+                    err = exc
+            yield InvalidLine(err.custom_id or f"line-{lineno}", lineno, err.problem)
 
 
-def spool_stdin(stream: tp.BinaryIO | None = None) -> Path:
-    """Copy stdin to a private temporary file (mode 0600) so that it can be validated before sending."""
-    src = stream if stream is not None else sys.stdin.buffer
-    fd, name = tempfile.mkstemp(prefix="speedslurm-prompts-", suffix=".jsonl")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            shutil.copyfileobj(src, out, 1 << 20)
-    except BaseException:
-        os.unlink(name)
-        raise
-    return Path(name)
+class Spool:
+    """A private copy of the prompts as they were read (mode 0600, never visible by name when the file system
+    allows: ``O_TMPFILE``, else created and unlinked at once). Closing it frees its space.
+
+    It lives in ``folder`` (the results file's, so a large prompts file is copied where the results go, not into a
+    small /tmp) and falls back to the temporary folder when that one refuses new files.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @classmethod
+    def create(cls, folder: Path | None = None) -> Spool:
+        folders = [folder] if folder is not None else []
+        folders.append(Path(tempfile.gettempdir()))
+        last: OSError | None = None
+        for where in folders:
+            try:
+                return cls(os.open(where, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600))
+            except (OSError, AttributeError):
+                pass  # a file system (or a platform) without O_TMPFILE
+            try:
+                fd, name = tempfile.mkstemp(prefix=".speedslurm-prompts-", suffix=".spool", dir=where)
+            except OSError as exc:
+                last = exc
+                continue
+            os.unlink(name)
+            return cls(fd)
+        assert last is not None
+        raise last
+
+    def writer(self) -> tp.BinaryIO:
+        """A buffered stream that appends to the spool (close it to flush; the spool stays open)."""
+        return os.fdopen(os.dup(self.fd), "wb", buffering=1 << 20)
+
+    def reader(self) -> tp.BinaryIO:
+        """A stream over the whole spool from its first byte (each reader has its own position)."""
+        fh = os.fdopen(os.dup(self.fd), "rb", buffering=1 << 16)
+        fh.seek(0)
+        return fh
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+

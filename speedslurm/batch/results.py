@@ -2,27 +2,29 @@
 
 Rules a reader can rely on:
 
-* each line is one complete JSON object ending in ``\\n``: ``{"id", "custom_id", "response", "error"}``;
+* each line is one complete JSON object ending in ``\\n``: ``{"id", "custom_id", "request_fingerprint",
+  "response", "error"}`` (OpenAI Batch output lines plus ``request_fingerprint``, the request's
+  :func:`~speedslurm.batch.inputs.fingerprint`; lines of older versions lack it);
 * a custom_id has at most one successful line (``response.status_code`` 200) and nothing after it;
 * before it, a custom_id may have error lines from earlier runs (failed attempts that a later run retried);
   the final state of an id is its last line (see :func:`final_view`).
 
-A run holds an exclusive ``flock`` on the file for its whole duration, so two runs cannot interleave lines. A
-partial last line (the writer was killed mid-write) is cut off when the file is next opened, with a notice.
+A run holds the file's locks for its whole duration (:mod:`~speedslurm.batch.writelock`: ``flock`` and a
+``<results>.lock`` file), so two runs, on one node or on two, cannot interleave lines. A partial last line
+(the writer was killed mid-write) is cut off when the file is next opened, with a notice.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import fcntl
 import json
 import os
 import typing as tp
 from pathlib import Path
 
 from ..errors import UsageError
+from .writelock import WriteLock
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 INVALID_INPUT = "invalid_input"
@@ -32,21 +34,46 @@ def new_id(prefix: str) -> str:
     return prefix + os.urandom(12).hex()
 
 
-def success_line(custom_id: str, request_id: str | None, body: bytes) -> bytes:
+def _head(custom_id: str, fingerprint: str | None) -> dict[str, tp.Any]:
+    head: dict[str, tp.Any] = {"id": new_id("batch_req_"), "custom_id": custom_id}
+    if fingerprint:
+        head["request_fingerprint"] = fingerprint
+    return head
+
+
+def success_line(custom_id: str, request_id: str | None, body: bytes, fingerprint: str | None = None) -> bytes:
     """An output line for a 200 response; ``body`` is the server's JSON, spliced in without re-encoding."""
     if b"\n" in body or b"\r" in body:
         # Only whitespace between JSON tokens can hold a raw newline (strings escape theirs).
         body = body.replace(b"\r", b" ").replace(b"\n", b" ")
-    head = _dumps({"id": new_id("batch_req_"), "custom_id": custom_id})
+    head = _dumps(_head(custom_id, fingerprint))
     rid = _dumps(request_id or new_id("req_"))
     return (head[:-1] + ',"response":{"status_code":200,"request_id":' + rid + ',"body":').encode() + \
         body + b'},"error":null}\n'
 
 
-def error_line(custom_id: str, code: str, message: str) -> bytes:
-    """An output line for a request that failed: ``response`` null, ``error`` ``{code, message}``."""
-    return (_dumps({"id": new_id("batch_req_"), "custom_id": custom_id, "response": None,
-                    "error": {"code": code, "message": message}}) + "\n").encode()
+def error_line(custom_id: str, code: str, message: str, fingerprint: str | None = None) -> bytes:
+    """An output line for a request that failed: ``response`` null, ``error`` ``{code, message}``.
+
+    Text UTF-8 cannot encode (a file name with a non-UTF-8 byte inside the message) becomes U+FFFD: an error
+    line must always be writable.
+    """
+    rec = {**_head(custom_id, fingerprint), "response": None, "error": {"code": code, "message": message}}
+    return (_dumps(rec) + "\n").encode("utf-8", "replace")
+
+
+def check_out_path(path: Path, prompts: Path | None = None) -> None:
+    """Raise :class:`UsageError` for a results path that cannot work: the prompts file itself, a folder that does
+    not exist, a directory. Checked before the prompts are read (they are copied next to the results)."""
+    if prompts is not None and _same_file(path, prompts):
+        raise UsageError(f"--out {path} is the prompts file itself",
+                         fix="write results to another file, e.g. --out " + str(default_out_path(prompts)))
+    if not path.parent.is_dir():
+        raise UsageError(f"cannot write results to {path}: folder {path.parent} does not exist",
+                         fix="create the folder or choose another --out")
+    if path.is_dir():
+        raise UsageError(f"cannot write results to {path}: it is a directory",
+                         fix="give --out a file name, e.g. --out results.jsonl")
 
 
 def default_out_path(prompts: Path) -> Path:
@@ -62,30 +89,29 @@ class Previous:
     failed: dict[str, str]  # id -> error code of its last line (not done): retried on resume
     lines: int
     notices: list[str]
+    # done ids -> (request_fingerprint, line number) of their successful line; ids whose line has no fingerprint
+    # (written by an older version) are missing
+    fingerprints: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
 
 
 class ResultsFile:
     """An open, locked results file. Use :meth:`open`; append with :meth:`write`; :meth:`close` at the end."""
 
-    def __init__(self, path: Path, fd: int, previous: Previous) -> None:
+    def __init__(self, path: Path, fd: int, previous: Previous, lock: WriteLock | None = None) -> None:
         self.path = path
         self.fd = fd
         self.previous = previous
+        self.lock = lock
 
     @classmethod
-    def open(cls, path: Path, prompts: Path | None = None) -> ResultsFile:
+    def open(cls, path: Path, prompts: Path | None = None, lock: bool = True) -> ResultsFile:
         """Create (mode 0600) or open ``path`` for appending, lock it, repair a partial last line, read it.
 
         Raises :class:`UsageError` for an unwritable path, a path equal to the prompts file, or a file that
-        another run holds.
+        another run holds (on this node or another). ``lock=False`` (``--no-lock``) takes no lock at all.
         """
         path = Path(path)
-        if prompts is not None and _same_file(path, prompts):
-            raise UsageError(f"--out {path} is the prompts file itself",
-                             fix="write results to another file, e.g. --out " + str(default_out_path(prompts)))
-        if not path.parent.is_dir():
-            raise UsageError(f"cannot write results to {path}: folder {path.parent} does not exist",
-                             fix="create the folder or choose another --out")
+        check_out_path(path, prompts)
         try:
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except IsADirectoryError:
@@ -94,21 +120,18 @@ class ResultsFile:
         except OSError as exc:
             raise UsageError(f"cannot write results to {path}: {exc.strerror}",
                              fix="choose a writable --out (check the folder's permissions)") from None
+        held: WriteLock | None = None
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise UsageError(f"another speedslurm run is writing {path}",
-                                     fix="wait for it to finish (or stop it), or choose another --out") from None
-                raise
-            notices = _repair_partial_tail(fd, path)
+            held = WriteLock.acquire(path, fd, enabled=lock)
+            notices = held.notices + _repair_partial_tail(fd, path)
             previous = _read_previous(fd, path)
             previous.notices[:0] = notices
         except BaseException:
+            if held is not None:
+                held.release()
             os.close(fd)
             raise
-        return cls(path, fd, previous)
+        return cls(path, fd, previous, held)
 
     def write(self, line: bytes) -> None:
         """Append one complete line with a single ``write`` (O_APPEND): it reaches the file at once."""
@@ -122,7 +145,9 @@ class ResultsFile:
             return
         with contextlib.suppress(OSError):
             os.fsync(self.fd)
-        os.close(self.fd)  # releases the lock
+        if self.lock is not None:
+            self.lock.release()  # the lock file first, while the flock still keeps this node's runs out
+        os.close(self.fd)  # releases the flock
         self.fd = -1
 
     def __enter__(self) -> ResultsFile:
@@ -161,6 +186,7 @@ def _repair_partial_tail(fd: int, path: Path) -> list[str]:
 def _read_previous(fd: int, path: Path) -> Previous:
     done: set[str] = set()
     failed: dict[str, str] = {}
+    fingerprints: dict[str, tuple[str, int]] = {}
     notices: list[str] = []
     lines = 0
     with os.fdopen(os.dup(fd), "rb") as fh:
@@ -178,10 +204,13 @@ def _read_previous(fd: int, path: Path) -> Previous:
             if _is_success(rec):
                 done.add(cid)
                 failed.pop(cid, None)
+                fp = rec.get("request_fingerprint")
+                if isinstance(fp, str) and cid not in fingerprints:
+                    fingerprints[cid] = (fp, lineno)
             elif cid not in done:
                 err = rec.get("error") or {}
                 failed[cid] = str(err.get("code", "error")) if isinstance(err, dict) else "error"
-    return Previous(done, failed, lines, notices)
+    return Previous(done, failed, lines, notices, fingerprints)
 
 
 def _is_success(rec: dict[str, tp.Any]) -> bool:

@@ -31,10 +31,14 @@ import asyncio
 import contextlib
 import dataclasses
 import heapq
+import itertools
 import json
 import os
 import random
+import re
 import signal
+import stat
+import sys
 import threading
 import time
 import typing as tp
@@ -45,14 +49,20 @@ from rich.console import Console
 
 from ..errors import SpeedslurmError, UsageError
 from ..rundir import Endpoint
-from .inputs import InvalidLine, Request, RequestDefaults, ScanResult, iter_prompts, scan_prompts, spool_stdin
+from .inputs import InvalidLine, Request, RequestDefaults, ScanResult, Spool, iter_prompts, scan_prompts
 from .progress import BatchProgress
-from .results import INVALID_INPUT, ResultsFile, default_out_path, error_line, success_line
+from .results import INVALID_INPUT, ResultsFile, check_out_path, default_out_path, error_line, success_line
 from .sources import EndpointSource
 from .summary import Summary
 from .transport import CLIENTS, Reply, Transport, TransportError
 
 RETRY_STATUSES = frozenset({408, 409, 429})
+READ_CHUNK = 256  # prompt lines read per trip to the reader thread
+READ_AHEAD = 2048  # prompt lines read ahead of the senders, at most
+
+
+def _take(items: tp.Iterator[Request | InvalidLine], n: int) -> list[Request | InvalidLine]:
+    return list(itertools.islice(items, n))
 
 
 @dataclasses.dataclass
@@ -74,6 +84,7 @@ class BatchOptions:
     grace: float = 5.0  # seconds in-flight requests get after Ctrl-C
     down_after: int = 3  # consecutive connection errors that mark a replica failed
     settle: float = 3.0  # seconds a locally seen failure waits for the source's own reason before stopping
+    lock: bool = True  # lock the results file (--no-lock: the user makes sure of one writer)
 
     def defaults(self) -> RequestDefaults:
         return RequestDefaults(self.max_tokens, self.temperature, self.system)
@@ -99,13 +110,17 @@ class BatchFailed(SpeedslurmError):
 
 @dataclasses.dataclass
 class PreparedBatch:
-    """A validated prompts file and an open, locked results file, ready to run."""
+    """A validated prompts file and an open, locked results file, ready to run.
 
-    prompts: Path
+    The prompts were read once, into ``spool``; the run reads that copy, never ``prompts`` again.
+    """
+
+    prompts: Path  # as given (``-`` for stdin)
     display: str  # how to name the prompts in messages ("<stdin>" for -)
     scan: ScanResult
     results: ResultsFile
-    spooled: bool = False  # prompts is our temporary copy of stdin
+    spooled: bool = False  # the prompts came from stdin: resuming needs the same prompts on stdin again
+    spool: Spool | None = None  # the bytes validated; None: read ``prompts`` (callers that built one by hand)
 
     @property
     def out(self) -> Path:
@@ -118,20 +133,24 @@ class PreparedBatch:
         valid_done = sum(1 for cid in done if cid in self.scan.ids and cid not in self.scan.invalid_ids)
         return self.scan.requests - valid_done
 
+    def reader(self) -> tp.BinaryIO:
+        """The prompts as validated, from the first line."""
+        return self.spool.reader() if self.spool is not None else open(self.prompts, "rb")
+
     def close(self) -> None:
         self.results.close()
-        if self.spooled:
-            try:
-                os.unlink(self.prompts)
-            except FileNotFoundError:
-                pass
+        if self.spool is not None:
+            self.spool.close()
 
 
 def prepare_batch(prompts: str | Path, out: str | Path | None, options: BatchOptions,
                   stdin: tp.BinaryIO | None = None) -> PreparedBatch:
-    """Validate the prompts (first streaming pass) and open the results file; raise :class:`UsageError` if bad.
+    """Read and validate the prompts (once) and open the results file; raise :class:`UsageError` if bad.
 
-    ``prompts`` may be ``"-"`` for stdin (copied to a private temporary file; ``out`` is then required).
+    The prompts are copied as they are read into a private spool next to the results (see
+    :class:`~speedslurm.batch.inputs.Spool`), which the run then reads: ``prompts`` may be a file that changes
+    later, ``"-"`` for stdin, a FIFO or a pipe such as ``<(command)`` (the last three need ``out``). A request
+    that already has a successful line in ``out`` but asks something else now is an error naming it.
     """
     if options.client not in CLIENTS:
         raise UsageError(f"unknown client {options.client!r}", fix=f"use one of: {', '.join(CLIENTS)}")
@@ -141,29 +160,105 @@ def prepare_batch(prompts: str | Path, out: str | Path | None, options: BatchOpt
         raise UsageError(f"--timeout must be positive, got {options.timeout:g}", fix="e.g. --timeout 600")
     if options.retries < 0:
         raise UsageError(f"--retries must be >= 0, got {options.retries}", fix="e.g. --retries 5")
-    spooled = False
-    if str(prompts) == "-":
+    _check_text_flag("--system", options.system)
+    from_stdin = str(prompts) == "-"
+    source: str | Path | tp.BinaryIO
+    if from_stdin:
         if out is None:
             raise UsageError("reading prompts from stdin (-) needs --out",
                              fix="name the results file, e.g. --out results.jsonl (running the same command "
                                  "again then resumes it)")
-        path, display, spooled = spool_stdin(stdin), "<stdin>", True
+        path, display, same_as = Path("-"), "<stdin>", None
+        source = stdin if stdin is not None else sys.stdin.buffer
     else:
         path = Path(prompts)
         display = str(prompts)
-        if not path.exists():
-            raise UsageError(f"prompts file {path} does not exist", fix="check the path given to --prompts")
-        if path.is_dir():
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            raise UsageError(f"prompts file {path} does not exist", fix="check the path given to --prompts") from None
+        except OSError as exc:
+            raise UsageError(f"cannot read prompts file {path}: {exc.strerror}",
+                             fix="check the path given to --prompts and its permissions") from None
+        if stat.S_ISDIR(mode):
             raise UsageError(f"prompts path {path} is a directory", fix="give --prompts a JSONL file")
+        same_as = path if stat.S_ISREG(mode) else None
+        if same_as is None and out is None:  # a FIFO, <(command): no file to put the results next to
+            raise UsageError(f"reading prompts from a pipe ({path}) needs --out",
+                             fix="name the results file, e.g. --out results.jsonl")
+        source = path
+    out_path = Path(out) if out is not None else default_out_path(path)
+    check_out_path(out_path, same_as)
+    spool = Spool.create(out_path.parent)
     try:
-        scan = scan_prompts(path, options.defaults(), options.skip_invalid, display)
-        out_path = Path(out) if out is not None else default_out_path(path)
-        results = ResultsFile.open(out_path, None if spooled else path)
+        with spool.writer() as copy:
+            scan = scan_prompts(source, options.defaults(), options.skip_invalid, display, copy_to=copy)
+        results = ResultsFile.open(out_path, same_as, lock=options.lock)
+        try:
+            results.previous.notices.extend(_check_unchanged(scan, results))
+        except BaseException:
+            results.close()
+            raise
     except BaseException:
-        if spooled:
-            os.unlink(path)
+        spool.close()
         raise
-    return PreparedBatch(path, display, scan, results, spooled)
+    return PreparedBatch(path, display, scan, results, from_stdin, spool)
+
+
+def _check_text_flag(flag: str, value: str | None) -> None:
+    """A flag's text must be UTF-8: a non-UTF-8 byte on the command line arrives as a lone surrogate."""
+    if value is None:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(value[exc.start])
+        what = f"the byte 0x{code - 0xdc00:02x}" if 0xdc80 <= code <= 0xdcff else f"the code point U+{code:04X}"
+        raise UsageError(f"{flag} holds {what}, which is not UTF-8 text (at character {exc.start + 1})",
+                         fix=f"pass {flag} as UTF-8 text (check the encoding of the terminal or script, "
+                             "e.g. iconv -f latin1 -t utf-8)") from None
+
+
+_GENERATED_ID = re.compile(r"line-\d+")
+
+
+def _check_unchanged(scan: ScanResult, results: ResultsFile) -> list[str]:
+    """Raise :class:`UsageError` when a request that has a successful line now asks something else.
+
+    Results are never mixed: a successful line answers the request whose fingerprint it carries. Returns
+    notices (successful lines of older versions carry no fingerprint and cannot be checked).
+    """
+    prev = results.previous
+    changed: list[tuple[int, str, int]] = []
+    unchecked = 0
+    for cid in prev.done:
+        line = scan.lines.get(cid)
+        if line is None:
+            continue  # no longer in the prompts: nothing is sent for it
+        recorded = prev.fingerprints.get(cid)
+        if recorded is None:
+            unchecked += 1
+        elif scan.fingerprints.get(cid) != recorded[0]:
+            changed.append((line, cid, recorded[1]))
+    notices = []
+    if unchecked:
+        notices.append(f"{unchecked} successful line{'s' if unchecked > 1 else ''} in {results.path} "
+                       f"{'were' if unchecked > 1 else 'was'} written by an older speedslurm, without a request "
+                       "fingerprint: those prompts are not checked for changes")
+    if not changed:
+        return notices
+    changed.sort()
+    line, cid, at = changed[0]
+    what = "the line is now invalid" if cid in scan.invalid_ids else "its text, fields or url differ"
+    more = f"; {len(changed) - 1} more changed after it" if len(changed) > 1 else ""
+    fix = ("the results are not mixed: to resume this file, give the prompts (and flags) that were answered; to send "
+           "the changed prompts, write to a new --out")
+    if any(_GENERATED_ID.fullmatch(c) for _, c, _ in changed):
+        fix += ("; lines without a custom_id are named by position (line-N), so inserting or removing a line "
+                "renames every line after it: give each line its own custom_id")
+    raise UsageError(f"{scan.display}:{line}: request {json.dumps(cid)} is not the one answered in "
+                     f"{results.path}:{at}: {what} (the prompts changed since, or a flag such as --max-tokens, "
+                     f"--temperature or --system differs){more}", fix=fix)
 
 
 @dataclasses.dataclass(eq=False)
@@ -191,8 +286,9 @@ class _Runner:
         self.prev_done = prepared.results.previous.done
         self.prev_failed = prepared.results.previous.failed
         self.summary = Summary(str(prepared.out), total=prepared.scan.requests)
-        self.requests: tp.Iterator[Request | InvalidLine] = iter_prompts(prepared.prompts, options.defaults())
-        self.exhausted = False
+        self.fresh: deque[Request | InvalidLine] = deque()  # read ahead from the spool, not yet looked at
+        self.want_more = asyncio.Event()  # the reader waits on it while ``fresh`` is full
+        self.exhausted = False  # the reader has read the last line
         self.pending: deque[Request] = deque()
         self.delayed: list[tuple[float, int, Request]] = []
         self.seq = 0
@@ -239,8 +335,34 @@ class _Runner:
     def _check_done(self) -> None:
         if self.inflight:
             return
-        if self.stopping or (self.exhausted and not self.pending and not self.delayed):
+        if self.stopping or (self.exhausted and not self.fresh and not self.pending and not self.delayed):
             self.finished.set()
+
+    # -- reading the prompts ---------------------------------------------------------------------
+    async def _read_prompts(self) -> None:
+        """Fill ``fresh`` from the spool, ``READ_CHUNK`` lines at a time, in a worker thread: reading and parsing
+        never block the event loop (Ctrl-C, replica polling and results keep going on a slow file system)."""
+        stream = self.prepared.reader()
+        items = iter_prompts(stream, self.opts.defaults())
+        try:
+            while not (self.stopping or self.fatal is not None or self.finished.is_set()):
+                if len(self.fresh) >= READ_AHEAD:
+                    self.want_more.clear()
+                    await self.want_more.wait()
+                    continue
+                chunk = await asyncio.to_thread(_take, items, READ_CHUNK)
+                self.fresh.extend(chunk)
+                if len(chunk) < READ_CHUNK:
+                    self.exhausted = True
+                self.changed.set()
+                if self.exhausted:
+                    self._check_done()
+                    return
+        except (OSError, ValueError) as exc:  # the spool could not be read (an I/O error)
+            self._set_fatal(SpeedslurmError(f"cannot read the prompts of {self.prepared.display}: {exc}",
+                                            fix="run the same command again to resume"))
+        finally:
+            stream.close()
 
     # -- work queue ------------------------------------------------------------------------------
     async def _next_item(self) -> Request | None:
@@ -252,12 +374,10 @@ class _Runner:
                 return self.pending.popleft()
             if self.delayed and self.delayed[0][0] <= time.monotonic():
                 return heapq.heappop(self.delayed)[2]
-            if not self.exhausted:
-                item = next(self.requests, None)
-                if item is None:
-                    self.exhausted = True
-                    self._check_done()
-                    continue
+            if self.fresh:
+                item = self.fresh.popleft()
+                if len(self.fresh) <= READ_AHEAD // 2:
+                    self.want_more.set()
                 if item.custom_id in self.prev_done:
                     if isinstance(item, Request):
                         s.skipped += 1
@@ -269,6 +389,8 @@ class _Runner:
                                                       f"{self.prepared.display}:{item.line}: {item.message}"))
                     continue
                 return item
+            if self.exhausted:
+                self._check_done()  # nothing left to read: done once nothing is in flight or waiting
             if self.finished.is_set():
                 return None
             timeout = max(0.0, self.delayed[0][0] - time.monotonic()) if self.delayed else None
@@ -298,7 +420,7 @@ class _Runner:
         self.changed.set()
 
     def _write_error(self, item: Request, code: str, message: str) -> None:
-        self.results.write(error_line(item.custom_id, code, message))
+        self.results.write(error_line(item.custom_id, code, message, item.fingerprint))
         s = self.summary
         s.failed += 1
         s.errors[code] = s.errors.get(code, 0) + 1
@@ -376,6 +498,14 @@ class _Runner:
             self._requeue(item)  # the replica failed or the run stops: not this request's fault
             self._check_done()
             raise
+        except UnicodeError as exc:
+            # Validation rejects text UTF-8 cannot encode; should any reach here, it fails this request only.
+            self.inflight -= 1
+            rep.inflight -= 1
+            self._write_error(item, INVALID_INPUT, f"{self.prepared.display}:{item.line}: the request cannot be "
+                              f"encoded as UTF-8: {exc}")
+            self._wake()
+            return
         except TransportError as exc:
             self.inflight -= 1
             rep.inflight -= 1
@@ -410,7 +540,7 @@ class _Runner:
                 self._retry(item, "invalid_response", f"replica r{rep.endpoint.replica} answered 200 with a body "
                             "that is not a JSON object")
                 return
-            self.results.write(success_line(item.custom_id, request_id, reply.body))
+            self.results.write(success_line(item.custom_id, request_id, reply.body, item.fingerprint))
             s.ok += 1
             s.prompt_tokens += prompt_tokens
             s.completion_tokens += completion_tokens
@@ -500,14 +630,18 @@ class _Runner:
     async def run(self) -> Summary:
         self.t0 = time.perf_counter()
         s = self.summary
+        loop = asyncio.get_running_loop()
+        reader = loop.create_task(self._read_prompts())
         if self.prepared.remaining == 0:
             await self._next_item()  # everything was done earlier: count the skips, need no replica
         with self.progress:
-            monitor = asyncio.get_running_loop().create_task(self._monitor())
+            monitor = loop.create_task(self._monitor())
             try:
                 await self.finished.wait()
             finally:
                 monitor.cancel()
+                self.want_more.set()  # the reader ends after the chunk it is reading (never cut mid-chunk)
+                await asyncio.gather(reader, return_exceptions=True)
                 if self.grace_handle is not None:
                     self.grace_handle.cancel()
                 self._cancel_all()
@@ -544,7 +678,7 @@ def _error_message(reply: Reply) -> str:
     return text[:300] or "(empty body)"
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_SIGNALS = (signal.SIGINT,)
 
 
 async def run_batch_async(source: EndpointSource, prepared: PreparedBatch, options: BatchOptions,

@@ -52,6 +52,9 @@ def batch_options(fn: tp.Callable[..., tp.Any]) -> tp.Callable[..., tp.Any]:
         click.option("--skip-invalid", is_flag=True, help="Write an error line for each invalid prompt line and go on."),
         click.option("--client", type=click.Choice(["raw", "openai"]), default="raw", show_default=True,
                      help="HTTP client: lean keep-alive HTTP/1.1, or the openai package's AsyncOpenAI."),
+        click.option("--no-lock", is_flag=True,
+                     help="Take no lock on the results file (file systems where it cannot be locked); you make sure "
+                          "that only one run at a time writes it."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bar or replica messages."),
         click.option("--json", "json_mode", is_flag=True, help="Print the summary as JSON on stdout (nothing else)."),
     ]
@@ -65,7 +68,8 @@ def options_from(kw: dict[str, tp.Any]) -> BatchOptions:
 
     return BatchOptions(max_tokens=kw["max_tokens"], temperature=kw["temperature"], system=kw["system"],
                         concurrency=kw["concurrency"], timeout=kw["timeout"], retries=kw["retries"],
-                        skip_invalid=kw["skip_invalid"], quiet=kw["quiet"] or kw["json_mode"], client=kw["client"])
+                        skip_invalid=kw["skip_invalid"], quiet=kw["quiet"] or kw["json_mode"], client=kw["client"],
+                        lock=not kw.get("no_lock", False))
 
 
 @cli.command("run", epilog=BATCH_EXIT_STATUSES)
