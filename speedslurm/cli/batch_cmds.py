@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 import typing as tp
 from pathlib import Path
 
@@ -13,6 +11,7 @@ from rich.console import Console
 
 from ..errors import RequestsFailed, SpeedslurmError, UsageError
 from . import cli
+from .common import resume_command
 
 if tp.TYPE_CHECKING:
     from ..batch.runner import BatchOptions
@@ -130,7 +129,7 @@ def execute(source: EndpointSource, prepared: tp.Any, options: BatchOptions, jso
         summary = run_batch(source, prepared, options, err)
     except BatchInterrupted as exc:
         _print_summary(exc.summary, err, json_mode)
-        again = "speedslurm " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "the same command"
+        again = resume_command()
         err.print(f"[yellow]Interrupted:[/yellow] {exc.message}\nTo resume, run the same command again: {again}"
                   + (" (with the same prompts on stdin)" if prepared.spooled else ""), highlight=False, soft_wrap=True)
         raise SystemExit(130) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import typing as tp
 
@@ -17,6 +18,31 @@ def settings_from(ctx: click.Context, **flags: tp.Any) -> Settings:
     obj = ctx.find_root().obj or {}
     return load_settings(profile=obj.get("profile"), config_path=obj.get("config_path"),
                          overrides=obj.get("overrides", ()), cli={k.replace("__", "."): v for k, v in flags.items()})
+
+
+SECRET_OPTIONS = ("--api-key",)
+
+
+def resume_command(argv: tp.Sequence[str] | None = None) -> str:
+    """The command line that resumes this run, with secrets replaced by ``"$SPEEDSLURM_API_KEY"``: a key given
+    on the command line never reaches the terminal, a log or a job's output through a hint."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        return "the same command"
+    words: list[str] = []
+    hidden = False
+    it = iter(args)
+    for arg in it:
+        name = arg.split("=", 1)[0]
+        if name in SECRET_OPTIONS:
+            hidden = True
+            if "=" not in arg:
+                next(it, None)
+            words.append(f'{name} "$SPEEDSLURM_API_KEY"')
+        else:
+            words.append(shlex.quote(arg))
+    line = "speedslurm " + " ".join(words)
+    return line + (" (the key is not shown: put it in SPEEDSLURM_API_KEY first)" if hidden else "")
 
 
 def print_json(data: tp.Any) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 import typing as tp
 
 import click
@@ -12,7 +10,7 @@ from .. import deploy as dp
 from ..errors import DeploymentFailed
 from . import cli
 from .batch_cmds import BATCH_EXIT_STATUSES, _deployment_source, batch_options, execute, options_from
-from .common import err_console
+from .common import err_console, resume_command
 from .deploy_cmds import _model_options, do_up
 
 
@@ -47,7 +45,7 @@ def submit_cmd(ctx: click.Context, model: str, executor: str | None, nodes: int 
                       f"{prepared.out}.")
             execute_nothing(prepared, json_mode)
             return
-        again = "speedslurm " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "the same command"
+        again = resume_command()
         try:
             dep, _ = do_up(ctx, model, executor=executor, nodes=nodes, replicas=replicas, ctx_size=ctx_size,
                            time_limit=time_limit, timeout=ready_timeout, until="first", as_json=json_mode,
