@@ -336,9 +336,9 @@ def _same_job(file_job_id: tp.Any, job_id: str) -> bool:
 
 
 def _failure_why(failure: dict[str, tp.Any]) -> str:
-    from .batch.sources import describe_failure
-
-    return describe_failure(failure)
+    """failed.json's reason in one line (the job side names the server and the node in it)."""
+    reason = str(failure.get("reason") or "failed (no reason recorded)")
+    return " ".join(reason.split())
 
 
 def replica_statuses(dep: Deployment, states: dict[str, slurm.JobState] | None = None) -> list[ReplicaStatus]:
@@ -380,7 +380,7 @@ def replica_statuses(dep: Deployment, states: dict[str, slurm.JobState] | None =
             final = bool(js and js.final) or (js is None and cancelled)
             word = js.state.split()[0] if js else ""
             reason = js.reason if js else ""
-            nodes = js.nodes if js else ""
+            nodes = js.nodes if js and js.nodes != "None assigned" else ""  # sacct's words for a job that never ran
         was_cancelled = r not in failed_first and (word == "CANCELLED" or cancelled)
         if dep.executor == "slurm" and not job_id and not cancelled:
             state, why = "UNSUBMITTED", f"rendered, not submitted: sbatch {script_path(dep)}"

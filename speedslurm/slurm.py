@@ -173,8 +173,9 @@ def queued_jobs_writing_to(folder: Path) -> list[str]:
     return found
 
 
-# Every job state sacct knows: with -s, sacct lists jobs in any state between -S and -E, also those that never ran.
-_ALL_STATES = "BF,CA,CD,CF,DL,F,NF,OOM,PD,PR,R,RQ,RS,RV,S,SE,TO"
+# The job states accounting keeps (CF and SE are refused: "not supported / accounted"): with -s, sacct lists
+# jobs in any of them between -S and -E, also those that never ran.
+_ALL_STATES = "BF,CA,CD,DL,F,NF,OOM,PD,PR,R,RQ,RS,RV,S,TO"
 
 
 def accounted_jobs_submitted_from(script: Path, since: float) -> list[str]:
@@ -186,20 +187,30 @@ def accounted_jobs_submitted_from(script: Path, since: float) -> list[str]:
                     "-o", "JobID,SubmitLine,WorkDir"], timeout=20, check=False)
     except CommandError:
         return []
-    target = os.path.realpath(script)
+    targets = {os.path.realpath(script), os.path.normpath(os.path.abspath(script))}
     found = []
     for line in out.splitlines():
         parts = line.split("|")
         if len(parts) < 3:
             continue
         job_id, submit_line, workdir = parts[0], "|".join(parts[1:-1]), parts[-1]
-        try:
-            words = shlex.split(submit_line)
-        except ValueError:
-            continue
-        if any(os.path.realpath(os.path.join(workdir, w)) == target for w in words[1:] if not w.startswith("-")):
+        candidates = _script_candidates(submit_line, spaced=any(c.isspace() for c in str(script)))
+        if any(os.path.normpath(os.path.join(workdir, c)) in targets for c in candidates):
             found.append(job_id)
     return found
+
+
+def _script_candidates(submit_line: str, spaced: bool) -> set[str]:
+    """What the script argument of a submit line may be. Accounting keeps the line without its quotes
+    (``sbatch my job.sbatch``), so for a script whose path has a space, runs of words joined by one space."""
+    try:
+        words = {w for w in shlex.split(submit_line)[1:] if not w.startswith("-")}
+    except ValueError:
+        words = set()
+    if not spaced:
+        return words
+    plain = submit_line.split()[1:]
+    return words | {" ".join(plain[i:j]) for i in range(len(plain)) for j in range(i + 2, len(plain) + 1)}
 
 
 def scancel(job_ids: tp.Iterable[str]) -> None:

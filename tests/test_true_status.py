@@ -4,6 +4,8 @@ wherever a deployment id is, and a batch with failed requests told apart by its 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import time
 import typing as tp
@@ -195,7 +197,7 @@ def test_a_failure_that_down_found_stays_the_reason(tmp_path: Path, fake_slurm: 
     ("COMPLETED", {"cause": "time limit", "reason": "the job is reaching its time limit"}, "ENDED", "time limit"),
     ("NODE_FAIL", None, "FAILED", "node failure"),
     ("OUT_OF_MEMORY", None, "FAILED", "out of memory"),
-    ("FAILED", {}, "FAILED", "leader on n1: llama-server on n1 exited with code 1 (exit code 1)"),
+    ("FAILED", {}, "FAILED", "llama-server on n1 exited with code 1"),
     ("COMPLETED", None, "ENDED", "completed"),
 ])
 def test_status_says_why_a_job_ended(tmp_path: Path, fake_slurm: FakeSlurm, capsys: pytest.CaptureFixture[str],
@@ -267,3 +269,134 @@ def test_every_command_takes_a_slurm_job_id(tmp_path: Path, fake_slurm: FakeSlur
         assert "unknown deployment" not in err, (command, err)
     code, out, err = speedslurm(["status", "78"], capsys)
     assert code == 2 and "unknown deployment '78': no deployment id and no job id of one" in err
+
+
+def test_accounting_finds_a_script_whose_name_has_a_space(tmp_path: Path, fake_slurm: FakeSlurm) -> None:
+    from speedslurm import slurm
+
+    # sacct keeps the submit line without the shell's quotes
+    fake_slurm.accounting = [("90+0", "CANCELLED by 0", "sbatch --parsable my job.sbatch", str(tmp_path)),
+                             ("91", "COMPLETED", "sbatch job.sbatch", str(tmp_path / "elsewhere")),
+                             ("92", "COMPLETED", "sbatch ../job.sbatch", str(tmp_path / "elsewhere"))]
+    assert slurm.accounted_jobs_submitted_from(tmp_path / "my job.sbatch", time.time()) == ["90+0"]
+    # unquoted, "sbatch my job.sbatch" may also have been script "my" with argument job.sbatch: both count
+    assert slurm.accounted_jobs_submitted_from(tmp_path / "job.sbatch", time.time()) == ["90+0", "92"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# On the test bed: real Slurm, real llama.cpp
+
+
+@pytest.fixture
+def bed(shared_tmp: Path) -> tp.Iterator[tp.Callable[..., subprocess.CompletedProcess[str]]]:
+    """The speedslurm CLI as a user runs it against the bed; jobs the test made are cancelled at the end."""
+    runs = shared_tmp / "runs"
+    runs.mkdir(mode=0o700)
+    env = {**os.environ, "SPEEDSLURM_PROFILE": "testbed", "SPEEDSLURM_RUN__DIR": str(runs)}
+    env.pop("SPEEDSLURM_CONFIG", None)
+    jobs: list[str] = []
+
+    def run(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run([sys.executable, "-m", "speedslurm", *args], capture_output=True, text=True, env=env,
+                             timeout=timeout, stdin=subprocess.DEVNULL, cwd=shared_tmp)
+        if check and res.returncode != 0:
+            raise AssertionError(f"speedslurm {' '.join(args)} exited {res.returncode}\n{res.stdout}\n{res.stderr}")
+        return res
+
+    run.jobs = jobs  # type: ignore[attr-defined]
+    yield run
+    if jobs:
+        subprocess.run(["scancel", *jobs], capture_output=True)
+
+
+def _line(out: str, dep_id: str) -> list[str]:
+    """The status table's row of ``dep_id``, split into its columns (WHY last, maybe several words)."""
+    head = out.splitlines()[0].split()
+    row = next(ln for ln in out.splitlines() if ln.startswith(dep_id)).split()
+    return row[:len(head) - 1] + [" ".join(row[len(head) - 1:])]
+
+
+def _wait_state(bed: tp.Any, ident: str, want: str, timeout: float = 300) -> dict[str, tp.Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        row = tp.cast(dict[str, tp.Any], json.loads(bed("status", ident, "--json").stdout)[0])
+        if row["state"] == want or time.monotonic() > deadline:
+            assert row["state"] == want, row
+            return row
+        time.sleep(0.5)
+
+
+def _write_prompts(path: Path, n: int) -> Path:
+    path.write_text("".join(json.dumps({"prompt": f"Count to {i}:", "max_tokens": 24}) + "\n" for i in range(n)))
+    return path
+
+
+@pytest.mark.slurm
+@pytest.mark.llama
+def test_bed_a_job_cancelled_with_scancel_shows_cancelled(bed: tp.Any, tiny_gguf: Path, shared_tmp: Path) -> None:
+    up = json.loads(bed("up", "--model", str(tiny_gguf), "--nodes", "3", "--executor", "slurm", "--timeout", "240",
+                        "--json").stdout)
+    dep_id, job = up["deployment"], up["replicas"][0]["job_id"]
+    bed.jobs.append(job)
+    # The user cancels the job while a batch runs through it: the servers die under the requests.
+    prompts = _write_prompts(shared_tmp / "p.jsonl", 400)
+    batch = subprocess.Popen([sys.executable, "-m", "speedslurm", "run", "--deployment", job, "--prompts",
+                              str(prompts), "-q"], env={**os.environ, "SPEEDSLURM_PROFILE": "testbed",
+                                                       "SPEEDSLURM_RUN__DIR": str(shared_tmp / "runs")},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    results = shared_tmp / "p.results.jsonl"
+    while (not results.exists() or len(results.read_text().splitlines()) < 5) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    subprocess.run(["scancel", job], check=True)
+    batch.communicate(timeout=120)
+    assert batch.returncode == 1  # the batch could not go on
+    deadline = time.monotonic() + 60
+    while "CANCELLED" not in subprocess.run(["sacct", "-n", "-X", "-P", "-j", job, "-o", "State"],
+                                            capture_output=True, text=True).stdout and time.monotonic() < deadline:
+        time.sleep(0.5)
+    row = _wait_state(bed, dep_id, "ENDED", timeout=60)
+    assert row["why"] == "cancelled", row
+    table = bed("status", job).stdout
+    print(table)
+    cols = _line(table, dep_id)
+    assert cols[2] == "ENDED" and cols[3] == job and cols[-1] == "cancelled", table
+    down = bed("down", job).stdout.strip()
+    print(down)
+    assert down == f"deployment {dep_id}: job(s) {job} had ended already; state ENDED (cancelled)"
+
+
+@pytest.mark.slurm
+@pytest.mark.llama
+def test_bed_a_rendered_script_is_unsubmitted_until_sbatch_and_its_job_id_works_everywhere(
+        bed: tp.Any, tiny_gguf: Path, shared_tmp: Path) -> None:
+    rendered = json.loads(bed("render", "--model", str(tiny_gguf), "--nodes", "2", "--time", "10", "--json").stdout)
+    dep_id, script = rendered["deployment"], rendered["script_path"]
+    table = bed("status").stdout
+    print(table)
+    cols = _line(table, dep_id)
+    assert cols[2] == "UNSUBMITTED" and cols[-1] == f"rendered, not submitted: sbatch {script}", table
+    res = bed("run", "--deployment", dep_id, "--prompts", str(_write_prompts(shared_tmp / "q.jsonl", 2)),
+              check=False)
+    assert res.returncode == 2 and "was rendered but not submitted" in res.stderr, res.stderr
+
+    # Plain sbatch, held in the queue: the job is found before it runs and records its own id
+    sub = subprocess.run(["sbatch", "--hold", script], capture_output=True, text=True, check=True, cwd=shared_tmp)
+    job = sub.stdout.split()[-1]
+    assert sub.stdout.strip() == f"Submitted batch job {job}"
+    bed.jobs.append(job)
+    table = bed("status", job).stdout
+    print(table)
+    cols = _line(table, dep_id)
+    assert cols[2] == "PENDING" and cols[3] == job and cols[-1] == "JobHeldUser", table
+    subprocess.run(["scontrol", "release", job], check=True)
+    _wait_state(bed, job, "READY")
+    run = bed("run", "--deployment", job, "--prompts", str(shared_tmp / "q.jsonl"), "--json")
+    assert json.loads(run.stdout)["requests"]["ok"] == 2
+    assert bed("endpoint", job).stdout.startswith("replica 0: http://10.77.0.")
+    assert "==> r0/logs/leader.log <==" in bed("logs", job, "-n", "2").stdout
+    down = bed("down", job).stdout.strip()
+    print(down)
+    assert down == f"deployment {dep_id}: cancelled job(s) {job}; state ENDED (cancelled)"
+    res = bed("status", "999999", check=False)
+    assert res.returncode == 2 and "unknown deployment '999999'" in res.stderr
