@@ -92,15 +92,18 @@ lint: $(PKG_STAMP)
 
 # The demo: the real gemma-3-270m model (assembled from its PyPI package) on two local roles, leader and
 # follower, over llama.cpp RPC on 127.0.0.1 -- the same job side as on Slurm -- and a dozen varied prompts.
+# gemma-3-270m is a base model (not instruction-tuned): the prompts are beginnings of text for it to continue.
 DEMO_DIR ?= .cache/demo
 demo: install
 	@mkdir -p $(DEMO_DIR)
 	$(PY) -c "from speedslurm.testmodels import gemma_270m_path; print('model:', gemma_270m_path())"
+	@echo "gemma-3-270m is a small base model, not instruction-tuned: it continues text. examples/prompts.jsonl"
+	@echo "holds beginnings such as 'The largest ocean on Earth is the'; each answer shown is the model's continuation."
 	@out=$(DEMO_DIR)/results-$$(date +%Y%m%d-%H%M%S).jsonl; \
 	set -x; \
 	$(VENV)/bin/speedslurm --profile local submit --model gemma-3-270m --nodes 2 \
 	  --prompts examples/prompts.jsonl --out $$out --max-tokens 64; \
-	$(VENV)/bin/speedslurm show $$out -n 5 --width 160
+	$(VENV)/bin/speedslurm show $$out --width 160
 
 # Benchmarks on the test bed, side by side with the lab's hand procedure; prints a table and rewrites
 # docs/benchmarks.md. QUICK=1: fewer repetitions and prompts, under 5 minutes.
