@@ -678,7 +678,7 @@ def _error_message(reply: Reply) -> str:
     return text[:300] or "(empty body)"
 
 
-STOP_SIGNALS = (signal.SIGINT,)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 async def run_batch_async(source: EndpointSource, prepared: PreparedBatch, options: BatchOptions,
