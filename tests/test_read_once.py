@@ -296,8 +296,8 @@ def test_an_unencodable_request_that_slips_through_fails_alone(tmp_path: Path, s
     prepared = prepare_batch(prompts, None, options)
     real_parse = inputs.parse_line
 
-    def parse(text: str, lineno: int, defaults: tp.Any) -> tp.Any:  # c1 poisoned after validation
-        req = real_parse(text, lineno, defaults)
+    def parse(text: str, lineno: int, defaults: tp.Any, known: tp.Any = None) -> tp.Any:  # c1 poisoned after validation
+        req = real_parse(text, lineno, defaults, known)
         if req.custom_id == "c1":
             req.body["prompt"] = "\udc00"
         return req

@@ -177,8 +177,13 @@ def _apply_defaults(url: str, body: dict[str, tp.Any], defaults: RequestDefaults
     return body
 
 
-def parse_line(text: str, lineno: int, defaults: RequestDefaults) -> Request:
-    """Parse one non-blank line into a :class:`Request`; raise :class:`LineError` naming the problem."""
+def parse_line(text: str, lineno: int, defaults: RequestDefaults,
+               known: tp.Mapping[str, str] | None = None) -> Request:
+    """Parse one non-blank line into a :class:`Request`; raise :class:`LineError` naming the problem.
+
+    ``known`` maps custom_ids to the fingerprints a first pass over the same bytes computed (and so checked):
+    the second pass takes them from there instead of hashing every request again.
+    """
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -253,6 +258,9 @@ def parse_line(text: str, lineno: int, defaults: RequestDefaults) -> Request:
             exc.custom_id = cid
             raise
     body = _apply_defaults(url, body, defaults)
+    fp = known.get(custom_id) if known is not None else None
+    if fp is not None:
+        return Request(custom_id, url, body, lineno, fingerprint=fp)
     try:
         fp = fingerprint(url, body)
     except UnicodeEncodeError:
@@ -394,15 +402,19 @@ def scan_prompts(source: Source, defaults: RequestDefaults, skip_invalid: bool =
     return ScanResult(path, name, requests, invalid, first_line, invalid_ids, fingerprints)
 
 
-def iter_prompts(source: Source, defaults: RequestDefaults) -> tp.Iterator[Request | InvalidLine]:
-    """Second pass: yield each request (or invalid line) in file order, one at a time."""
+def iter_prompts(source: Source, defaults: RequestDefaults,
+                 known: tp.Mapping[str, str] | None = None) -> tp.Iterator[Request | InvalidLine]:
+    """Second pass: yield each request (or invalid line) in file order, one at a time.
+
+    ``known``: the first pass's fingerprints (:attr:`ScanResult.fingerprints`) of these same bytes.
+    """
     with _opened(source) as fh:
         for lineno, text, err in _lines(fh):
             if text is None and err is None:
                 continue
             if err is None:
                 try:
-                    yield parse_line(tp.cast(str, text), lineno, defaults)
+                    yield parse_line(tp.cast(str, text), lineno, defaults, known)
                     continue
                 except LineError as exc:
                     err = exc

@@ -343,7 +343,7 @@ class _Runner:
         """Fill ``fresh`` from the spool, ``READ_CHUNK`` lines at a time, in a worker thread: reading and parsing
         never block the event loop (Ctrl-C, replica polling and results keep going on a slow file system)."""
         stream = self.prepared.reader()
-        items = iter_prompts(stream, self.opts.defaults())
+        items = iter_prompts(stream, self.opts.defaults(), self.prepared.scan.fingerprints)
         try:
             while not (self.stopping or self.fatal is not None or self.finished.is_set()):
                 if len(self.fresh) >= READ_AHEAD:
@@ -443,6 +443,9 @@ class _Runner:
     def _fail_replica(self, rep: _Replica, reason: str, confirmed: bool) -> None:
         rep.failed, rep.reason, rep.confirmed = True, reason, confirmed
         rep.failed_at = time.monotonic()
+        hurry = getattr(self.source, "hurry", None)
+        if not confirmed and callable(hurry):
+            hurry()  # seen here first: the source's slower checks (Slurm) may soon say why
         me = asyncio.current_task()
         busy = rep.inflight
         for task in list(rep.workers):
