@@ -400,3 +400,41 @@ def test_bed_a_rendered_script_is_unsubmitted_until_sbatch_and_its_job_id_works_
     assert down == f"deployment {dep_id}: cancelled job(s) {job}; state ENDED (cancelled)"
     res = bed("status", "999999", check=False)
     assert res.returncode == 2 and "unknown deployment '999999'" in res.stderr
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The demo asks its base model for what a base model does well: continue text
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "prompts.jsonl"
+
+
+def test_the_demo_prompts_are_text_completions() -> None:
+    lines = [json.loads(line) for line in EXAMPLES.read_text().splitlines()]
+    assert len(lines) == 12
+    for line in lines:
+        body = line.get("body", line)
+        assert "messages" not in body, line  # a chat turn: the base model would not follow it
+        assert isinstance(body.get("prompt"), str) and line.get("url", "/v1/completions") == "/v1/completions"
+        assert body.get("max_tokens"), line  # continuations end where the answer does
+
+
+@pytest.mark.llama
+def test_the_demo_answers_read_sensibly(gemma_270m: Path, shared_tmp: Path) -> None:
+    """What `make demo` shows: the demo prompts through gemma-3-270m on two local roles over RPC."""
+    runs = shared_tmp / "runs"
+    runs.mkdir(mode=0o700)
+    env = {**os.environ, "SPEEDSLURM_PROFILE": "local", "SPEEDSLURM_RUN__DIR": str(runs)}
+    out = shared_tmp / "demo.results.jsonl"
+    res = subprocess.run([sys.executable, "-m", "speedslurm", "submit", "--model", str(gemma_270m), "--nodes", "2",
+                          "--executor", "local", "--prompts", str(EXAMPLES), "--out", str(out), "--max-tokens", "64",
+                          "--json"], capture_output=True, text=True, env=env, timeout=600, stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stderr
+    shown = subprocess.run([sys.executable, "-m", "speedslurm", "show", str(out), "--json"], capture_output=True,
+                           text=True, env=env, timeout=60, check=True).stdout
+    answers = {k: v.strip() for k, v in json.loads(shown).items()}
+    print("\n".join(f"{k}: {v}" for k, v in answers.items()))
+    assert len(answers) == 12 and all(answers.values()), answers
+    expected = {"capital-fr": "Paris", "largest-ocean": "Pacific", "weekdays": "Thursday", "counting": "five",
+                "planets": "Earth", "boiling-point": "100", "translate-fr": "Merci", "python-add": "a + b"}
+    for cid, word in expected.items():
+        assert word in answers[cid], (cid, answers[cid])
