@@ -1,7 +1,10 @@
 """Deployments from the client's side: prepare (validate, plan), launch, watch, list, end.
 
 The client never talks to the nodes: it reads the run directory (endpoint.json, failed.json, ...) and asks
-Slurm (squeue, then sacct) for the job's state.
+Slurm (squeue, then sacct) for the job's state; politely: only about jobs not yet seen ended (a job seen
+ended is recorded in ``jobs-ended.json`` and never asked about again), one squeue for all of them, and
+less often while nothing changes. The local executor's processes are known by an identity that survives pid
+reuse (:mod:`speedslurm.localproc`).
 """
 
 from __future__ import annotations
@@ -11,14 +14,17 @@ import os
 import re
 import secrets
 import signal
+import socket
 import time
 import typing as tp
 from pathlib import Path
 
-from . import slurm
+from . import localproc, slurm
 from .errors import DeploymentFailed, UsageError
+from .localproc import ProcessIdentity
 from .models import resolve_model
 from .plan import Plan, make_plan
+from .polling import Backoff
 from .rundir import (
     Endpoint,
     RunDir,
@@ -36,6 +42,12 @@ ENDED_WHY = {"CANCELLED": "cancelled", "TIMEOUT": "time limit", "PREEMPTED": "pr
              "DEADLINE": "deadline reached", "COMPLETED": "completed"}
 FAILED_WHY = {"NODE_FAIL": "node failure", "OUT_OF_MEMORY": "out of memory", "BOOT_FAIL": "node boot failure",
               "FAILED": "job failed", "REVOKED": "revoked", "SPECIAL_EXIT": "special exit"}
+# Why a local replica's controller process is not running (localproc.check's answers).
+GONE_WHY = {"gone": "its processes are gone", "rebooted": "its processes are gone (the machine restarted)"}
+# How often a polling loop asks Slurm: after a change every SLURM_FIRST_S, doubling to SLURM_MOST_S while the
+# answer stays the same.
+SLURM_FIRST_S = 1.0
+SLURM_MOST_S = 30.0
 _ID_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -173,8 +185,14 @@ def launch(settings: Settings, plan: Plan, binaries: tp.Any) -> Deployment:
     rd = create_run_dir(root / deployment_id, deployment_record(settings, plan, binaries_record(binaries),
                                                                 deployment_id), plan.replicas)
     info = rd.deployment() or {}
-    submit_fn = submit.submit_local if plan.executor == "local" else submit.submit_slurm
-    info["job_ids"] = submit_fn(plan, rd, jobside.serve)
+    if plan.executor == "local":
+        # A pid names the controller only while it lives: its identity (start time, boot, host) is what
+        # status and down check before they call it running or signal it.
+        controllers = submit.submit_local(plan, rd, jobside.serve)
+        info["job_ids"] = [str(c.pid) for c in controllers]
+        info["local_processes"] = [c.to_json() for c in controllers]
+    else:
+        info["job_ids"] = submit.submit_slurm(plan, rd, jobside.serve)
     info["submitted_at"] = time.time()
     write_json_atomic(rd.root / "deployment.json", info)
     return Deployment(rd, info)
@@ -306,18 +324,45 @@ def _replica_job_id(dep: Deployment, replica: int) -> str:
     return ids[replica] if replica < len(ids) else ids[0]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie left by an exited controller is not alive
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
+# ----------------------------------------------------------------------------------------------------------
+# The local executor's controller processes
+
+
+def controller_identity(dep: Deployment, replica: int) -> ProcessIdentity | None:
+    """The recorded identity of ``replica``'s local controller process; for a deployment recorded without one
+    (older versions), the process now holding its pid if that is submitit's controller for this run directory's
+    replica, else None."""
+    job_id = _replica_job_id(dep, replica)
+    if not job_id.isdigit():
+        return None
+    for record in dep.info.get("local_processes") or []:
+        if isinstance(record, dict) and str(record.get("pid")) == job_id:
+            try:
+                return ProcessIdentity.from_json(record)
+            except (KeyError, TypeError, ValueError):
+                break
+    return _legacy_controller(dep, replica, int(job_id))
+
+
+def _legacy_controller(dep: Deployment, replica: int, pid: int) -> ProcessIdentity | None:
+    """The process holding ``pid``, if its command line is ``python -m submitit.local._local <run
+    dir>/submitit/r<R>``: nothing else starts so, so a reused pid is told apart without a recorded identity."""
+    before = localproc.identify(pid)
+    words = localproc.command_line(pid)
+    folder = (dep.run_dir.submitit_dir / f"r{replica}").resolve()
+    ours = "submitit.local._local" in words and any(w.startswith("/") and Path(w).resolve() == folder
+                                                   for w in words)
+    # The same start time before and after reading the command line: it was this process's.
+    return before if ours and before is not None and localproc.identify(pid) == before else None
+
+
+def controller_check(dep: Deployment, replica: int) -> tuple[str, ProcessIdentity | None]:
+    """("", identity) when ``replica``'s local controller runs on this machine; else (why not: "gone",
+    "rebooted" or "other host", the identity when one is known)."""
+    ident = controller_identity(dep, replica)
+    if ident is None:
+        return "gone", None
+    return localproc.check(ident), ident
 
 
 def endpoint_is_current(dep: Deployment, endpoint: Endpoint) -> bool:
@@ -353,9 +398,12 @@ def replica_statuses(dep: Deployment, states: dict[str, slurm.JobState] | None =
     if dep.executor == "slurm" and _needs_job_ids(dep) and not dep.info.get("cancelled_at") \
             and find_submitted_job(dep):
         states = None  # new ids: ask Slurm about them
+    ended = recorded_ends(dep) if dep.executor == "slurm" else {}
     if states is None and dep.executor == "slurm":
-        states = slurm.job_states([j for j in dep.job_ids if j])
+        live = [j for j in dep.job_ids if j and j not in ended]
+        states = slurm.job_states(live) if live else {}
     cancelled = bool(dep.info.get("cancelled_at"))
+    seen_ended: dict[str, slurm.JobState] = {}
     failed_first = _failed_before_cancel(dep)
     out = []
     for r in range(dep.replicas):
@@ -369,13 +417,19 @@ def replica_statuses(dep: Deployment, states: dict[str, slurm.JobState] | None =
             endpoint = None
         loading_info = read_json(dep.run_dir.loading_path(r))
         loading = bool(loading_info) and _same_job((loading_info or {}).get("job_id"), job_id)
-        reason, nodes, word = "", "", ""
+        reason, nodes, word, gone, elsewhere = "", "", "", "", ""
         if dep.executor == "local":
-            alive = bool(job_id) and _pid_alive(int(job_id))
-            job_state = "RUNNING" if alive else "ENDED"
-            final, nodes = not alive, "localhost"
+            gone, ident = controller_check(dep, r)
+            if gone == "other host" and ident is not None:
+                gone, elsewhere = "", ident.host  # its processes can only be looked at there
+            job_state = "UNKNOWN" if elsewhere else ("ENDED" if gone else "RUNNING")
+            final, nodes = bool(gone), elsewhere or "localhost"
         else:
             js = slurm.state_for(job_id, states or {}) if job_id else None
+            if js is None and job_id:
+                js = ended.get(job_id)
+            elif js is not None and job_id not in ended and js.state.split()[0] in slurm.FINAL_STATES:
+                seen_ended[job_id] = js  # its end is known: never ask again
             job_state = js.state if js else ("PENDING" if job_id and not cancelled else "")
             final = bool(js and js.final) or (js is None and cancelled)
             word = js.state.split()[0] if js else ""
@@ -392,16 +446,70 @@ def replica_statuses(dep: Deployment, states: dict[str, slurm.JobState] | None =
             state, why = "FAILED", _failure_why(failure)
         elif final:
             state, why = _final_state(word, cancelled)
+            if gone and not cancelled:
+                why = GONE_WHY.get(gone, why)
         elif endpoint:
             state, why = "READY", ""
         elif loading:
             state, why = "LOADING", ""
-        elif job_state == "RUNNING":
+        elif job_state in ("RUNNING", "UNKNOWN"):
             state, why = "STARTING", ""
         else:
             state, why = "PENDING", reason if reason and reason != "None" else ""
+        if elsewhere and state in ("READY", "LOADING", "STARTING"):
+            why = f"runs on {elsewhere}: its processes can only be checked there"
         out.append(ReplicaStatus(r, state, job_id, job_state, reason, endpoint, failure, nodes, why))
+    _record_ends(dep, seen_ended)
     return out
+
+
+def recorded_ends(dep: Deployment) -> dict[str, slurm.JobState]:
+    """Jobs of ``dep`` already seen ended (``jobs-ended.json``): job id -> its final state."""
+    try:
+        data = read_json(dep.run_dir.jobs_ended_path) or {}
+    except (OSError, ValueError):
+        return {}
+    jobs = data.get("jobs") if isinstance(data, dict) else None
+    out = {}
+    for job_id, rec in (jobs or {}).items():
+        if isinstance(rec, dict) and rec.get("state"):
+            out[str(job_id)] = slurm.JobState(str(rec.get("job_id") or job_id), str(rec["state"]),
+                                              str(rec.get("reason", "")), str(rec.get("exit_code", "")),
+                                              str(rec.get("nodes", "")))
+    return out
+
+
+def live_job_ids(dep: Deployment) -> list[str]:
+    """The job ids of ``dep`` whose end is not known yet: the only ones worth asking Slurm about."""
+    if dep.executor != "slurm":
+        return []
+    ended = recorded_ends(dep)
+    return [j for j in dep.job_ids if j and j not in ended]
+
+
+def _record_ends(dep: Deployment, seen: dict[str, slurm.JobState]) -> None:
+    """Add jobs seen in a final state to ``jobs-ended.json`` (a run directory that cannot be written: they are
+    asked about again next time, as before)."""
+    if not seen:
+        return
+    try:
+        data = read_json(dep.run_dir.jobs_ended_path) or {}
+        jobs = dict(data.get("jobs") or {}) if isinstance(data, dict) else {}
+        for job_id, js in seen.items():
+            jobs[job_id] = {**dataclasses.asdict(js), "seen_at": time.time()}
+        write_json_atomic(dep.run_dir.jobs_ended_path, {"jobs": jobs})
+    except (OSError, ValueError):
+        pass
+
+
+def statuses_of(deps: tp.Sequence[Deployment]) -> list[list[ReplicaStatus]]:
+    """:func:`replica_statuses` of several deployments, with one question to Slurm for all their live jobs."""
+    ids: list[str] = []
+    for dep in deps:
+        dep.reload()
+        ids += live_job_ids(dep)
+    states = slurm.job_states(ids) if ids else {}
+    return [replica_statuses(dep, states) for dep in deps]
 
 
 def _failed_before_cancel(dep: Deployment) -> set[int]:
@@ -427,25 +535,32 @@ def _final_state(word: str, cancelled: bool) -> tuple[str, str]:
 
 
 class StatusProbe:
-    """``replica_statuses`` for a polling loop: the run directory at every call, Slurm at most every
-    ``slurm_every`` seconds. squeue and sacct cost a process each; asked ten times a second they take CPU
-    from the model load they are waiting for. Failures still show at once: they come from failed.json."""
+    """``replica_statuses`` for a polling loop: the run directory at every call, Slurm ``slurm_every`` seconds
+    after a change, then less and less often (up to every ``slurm_most`` seconds) while nothing changes, and
+    never about a job already seen ended. squeue and sacct cost a process each here and a request to slurmctld
+    or slurmdbd there; a job waiting an hour in the queue must not ask 3,600 times. Failures still show at
+    once: they come from failed.json."""
 
-    def __init__(self, dep: Deployment, slurm_every: float = 1.0,
-                 clock: tp.Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, dep: Deployment, slurm_every: float = SLURM_FIRST_S,
+                 clock: tp.Callable[[], float] = time.monotonic, slurm_most: float = SLURM_MOST_S) -> None:
         self.dep = dep
-        self.slurm_every = slurm_every
-        self.clock = clock
+        self.backoff = Backoff(slurm_every, slurm_most, clock)
         self._states: dict[str, slurm.JobState] | None = None
-        self._asked = -float("inf")
+        self._live: list[str] = []
 
     def __call__(self) -> list[ReplicaStatus]:
+        asked = False
         if self.dep.executor == "slurm":
-            now = self.clock()
-            if self._states is None or now - self._asked >= self.slurm_every:
-                self._states = slurm.job_states(self.dep.job_ids)
-                self._asked = now
-        return replica_statuses(self.dep, self._states)
+            live = live_job_ids(self.dep)
+            if not live:
+                self._states = {}  # every end is recorded: the answers kept from before are stale
+            elif self._states is None or live != self._live or self.backoff.due():
+                self._states = slurm.job_states(live)
+                asked = True
+            self._live = live
+        statuses = replica_statuses(self.dep, self._states if self._states is not None else {})
+        self.backoff.note([(s.state, s.job_state, s.reason, s.why) for s in statuses], asked)
+        return statuses
 
 
 def deployment_state(statuses: tp.Sequence[ReplicaStatus]) -> str:
@@ -541,17 +656,25 @@ def down(dep: Deployment) -> list[str]:
     ids = dep.job_ids
     failed = [s.replica for s in replica_statuses(dep) if s.state == "FAILED"]
     if dep.executor == "local":
-        for job_id in ids:
-            pid = int(job_id)
-            if _pid_alive(pid):
-                # submitit's local controller forwards SIGTERM to every task.
-                os.kill(pid, signal.SIGTERM)
+        # Only processes whose identity matches the record are signalled: a pid that another process has
+        # taken since (after the controller ended, or a reboot) is left alone.
+        controllers = []
+        for r in range(dep.replicas):
+            gone, ident = controller_check(dep, r)
+            if gone == "other host" and ident is not None:
+                raise UsageError(f"deployment {dep.id} runs its processes on {ident.host}, not on this machine "
+                                 f"({socket.gethostname()})", fix=f"run `speedslurm down {dep.id}` on {ident.host}")
+            if not gone and ident is not None and ident not in controllers:
+                controllers.append(ident)
+        for ident in controllers:
+            localproc.signal_process(ident, signal.SIGTERM)  # the controller forwards it to every task
         deadline = time.monotonic() + 15
-        while any(_pid_alive(int(j)) for j in ids) and time.monotonic() < deadline:
+        while any(not localproc.check(c) for c in controllers) and time.monotonic() < deadline:
             time.sleep(0.1)
-        for job_id in ids:
-            if _pid_alive(int(job_id)):
-                os.kill(int(job_id), signal.SIGKILL)
+        for ident in controllers:
+            localproc.signal_process(ident, signal.SIGKILL)
+        if not controllers:
+            return ids  # nothing ran: it ended by itself, and status keeps saying so (not "cancelled")
     else:
         slurm.scancel([j.split("_")[0] if "_" in j else j for j in ids if j])
     info = dict(dep.reload().info)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import typing as tp
@@ -28,6 +29,7 @@ import submitit
 import submitit.local.local
 from submitit.slurm import slurm as submitit_slurm
 
+from .localproc import ProcessIdentity, boot_id, identify
 from .plan import Plan
 from .rundir import RunDir
 from .sbatchopts import as_parameters, sbatch_line
@@ -175,13 +177,27 @@ def submit_slurm(plan: Plan, run_dir: RunDir, fn: tp.Callable[..., tp.Any]) -> l
     return [str(j.job_id) for j in jobs]
 
 
+def local_environment(environ: tp.Mapping[str, str]) -> dict[str, str]:
+    """The environment of local roles: ``environ`` without the variables of a Slurm job.
+
+    ``speedslurm up --executor local`` run inside an allocation (``salloc``, a batch script, ``srun``) would
+    hand its local roles SLURM_JOB_ID and the like; the job side would take that id for its own and write it
+    into every handshake file, which the client (expecting the controller's pid) would never accept, and
+    SLURMD_NODENAME would name a node instead of this machine. SLURM_CONF, the client configuration, stays.
+    """
+    return {k: v for k, v in environ.items()
+            if not ((k.startswith("SLURM_") and k != "SLURM_CONF") or k.startswith("SLURMD_")
+                    or k == "SPEEDSLURM_JOB_ID")}
+
+
 class DetachedLocalExecutor(submitit.LocalExecutor):
     """submitit's local executor whose controller outlives the client and holds none of its pipes.
 
     submitit starts the controller with the client's stdin/stdout/stderr; a deployment left running by
     ``speedslurm up`` would then keep a caller's pipe open (``$(speedslurm up ...)`` would never return)
-    and die with the terminal. Here it gets its own session, /dev/null and a log file instead. Its tasks
-    start through :mod:`speedslurm.jobentry`, as on Slurm.
+    and die with the terminal. Here it gets its own session, /dev/null and a log file instead, and an
+    environment without a surrounding Slurm job's variables (:func:`local_environment`). Its tasks start
+    through :mod:`speedslurm.jobentry`, as on Slurm.
     """
 
     @property
@@ -190,7 +206,7 @@ class DetachedLocalExecutor(submitit.LocalExecutor):
 
     def _submit_command(self, command: str) -> submitit.local.local.LocalJob[tp.Any]:
         ntasks = self.parameters.get("tasks_per_node", 1)
-        env = dict(os.environ)
+        env = local_environment(os.environ)
         env.update(
             SUBMITIT_LOCAL_NTASKS=str(ntasks), SUBMITIT_LOCAL_COMMAND=command,
             SUBMITIT_LOCAL_TIMEOUT_S=str(int(60 * self.parameters.get("timeout_min", 2.0))),
@@ -208,17 +224,23 @@ class DetachedLocalExecutor(submitit.LocalExecutor):
                                              tasks=list(range(ntasks)))
 
 
-def submit_local(plan: Plan, run_dir: RunDir, fn: tp.Callable[..., tp.Any]) -> list[str]:
-    """Run the same job side as local processes: one submitit local job of N tasks per replica."""
-    ids = []
+def submit_local(plan: Plan, run_dir: RunDir, fn: tp.Callable[..., tp.Any]) -> list[ProcessIdentity]:
+    """Run the same job side as local processes: one submitit local job of N tasks per replica.
+
+    Returns each replica's controller process by its identity (its pid is the replica's job id), read while
+    the process is still this one's unreaped child, so its pid cannot have passed to another process yet.
+    """
+    controllers = []
     for replica in range(plan.replicas):
         ex = DetachedLocalExecutor(folder=run_dir.submitit_dir / f"r{replica}")
         ex.update_parameters(tasks_per_node=plan.nodes, timeout_min=plan.time_minutes,
                              signal_delay_s=signal_delay_s(plan))
         job = ex.submit(fn, str(run_dir.root), replica)
         job._cancel_at_deletion = False  # the deployment outlives this process
-        ids.append(str(job.job_id))
-    return ids
+        pid = int(job.job_id)
+        # No /proc entry: never matches a process (start time -1), so the replica shows as ended.
+        controllers.append(identify(pid) or ProcessIdentity(pid, -1, boot_id(), socket.gethostname()))
+    return controllers
 
 
 def python_command() -> str:

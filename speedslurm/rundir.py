@@ -3,7 +3,9 @@
 One deployment = one run directory (mode 0700) on the shared filesystem::
 
     <runs_root>/<deployment_id>/
-        deployment.json          what was submitted: plan, job ids, executor, created_at
+        deployment.json          what was submitted: plan, job ids, executor, created_at (and, for the local
+                                 executor, each controller process's identity: pid, start time, boot id, host)
+        jobs-ended.json          the final Slurm state of each job once a client saw it end: never asked again
         submitit/                submitit's folder (pickles, Slurm stdout/stderr)
         r<R>/                    one folder per replica R
             follower-<rank>.json rendezvous: where follower <rank>'s rpc-server listens
@@ -30,6 +32,7 @@ ENDPOINT = "endpoint.json"
 FAILED = "failed.json"
 LOADING = "loading.json"
 DEPLOYMENT = "deployment.json"
+JOBS_ENDED = "jobs-ended.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +143,10 @@ class RunDir:
     @property
     def submitit_dir(self) -> Path:
         return self.root / "submitit"
+
+    @property
+    def jobs_ended_path(self) -> Path:
+        return self.root / JOBS_ENDED
 
     def replica_dir(self, replica: int) -> Path:
         return self.root / f"r{replica}"

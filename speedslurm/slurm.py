@@ -91,6 +91,10 @@ def job_states(job_ids: tp.Iterable[str]) -> dict[str, JobState]:
     squeue is the authority on live jobs: a recorded job it no longer lists has ended, whatever accounting
     says, since slurmdbd takes records asynchronously and can lag behind (still RUNNING, or no record yet).
     Such a job gets sacct's final state when there is one, else ``GONE``.
+
+    One squeue call for all of them (it lists the ids it knows and skips the others), and sacct only for the
+    jobs squeue did not list (or for all, when the controller did not answer): each call is a request that
+    slurmctld or slurmdbd serves.
     """
     wanted = [str(j) for j in job_ids]
     ids = sorted({j.split("_")[0].split("+")[0] for j in wanted})
@@ -109,11 +113,15 @@ def job_states(job_ids: tp.Iterable[str]) -> dict[str, JobState]:
         if len(parts) >= 4:
             queued[parts[0]] = JobState(parts[0], parts[1], parts[2], "", parts[3])
     accounted: dict[str, JobState] = {}
-    try:
-        acct = call(["sacct", "-n", "-X", "-P", "-j", ",".join(ids), "-o", "JobID,State,ExitCode,NodeList"],
-                    timeout=20, check=False)
-    except CommandError:
-        acct = ""
+    unlisted = sorted({j.split("_")[0].split("+")[0] for j in wanted if state_for(j, queued) is None}) \
+        if squeue_ok else ids
+    acct = ""
+    if unlisted:
+        try:
+            acct = call(["sacct", "-n", "-X", "-P", "-j", ",".join(unlisted), "-o", "JobID,State,ExitCode,NodeList"],
+                        timeout=20, check=False)
+        except CommandError:
+            acct = ""
     for line in acct.splitlines():
         parts = line.strip().split("|")
         if len(parts) >= 4:

@@ -202,13 +202,18 @@ def test_sigint_then_resume_is_exactly_once(tmp_path: Path) -> None:
 
 
 def test_deployment_by_id(tmp_path: Path, stub: StubServer, capsys: pytest.CaptureFixture[str]) -> None:
+    from speedslurm.localproc import identify
     from speedslurm.rundir import Endpoint, RunDir, write_json_atomic
 
     rd = RunDir(tmp_path / "runs" / "tiny-20250101-abcd")
     rd.replica_dir(0).mkdir(parents=True)
-    # a local deployment of 2 replicas whose "job" is this process: replica 1 is still starting
-    write_json_atomic(rd.root / "deployment.json", {"replicas": 2, "executor": "local",
-                                                    "job_ids": [str(os.getpid())], "created_at": 1.0})
+    # a local deployment of 2 replicas whose "job" is this process (recorded by its identity, as `up` records
+    # the controller's: a bare pid would name whatever process holds it later): replica 1 is still starting
+    me = identify(os.getpid())
+    assert me is not None
+    write_json_atomic(rd.root / "deployment.json", {"replicas": 2, "executor": "local", "created_at": 1.0,
+                                                    "job_ids": [str(os.getpid())],
+                                                    "local_processes": [me.to_json()]})
     ep = Endpoint(url=stub.url, api_key=KEY, model="m", deployment_id=rd.deployment_id, replica=0,
                   job_id=str(os.getpid()), leader_node="localhost", follower_nodes=[], rpc_servers=[],
                   llama_version="x", parallel=2, ctx=1024, started_at=0, ready_at=0)

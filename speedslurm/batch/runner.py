@@ -443,6 +443,9 @@ class _Runner:
     def _fail_replica(self, rep: _Replica, reason: str, confirmed: bool) -> None:
         rep.failed, rep.reason, rep.confirmed = True, reason, confirmed
         rep.failed_at = time.monotonic()
+        hurry = getattr(self.source, "hurry", None)
+        if not confirmed and callable(hurry):
+            hurry()  # seen here first: the source's slower checks (Slurm) may soon say why
         me = asyncio.current_task()
         busy = rep.inflight
         for task in list(rep.workers):

@@ -16,6 +16,7 @@ import urllib.parse
 import urllib.request
 
 from ..errors import SpeedslurmError, UsageError
+from ..polling import Backoff
 from ..rundir import Endpoint, RunDir
 
 DEFAULT_SLOTS = 4
@@ -31,7 +32,8 @@ class SourceState:
 
 
 class EndpointSource(tp.Protocol):
-    """Anything the runner can poll for replicas."""
+    """Anything the runner can poll for replicas. A source may also have ``hurry()``, which the runner calls
+    when it sees a replica fail by itself: the source should look at its slower evidence (Slurm) soon."""
 
     def poll(self) -> SourceState: ...
 
@@ -131,15 +133,18 @@ class RunDirSource:
     ``job_alive`` (optional) says whether the deployment's job(s) still run; when it returns False every replica
     that has not failed is reported failed ("the job ended") and the source is finished. ``job_failures``
     (optional) names replicas whose own job ended (replica -> why), for deployments with one job per replica.
-    Both are called at most every ``alive_every`` seconds (they may ask Slurm). ``accept`` can reject a stale
-    endpoint file.
+    Both are called at most every ``alive_every`` seconds (they may ask Slurm); with ``alive_most`` the interval
+    doubles up to it while nothing changes (their answer, the ready and failed replicas), and returns to
+    ``alive_every`` on a change or :meth:`hurry`. The run directory's files are read at every poll. ``accept``
+    can reject a stale endpoint file.
     """
 
     def __init__(self, run_dir: RunDir, replicas: int, job_alive: tp.Callable[[], bool] | None = None,
                  accept: tp.Callable[[Endpoint], bool] | None = None, alive_every: float = 2.0,
                  clock: tp.Callable[[], float] = time.monotonic,
                  job_failures: tp.Callable[[], dict[int, str]] | None = None,
-                 accept_failure: tp.Callable[[int, dict[str, tp.Any]], bool] | None = None) -> None:
+                 accept_failure: tp.Callable[[int, dict[str, tp.Any]], bool] | None = None,
+                 alive_most: float | None = None) -> None:
         self.run_dir = run_dir
         self.replicas = replicas
         self.job_alive = job_alive
@@ -150,7 +155,7 @@ class RunDirSource:
         self.clock = clock
         self._ready: dict[int, Endpoint] = {}
         self._failed: dict[int, str] = {}
-        self._alive_checked = -float("inf")
+        self._backoff = Backoff(alive_every, alive_every if alive_most is None else alive_most, clock)
         self._job_ended = False
 
     def poll(self) -> SourceState:
@@ -167,10 +172,10 @@ class RunDirSource:
                 if ep is not None and (self.accept is None or self.accept(ep)):
                     self._ready[r] = ep
         checks = self.job_alive is not None or self.job_failures is not None
+        asked = False
         if checks and not self._job_ended and len(self._failed) < self.replicas:
-            now = self.clock()
-            if now - self._alive_checked >= self.alive_every:
-                self._alive_checked = now
+            if self._backoff.due():
+                asked = True
                 if self.job_alive is not None and not self.job_alive():
                     self._job_ended = True
                 for r, why in (self.job_failures() if self.job_failures is not None else {}).items():
@@ -183,8 +188,14 @@ class RunDirSource:
                     failure = self._read_failure(r)  # the job side may have said why just before it ended
                     self._failed[r] = failure or "the job ended (cancelled, timed out or its node failed)"
                     self._ready.pop(r, None)
+        self._backoff.note((sorted(self._ready), sorted(self._failed.items()), self._job_ended), asked)
         finished = self._job_ended or len(self._ready) + len(self._failed) >= self.replicas
         return SourceState(sorted(self._ready.values(), key=lambda e: e.replica), dict(self._failed), finished)
+
+    def hurry(self) -> None:
+        """Ask ``job_alive``/``job_failures`` at the next poll, and often for a while: a replica just failed
+        in the runner's eyes, and they may know why."""
+        self._backoff.hurry()
 
     def _read_failure(self, r: int) -> str | None:
         try:

@@ -186,7 +186,7 @@ def deployment_source(ctx: click.Context, deployment_id: str) -> EndpointSource:
     settings = load_settings(profile=obj.get("profile"), config_path=obj.get("config_path"),
                              overrides=obj.get("overrides", ()))
     dep = find_deployment(settings, deployment_id)
-    statuses = replica_statuses(dep)
+    statuses = replica_statuses(dep, {})  # the run directory says whether it was submitted; the source asks Slurm
     if all(st.state == "UNSUBMITTED" for st in statuses):
         from ..deploy import script_path
 
@@ -196,15 +196,20 @@ def deployment_source(ctx: click.Context, deployment_id: str) -> EndpointSource:
     def job_failures() -> dict[int, str]:
         out = {}
         for st in replica_statuses(dep):
+            if not st.failure and st.job_state.startswith("COMPLETING"):
+                continue  # over, but Slurm does not say how yet (CANCELLED, TIMEOUT, ...): ask again soon
             if st.state in ("FAILED", "ENDED"):
                 why = describe_failure(st.failure) if st.failure else \
                     f"job {st.job_id} ended ({st.job_state or 'gone'}{': ' + st.reason if st.reason else ''})"
                 out[st.replica] = why
         return out
 
-    from ..deploy import endpoint_is_current, failure_is_current
+    from ..deploy import SLURM_FIRST_S, SLURM_MOST_S, endpoint_is_current, failure_is_current
 
-    return RunDirSource(dep.run_dir, dep.replicas, job_failures=job_failures,
+    # Slurm is asked a second after a change, then less and less often while the batch runs undisturbed; the
+    # runner hurries the source when it sees a replica fail. Local processes cost Slurm nothing: every second.
+    return RunDirSource(dep.run_dir, dep.replicas, job_failures=job_failures, alive_every=SLURM_FIRST_S,
+                        alive_most=SLURM_MOST_S if dep.executor == "slurm" else SLURM_FIRST_S,
                         accept=lambda ep: endpoint_is_current(dep, ep),
                         accept_failure=lambda r, info: failure_is_current(dep, r, info))
 

@@ -217,8 +217,8 @@ def _age(seconds: float) -> str:
 def _status_rows(settings: tp.Any, ident: str | None, show_all: bool) -> list[dict[str, tp.Any]]:
     deps = [dp.find_deployment(settings, ident)] if ident else dp.list_deployments(settings)
     rows = []
-    for dep in deps:
-        statuses = dp.replica_statuses(dep)
+    # One squeue for the live jobs of every deployment; those already seen ended are not asked about again.
+    for dep, statuses in zip(deps, dp.statuses_of(deps), strict=True):
         state = dp.deployment_state(statuses)
         if not ident and not show_all and state in ("ENDED",) and time.time() - dep.info.get("created_at", 0) > 86400:
             continue
