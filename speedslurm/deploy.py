@@ -488,8 +488,10 @@ def live_job_ids(dep: Deployment) -> list[str]:
 
 
 def _record_ends(dep: Deployment, seen: dict[str, slurm.JobState]) -> None:
-    """Add jobs seen in a final state to ``jobs-ended.json`` (a run directory that cannot be written: they are
-    asked about again next time, as before)."""
+    """Add jobs seen in a final state to ``jobs-ended.json`` once it is their last word (:func:`slurm.settled`:
+    gone from the queue, so nothing can requeue them); a run directory that cannot be written: they are asked
+    about again next time, as before."""
+    seen = {job_id: js for job_id, js in seen.items() if slurm.settled(js)}
     if not seen:
         return
     try:

@@ -156,6 +156,15 @@ def state_for(job_id: str, states: dict[str, JobState]) -> JobState | None:
     return running[0] if running else matches[0]
 
 
+def settled(js: JobState) -> bool:
+    """Whether ``js`` is a job's last word: a final state that accounting reported once squeue no longer listed
+    the job (its rows carry an exit code; squeue's never do), or GONE. A final state that squeue still shows
+    is not: a job requeued (preemption, a node failure with --requeue, RequeueExit, ``scontrol requeue``) keeps
+    its id and comes back to the queue, so its end is recorded only once it has left the queue for good."""
+    word = js.state.split()[0] if js.state else ""
+    return word == "GONE" or (word in FINAL_STATES and bool(js.exit_code))
+
+
 def job_key(job_id: str) -> tuple[str, str] | None:
     """(base id, array task or "") of a job id as Slurm or speedslurm prints it (123, 123_4, 123+1, 123_[0-3])."""
     m = JOB_ID_RE.match(job_id.strip())

@@ -179,3 +179,18 @@ def test_run_deployment_source_backs_off_during_a_batch_and_hurries_when_a_repli
     failures[0] = "job 5 ended (CANCELLED by 0)"
     assert src.poll().failed == {0: "job 5 ended (CANCELLED by 0)"}
     assert asked[-1] == clock.now
+
+
+def test_an_end_is_recorded_only_once_the_job_has_left_the_queue(tmp_path: Path, fake: Slurm) -> None:
+    """A final state that squeue still shows may be undone by a requeue (same job id): it is asked about again."""
+    dep = _dep(tmp_path / "runs", "dep", ["400"])
+    fake.queue = {"400": "PREEMPTED"}
+    assert deploy.replica_statuses(dep)[0].state == "ENDED"
+    assert deploy.live_job_ids(dep) == ["400"] and not dep.run_dir.jobs_ended_path.exists()
+    fake.queue = {"400": "PENDING"}  # requeued
+    assert deploy.replica_statuses(dep)[0].state == "PENDING"
+    fake.queue, fake.accounting = {}, {"400": "CANCELLED by 0"}  # gone from the queue: accounting has the last word
+    assert deploy.replica_statuses(dep)[0].why == "cancelled"
+    assert deploy.live_job_ids(dep) == []
+    fake.calls.clear()
+    assert deploy.replica_statuses(dep)[0].why == "cancelled" and fake.calls == []
