@@ -783,6 +783,8 @@ def main() -> None:
     if args.quick and args.parts == parser.get_default("parts"):
         parts.discard("sweep")
     reps = args.reps or (1 if args.quick else 3)
+    from speedslurm.testmodels import gemma_270m_path
+    log(f"model: {gemma_270m_path()}")   # the registry's gemma file, assembled from its package when missing
     quiet_before = quiet_check()
     log(quiet_before)
     t_start = time.time()
