@@ -29,6 +29,7 @@ from .rundir import (
     Endpoint,
     RunDir,
     check_parent_not_world_writable,
+    file_epoch,
     make_private_dir,
     read_json,
     write_json_atomic,
@@ -42,6 +43,8 @@ ENDED_WHY = {"CANCELLED": "cancelled", "TIMEOUT": "time limit", "PREEMPTED": "pr
              "DEADLINE": "deadline reached", "COMPLETED": "completed"}
 FAILED_WHY = {"NODE_FAIL": "node failure", "OUT_OF_MEMORY": "out of memory", "BOOT_FAIL": "node boot failure",
               "FAILED": "job failed", "REVOKED": "revoked", "SPECIAL_EXIT": "special exit"}
+# Slurm states of a job waiting in the queue (again, after a requeue): none of its handshake files is current.
+QUEUED_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
 # Why a local replica's controller process is not running (localproc.check's answers).
 GONE_WHY = {"gone": "its processes are gone", "rebooted": "its processes are gone (the machine restarted)"}
 # How often a polling loop asks Slurm: after a change every SLURM_FIRST_S, doubling to SLURM_MOST_S while the
@@ -309,12 +312,13 @@ class ReplicaStatus:
     failure: dict[str, tp.Any] | None = None
     nodes: str = ""
     why: str = ""  # what the state alone does not say: why it ended or failed, what it waits for
+    restarts: int | None = None  # Slurm's restart count: the job's start the handshake files must come from
 
     def to_json(self, show_key: bool = False) -> dict[str, tp.Any]:
         return {"replica": self.replica, "state": self.state, "why": self.why, "job_id": self.job_id,
                 "job_state": self.job_state, "reason": self.reason, "nodes": self.nodes,
                 "endpoint": self.endpoint.public(show_key) if self.endpoint else None,
-                "failure": self.failure}
+                "failure": self.failure, "restarts": self.restarts}
 
 
 def _replica_job_id(dep: Deployment, replica: int) -> str:
@@ -365,14 +369,22 @@ def controller_check(dep: Deployment, replica: int) -> tuple[str, ProcessIdentit
     return localproc.check(ident), ident
 
 
-def endpoint_is_current(dep: Deployment, endpoint: Endpoint) -> bool:
-    """False for an endpoint file left by another job than the replica's current one."""
-    return _same_job(endpoint.job_id, _replica_job_id(dep, endpoint.replica))
+def endpoint_is_current(dep: Deployment, endpoint: Endpoint, restarts: int | None = None) -> bool:
+    """False for an endpoint file left by another job than the replica's current one, or by an earlier start
+    of it (``restarts``: Slurm's restart count of the job now, None when not known)."""
+    return _same_job(endpoint.job_id, _replica_job_id(dep, endpoint.replica)) and \
+        _same_start(endpoint.epoch, restarts)
 
 
-def failure_is_current(dep: Deployment, replica: int, failure: dict[str, tp.Any]) -> bool:
-    """False for a failed.json left by another job than the replica's current one."""
-    return _same_job(failure.get("job_id"), _replica_job_id(dep, replica))
+def failure_is_current(dep: Deployment, replica: int, failure: dict[str, tp.Any], restarts: int | None = None) -> bool:
+    """False for a failed.json left by another job than the replica's current one, or by an earlier start."""
+    return _same_job(failure.get("job_id"), _replica_job_id(dep, replica)) and \
+        _same_start(file_epoch(failure), restarts)
+
+
+def _same_start(epoch: int, restarts: int | None) -> bool:
+    """A handshake file belongs to the job's current start (Slurm's restart count unknown: accept)."""
+    return restarts is None or epoch == restarts
 
 
 def _same_job(file_job_id: tp.Any, job_id: str) -> bool:
@@ -408,15 +420,27 @@ def replica_statuses(dep: Deployment, states: dict[str, slurm.JobState] | None =
     out = []
     for r in range(dep.replicas):
         job_id = _replica_job_id(dep, r)
-        # Handshake files of another job (an earlier submission into this run dir) are not this one's.
+        js = None
+        if dep.executor == "slurm":
+            js = slurm.state_for(job_id, states or {}) if job_id else None
+            if js is None and job_id:
+                js = ended.get(job_id)
+        # Handshake files of another job (an earlier submission into this run dir), or of an earlier start of
+        # this one (a requeued job keeps its id), are not this start's.
+        restarts = 0 if dep.executor == "local" else (js.restarts if js else None)
         failure = dep.run_dir.failure(r)
-        if failure and not failure_is_current(dep, r, failure):
-            failure = None
         endpoint = dep.run_dir.endpoint(r)
-        if endpoint and not endpoint_is_current(dep, endpoint):
+        loading_info = read_json(dep.run_dir.loading_path(r)) or {}
+        # An earlier start's file of this very job: Slurm counted a restart that has not written files yet.
+        earlier = bool(restarts) and any(
+            _same_job(f.get("job_id"), job_id) and file_epoch(f) < tp.cast(int, restarts)
+            for f in (failure or {}, endpoint.to_json() if endpoint else {}, loading_info) if f)
+        if failure and not failure_is_current(dep, r, failure, restarts):
+            failure = None
+        if endpoint and not endpoint_is_current(dep, endpoint, restarts):
             endpoint = None
-        loading_info = read_json(dep.run_dir.loading_path(r))
-        loading = bool(loading_info) and _same_job((loading_info or {}).get("job_id"), job_id)
+        loading = bool(loading_info) and _same_job(loading_info.get("job_id"), job_id) and \
+            _same_start(file_epoch(loading_info), restarts)
         reason, nodes, word, gone, elsewhere = "", "", "", "", ""
         if dep.executor == "local":
             gone, ident = controller_check(dep, r)
@@ -425,16 +449,21 @@ def replica_statuses(dep: Deployment, states: dict[str, slurm.JobState] | None =
             job_state = "UNKNOWN" if elsewhere else ("ENDED" if gone else "RUNNING")
             final, nodes = bool(gone), elsewhere or "localhost"
         else:
-            js = slurm.state_for(job_id, states or {}) if job_id else None
-            if js is None and job_id:
-                js = ended.get(job_id)
-            elif js is not None and job_id not in ended and js.state.split()[0] in slurm.FINAL_STATES:
+            if js is not None and job_id not in ended and js.state.split()[0] in slurm.FINAL_STATES:
                 seen_ended[job_id] = js  # its end is known: never ask again
             job_state = js.state if js else ("PENDING" if job_id and not cancelled else "")
             final = bool(js and js.final) or (js is None and cancelled)
             word = js.state.split()[0] if js else ""
             reason = js.reason if js else ""
             nodes = js.nodes if js and js.nodes != "None assigned" else ""  # sacct's words for a job that never ran
+            if word in QUEUED_STATES:
+                # Queued again (requeued, or preempted with PreemptMode=REQUEUE): nothing of it serves now,
+                # whatever files its earlier start left (and restarts unknown could not tell them apart).
+                failure, endpoint, loading = None, None, False
+            elif word == "COMPLETING" and earlier and not (failure or endpoint or loading):
+                # Being requeued: Slurm counted the restart and kills the earlier start's processes; it is
+                # queued again in a moment, not ended.
+                final, word, reason = False, "PENDING", "requeued"
         was_cancelled = r not in failed_first and (word == "CANCELLED" or cancelled)
         if dep.executor == "slurm" and not job_id and not cancelled:
             state, why = "UNSUBMITTED", f"rendered, not submitted: sbatch {script_path(dep)}"
@@ -456,9 +485,12 @@ def replica_statuses(dep: Deployment, states: dict[str, slurm.JobState] | None =
             state, why = "STARTING", ""
         else:
             state, why = "PENDING", reason if reason and reason != "None" else ""
+            if restarts:
+                why = f"requeued{': ' + why if why and why != 'requeued' else ''} (start {restarts + 1} waits)"
         if elsewhere and state in ("READY", "LOADING", "STARTING"):
             why = f"runs on {elsewhere}: its processes can only be checked there"
-        out.append(ReplicaStatus(r, state, job_id, job_state, reason, endpoint, failure, nodes, why))
+        out.append(ReplicaStatus(r, state, job_id, job_state, reason, endpoint, failure, nodes, why,
+                                 restarts if dep.executor == "slurm" else None))
     _record_ends(dep, seen_ended)
     return out
 

@@ -29,7 +29,7 @@ import urllib.request
 from pathlib import Path
 
 from .jobentry import hold_time_limit_warning, release_time_limit_warning
-from .rundir import Endpoint, RunDir, read_json, write_json_atomic
+from .rundir import Endpoint, RunDir, file_epoch, read_json, write_json_atomic
 
 LOG_TAIL_LINES = 20
 # What rpc-server ("Failed to create server socket") and llama-server ("couldn't bind HTTP server socket")
@@ -112,8 +112,20 @@ def current_job_id(environ: tp.Mapping[str, str] | None = None) -> str:
     return env.get("SPEEDSLURM_JOB_ID") or env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_ID", "")
 
 
+def current_epoch(environ: tp.Mapping[str, str] | None = None) -> int:
+    """Which start of this job this is: Slurm's ``SLURM_RESTART_COUNT`` (0 when unset, and always 0 for the
+    local executor, see :func:`serve`). A requeued job keeps its job id, so the job id alone would take the
+    files of its earlier start (dead ports, an old failure) for this one's: every handshake file carries both."""
+    env = os.environ if environ is None else environ
+    try:
+        return int(env.get("SLURM_RESTART_COUNT") or 0)
+    except ValueError:
+        return 0
+
+
 def _ours(data: dict[str, tp.Any] | None) -> bool:
-    return bool(data) and str(data.get("job_id", "")) == current_job_id()  # type: ignore[union-attr]
+    return (bool(data) and str(data.get("job_id", "")) == current_job_id()  # type: ignore[union-attr]
+            and file_epoch(data) == current_epoch())  # type: ignore[arg-type]
 
 
 def node_name() -> str:
@@ -259,7 +271,7 @@ def _fail(rd: RunDir, replica: int, role: str, rank: int, exc: RoleFailed, cause
     if _ours(read_json(path)):  # the first failure is the cause; later ones are consequences
         return
     write_json_atomic(path, {
-        "job_id": current_job_id(), "role": role, "rank": rank, "node": node_name(), "exit_code": exc.exit_code,
+        "job_id": current_job_id(), "epoch": current_epoch(), "role": role, "rank": rank, "node": node_name(), "exit_code": exc.exit_code,
         "reason": exc.reason, "log_tail": exc.log_tail, "time": time.time(), "cause": cause,
     })
 
@@ -421,7 +433,7 @@ def run_follower(dep: dict[str, tp.Any], rd: RunDir, replica: int, rank: int, st
     child, port = _start_listening(argv, address, int(llama.get("rpc_port") or 0), rd.log_path(replica, "follower", rank),
                                    env, stop, 60, f"rpc-server on {node}")
     write_json_atomic(rd.follower_path(replica, rank), {
-        "job_id": current_job_id(), "rank": rank, "node": node, "host": address, "port": port, "pid": child.pid,
+        "job_id": current_job_id(), "epoch": current_epoch(), "rank": rank, "node": node, "host": address, "port": port, "pid": child.pid,
         "version": version, "heartbeat_port": start_heartbeat(address), "started_at": time.time(),
     })
     _supervise(child, rd, replica, stop, f"rpc-server on {node} ({address}:{port})", dep["poll_interval_s"])
@@ -505,7 +517,7 @@ def run_leader(dep: dict[str, tp.Any], rd: RunDir, replica: int, stop: _Stop) ->
     child, port = _start_listening(argv, address, int(llama.get("server_port") or 0), rd.log_path(replica, "leader"),
                                    env, stop, 120, f"llama-server on {node}")
     url = f"http://{address}:{port}"
-    write_json_atomic(rd.loading_path(replica), {"job_id": current_job_id(), "url": url, "node": node, "pid": child.pid, "time": time.time()})
+    write_json_atomic(rd.loading_path(replica), {"job_id": current_job_id(), "epoch": current_epoch(), "url": url, "node": node, "pid": child.pid, "time": time.time()})
     deadline = time.monotonic() + float(dep["health_timeout_s"])
     poll = float(dep["poll_interval_s"])
     while True:
@@ -534,7 +546,7 @@ def run_leader(dep: dict[str, tp.Any], rd: RunDir, replica: int, stop: _Stop) ->
         api_key = fh.read().strip()
     endpoint = Endpoint(
         url=url, api_key=api_key, model=dep["model"]["name"], deployment_id=rd.deployment_id, replica=replica,
-        job_id=current_job_id(), leader_node=node,
+        job_id=current_job_id(), epoch=current_epoch(), leader_node=node,
         follower_nodes=[f["node"] for f in followers], rpc_servers=[f"{f['host']}:{f['port']}" for f in followers],
         llama_version=str(bins.get("version") or version), parallel=int(dep["parallel"]), ctx=int(dep["ctx"]), started_at=started,
         ready_at=time.time(), pid=child.pid,
@@ -559,6 +571,9 @@ def serve(run_dir: str, replica: int = 0) -> int:
     dep = rd.deployment()
     if dep is None:
         raise RuntimeError(f"{run_dir} holds no deployment.json")
+    if dep.get("executor") == "local":
+        # Local processes are never requeued; a SLURM_RESTART_COUNT here is inherited from an enclosing job.
+        os.environ.pop("SLURM_RESTART_COUNT", None)
     try:
         rank = submitit.JobEnvironment().global_rank
     except RuntimeError:

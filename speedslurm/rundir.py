@@ -13,6 +13,9 @@ One deployment = one run directory (mode 0700) on the shared filesystem::
             endpoint.json        mode 0600, written atomically once /health answers 200 (state READY)
             failed.json          why a role gave up: role, rank, node, exit code, last log lines
             logs/leader.log, logs/follower-<rank>.log   the children's output
+
+Every handshake file carries ``job_id`` and ``epoch`` (which start of the job wrote it: Slurm's restart count,
+0 for a first start): a requeued job keeps its id, and its earlier start's files must not be taken for current.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class Endpoint:
     started_at: float
     ready_at: float
     pid: int = 0
+    epoch: int = 0  # the job's start (SLURM_RESTART_COUNT) that wrote it: a requeued job keeps its job id
 
     @property
     def openai_base_url(self) -> str:
@@ -100,6 +104,14 @@ def read_json(path: Path) -> dict[str, tp.Any] | None:
             return tp.cast(dict[str, tp.Any], json.load(fh))
     except FileNotFoundError:
         return None
+
+
+def file_epoch(data: tp.Mapping[str, tp.Any]) -> int:
+    """The start of its job a handshake file belongs to (files without one were written by a first start)."""
+    try:
+        return int(data.get("epoch") or 0)
+    except (TypeError, ValueError):
+        return -1
 
 
 def make_private_dir(path: Path) -> Path:

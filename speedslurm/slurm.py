@@ -21,6 +21,8 @@ SUBMITTED_RE = re.compile(r"Submitted batch job (?P<id>\d+)")
 # Slurm states that end a job for good.
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
                 "BOOT_FAIL", "DEADLINE", "REVOKED", "SPECIAL_EXIT", "GONE"}
+# What squeue is asked about each job: id, state, reason, nodes, restart count (the start a requeued job is at).
+SQUEUE_FIELDS = "JobArrayID:|,State:|,Reason:|,NodeList:|,RestartCnt:"
 # GONE: not in the queue any more, and accounting has no record (yet: slurmdbd may lag behind).
 BAD_STATES = FINAL_STATES - {"COMPLETED", "GONE"}
 
@@ -36,6 +38,7 @@ class JobState:
     reason: str = ""
     exit_code: str = ""
     nodes: str = ""
+    restarts: int | None = None  # Slurm's restart count (squeue's RestartCnt): which start the job is at
 
     @property
     def final(self) -> bool:
@@ -103,7 +106,8 @@ def job_states(job_ids: tp.Iterable[str]) -> dict[str, JobState]:
     queued: dict[str, JobState] = {}
     squeue_ok = True
     try:
-        out = call(["squeue", "-h", "-j", ",".join(ids), "-o", "%i|%T|%r|%N"], timeout=20)
+        # -O, not -o: the restart count has no %-letter. JobArrayID prints what %i does (123, 123_4, 123+1).
+        out = call(["squeue", "-h", "-j", ",".join(ids), "-O", SQUEUE_FIELDS], timeout=20)
     except CommandError as exc:
         out = ""
         # An id Slurm has forgotten is an answer ("Invalid job id"); a controller that does not answer is not.
@@ -111,7 +115,8 @@ def job_states(job_ids: tp.Iterable[str]) -> dict[str, JobState]:
     for line in out.splitlines():
         parts = line.strip().split("|")
         if len(parts) >= 4:
-            queued[parts[0]] = JobState(parts[0], parts[1], parts[2], "", parts[3])
+            restarts = int(parts[4]) if len(parts) > 4 and parts[4].strip().isdigit() else None
+            queued[parts[0]] = JobState(parts[0], parts[1], parts[2], "", parts[3], restarts)
     accounted: dict[str, JobState] = {}
     unlisted = sorted({j.split("_")[0].split("+")[0] for j in wanted if state_for(j, queued) is None}) \
         if squeue_ok else ids

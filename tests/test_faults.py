@@ -669,3 +669,61 @@ def test_10_rpc_server_of_another_build_fails_saying_the_builds_differ(env, shar
     again = speedslurm(env, *args)  # builds match again: the same command completes
     assert again.returncode == 0, again.stderr
     assert_exactly_once(out, ids)
+
+
+# ------------------------------------------------------------------------------------------ 11: requeue
+
+
+@bed
+@pytest.mark.parametrize("hetjob", [False, True], ids=["plain", "hetjob"])
+def test_11_requeue_mid_batch_waits_and_resumes_exactly_once(env, shared_tmp: Path, tiny_gguf: Path,
+                                                             hetjob: bool) -> None:
+    """``scontrol requeue`` mid-batch (what preemption with PreemptMode=REQUEUE does): the job keeps its id and
+    its first start's files stay in r0. ``status`` never says READY with that start's endpoint; the batch waits
+    while the job is queued and starting again, then goes on against the new endpoint: every prompt once."""
+    prompts = shared_tmp / "rq.jsonl"
+    ids = write_prompts(prompts, 100, max_tokens=32)
+    out = shared_tmp / "rq.results.jsonl"
+    runs = shared_tmp / "runs"
+    run = Run(env, ["--set", "llama.rpc_cache=false", "--set", f"cluster.hetjob={str(hetjob).lower()}", "submit",
+                    "--model", str(tiny_gguf), "--nodes", "2", "--executor", "slurm", "--prompts", str(prompts),
+                    "--concurrency", "2"])
+    seen: list[tuple[float, str, str, int | None]] = []
+    try:
+        wait_for("results flowing", lambda: count_lines(out) >= 10, timeout=240)
+        dep = deployment(runs)
+        job, r0 = dep["job_ids"][0], Path(dep["_dir"]) / "r0"
+        first = read_json(r0 / "endpoint.json")
+        assert first and first.get("epoch", 0) == 0 and first["job_id"] == job
+        t_fault = time.time()
+        subprocess.run(["scontrol", "requeue", job], check=True, timeout=30)
+
+        def restarted() -> bool:
+            st = json.loads(speedslurm(env, "status", dep["id"], "--json").stdout)[0]["replicas"][0]
+            ep = st["endpoint"] or {}
+            seen.append((time.time() - t_fault, st["state"], st["why"], ep.get("epoch")))
+            return st["state"] == "READY" and ep.get("epoch") == 1
+
+        wait_for("the restarted job READY in status", restarted, timeout=300, every=0.5)
+        t_ready = time.time()
+        rc = run.wait(300)
+    finally:
+        run.kill()
+    t_end = time.time()
+    assert rc == 0, run.stderr
+    assert_exactly_once(out, ids)
+    # Once status saw the requeue, it never said READY with the first start's endpoint.
+    after = seen[next((i for i, s in enumerate(seen) if s[1] != "READY"), len(seen)):]
+    assert after, seen
+    assert not [s for s in after if s[1] == "READY" and s[3] != 1], seen
+    assert any(s[1] == "PENDING" and "requeued" in s[2] for s in seen), seen
+    t_left = run.first("requeued or preempted", t_fault) or run.first("replica r0 failed", t_fault)
+    t_again = run.first("ready again", t_fault)
+    assert t_again is not None, run.stderr
+    states = []
+    for t, state, why, _epoch in seen:
+        if not states or states[-1][1:] != (state, why):
+            states.append((round(t, 1), state, why))
+    print(f"\nrequeued at 0 s; the batch stopped sending at {t_left - t_fault if t_left else -1:.1f} s; status: "
+          f"{states}; READY again (status) at {t_ready - t_fault:.1f} s; the batch resumed at "
+          f"{t_again - t_fault:.1f} s; done at {t_end - t_fault:.1f} s, {len(ok_ids(out))} prompts once")

@@ -125,7 +125,7 @@ def test_status_asks_once_for_every_live_deployment_and_never_again_about_ended_
     assert [r[0].why for r in rows[:2]] == ["completed", "cancelled"]
     fake.calls.clear()
     rows = deploy.statuses_of([*old, live])
-    assert fake.calls == [["squeue", "-h", "-j", "200", "-o", "%i|%T|%r|%N"]]  # the live one only
+    assert fake.calls == [["squeue", "-h", "-j", "200", "-O", slurm.SQUEUE_FIELDS]]  # the live one only
     assert [r[0].why for r in rows[:2]] == ["completed", "cancelled"]  # from jobs-ended.json
     assert json.loads(old[1].run_dir.jobs_ended_path.read_text())["jobs"]["101"]["state"] == "CANCELLED"
     fake.calls.clear()

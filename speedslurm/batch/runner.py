@@ -294,6 +294,7 @@ class _Runner:
         self.seq = 0
         self.inflight = 0
         self.replicas: dict[int, _Replica] = {}
+        self.retired: list[_Replica] = []  # replicas replaced by their job's next start (requeue)
         self.source_failed: dict[int, str] = {}  # failed replicas we never used
         self.sem = asyncio.Semaphore(options.concurrency) if options.concurrency else None
         self.stopping = False
@@ -324,7 +325,7 @@ class _Runner:
         self._wake()
 
     def _cancel_all(self) -> None:
-        for rep in self.replicas.values():
+        for rep in [*self.retired, *self.replicas.values()]:
             for task in rep.workers:
                 task.cancel()
 
@@ -431,6 +432,11 @@ class _Runner:
         if self.opts.client == "raw" and not ep.url.startswith("http://"):
             make = CLIENTS["openai"]  # the lean client speaks plain http only; https goes through openai
         rep = _Replica(ep, make(ep, self.opts.timeout))
+        before = self.replicas.get(ep.replica)
+        if before is not None:  # the replica's job started again: the old transport is closed at the end
+            self.retired.append(before)
+            rep.served = before.served
+            self.source_failed.pop(ep.replica, None)
         self.replicas[ep.replica] = rep
         n = self.opts.concurrency or max(1, ep.parallel)
         for _ in range(n):
@@ -438,7 +444,8 @@ class _Runner:
             rep.workers.add(task)
             task.add_done_callback(rep.workers.discard)
         self.summary.per_replica.setdefault(ep.replica, 0)
-        self.say(f"replica r{ep.replica} ready at {ep.url} ({ep.parallel} slots)")
+        again = f" again (start {ep.epoch + 1} of job {ep.job_id})" if before is not None else ""
+        self.say(f"replica r{ep.replica} ready{again} at {ep.url} ({ep.parallel} slots)")
 
     def _fail_replica(self, rep: _Replica, reason: str, confirmed: bool) -> None:
         rep.failed, rep.reason, rep.confirmed = True, reason, confirmed
@@ -576,8 +583,15 @@ class _Runner:
                 return
             if not self.stopping:
                 for ep in state.ready:
-                    if ep.replica not in self.replicas:
-                        self._add_replica(ep)
+                    rep = self.replicas.get(ep.replica)
+                    if rep is None or (rep.failed and ep.replica not in state.failed and _new_start(rep.endpoint, ep)):
+                        self._add_replica(ep)  # new, or started again (requeued): its new endpoint
+            listed = {ep.replica for ep in state.ready}
+            for r, rep in list(self.replicas.items()):
+                if not rep.failed and r not in listed and r not in state.failed:
+                    # The source stopped offering it, without a failure: its job was requeued or preempted.
+                    self._fail_replica(rep, "its job left its nodes (requeued or preempted); waiting for it to "
+                                       "start again", confirmed=True)
             for r, why in state.failed.items():
                 rep = self.replicas.get(r)
                 if rep is None:
@@ -648,9 +662,9 @@ class _Runner:
                 if self.grace_handle is not None:
                     self.grace_handle.cancel()
                 self._cancel_all()
-                tasks = [t for rep in self.replicas.values() for t in rep.workers]
+                tasks = [t for rep in [*self.retired, *self.replicas.values()] for t in rep.workers]
                 await asyncio.gather(monitor, *tasks, return_exceptions=True)
-                for rep in self.replicas.values():
+                for rep in [*self.retired, *self.replicas.values()]:
                     await rep.transport.aclose()
                 s.wall_s = time.perf_counter() - self.t0
                 s.failed_replicas = self.failed_replicas()
@@ -664,6 +678,11 @@ class _Runner:
             raise BatchInterrupted(f"interrupted: {s.ok + s.skipped} of {s.total} requests done, "
                                    f"{s.remaining} left; results in {self.results.path}", s, fix=resume)
         return s
+
+
+def _new_start(old: Endpoint, new: Endpoint) -> bool:
+    """``new`` is another start of the replica than ``old`` (a requeued job's next start, or another job)."""
+    return (new.job_id, new.epoch, new.url, new.ready_at) != (old.job_id, old.epoch, old.url, old.ready_at)
 
 
 def _error_message(reply: Reply) -> str:

@@ -135,8 +135,9 @@ class RunDirSource:
     (optional) names replicas whose own job ended (replica -> why), for deployments with one job per replica.
     Both are called at most every ``alive_every`` seconds (they may ask Slurm); with ``alive_most`` the interval
     doubles up to it while nothing changes (their answer, the ready and failed replicas), and returns to
-    ``alive_every`` on a change or :meth:`hurry`. The run directory's files are read at every poll. ``accept``
-    can reject a stale endpoint file.
+    ``alive_every`` on a change or :meth:`hurry`. The run directory's files are read at every poll, and nothing
+    read from them is kept: ``accept`` can reject a stale endpoint file (another job's, or an earlier start's of a
+    requeued job), after which the replica is neither ready nor failed until its next start's endpoint appears.
     """
 
     def __init__(self, run_dir: RunDir, replicas: int, job_alive: tp.Callable[[], bool] | None = None,
@@ -157,40 +158,51 @@ class RunDirSource:
         self._failed: dict[int, str] = {}
         self._backoff = Backoff(alive_every, alive_every if alive_most is None else alive_most, clock)
         self._job_ended = False
+        self._job_failed: dict[int, str] = {}  # the checks' last answer
 
     def poll(self) -> SourceState:
-        for r in range(self.replicas):
-            if r in self._failed:
-                continue
-            failure = self._read_failure(r)
-            if failure is not None:
-                self._failed[r] = failure
-                self._ready.pop(r, None)
-                continue
-            if r not in self._ready:
-                ep = self._read_endpoint(r)
-                if ep is not None and (self.accept is None or self.accept(ep)):
-                    self._ready[r] = ep
-        checks = self.job_alive is not None or self.job_failures is not None
-        asked = False
-        if checks and not self._job_ended and len(self._failed) < self.replicas:
-            if self._backoff.due():
-                asked = True
-                if self.job_alive is not None and not self.job_alive():
-                    self._job_ended = True
-                for r, why in (self.job_failures() if self.job_failures is not None else {}).items():
-                    if r not in self._failed and 0 <= r < self.replicas:
-                        self._failed[r] = self._read_failure(r) or why
-                        self._ready.pop(r, None)
-        if self._job_ended:
-            for r in range(self.replicas):
-                if r not in self._failed:
-                    failure = self._read_failure(r)  # the job side may have said why just before it ended
-                    self._failed[r] = failure or "the job ended (cancelled, timed out or its node failed)"
-                    self._ready.pop(r, None)
+        """Read every replica's files afresh (a requeued job's next start replaces its endpoint, and its earlier
+        start's files stop counting once ``accept`` knows of the new start); ask the checks when due."""
+        asked = self._ask(due_only=True)
+        ready, failed = self._look()
+        if not asked and any(r not in self._failed for r in failed):
+            # A failure file just appeared: before the replica is given up for good, ask Slurm (it may say
+            # the job was requeued, and the file is its earlier start's).
+            self._backoff.hurry()
+            if self._ask(due_only=True):
+                ready, failed = self._look()
+        self._ready, self._failed = ready, failed
         self._backoff.note((sorted(self._ready), sorted(self._failed.items()), self._job_ended), asked)
         finished = self._job_ended or len(self._ready) + len(self._failed) >= self.replicas
         return SourceState(sorted(self._ready.values(), key=lambda e: e.replica), dict(self._failed), finished)
+
+    def _ask(self, due_only: bool) -> bool:
+        """Ask ``job_alive``/``job_failures`` (when due); True when they were asked."""
+        checks = self.job_alive is not None or self.job_failures is not None
+        if not checks or self._job_ended or len(self._failed) >= self.replicas or not self._backoff.due():
+            return False
+        if self.job_alive is not None and not self.job_alive():
+            self._job_ended = True
+        found = self.job_failures() if self.job_failures is not None else {}
+        self._job_failed = {r: why for r, why in found.items() if 0 <= r < self.replicas}
+        return True
+
+    def _look(self) -> tuple[dict[int, Endpoint], dict[int, str]]:
+        ready: dict[int, Endpoint] = {}
+        failed: dict[int, str] = {}
+        for r in range(self.replicas):
+            failure = self._read_failure(r)
+            if failure is None and r in self._job_failed:
+                failure = self._job_failed[r]
+            if failure is None and self._job_ended:
+                failure = "the job ended (cancelled, timed out or its node failed)"
+            if failure is not None:
+                failed[r] = failure
+                continue
+            ep = self._read_endpoint(r)
+            if ep is not None and (self.accept is None or self.accept(ep)):
+                ready[r] = ep
+        return ready, failed
 
     def hurry(self) -> None:
         """Ask ``job_alive``/``job_failures`` at the next poll, and often for a while: a replica just failed

@@ -193,9 +193,16 @@ def deployment_source(ctx: click.Context, deployment_id: str) -> EndpointSource:
         raise UsageError(f"deployment {dep.id} was rendered but not submitted: nothing will serve it",
                          fix=f"submit it with `sbatch {script_path(dep)}`, then run this command again")
 
+    # Each replica's current start (Slurm's restart count) as last asked: a requeued job keeps its id, and the
+    # files of its earlier start (an endpoint with a dead port, a failure) are not taken for the new start's.
+    restarts: dict[int, int | None] = {}
+
     def job_failures() -> dict[int, str]:
         out = {}
         for st in replica_statuses(dep):
+            restarts[st.replica] = st.restarts
+            if st.state == "PENDING" and st.restarts:
+                continue  # requeued: it starts again, with a new endpoint
             if not st.failure and st.job_state.startswith("COMPLETING"):
                 continue  # over, but Slurm does not say how yet (CANCELLED, TIMEOUT, ...): ask again soon
             if st.state in ("FAILED", "ENDED"):
@@ -210,8 +217,8 @@ def deployment_source(ctx: click.Context, deployment_id: str) -> EndpointSource:
     # runner hurries the source when it sees a replica fail. Local processes cost Slurm nothing: every second.
     return RunDirSource(dep.run_dir, dep.replicas, job_failures=job_failures, alive_every=SLURM_FIRST_S,
                         alive_most=SLURM_MOST_S if dep.executor == "slurm" else SLURM_FIRST_S,
-                        accept=lambda ep: endpoint_is_current(dep, ep),
-                        accept_failure=lambda r, info: failure_is_current(dep, r, info))
+                        accept=lambda ep: endpoint_is_current(dep, ep, restarts.get(ep.replica)),
+                        accept_failure=lambda r, info: failure_is_current(dep, r, info, restarts.get(r)))
 
 
 _deployment_source = deployment_source  # older name, still imported by submit

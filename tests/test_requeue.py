@@ -1,0 +1,118 @@
+"""Requeue and preemption without a cluster: a requeued job keeps its id, so every handshake file carries the
+start it belongs to (its epoch, Slurm's restart count) and only the current start's files count."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+import typing as tp
+from pathlib import Path
+
+import pytest
+from test_batch_runner import KEY, assert_exactly_once_ok, endpoint, prompts_file, run
+from test_deploy_unit import _dep, _endpoint
+
+from speedslurm import jobside, slurm
+from speedslurm.batch import RunDirSource
+from speedslurm.deploy import replica_statuses
+from speedslurm.rundir import RunDir, write_json_atomic
+from speedslurm.slurm import JobState
+from speedslurm.stubserver import StubServer
+
+
+def test_the_job_side_takes_only_files_of_its_own_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.delenv("SPEEDSLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert jobside.current_epoch() == 0
+    assert jobside._ours({"job_id": "7"}) and jobside._ours({"job_id": "7", "epoch": 0})
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert jobside.current_epoch() == 2
+    assert not jobside._ours({"job_id": "7"})  # the first start's follower file: a dead port now
+    assert not jobside._ours({"job_id": "7", "epoch": 1})
+    assert jobside._ours({"job_id": "7", "epoch": 2})
+    assert not jobside._ours({"job_id": "8", "epoch": 2})
+
+
+def test_squeue_gives_the_restart_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(slurm, "call", lambda argv, **kw: "7+0|PENDING|BeginTime|(null)|1\n7+1|PENDING|BeginTime||1\n")
+    states = slurm.job_states(["7"])
+    assert states["7+0"].restarts == 1 and states["7+0"].state == "PENDING"
+
+
+def test_status_of_a_requeued_job_follows_its_current_start(tmp_path: Path) -> None:
+    dep = _dep(tmp_path, ["7"])
+    rd = dep.run_dir
+    write_json_atomic(rd.endpoint_path(0), _endpoint("7"))  # the first start's (no epoch: 0)
+    write_json_atomic(rd.loading_path(0), {"job_id": "7"})
+    write_json_atomic(rd.failed_path(0), {"job_id": "7", "role": "leader", "reason": "killed by the requeue"})
+
+    def states(word: str, restarts: int | None) -> dict[str, JobState]:
+        return {f"7+{c}": JobState(f"7+{c}", word, "BeginTime" if word == "PENDING" else "None", "", "",
+                                   restarts) for c in (0, 1)}
+
+    # Slurm kills the first start (COMPLETING) with the restart already counted: being requeued, not ended
+    st = replica_statuses(dep, states("COMPLETING", 1))[0]
+    assert (st.state, st.why) == ("PENDING", "requeued (start 2 waits)")
+    assert replica_statuses(dep, states("COMPLETING", 0))[0].state == "FAILED"  # the last start's own failure
+    st = replica_statuses(dep, states("PENDING", 1))[0]
+    assert (st.state, st.endpoint, st.failure) == ("PENDING", None, None)
+    assert st.why.startswith("requeued") and st.restarts == 1
+    # queued again with the restart count unknown: still never READY
+    assert replica_statuses(dep, states("PENDING", None))[0].state == "PENDING"
+    assert replica_statuses(dep, states("RUNNING", 1))[0].state == "STARTING"
+    write_json_atomic(rd.loading_path(0), {"job_id": "7", "epoch": 1})
+    assert replica_statuses(dep, states("RUNNING", 1))[0].state == "LOADING"
+    write_json_atomic(rd.endpoint_path(0), {**_endpoint("7"), "epoch": 1, "url": "http://10.77.0.12:2"})
+    st = replica_statuses(dep, states("RUNNING", 1))[0]
+    assert st.state == "READY" and st.endpoint is not None and st.endpoint.url.endswith(":2")
+    write_json_atomic(rd.failed_path(0), {"job_id": "7", "epoch": 1, "role": "leader", "reason": "new failure"})
+    assert replica_statuses(dep, states("RUNNING", 1))[0].state == "FAILED"
+
+
+def test_a_batch_waits_through_a_requeue_and_goes_on_at_the_new_endpoint(tmp_path: Path) -> None:
+    """The replica's endpoint stops counting (Slurm says restart 1) and its server goes; later the next start
+    writes its endpoint: the batch goes on there, every prompt once."""
+    prompts = prompts_file(tmp_path, 60)
+    out = tmp_path / "p.results.jsonl"
+    rd = RunDir(tmp_path / "dep")
+    rd.replica_dir(0).mkdir(parents=True)
+    restarts: dict[int, int] = {0: 0}
+
+    def job_failures() -> dict[int, str]:
+        return {}
+
+    source = RunDirSource(rd, 1, job_failures=job_failures, alive_every=0.05,
+                          accept=lambda ep: ep.epoch == restarts[0])
+    first = StubServer(api_key=KEY, slots=2, latency=0.02)
+    second = StubServer(api_key=KEY, slots=2, latency=0.01)
+    first.start()
+    write_json_atomic(rd.endpoint_path(0), endpoint(first.url).to_json())
+    result: dict[str, tp.Any] = {}
+
+    def batch() -> None:
+        result["summary"] = run(source, prompts, out)
+
+    thread = threading.Thread(target=batch)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while first.stats.completions < 10 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        restarts[0] = 1  # scontrol requeue: Slurm now says restart 1
+        first.close_now()
+        time.sleep(1.0)  # queued, starting: the batch waits instead of failing
+        assert thread.is_alive()
+        second.start()
+        write_json_atomic(rd.endpoint_path(0), dataclasses.replace(endpoint(second.url), epoch=1).to_json())
+        thread.join(30)
+    finally:
+        first.stop()
+        second.stop()
+    assert not thread.is_alive()
+    s = result["summary"]
+    assert s.status == "completed" and s.ok + s.skipped == 60
+    assert second.stats.completions > 0
+    assert_exactly_once_ok(out, 60)
