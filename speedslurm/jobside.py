@@ -135,25 +135,57 @@ def node_name() -> str:
 
 
 def cluster_address(deployment: dict[str, tp.Any], node: str) -> str:
-    """This node's cluster address: settings, else Slurm's NodeAddr, else DNS. Never 0.0.0.0."""
+    """This node's cluster address: settings, else Slurm's NodeAddr, else DNS; checked to be usable here."""
     if deployment.get("executor") == "local":
-        return "127.0.0.1"
+        return "127.0.0.1"  # the local executor's address, not a cluster address: every role is on this machine
     addr = (deployment.get("node_addresses") or {}).get(node)
+    source = f"the setting cluster.nodes.{node}.address"
     if not addr:
         from .slurm import node_address
 
         addr = node_address(node)
+        source = "Slurm's NodeAddr"
         if addr == node:  # NodeAddr defaults to the node name: resolve it below
             addr = None
     if not addr:
+        source = f"DNS (the address {node} resolves to)"
         try:
             addr = socket.gethostbyname(node)
         except OSError as exc:
             raise RoleFailed(f"cannot find the cluster address of node {node}: not in settings, "
                              f"not in Slurm's NodeAddr, not in DNS ({exc})") from exc
-    if addr in ("0.0.0.0", "::", ""):
-        raise RoleFailed(f"refusing to bind to {addr!r} on {node}: set cluster.nodes.{node}.address")
-    return addr
+    return usable_address(addr, node, source)
+
+
+def usable_address(addr: str, node: str, source: str) -> str:
+    """``addr`` (an IPv4 address, or a name resolved here) if the node's servers can listen on it for the others:
+    not loopback (a Debian host name maps to 127.0.1.1), not unspecified, and assigned to one of this node's own
+    interfaces (else every bind fails, which would read as "no free port"). Else :class:`RoleFailed`."""
+    import errno
+    import ipaddress
+
+    fix = f"set cluster.nodes.{node}.address to {node}'s address on the cluster network"
+    try:
+        ip = socket.gethostbyname(addr)
+    except OSError as exc:
+        raise RoleFailed(f"node {node}'s cluster address {addr!r} (from {source}) does not resolve on {node} "
+                         f"({exc}); {fix}") from exc
+    shown = addr if ip == addr else f"{addr} ({ip})"
+    parsed = ipaddress.ip_address(ip)
+    if parsed.is_loopback or parsed.is_unspecified:
+        kind = "a loopback" if parsed.is_loopback else "the unspecified"
+        raise RoleFailed(f"node {node}'s cluster address {shown} (from {source}) is {kind} address: the other "
+                         f"nodes could not reach its servers; {fix}")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((ip, 0))
+        except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise RoleFailed(f"node {node}'s cluster address {shown} (from {source}) is not assigned to any "
+                                 f"interface of {node}; {fix}") from exc
+            raise RoleFailed(f"cannot bind node {node}'s cluster address {shown} (from {source}): {exc}; "
+                             f"{fix}") from exc
+    return ip
 
 
 def binary_build(path: str) -> str:

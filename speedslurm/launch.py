@@ -30,7 +30,7 @@ import submitit.local.local
 from submitit.slurm import slurm as submitit_slurm
 
 from .localproc import ProcessIdentity, boot_id, identify
-from .plan import Plan
+from .plan import Plan, check_script_values
 from .rundir import RunDir
 from .sbatchopts import as_parameters, sbatch_line
 
@@ -65,7 +65,12 @@ def job_name(plan: Plan) -> str:
 
 
 def slurm_parameters(plan: Plan, run_dir: RunDir) -> dict[str, tp.Any]:
-    """submitit parameters of the main component (the leader's for a hetjob, every task's for an array)."""
+    """submitit parameters of the main component (the leader's for a hetjob, every task's for an array).
+
+    Every path to a job script (``up``, ``submit``, ``plan``, ``render``; hetjob, array, plain) comes here
+    first: a value with a line break would start a shell line of the script, so it is refused here (exit 2).
+    """
+    check_script_values(plan, str(run_dir.root))
     params: dict[str, tp.Any] = {
         "job_name": job_name(plan),
         "time": plan.time_minutes,

@@ -20,9 +20,9 @@ import math
 import re
 import typing as tp
 
-from .errors import UsageError
+from .errors import ConfigError, UsageError
 from .models import ModelSpec
-from .sbatchopts import flag, sbatch_line, sbatch_options
+from .sbatchopts import flag, refuse_control, sbatch_line, sbatch_options
 from .settings import Settings
 
 GIB = 1024**3
@@ -86,6 +86,8 @@ class Plan:
     hetjob: bool = True        # cluster.hetjob: a multi-node replica as a heterogeneous job
     # cluster.sbatch, checked: (option name with "_", value or True for a bare flag), sorted
     sbatch: tuple[tuple[str, str | bool], ...] = ()
+    # where the values that reach the job script were set (settings key -> file, variable or flag), for errors
+    origins: tp.Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @property
     def total_nodes(self) -> int:
@@ -109,6 +111,7 @@ class Plan:
 
     def to_json(self) -> dict[str, tp.Any]:
         data = dataclasses.asdict(self)
+        data.pop("origins", None)
         data["model"] = self.model.to_json()
         data["sbatch"] = {flag(name): value for name, value in self.sbatch}
         data["total_nodes"] = self.total_nodes
@@ -116,6 +119,49 @@ class Plan:
         data["need_gib"] = round((self.model.weights_bytes + self.kv_bytes + self.nodes * self.compute_bytes) / GIB, 2)
         data["have_gib"] = round(self.nodes * self.usable_bytes / GIB, 2)
         return data
+
+
+def script_values(plan: Plan, run_dir: str | None = None) -> list[tuple[str, str]]:
+    """(setting, value) of every value of ``plan`` that the job script carries (``#SBATCH`` lines, setup)."""
+    host_key = f"models.{plan.model.name}.host"
+    values = [("cluster.partition", plan.partition), ("cluster.gres_per_node", plan.gres),
+              ("cluster.account", plan.account), ("cluster.qos", plan.qos),
+              ("cluster.mem_per_node", plan.mem_per_node), ("cluster.time", plan.time),
+              *(("cluster.exclude", node) for node in plan.exclude), (host_key, plan.leader_host),
+              ("run.dir", run_dir)]
+    return [(setting, str(value)) for setting, value in values if value is not None]
+
+
+def check_script_values(plan: Plan, run_dir: str | None = None) -> None:
+    """Refuse (:class:`ConfigError`, exit 2) a line break or control character in any value the job script
+    carries: the one check that ``plan``, ``up``, ``submit`` and ``render`` all pass through
+    (:func:`speedslurm.launch.slurm_parameters` calls it; :func:`make_plan` too, to stop before any work).
+    ``cluster.sbatch`` values are checked by the same :func:`~speedslurm.sbatchopts.refuse_control`."""
+    for setting, value in script_values(plan, run_dir):
+        refuse_control(setting, value, plan.origins.get(setting))
+
+
+def check_node_addresses(settings: Settings) -> None:
+    """Refuse a ``cluster.nodes.NAME.address`` that no other node could reach: loopback (127.x, ``::1``; the
+    address a Debian host name maps to is 127.0.1.1) or unspecified (0.0.0.0, ``::``). Host names are
+    resolved on the node, where the job side checks them again."""
+    import ipaddress
+
+    for node, entry in settings.cluster.nodes.items():
+        if entry.address is None:
+            continue
+        setting = f"cluster.nodes.{node}.address"
+        try:
+            ip = ipaddress.ip_address(entry.address.strip())
+        except ValueError:
+            continue
+        if ip.is_loopback or ip.is_unspecified:
+            kind = "a loopback" if ip.is_loopback else "the unspecified"
+            source = settings.origins.get(setting) or "settings"
+            raise ConfigError(f"{source}: {setting} = {entry.address!r} is {kind} address: node {node}'s servers "
+                              "would listen where no other node can reach them",
+                              fix=f"set {setting} to node {node}'s address on the cluster network, or remove it "
+                                  "(then Slurm's NodeAddr is used)")
 
 
 def nodes_needed(weights_bytes: int, kv_bytes: int, usable_bytes: int, compute_bytes: int) -> int:
@@ -132,6 +178,7 @@ def make_plan(settings: Settings, model: ModelSpec, *, ctx: int | None = None, n
               partition_size: int | None = None) -> Plan:
     """Size the deployment and validate it; raises :class:`UsageError` before anything is queued."""
     extra_sbatch = sbatch_options(settings.cluster.sbatch, settings.origins)
+    check_node_addresses(settings)
     ctx = ctx if ctx is not None else model.ctx
     if ctx <= 0:
         raise UsageError(f"--ctx {ctx} must be positive", fix="pass a context size such as --ctx 8192")
@@ -178,15 +225,21 @@ def make_plan(settings: Settings, model: ModelSpec, *, ctx: int | None = None, n
     devices = tuple(
         DeviceShare("leader" if i == 0 else f"follower-{i}", model.weights_bytes // chosen, kv // chosen, compute)
         for i in range(chosen))
-    return Plan(
+    origins = {k: v for k, v in settings.origins.items() if k.startswith(("cluster.", "models.", "run."))}
+    if time:
+        origins["cluster.time"] = "--time"
+    plan = Plan(
         model=model, ctx=ctx, nodes=chosen, min_nodes=need, replicas=replicas, parallel=llama.parallel,
         usable_bytes=usable, compute_bytes=compute, kv_bytes=kv, partition=settings.cluster.partition,
         time=time_value, time_minutes=minutes, gres=settings.cluster.gres_per_node, leader_host=leader_host,
         exclude=tuple(settings.cluster.exclude), executor=executor, devices=devices,
         account=settings.cluster.account, qos=settings.cluster.qos,
         cpus_per_node=settings.cluster.cpus_per_node, mem_per_node=settings.cluster.mem_per_node,
-        hetjob=settings.cluster.hetjob, sbatch=extra_sbatch,
+        hetjob=settings.cluster.hetjob, sbatch=extra_sbatch, origins=origins,
     )
+    if executor == "slurm":
+        check_script_values(plan)
+    return plan
 
 
 def describe_plan(plan: Plan) -> list[str]:

@@ -37,6 +37,7 @@ from .rundir import (
     read_json,
     write_json_atomic,
 )
+from .sbatchopts import refuse_control
 from .settings import Settings
 
 RECORD_MARK = "# record this job's id in deployment.json (speedslurm status and down find the job by it)"
@@ -44,11 +45,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _refuse_control(what: str, value: str) -> str:
-    if _CONTROL.search(value):
-        raise UsageError(f"{what} {value!r} contains a line break or another control character, which a job "
-                         "script cannot carry safely",
-                         fix=f"choose a {what} without control characters")
-    return value
+    return refuse_control(what, value)
 
 
 def entry_command(python: str, run_dir: RunDir) -> str:
@@ -61,12 +58,8 @@ def record_command(python: str, run_dir: RunDir) -> str:
 
 
 def _script_plan(plan: Plan) -> Plan:
-    """``plan`` with the values the script shows checked, and control characters out of the model's name."""
-    for what, value in (("partition", plan.partition), ("gres", plan.gres), ("node name", plan.leader_host),
-                        ("account", plan.account), ("qos", plan.qos), ("mem_per_node", plan.mem_per_node),
-                        ("time", plan.time), *(("excluded node", n) for n in plan.exclude)):
-        if value:
-            _refuse_control(what, value)
+    """``plan`` with control characters out of the model's name (the settings the script carries are checked
+    by :func:`speedslurm.launch.slurm_parameters`, on every path)."""
     name = _CONTROL.sub("?", plan.model.name)
     if name == plan.model.name:
         return plan

@@ -22,7 +22,7 @@ import re
 import shlex
 import typing as tp
 
-from .errors import ConfigError, UsageError
+from .errors import ConfigError
 
 SETTING = "cluster.sbatch"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -113,12 +113,18 @@ def check_value(name: str, value: tp.Any, source: str = "settings") -> Value:
         raise ConfigError(f"{source}: {SETTING}.{flag(name)} must be a string, a number or true/false, "
                           f"not {value!r}",
                           fix=f"write it as sbatch takes it, e.g. {flag(name)}: \"a,b\"")
-    text = str(value)
-    if _CONTROL.search(text):
-        raise ConfigError(f"{source}: {SETTING}.{flag(name)} = {text!r} contains a line break or another control "
-                          "character, which would start a new line of the job script",
-                          fix=f"write {SETTING}.{flag(name)} on one line, without control characters")
-    return text
+    return refuse_control(f"{SETTING}.{flag(name)}", str(value), source)
+
+
+def refuse_control(setting: str, value: str, source: str | None = None) -> str:
+    """``value`` of ``setting``, or :class:`ConfigError` (exit 2) if it holds a line break or another control
+    character: every value that reaches the job script passes here (an ``#SBATCH`` line, a quoted shell word
+    alike, a line break ends the line and the next one runs as shell). ``source`` names where it was set."""
+    if _CONTROL.search(value):
+        raise ConfigError(f"{source + ': ' if source else ''}{setting} = {value!r} contains a line break or "
+                          "another control character, which would start a new line of the job script",
+                          fix=f"write {setting} on one line, without control characters")
+    return value
 
 
 def sbatch_options(options: tp.Mapping[str, tp.Any], origins: tp.Mapping[str, str] | None = None
@@ -154,11 +160,8 @@ def as_parameters(options: tp.Iterable[tuple[str, Value]]) -> dict[str, Value]:
     characters (a :class:`~speedslurm.plan.Plan` can be made by hand, without :func:`sbatch_options`)."""
     out: dict[str, Value] = {}
     for name, value in options:
-        if _CONTROL.search(name) or (isinstance(value, str) and _CONTROL.search(value)):
-            raise UsageError(f"sbatch option {name!r} = {value!r} contains a line break or another control "
-                             "character, which would start a new line of the job script",
-                             fix=f"write {SETTING} values on one line")
-        out[name] = value
+        refuse_control(f"{SETTING} option name", name)
+        out[name] = refuse_control(f"{SETTING}.{flag(name)}", value) if isinstance(value, str) else value
     return out
 
 

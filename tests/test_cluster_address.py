@@ -1,0 +1,222 @@
+"""Addresses that cannot work (issue 11): a node's cluster address that is loopback, unspecified or not on the
+node is refused, in the settings before anything is queued, or on the node when the role starts, with the node,
+the address, where it came from and the setting to fix (``cluster.nodes.<node>.address``).
+
+Before, a DNS fallback's 127.0.1.1 (Debian maps the host name there) was taken as the node's address (its
+servers then listened where no other node could reach them), and an address that the node does not have showed
+up as "no free port on ...". The local executor's 127.0.0.1 is its own address, not a cluster address: kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import typing as tp
+from pathlib import Path
+
+import pytest
+
+from speedslurm import jobside
+from speedslurm.errors import ConfigError
+from speedslurm.jobside import RoleFailed, cluster_address
+from speedslurm.models import ModelSpec
+from speedslurm.plan import make_plan
+from speedslurm.settings import load_settings
+
+NOT_HERE = "192.0.2.1"  # TEST-NET-1 (RFC 5737): assigned to no interface of any machine
+
+
+def spec() -> ModelSpec:
+    path = Path("/models/m.gguf")
+    return ModelSpec(name="m", path=path, files=(path,), weights_bytes=1_000_000_000, n_layer=24, n_head_kv=8,
+                     head_dim=64, head_dim_v=64, ctx=8192, host=None, local=False)
+
+
+@pytest.fixture
+def user_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for name in list(os.environ):
+        if name.startswith("SPEEDSLURM_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    path = tmp_path / "config.yaml"
+    monkeypatch.setenv("SPEEDSLURM_CONFIG", str(path))
+    monkeypatch.setenv("SPEEDSLURM_RUN__DIR", str(tmp_path / "runs"))
+    return path
+
+
+# ------------------------------------------------------------------------------------------ settings (plan)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.0.1.1", "0.0.0.0", "::1", "::"])
+def test_plan_refuses_a_loopback_or_unspecified_node_address(user_config: Path, address: str) -> None:
+    user_config.write_text(f"cluster:\n  nodes:\n    n2: {{address: {json.dumps(address)}}}\n")
+    with pytest.raises(ConfigError) as err:
+        make_plan(load_settings(profile="gorgonas"), spec())
+    text = err.value.render()
+    assert "cluster.nodes.n2.address" in err.value.message and address in text and str(user_config) in text
+    assert "node n2" in text and "cluster.nodes.n2.address" in (err.value.fix or "")
+    assert err.value.exit_code == 2
+
+
+def test_plan_names_the_flag_that_set_it(user_config: Path) -> None:
+    user_config.write_text("{}\n")
+    settings = load_settings(profile="gorgonas", overrides=["cluster.nodes.n3.address=127.0.1.1"])
+    with pytest.raises(ConfigError, match=r"--set.*cluster\.nodes\.n3\.address = '127\.0\.1\.1' is a loopback"):
+        make_plan(settings, spec())
+
+
+def test_plan_accepts_cluster_addresses_and_host_names(user_config: Path) -> None:
+    user_config.write_text("cluster:\n  nodes:\n    n1: {address: 10.77.0.11}\n    n2: {address: n2-ib}\n")
+    assert make_plan(load_settings(profile="gorgonas"), spec()).nodes >= 1
+
+
+# ------------------------------------------------------------------------------------------ on the node
+
+
+def _no_slurm(monkeypatch: pytest.MonkeyPatch, node_addr: str | None) -> None:
+    from speedslurm import slurm
+
+    monkeypatch.setattr(slurm, "node_address", lambda node: node_addr)
+
+
+def test_a_dns_fallback_to_127_0_1_1_is_refused_naming_dns(monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_slurm(monkeypatch, None)
+    monkeypatch.setattr(socket, "gethostbyname", lambda name: "127.0.1.1")
+    with pytest.raises(RoleFailed) as err:
+        cluster_address({"executor": "slurm"}, "n2")
+    reason = err.value.reason
+    assert "node n2" in reason and "127.0.1.1" in reason and "DNS" in reason and "loopback" in reason
+    assert "cluster.nodes.n2.address" in reason
+
+
+def test_a_loopback_nodeaddr_is_refused_naming_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_slurm(monkeypatch, "127.0.0.1")
+    with pytest.raises(RoleFailed, match=r"node n1's cluster address 127\.0\.0\.1 \(from Slurm's NodeAddr\) is a "
+                                         r"loopback address.*cluster\.nodes\.n1\.address"):
+        cluster_address({"executor": "slurm"}, "n1")
+
+
+def test_a_name_in_the_setting_that_resolves_to_loopback_is_refused() -> None:
+    with pytest.raises(RoleFailed, match=r"localhost \(127\.0\.0\.1\) \(from the setting cluster\.nodes\.n4\.address\)"
+                                         r" is a loopback address"):
+        cluster_address({"executor": "slurm", "node_addresses": {"n4": "localhost"}}, "n4")
+
+
+def test_an_unspecified_address_is_refused() -> None:
+    with pytest.raises(RoleFailed, match="unspecified"):
+        cluster_address({"executor": "slurm", "node_addresses": {"n1": "0.0.0.0"}}, "n1")
+
+
+def test_an_address_that_is_not_on_this_node_is_refused_not_reported_as_no_free_port() -> None:
+    with pytest.raises(RoleFailed) as err:
+        cluster_address({"executor": "slurm", "node_addresses": {"n2": NOT_HERE}}, "n2")
+    reason = err.value.reason
+    assert f"{NOT_HERE} (from the setting cluster.nodes.n2.address) is not assigned to any interface of n2" in reason
+    assert "cluster.nodes.n2.address" in reason.split(";")[-1] and "free port" not in reason
+
+
+def test_an_address_of_this_node_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    ours = _own_address()
+    if ours is None:
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    assert cluster_address({"executor": "slurm", "node_addresses": {"n1": ours}}, "n1") == ours
+    _no_slurm(monkeypatch, ours)
+    assert cluster_address({"executor": "slurm"}, "n1") == ours
+
+
+def test_the_local_executor_keeps_127_0_0_1() -> None:
+    assert cluster_address({"executor": "local", "node_addresses": {"localhost": NOT_HERE}}, "localhost") \
+        == "127.0.0.1"
+
+
+def _own_address() -> str | None:
+    """A non-loopback IPv4 address of this machine (the route to a TEST-NET address picks one; nothing is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((NOT_HERE, 9))
+        except OSError:
+            return None
+        addr = str(s.getsockname()[0])
+    return None if addr.startswith("127.") or addr == "0.0.0.0" else addr
+
+
+def test_the_role_fails_with_the_reason_in_failed_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The follower's reason reaches failed.json, which ``up`` and ``status`` read (the bed test shows it end to end)."""
+    from speedslurm.rundir import RunDir
+
+    rd = RunDir(tmp_path / "d")
+    (rd.root / "r0" / "logs").mkdir(parents=True)
+    dep = {"executor": "slurm", "node_addresses": {"n2": NOT_HERE}, "llama": {}, "binaries": {}}
+    monkeypatch.setenv("SLURMD_NODENAME", "n2")
+    monkeypatch.setenv("SPEEDSLURM_JOB_ID", "77")
+    with pytest.raises(RoleFailed) as err:
+        jobside.run_follower(dep, rd, 0, 1, jobside._Stop())
+    jobside._fail(rd, 0, "follower", 1, err.value)
+    failed = json.loads(rd.failed_path(0).read_text())
+    assert NOT_HERE in json.dumps(failed) and "cluster.nodes.n2.address" in json.dumps(failed)
+
+
+# ------------------------------------------------------------------------------------------ on the test bed
+
+
+def _ss(shared_tmp: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "SPEEDSLURM_PROFILE": "testbed", "SPEEDSLURM_RUN__DIR": str(shared_tmp / "runs")}
+    return subprocess.run([sys.executable, "-m", "speedslurm", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def _jobs_of(shared_tmp: Path) -> list[str]:
+    ids: list[str] = []
+    for f in (shared_tmp / "runs").glob("*/deployment.json"):
+        ids += [str(j).split("_")[0] for j in json.loads(f.read_text()).get("job_ids", [])]
+    return ids
+
+
+def _still_queued(ids: tp.Sequence[str]) -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=20).stdout
+    return [j for j in out.split() if j.split("+")[0].split("_")[0] in ids]
+
+
+@pytest.mark.slurm
+@pytest.mark.llama
+@pytest.mark.parametrize(("address", "says"), [
+    ("10.77.0.99", "node n2's cluster address 10.77.0.99 (from the setting cluster.nodes.n2.address) is not "
+                   "assigned to any interface of n2"),
+    ("localhost", "node n2's cluster address localhost (127.0.0.1) (from the setting cluster.nodes.n2.address) "
+                  "is a loopback address"),
+], ids=["not-on-the-node", "loopback-name"])
+def test_bed_an_unusable_address_fails_the_deployment_within_seconds(shared_tmp: Path, tiny_gguf: Path,
+                                                                      address: str, says: str) -> None:
+    t0 = time.monotonic()
+    res = _ss(shared_tmp, "--set", f"cluster.nodes.n2.address={address}", "--set", "cluster.exclude=[n3,n4]",
+              "--set", "cluster.hetjob=false", "--set", "llama.rpc_cache=false",
+              "up", "--model", str(tiny_gguf), "--nodes", "2", "--executor", "slurm", "--timeout", "120")
+    elapsed = time.monotonic() - t0
+    flat = " ".join(res.stderr.split())
+    assert res.returncode == 1, res.stderr
+    assert says in flat and "set cluster.nodes.n2.address" in flat, res.stderr
+    assert "free port" not in flat
+    assert elapsed < 60, elapsed  # a plain job starts at once; before, the follower ran into "no free port"
+    ids = _jobs_of(shared_tmp)
+    assert ids
+    deadline = time.monotonic() + 30
+    while _still_queued(ids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _still_queued(ids), "the failed job is still in squeue"
+
+
+@pytest.mark.slurm
+def test_bed_a_loopback_address_in_the_settings_is_refused_before_anything_is_queued(shared_tmp: Path,
+                                                                                     tiny_gguf: Path) -> None:
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    res = _ss(shared_tmp, "--set", "cluster.nodes.n2.address=127.0.1.1", "up", "--model", str(tiny_gguf),
+              "--nodes", "2", "--executor", "slurm")
+    assert res.returncode == 2, res.stderr
+    assert "cluster.nodes.n2.address = '127.0.1.1' is a loopback address" in " ".join(res.stderr.split())
+    assert not list((shared_tmp / "runs").glob("*/deployment.json"))
+    after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    assert set(after) <= set(before)
