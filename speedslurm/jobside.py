@@ -199,21 +199,30 @@ def binary_build(path: str) -> str:
 # Children
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: be killed when the role process dies, however it dies.
+def die_with_parent(parent: int | None = None) -> tp.Callable[[], None]:
+    """A ``preexec_fn``: in the child before exec, be killed when the role process ``parent`` dies, however it dies.
 
     A role killed outright (SIGKILL after Slurm's KillWait, OOM) would otherwise leave its server running
     outside any supervision, still holding the node's port and GPU memory. SIGKILL, not SIGTERM: a
     llama-server whose RPC peer is gone can hang in its graceful shutdown. A role that ends normally has
-    already stopped its child gracefully (:meth:`Child.stop`).
+    already stopped its child gracefully (:meth:`Child.stop`). libc is loaded here, in the role, not in the
+    forked child; and a role that died between the fork and ``prctl`` (a cancel while a server starts) is
+    caught by comparing the parent: the child then exits instead of running on, orphaned.
     """
+    parent = os.getpid() if parent is None else parent
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return lambda: None
+
+    def preexec() -> None:
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
 
 
 class Child:
@@ -229,7 +238,7 @@ class Child:
         self._log = open(log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
         os.chmod(log_path, 0o600)
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, start_new_session=True, preexec_fn=_die_with_parent)
+                                     env=env, start_new_session=True, preexec_fn=die_with_parent())
 
     @property
     def pid(self) -> int:

@@ -60,3 +60,19 @@ def test_rpc_cache_folder_is_private_and_foreign_ones_are_refused(tmp_path: Path
         os.chown(foreign, 65534, 65534)
         with pytest.raises(RoleFailed, match="belongs to uid 65534, not to you"):
             private_dir(str(foreign), "n1", "llama.rpc_cache_dir")
+
+
+def test_a_server_whose_role_is_already_gone_does_not_run_on() -> None:
+    """The fork/prctl race: when the role died before the child armed its death signal, the child exits."""
+    import subprocess
+
+    from speedslurm.jobside import die_with_parent
+
+    orphan = subprocess.Popen(["sleep", "30"], preexec_fn=die_with_parent(parent=1), start_new_session=True)
+    assert orphan.wait(10) == 1          # parent 1 is not the child's parent: it exits before exec
+    ours = subprocess.Popen(["sleep", "30"], preexec_fn=die_with_parent(), start_new_session=True)
+    try:
+        assert ours.poll() is None       # our own child runs
+    finally:
+        ours.kill()
+        ours.wait()
