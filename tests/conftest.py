@@ -221,3 +221,17 @@ def shared_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base folder is private (mode 0700) and lies under a sticky /tmp.
     """
     return tmp_path_factory.mktemp("shared")
+
+
+@pytest.fixture
+def user_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A user config file (``SPEEDSLURM_CONFIG``), a private runs folder, and no other user settings (environment,
+    ~/.config) in the way."""
+    for name in list(os.environ):
+        if name.startswith("SPEEDSLURM_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    path = tmp_path / "config.yaml"
+    monkeypatch.setenv("SPEEDSLURM_CONFIG", str(path))
+    monkeypatch.setenv("SPEEDSLURM_RUN__DIR", str(tmp_path / "runs"))
+    return path

@@ -36,18 +36,6 @@ def spec() -> ModelSpec:
                      head_dim=64, head_dim_v=64, ctx=8192, host=None, local=False)
 
 
-@pytest.fixture
-def user_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for name in list(os.environ):
-        if name.startswith("SPEEDSLURM_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
-    path = tmp_path / "config.yaml"
-    monkeypatch.setenv("SPEEDSLURM_CONFIG", str(path))
-    monkeypatch.setenv("SPEEDSLURM_RUN__DIR", str(tmp_path / "runs"))
-    return path
-
-
 # ------------------------------------------------------------------------------------------ settings (plan)
 
 

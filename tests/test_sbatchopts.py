@@ -28,19 +28,6 @@ def spec(weights: int = 40_350_000_000) -> ModelSpec:
                      head_dim=128, head_dim_v=128, ctx=8192, host=None, local=False)
 
 
-@pytest.fixture
-def user_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A user config file, and no other user settings (environment, ~/.config) in the way."""
-    for name in list(os.environ):
-        if name.startswith("SPEEDSLURM_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
-    path = tmp_path / "config.yaml"
-    monkeypatch.setenv("SPEEDSLURM_CONFIG", str(path))
-    monkeypatch.setenv("SPEEDSLURM_RUN__DIR", str(tmp_path / "runs"))
-    return path
-
-
 def settings_with(cfg: Path, yaml_text: str, *overrides: str) -> tp.Any:
     cfg.write_text(yaml_text)
     return load_settings(profile="gorgonas", overrides=overrides)

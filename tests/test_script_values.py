@@ -35,18 +35,6 @@ def spec(host: str | None = None) -> ModelSpec:
                      head_dim=128, head_dim_v=128, ctx=8192, host=host, local=False)
 
 
-@pytest.fixture
-def user_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for name in list(os.environ):
-        if name.startswith("SPEEDSLURM_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
-    path = tmp_path / "config.yaml"
-    monkeypatch.setenv("SPEEDSLURM_CONFIG", str(path))
-    monkeypatch.setenv("SPEEDSLURM_RUN__DIR", str(tmp_path / "runs"))
-    return path
-
-
 # (setting, YAML of the user config that sets it to a hostile value)
 SETTINGS = [
     ("cluster.partition", "cluster:\n  partition: {v}\n"),
