@@ -28,7 +28,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .jobentry import hold_time_limit_warning, release_time_limit_warning
+from .jobentry import TIME_LIMIT_SIGNAL, hold_time_limit_warning, release_time_limit_warning
 from .rundir import Endpoint, RunDir, file_epoch, read_json, write_json_atomic
 
 LOG_TAIL_LINES = 20
@@ -200,7 +200,8 @@ def binary_build(path: str) -> str:
 
 
 def die_with_parent(parent: int | None = None) -> tp.Callable[[], None]:
-    """A ``preexec_fn``: in the child before exec, be killed when the role process ``parent`` dies, however it dies.
+    """A ``preexec_fn``: in the child before exec, be killed when the role process ``parent`` dies, however it dies;
+    and ignore Slurm's time-limit warning.
 
     A role killed outright (SIGKILL after Slurm's KillWait, OOM) would otherwise leave its server running
     outside any supervision, still holding the node's port and GPU memory. SIGKILL, not SIGTERM: a
@@ -208,16 +209,25 @@ def die_with_parent(parent: int | None = None) -> tp.Callable[[], None]:
     already stopped its child gracefully (:meth:`Child.stop`). libc is loaded here, in the role, not in the
     forked child; and a role that died between the fork and ``prctl`` (a cancel while a server starts) is
     caught by comparing the parent: the child then exits instead of running on, orphaned.
+
+    Slurm sends the warning (``--signal=USR2@S``) to every process of the step, servers included, and its
+    default action kills them: the replica would then fail as "llama-server exited with code -12" before the
+    role could say "time limit" and stop them itself. An ignored signal stays ignored across ``exec``.
     """
     parent = os.getpid() if parent is None else parent
     try:
         import ctypes
 
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+        set_handler = libc.signal
+        set_handler.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        set_handler.restype = ctypes.c_void_p
     except (OSError, AttributeError):
         return lambda: None
 
     def preexec() -> None:
+        set_handler(TIME_LIMIT_SIGNAL, 1)  # SIG_IGN
         prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:
             os._exit(1)

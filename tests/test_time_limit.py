@@ -96,3 +96,22 @@ def test_a_held_warning_reaches_the_job_side(tmp_path: Path) -> None:
 def test_every_executor_starts_tasks_through_the_entry(tmp_path: Path) -> None:
     for ex in (EntrySlurmExecutor(folder=tmp_path / "s"), DetachedLocalExecutor(folder=tmp_path / "l")):
         assert " -u -m speedslurm.jobentry " in ex._submitit_command_str
+
+
+def test_servers_survive_the_warning_sent_to_the_whole_step(tmp_path: Path) -> None:
+    """Slurm sends the warning to every process of the step; a server killed by it made the replica fail as
+    "llama-server exited with code -12" instead of ending for the time limit (seen on the bed)."""
+    import os
+    import signal
+    import time
+
+    from speedslurm.jobside import Child
+
+    child = Child(["sleep", "30"], tmp_path / "server.log", env={"PATH": "/usr/bin:/bin"})
+    try:
+        os.kill(child.pid, signal.SIGUSR2)
+        time.sleep(0.5)
+        assert child.poll() is None, f"the server died of the warning (code {child.poll()})"
+    finally:
+        child.stop()
+    assert child.poll() is not None
