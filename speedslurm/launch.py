@@ -7,11 +7,11 @@
 * one node -> a plain job.
 * ``--executor local`` -> submitit's local executor: N tasks on this machine, all on 127.0.0.1.
 
-submitit's Slurm executor knows no hetjobs: :class:`HetjobSlurmExecutor` renders the hetjob script
-through :func:`render_job_script` (which builds on submitit's own sbatch renderer, so values are
-shell-quoted the same way). Every executor starts its tasks through :mod:`speedslurm.jobentry`, which
-holds Slurm's time-limit warning before its slow imports and gives every component's task the leader's job
-id, so they all find the one pickled job.
+submitit's Slurm executor knows no hetjobs: the hetjob script comes from :func:`render_job_script` (which
+builds on submitit's own sbatch renderer, so values are shell-quoted the same way). Every executor starts its
+tasks through :mod:`speedslurm.jobentry`, which holds Slurm's time-limit warning before its slow imports and
+gives every component's task the leader's job id, so they all find the one pickled job. What this needs of
+submitit beyond its public surface lives in :mod:`speedslurm.submitit_adapter`.
 """
 
 from __future__ import annotations
@@ -20,19 +20,22 @@ import os
 import re
 import shlex
 import socket
-import subprocess
 import sys
 import typing as tp
-from pathlib import Path
-
-import submitit
-import submitit.local.local
-from submitit.slurm import slurm as submitit_slurm
 
 from .localproc import ProcessIdentity, boot_id, identify
 from .plan import Plan, check_script_values
 from .rundir import RunDir
 from .sbatchopts import as_parameters, sbatch_line
+from .submitit_adapter import (
+    DetachedLocalExecutor,
+    EntrySlurmExecutor,
+    ScriptSlurmExecutor,
+    entry_command,
+    sbatch_text,
+)
+
+__all__ = ["entry_command", "render_job_script", "slurm_parameters", "submit_local", "submit_slurm"]
 
 # Slurm's SIGUSR2 warning before the time limit; the job side treats it like SIGTERM.
 SIGNAL_DELAY_S = 60
@@ -130,8 +133,7 @@ def render_job_script(plan: Plan, run_dir: RunDir, command: str) -> str:
     """
     params = slurm_parameters(plan, run_dir)
     map_count = plan.replicas if plan.replicas > 1 else None
-    text = submitit_slurm._make_sbatch_string(command=command, folder=run_dir.submitit_dir,
-                                              map_count=map_count, **params)
+    text = sbatch_text(command, run_dir.submitit_dir, map_count, **params)
     lines = text.split("\n")
     lines.insert(1, f"# speedslurm deployment {run_dir.deployment_id}: {_one_line(plan.model.name)} on "
                     f"{plan.nodes} node(s) x {plan.replicas} replica(s) ({plan.layout})")
@@ -141,38 +143,11 @@ def render_job_script(plan: Plan, run_dir: RunDir, command: str) -> str:
     return "\n".join(lines)
 
 
-def entry_command(python: str, folder: Path) -> str:
-    return " ".join([python, "-u -m speedslurm.jobentry", shlex.quote(str(folder))])
-
-
-class EntrySlurmExecutor(submitit.SlurmExecutor):
-    """submitit's Slurm executor whose tasks start through :mod:`speedslurm.jobentry`, not submitit's own
-    entry (which imports submitit before anything can hold Slurm's time-limit warning)."""
-
-    @property
-    def _submitit_command_str(self) -> str:
-        return entry_command(self.python, Path(self.folder))
-
-
-class HetjobSlurmExecutor(EntrySlurmExecutor):
-    """submitit's Slurm executor, with the script rendered by :func:`render_job_script` (hetjob aware)."""
-
-    def __init__(self, plan: Plan, run_dir: RunDir, python: str | None = None) -> None:
-        super().__init__(folder=run_dir.submitit_dir, max_num_timeout=0, python=python)
-        self.plan = plan
-        self.run_dir = run_dir
-
-    def _make_submission_file_text(self, command: str, uid: str) -> str:
-        return render_job_script(self.plan, self.run_dir, command)
-
-    def _num_tasks(self) -> int:
-        return self.plan.nodes
-
-
 def submit_slurm(plan: Plan, run_dir: RunDir, fn: tp.Callable[..., tp.Any]) -> list[str]:
     """Submit ``fn(run_dir, replica)`` for every replica; returns the Slurm job id(s) per replica."""
     if plan.replicas == 1:
-        ex = HetjobSlurmExecutor(plan, run_dir)
+        ex = ScriptSlurmExecutor(run_dir.submitit_dir, lambda command: render_job_script(plan, run_dir, command),
+                                 ntasks=plan.nodes)
         job = ex.submit(fn, str(run_dir.root), 0)
         return [str(job.job_id)]
     # Arrays: submitit's own array path renders the same script as render_job_script (map_count = R).
@@ -195,40 +170,6 @@ def local_environment(environ: tp.Mapping[str, str]) -> dict[str, str]:
                     or k == "SPEEDSLURM_JOB_ID")}
 
 
-class DetachedLocalExecutor(submitit.LocalExecutor):
-    """submitit's local executor whose controller outlives the client and holds none of its pipes.
-
-    submitit starts the controller with the client's stdin/stdout/stderr; a deployment left running by
-    ``speedslurm up`` would then keep a caller's pipe open (``$(speedslurm up ...)`` would never return)
-    and die with the terminal. Here it gets its own session, /dev/null and a log file instead, and an
-    environment without a surrounding Slurm job's variables (:func:`local_environment`). Its tasks start
-    through :mod:`speedslurm.jobentry`, as on Slurm.
-    """
-
-    @property
-    def _submitit_command_str(self) -> str:
-        return entry_command(self.python, Path(self.folder))
-
-    def _submit_command(self, command: str) -> submitit.local.local.LocalJob[tp.Any]:
-        ntasks = self.parameters.get("tasks_per_node", 1)
-        env = local_environment(os.environ)
-        env.update(
-            SUBMITIT_LOCAL_NTASKS=str(ntasks), SUBMITIT_LOCAL_COMMAND=command,
-            SUBMITIT_LOCAL_TIMEOUT_S=str(int(60 * self.parameters.get("timeout_min", 2.0))),
-            SUBMITIT_LOCAL_SIGNAL_DELAY_S=str(int(self.parameters.get("signal_delay_s", 30))),
-            SUBMITIT_LOCAL_NODEID="0", SUBMITIT_LOCAL_JOB_NUM_NODES="1", SUBMITIT_STDERR_TO_STDOUT="",
-            SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_WITH_SHELL="",
-        )
-        folder = Path(self.folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / "controller.log", "ab") as log:
-            process = subprocess.Popen([sys.executable, "-m", "submitit.local._local", str(folder)], env=env,
-                                       stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
-        return submitit.local.local.LocalJob(folder=folder, job_id=str(process.pid), process=process,
-                                             tasks=list(range(ntasks)))
-
-
 def submit_local(plan: Plan, run_dir: RunDir, fn: tp.Callable[..., tp.Any]) -> list[ProcessIdentity]:
     """Run the same job side as local processes: one submitit local job of N tasks per replica.
 
@@ -237,11 +178,10 @@ def submit_local(plan: Plan, run_dir: RunDir, fn: tp.Callable[..., tp.Any]) -> l
     """
     controllers = []
     for replica in range(plan.replicas):
-        ex = DetachedLocalExecutor(folder=run_dir.submitit_dir / f"r{replica}")
+        ex = DetachedLocalExecutor(run_dir.submitit_dir / f"r{replica}", lambda: local_environment(os.environ))
         ex.update_parameters(tasks_per_node=plan.nodes, timeout_min=plan.time_minutes,
                              signal_delay_s=signal_delay_s(plan))
         job = ex.submit(fn, str(run_dir.root), replica)
-        job._cancel_at_deletion = False  # the deployment outlives this process
         pid = int(job.job_id)
         # No /proc entry: never matches a process (start time -1), so the replica shows as ended.
         controllers.append(identify(pid) or ProcessIdentity(pid, -1, boot_id(), socket.gethostname()))
