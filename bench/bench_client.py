@@ -28,6 +28,7 @@ import typing as tp
 from pathlib import Path
 
 PY = sys.executable
+STUB = Path(__file__).resolve().parents[1] / "devtools" / "stubserver.py"  # standard library only
 KEY = "bench-key"
 
 
@@ -44,7 +45,7 @@ def write_prompts(path: Path, n: int) -> None:
 
 @contextlib.contextmanager
 def stub(latency: float, slots: int) -> tp.Iterator[str]:
-    proc = subprocess.Popen([PY, "-m", "speedslurm.stubserver", "--port", "0", "--latency", str(latency),
+    proc = subprocess.Popen([PY, str(STUB), "--port", "0", "--latency", str(latency),
                              "--slots", str(slots), "--api-key", KEY], stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline() if proc.stdout else ""

@@ -46,7 +46,7 @@ nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv | tee "$OUT/gp
 model="$WORK/llama8b-shape-8l.gguf"
 python3 - "$model" <<'EOF'
 import sys, time
-from speedslurm.testmodels import write_tiny_llama_gguf
+from devtools.testmodels import write_tiny_llama_gguf
 t = time.time()
 # Llama-3 8B's layer shape (n_embd 4096, n_ff 14336, 32 heads, 8 KV heads of 128), 8 layers, f16: ~3.5 GB
 import os

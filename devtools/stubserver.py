@@ -14,7 +14,8 @@ In-process (a thread with its own event loop)::
     with StubServer(latency=0.05, slots=4, api_key="k") as stub:
         stub.url  # http://127.0.0.1:PORT
 
-As a process: ``python -m speedslurm.stubserver --port 0 --latency 0.05 --slots 4 --api-key k`` prints
+As a process (standard library only, so the file also runs on its own as ``python devtools/stubserver.py``):
+``python -m devtools.stubserver --port 0 --latency 0.05 --slots 4 --api-key k`` from the repository root prints
 ``listening on http://127.0.0.1:PORT`` on its first line.
 """
 
@@ -319,7 +320,7 @@ class StubServer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m speedslurm.stubserver", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m devtools.stubserver", description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on the first line)")
     for field in dataclasses.fields(StubConfig):

@@ -1,4 +1,4 @@
-"""Models for tests, demos and benchmarks.
+"""Models for tests, demos and benchmarks (not part of the installed package).
 
 ``write_tiny_llama_gguf`` writes a tiny random-weight llama model that llama-server loads and chats with
 (the answers are gibberish). Its default shape:
@@ -31,7 +31,7 @@ import tempfile
 import typing as tp
 from pathlib import Path
 
-from .errors import UsageError
+from speedslurm.errors import UsageError
 
 __all__ = ["TinyLlamaShape", "write_tiny_llama_gguf", "tiny_llama_path", "gemma_270m_path",
            "GEMMA_270M_FILENAME", "default_model_cache"]
@@ -181,7 +181,7 @@ def _write(path: Path, shape: TinyLlamaShape, split_max_tensors: int) -> list[Pa
 
 
 def _cached(path: Path, shape: TinyLlamaShape) -> bool:
-    from .ggufinfo import read_gguf_info
+    from speedslurm.ggufinfo import read_gguf_info
 
     try:
         info = read_gguf_info(path)

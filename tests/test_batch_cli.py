@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from devtools import stubserver
+from devtools.stubserver import StubServer
 from speedslurm.cli import main
-from speedslurm.stubserver import StubServer
 
 KEY = "cli-key"
 
@@ -171,7 +172,7 @@ def test_sigint_then_resume_is_exactly_once(tmp_path: Path) -> None:
     n = 60
     p = prompts(tmp_path, n)
     out = tmp_path / "r.jsonl"
-    stub = subprocess.Popen([sys.executable, "-m", "speedslurm.stubserver", "--latency", "0.1", "--slots", "4",
+    stub = subprocess.Popen([sys.executable, stubserver.__file__, "--latency", "0.1", "--slots", "4",
                              "--api-key", KEY], stdout=subprocess.PIPE, text=True)
     try:
         assert stub.stdout is not None

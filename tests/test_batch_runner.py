@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from devtools.stubserver import StubServer
 from speedslurm.batch import (
     BatchFailed,
     BatchOptions,
@@ -24,7 +25,6 @@ from speedslurm.batch import (
 from speedslurm.batch.sources import describe_failure
 from speedslurm.errors import SpeedslurmError, UsageError
 from speedslurm.rundir import Endpoint, RunDir, write_json_atomic
-from speedslurm.stubserver import StubServer
 
 KEY = "test-key"
 FAST: dict[str, tp.Any] = dict(poll_interval=0.05, backoff_base=0.01, backoff_max=0.05, settle=0.3, quiet=True,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from devtools.testmodels import write_tiny_llama_gguf
 from speedslurm.errors import UsageError
 from speedslurm.ggufinfo import gguf_info_from_fields, read_gguf_info, shard_paths
-from speedslurm.testmodels import write_tiny_llama_gguf
 
 GiB = 2**30
 

@@ -128,7 +128,7 @@ def lab(testbed: tp.Any, llama_bins: tp.Any, tiny_gguf: Path) -> dict[str, tp.An
     (cfg / "config.yaml").write_text(f"profile: testbed\nllama:\n  bin_dir: {bin_dir}\n")
     (cfg / "models.yaml").write_text(f"models:\n  tiny:\n    description: my tiny test model\n    files: [{model}]\n"
                                      "    ctx: 1024\n")
-    from speedslurm.testmodels import gemma_270m_path
+    from devtools.testmodels import gemma_270m_path
     give(USER1, gemma_270m_path(), ".cache/speedslurm/models/" + gemma_270m_path().name)  # the registry's own
     chown_tree(h1 / ".config", USER1)
     return {"bin_dir": bin_dir, "model": model}

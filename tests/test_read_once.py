@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from devtools.stubserver import StubServer
 from speedslurm.batch import BatchOptions, StaticSource, prepare_batch, run_batch
 from speedslurm.batch.inputs import CHAT, COMPLETIONS, fingerprint
 from speedslurm.batch.results import error_line, success_line
 from speedslurm.cli import main
-from speedslurm.stubserver import StubServer
 
 KEY = "k"
 REPO = Path(__file__).resolve().parents[1]

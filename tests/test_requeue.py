@@ -13,12 +13,12 @@ import pytest
 from test_batch_runner import KEY, assert_exactly_once_ok, endpoint, prompts_file, run
 from test_deploy_unit import _dep, _endpoint
 
+from devtools.stubserver import StubServer
 from speedslurm import jobside, slurm
 from speedslurm.batch import RunDirSource
 from speedslurm.deploy import replica_statuses
 from speedslurm.rundir import RunDir, write_json_atomic
 from speedslurm.slurm import JobState
-from speedslurm.stubserver import StubServer
 
 
 def test_the_job_side_takes_only_files_of_its_own_start(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from speedslurm import testmodels as T
+from devtools import testmodels as T
 from speedslurm.errors import UsageError
 from speedslurm.ggufinfo import read_gguf_info
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from devtools.stubserver import StubServer
 from speedslurm.cli import main
-from speedslurm.stubserver import StubServer
 
 KEY = "true-key"
 

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 
+from devtools.stubserver import StubServer
 from speedslurm.batch import writelock
 from speedslurm.batch.results import ResultsFile, error_line
 from speedslurm.batch.writelock import WriteLock, mount_of, parse_mountinfo, single_writer_problem
 from speedslurm.cli import main
 from speedslurm.errors import UsageError
-from speedslurm.stubserver import StubServer
 
 # Real lines (hosts and addresses changed) from: a local root, an NFSv4 home with and without local locks,
 # Lustre mounted flock / localflock / noflock, an s3fs bucket, an NFSv2 export, a path with a space.
