@@ -10,7 +10,9 @@ Layers, lowest to highest precedence:
 5. ``SPEEDSLURM_<SECTION>__<KEY>`` environment variables (values parsed as YAML scalars);
 6. CLI flags (``--set section.key=value`` and each command's own flags).
 
-Unknown keys and wrong types are :class:`ConfigError` naming the file, the key and the valid keys.
+The files, variables and flags are read in :mod:`speedslurm.settings_layers`; the merged values are checked and
+converted by pydantic-core in :mod:`speedslurm.settings_check`. Unknown keys and wrong types are
+:class:`ConfigError` naming the file, the key and the valid keys.
 Nothing is read at import time: a broken file cannot break ``--help``.
 """
 
@@ -18,20 +20,29 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
 import typing as tp
 from pathlib import Path
 
-import yaml
-
 from .errors import ConfigError
-from .packaged import CONFIGS, data_dir
+from .settings_layers import (
+    configs_dir,
+    env_layer,
+    known_profiles,
+    load_yaml,
+    merge,
+    package_defaults_path,
+    parse_overrides,
+    profile_paths,
+    set_dotted,
+    user_config_dir,
+    user_config_path,
+)
 
-ENV_PREFIX = "SPEEDSLURM_"
-# Environment variables with a meaning of their own, not settings paths.
-# SPEEDSLURM_API_KEY is `run --api-key`'s variable (a secret, never a setting).
-_ENV_RESERVED = {"SPEEDSLURM_CONFIG", "SPEEDSLURM_PROFILE", "SPEEDSLURM_CONFIGS_DIR",
-                 "SPEEDSLURM_REQUIRE_TESTBED", "SPEEDSLURM_API_KEY", "SPEEDSLURM_TEMPLATES_DIR"}
+__all__ = ["NodeSettings", "ClusterSettings", "LlamaSettings", "RunSettings", "ModelArch", "ModelEntry",
+           "Settings", "load_settings", "describe", "user_config_path", "user_config_dir", "configs_dir"]
+
+# Metadata of a dataclass field that is not a setting (Settings.origins): never read from the layers.
+NOT_A_SETTING = {"setting": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,153 +146,13 @@ class Settings:
     run: RunSettings = dataclasses.field(default_factory=RunSettings)
     models: dict[str, ModelEntry] = dataclasses.field(default_factory=dict)
     # dotted key -> where its value came from (file path, env var, "--set", "default")
-    origins: dict[str, str] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    origins: dict[str, str] = dataclasses.field(default_factory=dict, compare=False, repr=False,
+                                                metadata=NOT_A_SETTING)
 
     def to_dict(self) -> dict[str, tp.Any]:
         data = dataclasses.asdict(self)
         data.pop("origins", None)
         return data
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Locations
-
-
-def package_defaults_path() -> Path:
-    return Path(__file__).with_name("defaults.yaml")
-
-
-def configs_dir(environ: tp.Mapping[str, str] | None = None) -> Path | None:
-    """The packaged ``configs/`` (registry and profiles); ``$SPEEDSLURM_CONFIGS_DIR`` replaces it."""
-    environ = os.environ if environ is None else environ
-    env = environ.get("SPEEDSLURM_CONFIGS_DIR")
-    if env:
-        return Path(env)
-    return data_dir(CONFIGS)
-
-
-def user_config_dir(environ: tp.Mapping[str, str] | None = None) -> Path:
-    """``$XDG_CONFIG_HOME/speedslurm`` or ``~/.config/speedslurm``: the user's config.yaml, models.yaml and
-    ``profiles/<name>.yaml``, layered over the packaged ones."""
-    environ = os.environ if environ is None else environ
-    base = environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
-    return Path(base) / "speedslurm"
-
-
-def profile_paths(name: str, cdir: Path | None, udir: Path) -> list[Path]:
-    """Where profile ``name`` may be defined, lowest precedence first: packaged, then the user's own."""
-    if not name or "/" in name or name.startswith(".") or name == "models":
-        return []
-    return [*([cdir / f"{name}.yaml"] if cdir else []), udir / "profiles" / f"{name}.yaml"]
-
-
-def known_profiles(cdir: Path | None, udir: Path) -> list[str]:
-    names = {p.stem for p in cdir.glob("*.yaml") if p.stem != "models"} if cdir else set()
-    names |= {p.stem for p in (udir / "profiles").glob("*.yaml")}
-    return sorted(names)
-
-
-def user_config_path(explicit: str | os.PathLike[str] | None = None,
-                     environ: tp.Mapping[str, str] | None = None) -> Path:
-    environ = os.environ if environ is None else environ
-    if explicit:
-        return Path(explicit)
-    env = environ.get("SPEEDSLURM_CONFIG")
-    if env:
-        return Path(env)
-    return user_config_dir(environ) / "config.yaml"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Loading
-
-
-def _load_yaml(path: Path, required: bool) -> dict[str, tp.Any]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        if required:
-            raise ConfigError(f"config file {path} does not exist",
-                              fix="create it or point SPEEDSLURM_CONFIG/--config at an existing file") from None
-        return {}
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}",
-                          fix="check the file's permissions") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"YAML syntax error in {where}: {problem}",
-                          fix=f"correct the YAML at {where}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}",
-                          fix="start the file with a section such as `llama:` or `cluster:`")
-    return data
-
-
-def _merge(base: dict[str, tp.Any], new: dict[str, tp.Any], origins: dict[str, str], source: str,
-           prefix: str = "") -> None:
-    for key, value in new.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value, origins, source, dotted + ".")
-        else:
-            base[key] = value
-            origins[dotted] = source
-            # every leaf below a replaced mapping comes from this source too
-            if isinstance(value, dict):
-                for sub in _leaves(value, dotted + "."):
-                    origins[sub] = source
-
-
-def _leaves(data: dict[str, tp.Any], prefix: str) -> tp.Iterator[str]:
-    for key, value in data.items():
-        if isinstance(value, dict):
-            yield from _leaves(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}"
-
-
-def _set_dotted(target: dict[str, tp.Any], dotted: str, value: tp.Any) -> dict[str, tp.Any]:
-    layer: dict[str, tp.Any] = {}
-    cur = layer
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        cur = cur.setdefault(part, {})
-    cur[parts[-1]] = value
-    return layer
-
-
-def _parse_scalar(text: str) -> tp.Any:
-    try:
-        return yaml.safe_load(text) if text != "" else None
-    except yaml.YAMLError:
-        return text
-
-
-def env_layer(environ: tp.Mapping[str, str]) -> list[tuple[dict[str, tp.Any], str]]:
-    """``SPEEDSLURM_LLAMA__PARALLEL=8`` -> ``{"llama": {"parallel": 8}}`` (one layer per variable)."""
-    layers = []
-    for name in sorted(environ):
-        if not name.startswith(ENV_PREFIX) or name in _ENV_RESERVED:
-            continue
-        dotted = name[len(ENV_PREFIX):].lower().replace("__", ".")
-        layers.append((_set_dotted({}, dotted, _parse_scalar(environ[name])), f"env {name}"))
-    return layers
-
-
-def parse_overrides(overrides: tp.Iterable[str]) -> list[tuple[dict[str, tp.Any], str]]:
-    layers = []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r} is not KEY=VALUE", fix="write e.g. --set llama.parallel=8")
-        key, _, value = item.partition("=")
-        layers.append((_set_dotted({}, key.strip(), _parse_scalar(value)), f"--set {key.strip()}"))
-    return layers
 
 
 def load_settings(*, profile: str | None = None, config_path: str | os.PathLike[str] | None = None,
@@ -297,10 +168,10 @@ def load_settings(*, profile: str | None = None, config_path: str | os.PathLike[
     merged: dict[str, tp.Any] = {}
     layers: list[tuple[dict[str, tp.Any], str]] = []
     defaults_path = package_defaults_path()
-    layers.append((_load_yaml(defaults_path, required=True), "default"))
+    layers.append((load_yaml(defaults_path, required=True), "default"))
 
     user_path = user_config_path(config_path, environ)
-    user = _load_yaml(user_path, required=bool(config_path or environ.get("SPEEDSLURM_CONFIG")))
+    user = load_yaml(user_path, required=bool(config_path or environ.get("SPEEDSLURM_CONFIG")))
     env_layers = env_layer(environ)
     set_layers = parse_overrides(overrides)
 
@@ -314,8 +185,8 @@ def load_settings(*, profile: str | None = None, config_path: str | os.PathLike[
     cdir = configs_dir(environ)
     udir = user_config_dir(environ)
     if cdir is not None:
-        layers.append((_load_yaml(cdir / "models.yaml", required=False), str(cdir / "models.yaml")))
-    layers.append((_load_yaml(udir / "models.yaml", required=False), str(udir / "models.yaml")))
+        layers.append((load_yaml(cdir / "models.yaml", required=False), str(cdir / "models.yaml")))
+    layers.append((load_yaml(udir / "models.yaml", required=False), str(udir / "models.yaml")))
     name = chosen or str(layers[0][0].get("profile", "gorgonas"))
     profile_files = [p for p in profile_paths(name, cdir, udir) if p.is_file()]
     if not profile_files:
@@ -323,154 +194,24 @@ def load_settings(*, profile: str | None = None, config_path: str | os.PathLike[
                           fix=f"use one of: {', '.join(known_profiles(cdir, udir)) or '(none found)'}; "
                               f"or write your own as {udir / 'profiles' / (name + '.yaml')}")
     for path in profile_files:
-        layers.append((_load_yaml(path, required=True), str(path)))
+        layers.append((load_yaml(path, required=True), str(path)))
     layers.append((user, str(user_path)))
     layers.extend(env_layers)
     layers.extend(set_layers)
     if cli:
         for key, value in cli.items():
             if value is not None:
-                layers.append((_set_dotted({}, key, value), f"flag {key}"))
+                layers.append((set_dotted(key, value), f"flag {key}"))
 
     for layer, source in layers:
-        _check_mapping(Settings, layer, "", source)
-        _merge(merged, layer, origins, source)
+        merge(merged, layer, origins, source)
     if chosen:
         merged["profile"] = chosen
         origins["profile"] = "--profile/SPEEDSLURM_PROFILE"
-    settings = _build(Settings, merged, "", origins)
+    from .settings_check import build  # pydantic-core: loaded when settings are, not on import
+
+    settings = build(Settings, merged, origins)
     return dataclasses.replace(settings, origins=origins)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Validation against the dataclass schema
-
-
-def _check_mapping(cls: type, data: tp.Any, prefix: str, source: str) -> None:
-    """Reject unknown keys early, naming the source (file, env var, flag) where they appear."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping, not {data!r}",
-                          fix="write it as `key: value` lines")
-    hints = tp.get_type_hints(cls)
-    valid = [f.name for f in dataclasses.fields(cls) if f.name != "origins"]
-    for key, value in data.items():
-        if key not in valid:
-            raise ConfigError(f"{source}: unknown key '{prefix}{key}'",
-                              fix=f"valid keys{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(valid)}")
-        hint = hints[key]
-        sub = _dataclass_in(hint)
-        if sub is not None and isinstance(value, dict):
-            _check_mapping(sub, value, f"{prefix}{key}.", source)
-        entry = _dict_entry_class(hint)
-        if entry is not None:
-            if not isinstance(value, dict):
-                raise ConfigError(f"{source}: {prefix}{key} must be a mapping of names to entries",
-                                  fix=f"write `{key}:` followed by `name: {{...}}` lines")
-            for name, item in value.items():
-                _check_mapping(entry, item if item is not None else {}, f"{prefix}{key}.{name}.", source)
-
-
-def _dataclass_in(hint: tp.Any) -> type | None:
-    """The dataclass behind ``X`` or ``X | None`` (not inside containers)."""
-    candidates = tp.get_args(hint) if tp.get_origin(hint) in (tp.Union, types.UnionType) else (hint,)
-    for arg in candidates:
-        if dataclasses.is_dataclass(arg) and isinstance(arg, type):
-            return arg
-    return None
-
-
-def _dict_entry_class(hint: tp.Any) -> type | None:
-    if tp.get_origin(hint) is dict:
-        args = tp.get_args(hint)
-        if len(args) == 2 and dataclasses.is_dataclass(args[1]):
-            return tp.cast(type, args[1])
-    return None
-
-
-_T = tp.TypeVar("_T")
-
-
-def _build(cls: type[_T], data: dict[str, tp.Any], prefix: str, origins: dict[str, str]) -> _T:
-    hints = tp.get_type_hints(cls)
-    kwargs: dict[str, tp.Any] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name == "origins" or f.name not in data:
-            continue
-        kwargs[f.name] = _coerce(hints[f.name], data[f.name], f"{prefix}{f.name}", origins)
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        missing = [f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-                   and f.name not in kwargs]
-        src = origins.get(prefix.rstrip("."), "settings")
-        raise ConfigError(f"{src}: {prefix.rstrip('.')} lacks required key(s) {', '.join(missing)}",
-                          fix=f"add {', '.join(missing)} to that entry") from exc
-
-
-def _type_name(hint: tp.Any) -> str:
-    if isinstance(hint, type):
-        return hint.__name__
-    return str(hint).replace("typing.", "")
-
-
-def _coerce(hint: tp.Any, value: tp.Any, dotted: str, origins: dict[str, str]) -> tp.Any:
-    origin = tp.get_origin(hint)
-    args = tp.get_args(hint)
-    src = origins.get(dotted) or next((v for k, v in origins.items() if k.startswith(dotted + ".")), "settings")
-
-    def bad() -> ConfigError:
-        return ConfigError(f"{src}: {dotted} must be {_type_name(hint)}, not {value!r}",
-                           fix=f"set {dotted} to a value of type {_type_name(hint)}")
-
-    if origin in (tp.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        non_none = [a for a in args if a is not type(None)]
-        errors: list[ConfigError] = []
-        for arg in non_none:
-            try:
-                return _coerce(arg, value, dotted, origins)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise bad()
-    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
-        if value is None:
-            value = {}
-        if not isinstance(value, dict):
-            raise bad()
-        return _build(hint, value, dotted + ".", origins)
-    if origin is dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise bad()
-        return {str(k): _coerce(args[1], v, f"{dotted}.{k}", origins) for k, v in value.items()}
-    if origin is list:
-        if value is None:
-            return []
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list):
-            raise bad()
-        return [_coerce(args[0], v, dotted, origins) for v in value]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad()
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad()
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad()
-        return float(value)
-    if hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise bad()
-    return value
 
 
 def describe(settings: Settings) -> list[tuple[str, tp.Any, str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing as tp
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,50 @@ def test_variables_with_a_meaning_of_their_own_are_not_settings() -> None:
     env = {"SPEEDSLURM_API_KEY": "sk-secret", "SPEEDSLURM_TEMPLATES_DIR": "/x"}
     s = load_settings(profile="testbed", environ=env)
     assert "sk-secret" not in repr(s.to_dict()) and s.cluster.name == "testbed"
+
+
+@pytest.mark.parametrize(("yaml_text", "check"), [
+    ("cluster:\n  nodes:\n    n1: {cuda_arch: 86}\n", lambda s: s.cluster.nodes["n1"].cuda_arch == "86"),
+    ("llama:\n  compute_overhead_gib: 2\n", lambda s: s.llama.compute_overhead_gib == 2.0
+     and isinstance(s.llama.compute_overhead_gib, float)),
+    ("cluster:\n  exclude: n3\n", lambda s: s.cluster.exclude == ["n3"]),
+    ("cluster:\n  exclude: null\n  nodes: null\n", lambda s: s.cluster.exclude == [] and s.cluster.nodes == {}),
+    ("cluster:\n  sbatch: {comment: 5, exclusive: true}\n",
+     lambda s: s.cluster.sbatch == {"comment": "5", "exclusive": True}),
+], ids=["number-as-text", "int-as-float", "string-as-list", "null-as-empty", "sbatch-values"])
+def test_values_are_converted_as_documented(user_cfg: Path, yaml_text: str, check: tp.Any) -> None:
+    user_cfg.write_text(yaml_text)
+    assert check(load_settings(profile="testbed", config_path=user_cfg, environ={}))
+
+
+@pytest.mark.parametrize(("yaml_text", "problem", "fix"), [
+    ("llama:\n  ngl: true\n", "llama.ngl must be int, not True", "set llama.ngl to a value of type int"),
+    ("llama:\n  ngl: 2.5\n", "llama.ngl must be int, not 2.5", "llama.ngl"),
+    ("llama:\n  rpc_cache: 'yes'\n", "llama.rpc_cache must be bool, not 'yes'", "llama.rpc_cache"),
+    ("run:\n  poll_interval_s: false\n", "run.poll_interval_s must be float, not False", "run.poll_interval_s"),
+    ("cluster:\n  exclude: [n3, true]\n", "cluster.exclude must be str, not True", "cluster.exclude"),
+    ("cluster:\n  sbatch: {comment: [1]}\n", "cluster.sbatch.comment must be str | bool | None, not [1]",
+     "cluster.sbatch.comment"),
+    ("llama: 5\n", "llama must be a mapping, not 5", "key: value"),
+    ("cluster:\n  nodes: [n1]\n", "cluster.nodes must be a mapping of names to entries", "name: {...}"),
+    ("models:\n  m: {host: n1}\n", "models.m lacks required key(s) files", "add files"),
+    ("models:\n  m: {files: [a.gguf], arch: {n_layer: 2}}\n", "models.m.arch lacks required key(s) n_head_kv, head_dim",
+     "add n_head_kv, head_dim"),
+    ("cluster:\n  nodes:\n    n1: {gpux: a}\n", "unknown key 'cluster.nodes.n1.gpux'",
+     "valid keys in cluster.nodes.n1: address, gpu, cuda_arch, mem_gib, usable_gib"),
+], ids=["bool-for-int", "float-for-int", "text-for-bool", "bool-for-float", "list-item", "union", "section",
+        "entries", "missing", "missing-nested", "unknown-in-entry"])
+def test_a_bad_value_names_the_key_the_file_and_the_fix(user_cfg: Path, yaml_text: str, problem: str,
+                                                       fix: str) -> None:
+    user_cfg.write_text(yaml_text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(profile="testbed", config_path=user_cfg, environ={})
+    assert err.value.message.startswith(f"{user_cfg}: {problem}"), err.value.message
+    assert fix in (err.value.fix or "") and err.value.exit_code == 2
+
+
+def test_a_bad_value_from_a_variable_or_a_flag_names_it() -> None:
+    with pytest.raises(ConfigError, match=r"^env SPEEDSLURM_LLAMA__NGL: llama.ngl must be int, not 'many'$"):
+        load_settings(profile="testbed", environ={"SPEEDSLURM_LLAMA__NGL": "many"})
+    with pytest.raises(ConfigError, match=r"^flag run.poll_interval_s: run.poll_interval_s must be float"):
+        load_settings(profile="testbed", environ={}, cli={"run.poll_interval_s": "soon"})

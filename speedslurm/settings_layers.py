@@ -1,0 +1,165 @@
+"""Settings layers: where the files are, reading them, and the environment variables and ``--set`` flags.
+
+Each layer is a nested mapping and the source it came from (a file path, ``env NAME``, ``--set KEY``);
+:func:`merge` lays them over each other and records the source of every leaf. Values stay as YAML gave them:
+:mod:`speedslurm.settings_check` turns the merged mapping into typed settings.
+"""
+
+from __future__ import annotations
+
+import os
+import typing as tp
+from pathlib import Path
+
+import yaml
+
+from .errors import ConfigError
+from .packaged import CONFIGS, data_dir
+
+ENV_PREFIX = "SPEEDSLURM_"
+# Environment variables with a meaning of their own, not settings paths.
+# SPEEDSLURM_API_KEY is `run --api-key`'s variable (a secret, never a setting).
+_ENV_RESERVED = {"SPEEDSLURM_CONFIG", "SPEEDSLURM_PROFILE", "SPEEDSLURM_CONFIGS_DIR",
+                 "SPEEDSLURM_REQUIRE_TESTBED", "SPEEDSLURM_API_KEY", "SPEEDSLURM_TEMPLATES_DIR"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Locations
+
+
+def package_defaults_path() -> Path:
+    return Path(__file__).with_name("defaults.yaml")
+
+
+def configs_dir(environ: tp.Mapping[str, str] | None = None) -> Path | None:
+    """The packaged ``configs/`` (registry and profiles); ``$SPEEDSLURM_CONFIGS_DIR`` replaces it."""
+    environ = os.environ if environ is None else environ
+    env = environ.get("SPEEDSLURM_CONFIGS_DIR")
+    if env:
+        return Path(env)
+    return data_dir(CONFIGS)
+
+
+def user_config_dir(environ: tp.Mapping[str, str] | None = None) -> Path:
+    """``$XDG_CONFIG_HOME/speedslurm`` or ``~/.config/speedslurm``: the user's config.yaml, models.yaml and
+    ``profiles/<name>.yaml``, layered over the packaged ones."""
+    environ = os.environ if environ is None else environ
+    base = environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    return Path(base) / "speedslurm"
+
+
+def profile_paths(name: str, cdir: Path | None, udir: Path) -> list[Path]:
+    """Where profile ``name`` may be defined, lowest precedence first: packaged, then the user's own."""
+    if not name or "/" in name or name.startswith(".") or name == "models":
+        return []
+    return [*([cdir / f"{name}.yaml"] if cdir else []), udir / "profiles" / f"{name}.yaml"]
+
+
+def known_profiles(cdir: Path | None, udir: Path) -> list[str]:
+    names = {p.stem for p in cdir.glob("*.yaml") if p.stem != "models"} if cdir else set()
+    names |= {p.stem for p in (udir / "profiles").glob("*.yaml")}
+    return sorted(names)
+
+
+def user_config_path(explicit: str | os.PathLike[str] | None = None,
+                     environ: tp.Mapping[str, str] | None = None) -> Path:
+    environ = os.environ if environ is None else environ
+    if explicit:
+        return Path(explicit)
+    env = environ.get("SPEEDSLURM_CONFIG")
+    if env:
+        return Path(env)
+    return user_config_dir(environ) / "config.yaml"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_yaml(path: Path, required: bool) -> dict[str, tp.Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"config file {path} does not exist",
+                              fix="create it or point SPEEDSLURM_CONFIG/--config at an existing file") from None
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}",
+                          fix="check the file's permissions") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"YAML syntax error in {where}: {problem}",
+                          fix=f"correct the YAML at {where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}",
+                          fix="start the file with a section such as `llama:` or `cluster:`")
+    return data
+
+
+def merge(base: dict[str, tp.Any], new: dict[str, tp.Any], origins: dict[str, str], source: str,
+          prefix: str = "") -> None:
+    for key, value in new.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge(base[key], value, origins, source, dotted + ".")
+        else:
+            base[key] = value
+            origins[dotted] = source
+            # every leaf below a replaced mapping comes from this source too
+            if isinstance(value, dict):
+                for sub in _leaves(value, dotted + "."):
+                    origins[sub] = source
+
+
+def _leaves(data: dict[str, tp.Any], prefix: str) -> tp.Iterator[str]:
+    for key, value in data.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def set_dotted(dotted: str, value: tp.Any) -> dict[str, tp.Any]:
+    """``"llama.parallel", 8`` -> ``{"llama": {"parallel": 8}}``."""
+    layer: dict[str, tp.Any] = {}
+    cur = layer
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        cur = cur.setdefault(part, {})
+    cur[parts[-1]] = value
+    return layer
+
+
+def _parse_scalar(text: str) -> tp.Any:
+    try:
+        return yaml.safe_load(text) if text != "" else None
+    except yaml.YAMLError:
+        return text
+
+
+def env_layer(environ: tp.Mapping[str, str]) -> list[tuple[dict[str, tp.Any], str]]:
+    """``SPEEDSLURM_LLAMA__PARALLEL=8`` -> ``{"llama": {"parallel": 8}}`` (one layer per variable)."""
+    layers = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in _ENV_RESERVED:
+            continue
+        dotted = name[len(ENV_PREFIX):].lower().replace("__", ".")
+        layers.append((set_dotted(dotted, _parse_scalar(environ[name])), f"env {name}"))
+    return layers
+
+
+def parse_overrides(overrides: tp.Iterable[str]) -> list[tuple[dict[str, tp.Any], str]]:
+    layers = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} is not KEY=VALUE", fix="write e.g. --set llama.parallel=8")
+        key, _, value = item.partition("=")
+        layers.append((set_dotted(key.strip(), _parse_scalar(value)), f"--set {key.strip()}"))
+    return layers
