@@ -1,0 +1,260 @@
+"""The replicas of a batch run: their workers and slots, how each reply is handled, failures, the source's polls."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+
+from ..errors import SpeedslurmError
+from ..rundir import Endpoint
+from .inputs import Request
+from .results import INVALID_INPUT, success_line
+from .transport import CLIENTS, Reply, Transport, TransportError
+from .workqueue import WorkQueue
+
+RETRY_STATUSES = frozenset({408, 409, 429})
+
+
+@dataclasses.dataclass(eq=False)
+class Replica:
+    """One ready replica as the run uses it: its transport, its workers (one per slot) and whether it failed."""
+
+    endpoint: Endpoint
+    transport: Transport
+    workers: set[asyncio.Task[None]] = dataclasses.field(default_factory=set)
+    served: int = 0
+    inflight: int = 0
+    conn_errors: int = 0
+    failed: bool = False
+    reason: str = ""
+    failed_at: float = 0.0
+    confirmed: bool = False  # the source itself reported the failure (its reason is the real one)
+
+
+class ReplicaPool(WorkQueue):
+    """Adds the replicas to the work queue: a worker per slot sends requests and handles replies; the monitor
+    polls the source for replicas that became ready or failed."""
+
+    def _add_replica(self, ep: Endpoint) -> None:
+        make = self._make_transport
+        if self.opts.client == "raw" and not ep.url.startswith("http://"):
+            make = CLIENTS["openai"]  # the lean client speaks plain http only; https goes through openai
+        rep = Replica(ep, make(ep, self.opts.timeout))
+        before = self.replicas.get(ep.replica)
+        if before is not None:  # the replica's job started again: the old transport is closed at the end
+            self.retired.append(before)
+            rep.served = before.served
+            self.source_failed.pop(ep.replica, None)
+        self.replicas[ep.replica] = rep
+        n = self.opts.concurrency or max(1, ep.parallel)
+        for _ in range(n):
+            task = asyncio.get_running_loop().create_task(self._worker(rep))
+            rep.workers.add(task)
+            task.add_done_callback(rep.workers.discard)
+        self.summary.per_replica.setdefault(ep.replica, 0)
+        again = f" again (start {ep.epoch + 1} of job {ep.job_id})" if before is not None else ""
+        self.say(f"replica r{ep.replica} ready{again} at {ep.url} ({ep.parallel} slots)")
+
+    def _fail_replica(self, rep: Replica, reason: str, confirmed: bool) -> None:
+        rep.failed, rep.reason, rep.confirmed = True, reason, confirmed
+        rep.failed_at = time.monotonic()
+        hurry = getattr(self.source, "hurry", None)
+        if not confirmed and callable(hurry):
+            hurry()  # seen here first: the source's slower checks (Slurm) may soon say why
+        me = asyncio.current_task()
+        busy = rep.inflight
+        for task in list(rep.workers):
+            if task is not me:
+                task.cancel()  # their in-flight requests go back to the queue
+        others = [r for r in self.replicas.values() if not r.failed]
+        where = "the other replicas" if others else "the queue until a replica is ready"
+        self.say(f"[red]replica r{rep.endpoint.replica} failed:[/red] {reason}; its in-flight requests go to {where}"
+                 if busy else f"[red]replica r{rep.endpoint.replica} failed:[/red] {reason}")
+
+    async def _worker(self, rep: Replica) -> None:
+        try:
+            while not rep.failed:
+                if self.sem is not None:
+                    await self.sem.acquire()
+                try:
+                    item = await self._next_item()
+                    if item is None:
+                        return
+                    await self._handle(rep, item)
+                finally:
+                    if self.sem is not None:
+                        self.sem.release()
+        except asyncio.CancelledError:
+            pass
+        except OSError as exc:  # writing the results file failed (disk full, ...)
+            self._set_fatal(SpeedslurmError(f"cannot write results to {self.results.path}: {exc.strerror or exc}",
+                                            fix="free space or fix the file system, then run the same command "
+                                                "again to resume"))
+        except Exception as exc:  # pragma: no cover - a bug: stop rather than hang
+            self._set_fatal(SpeedslurmError(f"batch runner error: {type(exc).__name__}: {exc}"))
+            raise
+
+    async def _handle(self, rep: Replica, item: Request) -> None:
+        body = item.body
+        if "model" not in body and rep.endpoint.model:
+            body["model"] = rep.endpoint.model
+        self.inflight += 1
+        rep.inflight += 1
+        t0 = time.perf_counter()
+        try:
+            reply = await rep.transport.send(item.url, body)
+        except asyncio.CancelledError:
+            self.inflight -= 1
+            rep.inflight -= 1
+            self._requeue(item)  # the replica failed or the run stops: not this request's fault
+            self._check_done()
+            raise
+        except UnicodeError as exc:
+            # Validation rejects text UTF-8 cannot encode; should any reach here, it fails this request only.
+            self.inflight -= 1
+            rep.inflight -= 1
+            self._write_error(item, INVALID_INPUT, f"{self.prepared.display}:{item.line}: the request cannot be "
+                              f"encoded as UTF-8: {exc}")
+            self._wake()
+            return
+        except TransportError as exc:
+            self.inflight -= 1
+            rep.inflight -= 1
+            if exc.kind == "connect" and not rep.failed:
+                rep.conn_errors += 1
+                if rep.conn_errors >= self.opts.down_after:
+                    self._fail_replica(rep, f"unreachable at {rep.endpoint.url}: {exc}", confirmed=False)
+            if rep.failed:
+                self._requeue(item)
+            else:
+                self._retry(item, "timeout" if exc.kind == "timeout" else "connection_error",
+                            f"replica r{rep.endpoint.replica}: {exc}")
+            self._wake()
+            return
+        self.inflight -= 1
+        rep.inflight -= 1
+        rep.conn_errors = 0
+        self._on_reply(rep, item, reply, time.perf_counter() - t0)
+        self._wake()
+
+    def _on_reply(self, rep: Replica, item: Request, reply: Reply, latency: float) -> None:
+        status = reply.status
+        s = self.summary
+        if status == 200:
+            try:
+                data = json.loads(reply.body)
+                usage = data.get("usage") or {}
+                prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                completion_tokens = int(usage.get("completion_tokens") or 0)
+                request_id = reply.request_id or (data.get("id") if isinstance(data.get("id"), str) else None)
+            except (ValueError, AttributeError, TypeError):
+                self._retry(item, "invalid_response", f"replica r{rep.endpoint.replica} answered 200 with a body "
+                            "that is not a JSON object")
+                return
+            self.results.write(success_line(item.custom_id, request_id, reply.body, item.fingerprint))
+            s.ok += 1
+            s.prompt_tokens += prompt_tokens
+            s.completion_tokens += completion_tokens
+            s.latencies.append(latency)
+            rep.served += 1
+            s.per_replica[rep.endpoint.replica] = rep.served
+            return
+        message = _error_message(reply)
+        if status == 401:
+            self._requeue(item)
+            self._set_fatal(SpeedslurmError(
+                f"replica r{rep.endpoint.replica} at {rep.endpoint.url} rejected the API key (401): {message}",
+                fix="check the key (--api-key, or the deployment's endpoint file), then run the same command again"))
+            return
+        if status in RETRY_STATUSES or status >= 500:
+            self._retry(item, f"http_{status}", f"replica r{rep.endpoint.replica} answered {status}: {message}",
+                        reply.retry_after)
+            return
+        rep.served += 1
+        s.per_replica[rep.endpoint.replica] = rep.served
+        self._write_error(item, f"http_{status}", f"the server rejected the request ({status}): {message}")
+
+    # -- monitor ---------------------------------------------------------------------------------
+    async def _monitor(self) -> None:
+        while not self.finished.is_set():
+            try:
+                state = self.source.poll()
+            except SpeedslurmError as exc:
+                self._set_fatal(exc)
+                return
+            if not self.stopping:
+                for ep in state.ready:
+                    rep = self.replicas.get(ep.replica)
+                    if rep is None or (rep.failed and ep.replica not in state.failed and _new_start(rep.endpoint, ep)):
+                        self._add_replica(ep)  # new, or started again (requeued): its new endpoint
+            listed = {ep.replica for ep in state.ready}
+            for r, rep in list(self.replicas.items()):
+                if not rep.failed and r not in listed and r not in state.failed:
+                    # The source stopped offering it, without a failure: its job was requeued or preempted.
+                    self._fail_replica(rep, "its job left its nodes (requeued or preempted); waiting for it to "
+                                       "start again", confirmed=True)
+            for r, why in state.failed.items():
+                rep = self.replicas.get(r)
+                if rep is None:
+                    if r not in self.source_failed:
+                        self.source_failed[r] = why
+                        self.say(f"[red]replica r{r} failed:[/red] {why}")
+                elif not rep.failed:
+                    self._fail_replica(rep, why, confirmed=True)
+                elif not rep.confirmed:
+                    rep.reason, rep.confirmed = why, True  # the job side's reason beats "unreachable"
+            self._check_all_failed(state.finished)
+            if not self.replicas and not self._said_waiting and not state.finished:
+                self._said_waiting = True
+                self.say("waiting for a replica to be ready...")
+            self._update_progress()
+            await asyncio.sleep(self.opts.poll_interval)
+
+    def _check_all_failed(self, finished: bool) -> None:
+        if not finished or self.finished.is_set():
+            return
+        live = [r for r in self.replicas.values() if not r.failed]
+        if live:
+            return
+        now = time.monotonic()
+        if any(not r.confirmed and now - r.failed_at < self.opts.settle for r in self.replicas.values()):
+            return  # give the job side a moment to say why
+        why = self.failed_replicas()
+        if not why:
+            self._set_fatal(SpeedslurmError("no replica is available to send requests to",
+                                            fix="start a deployment (speedslurm up) and run the same command again"))
+            return
+        s = self.summary
+        left = s.total - s.ok - s.skipped - s.failed
+        names = "; ".join(f"replica r{r}: {w}" for r, w in sorted(why.items()))
+        self._set_fatal(SpeedslurmError(
+            f"every replica failed ({names}); {left} of {s.total} requests were not sent",
+            fix=f"the results in {self.results.path} stay valid; once a deployment is serving again, run the same "
+                "command to send the rest (done requests are skipped)"))
+
+    def failed_replicas(self) -> dict[int, str]:
+        out = dict(self.source_failed)
+        out.update({r: rep.reason for r, rep in self.replicas.items() if rep.failed})
+        return out
+
+
+def _new_start(old: Endpoint, new: Endpoint) -> bool:
+    """``new`` is another start of the replica than ``old`` (a requeued job's next start, or another job)."""
+    return (new.job_id, new.epoch, new.url, new.ready_at) != (old.job_id, old.epoch, old.url, old.ready_at)
+
+
+def _error_message(reply: Reply) -> str:
+    """The server's error message (llama-server and OpenAI put it in ``error.message``), else the raw body."""
+    try:
+        data = json.loads(reply.body)
+        err = data.get("error") if isinstance(data, dict) else None
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+    except ValueError:
+        pass
+    text = reply.body.decode("utf-8", "replace").strip()
+    return text[:300] or "(empty body)"

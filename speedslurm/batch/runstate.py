@@ -1,0 +1,90 @@
+"""The state one batch run shares between its parts (work queue, replicas, runner), and its stop events."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import typing as tp
+from collections import deque
+
+from rich.console import Console
+
+from ..errors import SpeedslurmError
+from .inputs import InvalidLine, Request
+from .prepare import BatchOptions, PreparedBatch
+from .progress import BatchProgress
+from .sources import EndpointSource
+from .summary import Summary
+from .transport import CLIENTS
+
+if tp.TYPE_CHECKING:
+    from .replicas import Replica
+
+
+class RunState:
+    """The run's shared state and events; :class:`~speedslurm.batch.workqueue.WorkQueue` and
+    :class:`~speedslurm.batch.replicas.ReplicaPool` add the work queue and the replicas on top of it."""
+
+    def __init__(self, source: EndpointSource, prepared: PreparedBatch, options: BatchOptions,
+                 console: Console) -> None:
+        self.source = source
+        self.prepared = prepared
+        self.opts = options
+        self.console = console
+        self.results = prepared.results
+        self.prev_done = prepared.results.previous.done
+        self.prev_failed = prepared.results.previous.failed
+        self.summary = Summary(str(prepared.out), total=prepared.scan.requests)
+        self.fresh: deque[Request | InvalidLine] = deque()  # read ahead from the spool, not yet looked at
+        self.want_more = asyncio.Event()  # the reader waits on it while ``fresh`` is full
+        self.exhausted = False  # the reader has read the last line
+        self.pending: deque[Request] = deque()
+        self.delayed: list[tuple[float, int, Request]] = []
+        self.seq = 0
+        self.inflight = 0
+        self.replicas: dict[int, Replica] = {}
+        self.retired: list[Replica] = []  # replicas replaced by their job's next start (requeue)
+        self.source_failed: dict[int, str] = {}  # failed replicas we never used
+        self.sem = asyncio.Semaphore(options.concurrency) if options.concurrency else None
+        self.stopping = False
+        self.fatal: SpeedslurmError | None = None
+        self.finished = asyncio.Event()
+        self.changed = asyncio.Event()
+        self.grace_handle: asyncio.TimerHandle | None = None
+        self.progress = BatchProgress(console, self.summary.total, enabled=not options.quiet)
+        self._make_transport = CLIENTS[options.client]
+        self._said_waiting = False
+        self.t0 = time.perf_counter()  # the run's start (set again when it runs)
+
+    def say(self, message: str) -> None:
+        if not self.opts.quiet:
+            self.progress.log(self.console, message, highlight=False)
+
+    def _cancel_all(self) -> None:
+        for rep in [*self.retired, *self.replicas.values()]:
+            for task in rep.workers:
+                task.cancel()
+
+    def _wake(self) -> None:
+        self.changed.set()
+        self._check_done()
+
+    def _check_done(self) -> None:
+        if self.inflight:
+            return
+        if self.stopping or (self.exhausted and not self.fresh and not self.pending and not self.delayed):
+            self.finished.set()
+
+    def _set_fatal(self, error: SpeedslurmError) -> None:
+        if self.fatal is None:
+            self.fatal = error
+        self.stopping = True
+        self._cancel_all()
+        self.finished.set()
+
+    def _update_progress(self) -> None:
+        s = self.summary
+        elapsed = time.perf_counter() - self.t0
+        live = sum(1 for r in self.replicas.values() if not r.failed)
+        self.progress.update(s.ok + s.failed + s.skipped, s.failed, s.completion_tokens / elapsed if elapsed else 0.0,
+                             f"{live} replica{'s' if live != 1 else ''}")
