@@ -24,6 +24,7 @@ from .errors import UsageError
 __all__ = ["GGUFInfo", "read_gguf_info", "gguf_info_from_fields", "shard_paths"]
 
 _MAGIC = b"GGUF"
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.")
 _SHARD_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 # GGUF value type id -> struct format of one scalar (strings and arrays handled apart).
 _SCALAR_FMT = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -54,6 +55,14 @@ class GGUFInfo:
     split_count: int = 1
     shards: tuple[Path, ...] = ()
     metadata: tp.Mapping[str, Scalar] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    # Where the bytes sit, as llama.cpp places them: block i (``blk.i.*``) on its layer's device; the output
+    # layer (``output.weight``, ``output_norm`` and any other tensor outside the blocks) after the last block;
+    # the input embedding (``token_embd``) on the host. A model without ``output.weight`` ties it to the
+    # embedding, which llama.cpp then duplicates onto the output layer's device (``output_bytes`` counts it).
+    layer_bytes: tuple[int, ...] = ()
+    output_bytes: int = 0
+    embd_bytes: int = 0
+    tied_output: bool = False
 
     def kv_cache_bytes(self, n_ctx: int, bytes_per_element: float = 2) -> int:
         """Bytes of K and V cache for ``n_ctx`` tokens in total (f16 by default)."""
@@ -91,6 +100,10 @@ class _Header:
     tensor_bytes: int
     n_tensors: int
     tensor_type_bytes: dict[int, int]
+    layer_bytes: dict[int, int] = dataclasses.field(default_factory=dict)
+    other_bytes: int = 0            # output norm and other tensors outside the blocks
+    embd_bytes: int = 0
+    output_weight_bytes: int | None = None   # None: no output.weight in this file
 
 
 class _Parser:
@@ -178,8 +191,11 @@ class _Parser:
                 array_len[key] = alen
         total = 0
         by_type: dict[int, int] = {}
+        layers: dict[int, int] = {}
+        other = embd = 0
+        output: int | None = None
         for _ in range(n_tensors):
-            self._string()
+            name = self._string()
             n_dims = self._unpack("I")
             n_el = 1
             for _ in range(n_dims):
@@ -194,7 +210,16 @@ class _Parser:
             nbytes = n_el // block * type_size
             total += nbytes
             by_type[ttype] = by_type.get(ttype, 0) + nbytes
-        return _Header(kv, array_len, total, n_tensors, by_type)
+            m = _BLOCK_RE.match(name)
+            if m:
+                layers[int(m[1])] = layers.get(int(m[1]), 0) + nbytes
+            elif name == "token_embd.weight":
+                embd += nbytes
+            elif name == "output.weight":
+                output = (output or 0) + nbytes
+            else:
+                other += nbytes
+        return _Header(kv, array_len, total, n_tensors, by_type, layers, other, embd, output)
 
 
 def _read_header(path: Path) -> _Header:
@@ -271,12 +296,19 @@ def read_gguf_info(path: str | os.PathLike[str]) -> GGUFInfo:
                          "NAME-00001-of-0000N.gguf, so the other shards cannot be found",
                          fix="keep the shard names llama.cpp's gguf-split wrote")
     tensor_bytes, n_tensors, by_type = head.tensor_bytes, head.n_tensors, dict(head.tensor_type_bytes)
+    layers, other, embd, output = dict(head.layer_bytes), head.other_bytes, head.embd_bytes, head.output_weight_bytes
     for shard in shards[1:]:
         h = _read_header(shard)
         tensor_bytes += h.tensor_bytes
         n_tensors += h.n_tensors
         for t, b in h.tensor_type_bytes.items():
             by_type[t] = by_type.get(t, 0) + b
+        for i, b in h.layer_bytes.items():
+            layers[i] = layers.get(i, 0) + b
+        other += h.other_bytes
+        embd += h.embd_bytes
+        if h.output_weight_bytes is not None:
+            output = (output or 0) + h.output_weight_bytes
     arch = kv.get("general.architecture")
     if not isinstance(arch, str):
         raise UsageError(f"{first} has no general.architecture key; it is not a llama.cpp model file")
@@ -300,4 +332,6 @@ def read_gguf_info(path: str | os.PathLike[str]) -> GGUFInfo:
         file_type=_file_type_name(kv, by_type), tensor_bytes=tensor_bytes,
         file_bytes=sum(s.stat().st_size for s in shards), n_tensors=n_tensors, n_vocab=n_vocab,
         split_count=max(split_count, len(shards)), shards=tuple(shards), metadata=dict(kv),
+        layer_bytes=tuple(layers.get(i, 0) for i in range(n_layer)),
+        output_bytes=other + (embd if output is None else output), embd_bytes=embd, tied_output=output is None,
     )

@@ -553,6 +553,9 @@ def run_leader(dep: dict[str, tp.Any], rd: RunDir, replica: int, stop: _Stop) ->
                "--metrics", "--api-key-file", key_file, "--no-webui", "--kv-unified"]
         if rpc:
             cmd += ["--rpc", rpc]
+        split = dep.get("plan", {}).get("tensor_split")  # the planner's, one value per device (plan.balance_split)
+        if split:
+            cmd += ["--tensor-split", ",".join(str(v) for v in split)]
         template = dep["model"].get("chat_template")
         if template:
             # A Jinja text is used as is; a built-in name ("gemma", "chatml", ...) is only recognised with the

@@ -38,6 +38,12 @@ class ModelSpec:
     file_type: str | None = None
     file_bytes: int | None = None
     chat_template: str | None = None  # passed to llama-server as --chat-template
+    # Bytes per block, of the output layer and of the input embedding (from the header; empty when only the
+    # registry's size is known): what the planner splits over the devices (see ggufinfo.GGUFInfo).
+    layer_bytes: tuple[int, ...] = ()
+    output_bytes: int = 0
+    embd_bytes: int = 0
+    tied_output: bool = False
 
     def kv_bytes(self, ctx: int, bytes_per_element: float = 2) -> int:
         """KV cache bytes = n_layer x ctx x n_head_kv x (head_dim_k + head_dim_v) x bytes per element."""
@@ -81,6 +87,8 @@ def _from_file(name: str, path: Path, ctx: int | None, host: str | None) -> Mode
         n_layer=info.n_layer, n_head_kv=info.n_head_kv, head_dim=info.head_dim, head_dim_v=info.head_dim_v,
         ctx=ctx or min(8192, info.context_length or 8192), host=host, local=True,
         architecture=info.architecture, file_type=info.file_type, file_bytes=info.file_bytes,
+        layer_bytes=info.layer_bytes, output_bytes=info.output_bytes, embd_bytes=info.embd_bytes,
+        tied_output=info.tied_output,
     )
 
 

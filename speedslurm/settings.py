@@ -87,7 +87,9 @@ class ClusterSettings:
 class LlamaSettings:
     bin_dir: str | None = None
     ngl: int = 99
-    parallel: int = 4
+    parallel: int | tp.Literal["auto"] = 4  # a number of slots, or "auto": sized from the memory left (plan)
+    max_parallel: int = 16      # the most slots "auto" gives
+    min_ctx_per_slot: int = 4096  # the least context per slot "auto" gives (or the whole ctx when smaller)
     threads: int | None = None
     batch_size: int | None = None
     ubatch_size: int | None = None
