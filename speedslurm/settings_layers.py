@@ -76,6 +76,16 @@ def user_config_path(explicit: str | os.PathLike[str] | None = None,
 # Loading
 
 
+# libyaml's parser with PyYAML's safe constructors: the same values as yaml.safe_load, read about 10x faster
+# (every command reads the defaults, the registry and a profile before anything else); the pure-Python parser
+# where PyYAML was built without libyaml.
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _yaml(text: str) -> tp.Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_yaml(path: Path, required: bool) -> dict[str, tp.Any]:
     try:
         text = path.read_text()
@@ -88,7 +98,7 @@ def load_yaml(path: Path, required: bool) -> dict[str, tp.Any]:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}",
                           fix="check the file's permissions") from None
     try:
-        data = yaml.safe_load(text)
+        data = _yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -139,7 +149,7 @@ def set_dotted(dotted: str, value: tp.Any) -> dict[str, tp.Any]:
 
 def _parse_scalar(text: str) -> tp.Any:
     try:
-        return yaml.safe_load(text) if text != "" else None
+        return _yaml(text) if text != "" else None
     except yaml.YAMLError:
         return text
 
