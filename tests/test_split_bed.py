@@ -1,0 +1,58 @@
+"""On the test bed: llama-server gets the planner's --tensor-split, and its devices hold the planned weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.llama, pytest.mark.slurm]
+
+
+@pytest.fixture
+def ss(shared_tmp: Path):
+    """The speedslurm CLI as a user runs it, with the test bed profile and a private runs folder."""
+    env = {**os.environ, "SPEEDSLURM_PROFILE": "testbed", "SPEEDSLURM_RUN__DIR": str(shared_tmp / "runs")}
+    started: list[str] = []
+
+    def run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run([sys.executable, "-m", "speedslurm", *args], capture_output=True, text=True,
+                             env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+        if "up" in args and res.returncode == 0:
+            started.append(json.loads(res.stdout)["deployment"])
+        assert res.returncode == 0, f"speedslurm {' '.join(args)} exited {res.returncode}\n{res.stdout}\n{res.stderr}"
+        return res
+
+    run.runs = shared_tmp / "runs"  # type: ignore[attr-defined]
+    yield run
+    for dep in started:
+        subprocess.run([sys.executable, "-m", "speedslurm", "down", dep], env=env, capture_output=True, timeout=120)
+
+
+def test_llama_server_gets_the_planned_split_and_its_devices_follow_it(ss, tiny_gguf: Path) -> None:
+    # -lv 4: llama-server logs each device's model buffer; --no-repack is the bed profile's own extra argument
+    extra = 'llama.extra_server_args=["--no-repack", "-lv", "4"]'
+    res = ss("--set", extra, "up", "--model", str(tiny_gguf), "--nodes", "3", "--executor", "slurm",
+             "--timeout", "120", "--json")
+    dep_id = json.loads(res.stdout)["deployment"]
+    root = ss.runs / dep_id
+    plan = json.loads((root / "deployment.json").read_text())["plan"]
+    # the bed's leader is CPU-only: the two rpc-servers are the devices; 8 equal blocks and a smaller output
+    # layer are balanced as 4 | 4 + output (llama.cpp's default even split would give 5 | 3 + output)
+    assert plan["tensor_split"] == [4, 5]
+    assert [d["node"] for d in plan["devices"]] == ["follower-1", "follower-2"]
+    log = (root / "r0" / "logs" / "leader.log").read_text(errors="replace")
+    argv = log.splitlines()[0]
+    assert " --tensor-split 4,5" in argv, argv
+    endpoint = json.loads((root / "r0" / "endpoint.json").read_text())
+    for server, device in zip(endpoint["rpc_servers"], plan["devices"], strict=True):
+        sizes = re.findall(rf"RPC\d*\[{re.escape(server)}\][^\n]*?model buffer size\s*=\s*([\d.]+) MiB", log)
+        assert sizes, f"no model buffer on {server}\n{log[-3000:]}"
+        planned = device["weights_bytes"] / 2**20
+        print(f"{device['node']} {server}: model buffer {sizes[0]} MiB, planned {planned:.3f} MiB")
+        assert abs(float(sizes[0]) - planned) <= 0.02 * planned, (server, sizes[0], planned)
