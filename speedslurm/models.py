@@ -79,9 +79,9 @@ def resolve_model(settings: Settings, model: str) -> ModelSpec:
 
 
 def _from_file(name: str, path: Path, ctx: int | None, host: str | None) -> ModelSpec:
-    from .ggufinfo import read_gguf_info
+    from .ggufcache import cached_gguf_info
 
-    info = read_gguf_info(path)
+    info = cached_gguf_info(path)
     return ModelSpec(
         name=name, path=info.path, files=tuple(info.shards) or (info.path,), weights_bytes=info.tensor_bytes,
         n_layer=info.n_layer, n_head_kv=info.n_head_kv, head_dim=info.head_dim, head_dim_v=info.head_dim_v,

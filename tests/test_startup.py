@@ -4,10 +4,15 @@ same values as the libraries' usual ones."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import time
+import typing as tp
 from pathlib import Path
 
+import pytest
 import yaml
 
 from speedslurm.settings import configs_dir, package_defaults_path
@@ -54,3 +59,76 @@ def test_the_fast_yaml_parser_reads_every_packaged_file_as_safe_load_does() -> N
     for path in files:
         assert json.dumps(load_yaml(path, required=True), sort_keys=True, default=str) == json.dumps(
             yaml.safe_load(path.read_text()) or {}, sort_keys=True, default=str), path
+
+
+@pytest.fixture
+def counted_reads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[Path]:
+    """Header reads done by the cache (the real reader, counted), with the cache in ``tmp_path/cache``."""
+    from speedslurm import ggufcache
+    from speedslurm.ggufinfo import read_gguf_info
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    reads: list[Path] = []
+
+    def counting(path: Path) -> tp.Any:
+        reads.append(path)
+        return read_gguf_info(path)
+
+    monkeypatch.setattr(ggufcache, "read_gguf_info", counting)
+    return reads
+
+
+def test_a_header_is_read_once_and_again_when_its_file_changes(tiny_gguf: Path, tmp_path: Path,
+                                                               counted_reads: list[Path]) -> None:
+    from speedslurm.ggufcache import cached_gguf_info
+    from speedslurm.ggufinfo import read_gguf_info
+
+    model = tmp_path / "m.gguf"
+    shutil.copy(tiny_gguf, model)
+    first = cached_gguf_info(model)
+    assert first == read_gguf_info(model) and len(counted_reads) == 1
+    again = cached_gguf_info(model)
+    assert again == first and again.metadata == first.metadata and again.shards == (model,)
+    assert len(counted_reads) == 1          # from the cache
+    os.utime(model, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert cached_gguf_info(model) == first and len(counted_reads) == 2   # touched: read again
+    model.write_bytes(model.read_bytes().replace(b"speedslurm-tiny-llama-", b"speedslurm-tiny-llamb-", 1))
+    assert cached_gguf_info(model).name == first.name.replace("llama-", "llamb-", 1)   # rewritten: the new header
+    assert len(counted_reads) == 3
+
+
+def test_a_broken_or_unwritable_cache_only_costs_a_read(tiny_gguf: Path, tmp_path: Path,
+                                                         counted_reads: list[Path],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from speedslurm.ggufcache import cache_dir, cached_gguf_info
+
+    good = cached_gguf_info(tiny_gguf)
+    (entry,) = cache_dir().glob("*.json")
+    entry.write_text('{"key": [1')                      # torn or edited by hand
+    assert cached_gguf_info(tiny_gguf) == good and len(counted_reads) == 2
+    assert cached_gguf_info(tiny_gguf) == good and len(counted_reads) == 2   # written again, whole
+    monkeypatch.setenv("XDG_CACHE_HOME", str(entry))    # a file where the folder should be
+    assert cached_gguf_info(tiny_gguf) == good and len(counted_reads) == 3
+
+
+def test_a_missing_model_is_still_the_readers_error(tmp_path: Path, counted_reads: list[Path]) -> None:
+    from speedslurm.errors import UsageError
+    from speedslurm.ggufcache import cached_gguf_info
+
+    with pytest.raises(UsageError, match="does not exist"):
+        cached_gguf_info(tmp_path / "absent.gguf")
+
+
+def test_the_cache_keeps_only_the_entries_written_last(tiny_gguf: Path, tmp_path: Path, counted_reads: list[Path],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from speedslurm import ggufcache
+
+    monkeypatch.setattr(ggufcache, "KEEP", 2)
+    models = [tmp_path / f"m{i}.gguf" for i in range(4)]
+    for model in models:
+        shutil.copy(tiny_gguf, model)
+        ggufcache.cached_gguf_info(model)
+        time.sleep(0.01)
+    assert len(list(ggufcache.cache_dir().glob("*.json"))) == 2
+    ggufcache.cached_gguf_info(models[-1])
+    assert len(counted_reads) == 4          # the last model is still cached
