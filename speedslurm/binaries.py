@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import os
 import re
 import shutil
@@ -265,6 +264,8 @@ def _build_id_cached(binary: Path, mtime_ns: int) -> str:
     gnu = _elf_build_id(target)
     if gnu:
         return f"{label} build-id {gnu[:20]}"
+    import hashlib  # only for a build without a GNU build-id (rare; the import takes a few ms)
+
     digest = hashlib.sha256()
     with target.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
