@@ -25,6 +25,7 @@ not in a user's deployment.
 from __future__ import annotations
 
 import inspect
+import os
 import subprocess
 import sys
 import typing as tp
@@ -80,12 +81,13 @@ class DetachedLocalExecutor(submitit.LocalExecutor):
     submitit starts the controller with the client's stdin/stdout/stderr; a deployment left running by
     ``speedslurm up`` would then keep a caller's pipe open (``$(speedslurm up ...)`` would never return)
     and die with the terminal. Here it gets its own session, /dev/null and a log file instead, and the
-    environment ``environment`` gives. Its tasks start through :mod:`speedslurm.jobentry`, as on Slurm.
+    environment ``environment`` gives (default: this process's). Its tasks start through
+    :mod:`speedslurm.jobentry`, as on Slurm.
     """
 
-    def __init__(self, folder: Path, environment: tp.Callable[[], dict[str, str]]) -> None:
+    def __init__(self, folder: Path, environment: tp.Callable[[], dict[str, str]] | None = None) -> None:
         super().__init__(folder=folder)
-        self._environment = environment
+        self._environment = environment or (lambda: dict(os.environ))
 
     @property
     def _submitit_command_str(self) -> str:

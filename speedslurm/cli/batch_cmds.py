@@ -9,13 +9,14 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from ..errors import RequestsFailed, SpeedslurmError, UsageError
+from ..errors import RequestsFailed, UsageError
 from . import cli
-from .common import resume_command
+from .common import resume_command, settings_from
 
 if tp.TYPE_CHECKING:
     from ..batch.runner import BatchOptions
     from ..batch.sources import EndpointSource
+    from ..batch.summary import Summary
 
 
 # The exit statuses of `run` and `submit` (the contract itself is in errors.py), shown under their --help.
@@ -113,7 +114,7 @@ def run_cmd(ctx: click.Context, deployment_id: str | None, endpoint_files: tuple
         prepared.close()
 
 
-def execute(source: EndpointSource, prepared: tp.Any, options: BatchOptions, json_mode: bool) -> None:
+def execute(source: EndpointSource, prepared: tp.Any, options: BatchOptions, json_mode: bool) -> Summary:
     """Run a prepared batch, print the summary (table on stderr, or JSON on stdout), map failures to exit codes.
 
     Ctrl-C ends in ``SystemExit(130)`` after the summary and the resume command are printed (a caller's
@@ -142,6 +143,7 @@ def execute(source: EndpointSource, prepared: tp.Any, options: BatchOptions, jso
         raise RequestsFailed(f"the batch finished, but {summary.failed} of {summary.ok + summary.failed} "
                              f"request(s) failed (error lines in {summary.results_path})",
                              fix="run the same command again to retry them")
+    return summary
 
 
 def _print_summary(summary: tp.Any, err: Console, json_mode: bool) -> None:
@@ -174,51 +176,8 @@ def _endpoint_file_source(paths: tp.Sequence[Path]) -> EndpointSource:
 
 def deployment_source(ctx: click.Context, deployment_id: str) -> EndpointSource:
     """The replicas of a running deployment: its run directory, plus Slurm's view of its jobs."""
-    from ..batch.sources import RunDirSource, describe_failure
+    from .. import api
 
-    try:
-        from ..deploy import find_deployment, replica_statuses
-        from ..settings import load_settings
-    except ImportError as exc:
-        raise SpeedslurmError("--deployment is not available in this build",
-                              fix="use --endpoint-file RUN_DIR/r0/endpoint.json or --base-url URL") from exc
-    obj = ctx.find_root().obj or {}
-    settings = load_settings(profile=obj.get("profile"), config_path=obj.get("config_path"),
-                             overrides=obj.get("overrides", ()))
-    dep = find_deployment(settings, deployment_id)
-    statuses = replica_statuses(dep, {})  # the run directory says whether it was submitted; the source asks Slurm
-    if all(st.state == "UNSUBMITTED" for st in statuses):
-        from ..deploy import script_path
-
-        raise UsageError(f"deployment {dep.id} was rendered but not submitted: nothing will serve it",
-                         fix=f"submit it with `sbatch {script_path(dep)}`, then run this command again")
-
-    # Each replica's current start (Slurm's restart count) as last asked: a requeued job keeps its id, and the
-    # files of its earlier start (an endpoint with a dead port, a failure) are not taken for the new start's.
-    restarts: dict[int, int | None] = {}
-
-    def job_failures() -> dict[int, str]:
-        out = {}
-        for st in replica_statuses(dep):
-            restarts[st.replica] = st.restarts
-            if st.state == "PENDING" and st.restarts:
-                continue  # requeued: it starts again, with a new endpoint
-            if not st.failure and st.job_state.startswith("COMPLETING"):
-                continue  # over, but Slurm does not say how yet (CANCELLED, TIMEOUT, ...): ask again soon
-            if st.state in ("FAILED", "ENDED"):
-                why = describe_failure(st.failure) if st.failure else \
-                    f"job {st.job_id} ended ({st.job_state or 'gone'}{': ' + st.reason if st.reason else ''})"
-                out[st.replica] = why
-        return out
-
-    from ..deploy import SLURM_FIRST_S, SLURM_MOST_S, endpoint_is_current, failure_is_current
-
-    # Slurm is asked a second after a change, then less and less often while the batch runs undisturbed; the
-    # runner hurries the source when it sees a replica fail. Local processes cost Slurm nothing: every second.
-    return RunDirSource(dep.run_dir, dep.replicas, job_failures=job_failures, alive_every=SLURM_FIRST_S,
-                        alive_most=SLURM_MOST_S if dep.executor == "slurm" else SLURM_FIRST_S,
-                        accept=lambda ep: endpoint_is_current(dep, ep, restarts.get(ep.replica)),
-                        accept_failure=lambda r, info: failure_is_current(dep, r, info, restarts.get(r)))
+    return api.deployment_source(api.connect(deployment_id, settings_from(ctx)))
 
 
-_deployment_source = deployment_source  # older name, still imported by submit

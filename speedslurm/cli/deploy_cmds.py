@@ -8,6 +8,7 @@ import typing as tp
 
 import click
 
+from .. import api
 from .. import deploy as dp
 from ..errors import UsageError
 from ..plan import describe_plan
@@ -148,34 +149,18 @@ def _progress_printer(as_json: bool) -> tp.Callable[[list[dp.ReplicaStatus], flo
 
 def do_up(ctx: click.Context, model: str, *, executor: str | None, nodes: int | None, replicas: int,
           ctx_size: int | None, time_limit: str | None, timeout: float | None, until: str,
-          as_json: bool, keep_on_interrupt: bool = False) -> tuple[dp.Deployment, list[dp.ReplicaStatus]]:
-    """Validate, launch, and wait until ``until`` ("all" or "first") replicas are READY.
+          as_json: bool, keep_on_interrupt: bool = False) -> tuple[api.Deployment, list[dp.ReplicaStatus]]:
+    """:func:`speedslurm.api.up` with the global flags' settings, its progress and messages on stderr."""
+    con = err_console()
 
-    A failure while waiting cancels the job(s); so does Ctrl-C unless ``keep_on_interrupt``.
-    """
-    settings = settings_from(ctx)
-    plan, binaries = dp.prepare(settings, model, nodes=nodes, replicas=replicas, ctx=ctx_size,
-                                time_limit=time_limit, executor=executor)
-    dep = dp.launch(settings, plan, binaries)
-    if not as_json or is_tty():
-        err_console().print(f"deployment {dep.id}: {plan.model.name} on {plan.nodes} node(s) x {plan.replicas} "
-                            f"replica(s), job(s) {', '.join(dep.job_ids)}")
-    try:
-        statuses = dp.wait_ready(dp.StatusProbe(dep), until=until, timeout=timeout,
-                                 interval=settings.run.poll_interval_s, on_update=_progress_printer(as_json),
-                                 describe_failure=lambda s: dp.failure_text(dep, s))
-    except KeyboardInterrupt:
-        if keep_on_interrupt:
-            err_console().print(f"Interrupted: deployment {dep.id} keeps starting (`speedslurm down {dep.id}` stops it).")
-        else:
-            dp.down(dep)
-            err_console().print(f"Interrupted: cancelled deployment {dep.id}.")
-        raise
-    except Exception:
-        # A deployment that cannot become ready must not keep nodes busy.
-        dp.down(dep)
-        raise
-    return dep, statuses
+    def say(text: str) -> None:
+        # Interruptions are always told; the start line only where it does not mix with JSON on a pipe.
+        if text.startswith("Interrupted") or not as_json or is_tty():
+            con.print(text, markup=False)
+
+    return api.up(model, nodes=nodes, replicas=replicas, ctx=ctx_size, time_limit=time_limit, executor=executor,
+                  timeout=timeout, until=until, settings=settings_from(ctx), on_update=_progress_printer(as_json),
+                  on_message=say, keep_on_interrupt=keep_on_interrupt)
 
 
 @cli.command("up")
@@ -197,7 +182,8 @@ def up_cmd(ctx: click.Context, model: str, executor: str | None, nodes: int | No
         ep = s.endpoint
         if ep:
             con.print(f"replica {s.replica}: READY {ep.openai_base_url}  (leader {ep.leader_node}, "
-                      f"followers {', '.join(ep.follower_nodes) or '-'}, ready in {ep.ready_at - dep.info['created_at']:.1f}s)")
+                      f"followers {', '.join(ep.follower_nodes) or '-'}, "
+                      f"ready in {ep.ready_at - dep.record.info['created_at']:.1f}s)")
     con.print(f"Use it:  eval \"$(speedslurm endpoint {dep.id} --env)\"   Stop it:  speedslurm down {dep.id}")
 
 
@@ -289,24 +275,14 @@ def _print_status(rows: list[dict[str, tp.Any]]) -> None:
 def endpoint_cmd(ctx: click.Context, ident: str, as_env: bool, show_key: bool, replica: int | None,
                  as_json: bool) -> None:
     """Print a deployment's endpoint; `--env` gives shell exports for the openai client."""
-    settings = settings_from(ctx)
-    dep = dp.find_deployment(settings, ident)
-    statuses = dp.replica_statuses(dep)
-    ready = [s for s in statuses if s.state == "READY" and s.endpoint]
-    if replica is not None:
-        ready = [s for s in ready if s.replica == replica]
-    if not ready:
-        state, why = dp.deployment_state(statuses), dp.deployment_why(statuses)
-        raise UsageError(f"deployment {dep.id} has no ready endpoint{'' if replica is None else f' for replica {replica}'}"
-                         f" (state {state}{': ' + why if why else ''})",
-                         fix=f"check `speedslurm status {dep.id}`")
+    dep = api.connect(ident, settings_from(ctx))
     if as_env:
-        ep = ready[0].endpoint
-        assert ep is not None
+        ep = dep.endpoint(replica)
         click.echo(f"export OPENAI_BASE_URL={shlex.quote(ep.openai_base_url)}")
         click.echo(f"export OPENAI_API_KEY={shlex.quote(ep.api_key)}")
         return
-    eps = [s.endpoint.public(show_key) for s in ready if s.endpoint]
+    dep.endpoint(replica)  # none ready: the error names the state and why
+    eps = [e.public(show_key) for e in dep.endpoints() if replica is None or e.replica == replica]
     if as_json:
         print_json(eps)
         return
@@ -358,22 +334,15 @@ def logs_cmd(ctx: click.Context, ident: str, role: str, replica: int | None, lin
 @click.pass_context
 def down_cmd(ctx: click.Context, ident: str, as_json: bool) -> None:
     """Cancel a deployment's job(s) and report what ended."""
-    settings = settings_from(ctx)
-    dep = dp.find_deployment(settings, ident)
-    before = dp.replica_statuses(dep)
-    if all(s.state == "UNSUBMITTED" for s in before):
-        why = dp.deployment_why(before)
-        if as_json:
-            print_json({"deployment": dep.id, "cancelled": [], "state": "UNSUBMITTED", "why": why})
-            return
-        click.echo(f"deployment {dep.id}: nothing to cancel; state UNSUBMITTED ({why})")
-        return
-    over = {s.job_id for s in before if s.state in ("ENDED", "FAILED")}
-    ids = [j for j in dp.down(dep) if j not in over]
-    statuses = dp.wait_ended(dep, timeout=30)
-    state, why = dp.deployment_state(statuses), dp.deployment_why(statuses)
+    stopped = api.connect(ident, settings_from(ctx)).stop(wait=30)
     if as_json:
-        print_json({"deployment": dep.id, "cancelled": ids, "state": state, "why": why})
+        print_json({"deployment": stopped.deployment, "cancelled": stopped.cancelled, "state": stopped.state,
+                    "why": stopped.why})
         return
-    done = f"cancelled job(s) {', '.join(ids)}" if ids else f"job(s) {', '.join(sorted(over)) or '-'} had ended already"
-    click.echo(f"deployment {dep.id}: {done}; state {state}{f' ({why})' if why else ''}")
+    if stopped.state == "UNSUBMITTED" and not stopped.cancelled:
+        click.echo(f"deployment {stopped.deployment}: nothing to cancel; state UNSUBMITTED ({stopped.why})")
+        return
+    done = (f"cancelled job(s) {', '.join(stopped.cancelled)}" if stopped.cancelled
+            else f"job(s) {', '.join(stopped.ended_before) or '-'} had ended already")
+    why = f" ({stopped.why})" if stopped.why else ""
+    click.echo(f"deployment {stopped.deployment}: {done}; state {stopped.state}{why}")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import typing as tp
 
 import click
+from rich.console import Console
 
-from .. import deploy as dp
 from ..errors import DeploymentFailed
 from . import cli
-from .batch_cmds import BATCH_EXIT_STATUSES, _deployment_source, batch_options, execute, options_from
-from .common import err_console, resume_command
-from .deploy_cmds import _model_options, do_up
+from .batch_cmds import BATCH_EXIT_STATUSES, batch_options, execute, options_from
+from .common import err_console, is_tty, resume_command, settings_from
+from .deploy_cmds import _model_options, _progress_printer
 
 
 @cli.command("submit", epilog=BATCH_EXIT_STATUSES)
@@ -33,51 +33,42 @@ def submit_cmd(ctx: click.Context, model: str, executor: str | None, nodes: int 
     successful line are skipped. Ctrl-C stops cleanly, cancels the job (unless --keep) and prints the
     command that resumes.
     """
-    from ..batch.runner import prepare_batch
+    from .. import api
 
     options = options_from(kw)
     json_mode = bool(kw["json_mode"])
     err = err_console()
-    prepared = prepare_batch(kw["prompts"], kw["out"], options)  # bad prompts or --out: exit 2, nothing queued
+    again = resume_command()
+    # Bad prompts or --out: exit 2, nothing queued.
+    prepared = api.prepare_prompts(kw["prompts"], kw["out"], options)
+    started = []
+
+    def run(source: tp.Any, batch: tp.Any, opts: tp.Any) -> tp.Any:
+        started.append(True)
+        return execute(source, batch, opts, json_mode)
+
     try:
-        if prepared.remaining == 0:
-            err.print(f"Nothing to do: every prompt in {prepared.display} already has a successful line in "
-                      f"{prepared.out}.")
-            execute_nothing(prepared, json_mode)
-            return
-        again = resume_command()
-        try:
-            dep, _ = do_up(ctx, model, executor=executor, nodes=nodes, replicas=replicas, ctx_size=ctx_size,
-                           time_limit=time_limit, timeout=ready_timeout, until="first", as_json=json_mode,
-                           keep_on_interrupt=keep)
-        except KeyboardInterrupt:
-            err.print(f"Interrupted before the batch started; nothing was sent. To start again: {again}")
-            raise SystemExit(130) from None
-        except DeploymentFailed as exc:
-            # Nothing was sent yet: the same command starts a new deployment and runs the whole batch.
-            exc.fix = f"{exc.fix}; nothing was sent: run the same command again to retry ({again})"
+        api.submit(model, prepared.prompts, nodes=nodes, replicas=replicas, ctx=ctx_size, time_limit=time_limit,
+                   executor=executor, keep=keep, ready_timeout=ready_timeout, options=options,
+                   settings=settings_from(ctx), on_update=_progress_printer(json_mode),
+                   on_message=lambda text: _say(err, text, json_mode), prepared=prepared,
+                   run=run)
+    except KeyboardInterrupt:
+        if started:
             raise
-        try:
-            execute(_deployment_source(ctx, dep.id), prepared, options, json_mode)
-        finally:
-            if keep:
-                err.print(f"Deployment {dep.id} kept running. Send more with: speedslurm run --deployment {dep.id} "
-                          f"--prompts P.jsonl; stop it with: speedslurm down {dep.id}")
-            else:
-                dp.down(dep)
-                err.print(f"Deployment {dep.id} stopped (job(s) {', '.join(dep.job_ids)} cancelled).")
+        # Ctrl-C during the batch ends in SystemExit(130) from execute(), after the summary: this is before it.
+        err.print(f"Interrupted before the batch started; nothing was sent. To start again: {again}")
+        raise SystemExit(130) from None
+    except DeploymentFailed as exc:
+        # Nothing was sent yet: the same command starts a new deployment and runs the whole batch.
+        exc.fix = f"{exc.fix}; nothing was sent: run the same command again to retry ({again})"
+        raise
     finally:
         prepared.close()
 
 
-def execute_nothing(prepared: tp.Any, json_mode: bool) -> None:
-    """Print the summary of a batch whose prompts are all done, without starting a deployment."""
-    from ..batch.sources import StaticSource
-
-    execute(StaticSource([]), prepared, options_from_defaults(), json_mode)
-
-
-def options_from_defaults() -> tp.Any:
-    from ..batch.runner import BatchOptions
-
-    return BatchOptions(quiet=True)
+def _say(err: Console, text: str, json_mode: bool) -> None:
+    """The workflow's messages on stderr; the start line only where it does not mix with JSON on a pipe."""
+    if text.startswith("deployment ") and json_mode and not is_tty():
+        return
+    err.print(text, markup=False)
