@@ -286,6 +286,15 @@ def build_id(binary: str | os.PathLike[str]) -> str:
         raise UsageError(f"cannot read {p}: {exc}", fix=_INSTALL_FIX) from None
 
 
+def kv_unified(llama_server: str | os.PathLike[str], env: tp.Mapping[str, str] | None = None,
+               timeout: float = 60) -> bool:
+    """Whether this llama-server takes ``--kv-unified`` (one KV cache shared by all slots; older builds lack the
+    flag and refuse to start with it). Probed once where the binaries are found; the job side reads the answer
+    from deployment.json."""
+    res = _run([str(llama_server), "--help"], dict(env or {}), timeout)
+    return "--kv-unified" in res.stdout + res.stderr
+
+
 # -- environment ----------------------------------------------------------------------------------------
 
 

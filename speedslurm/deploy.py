@@ -20,6 +20,7 @@ import typing as tp
 from pathlib import Path
 
 from . import localproc, slurm
+from .contract import ContractError, Failed, JobId
 from .errors import DeploymentFailed, UsageError
 from .localproc import ProcessIdentity
 from .models import resolve_model
@@ -29,7 +30,6 @@ from .rundir import (
     Endpoint,
     RunDir,
     check_parent_not_world_writable,
-    file_epoch,
     make_private_dir,
     read_json,
     write_json_atomic,
@@ -141,10 +141,12 @@ class Deployment:
 
 def binaries_record(binaries: tp.Any) -> dict[str, tp.Any]:
     """The binaries as deployment.json records them for the job side."""
-    from .binaries import env_for
+    from .binaries import env_for, kv_unified
 
+    env = env_for(binaries)
     return {"llama_server": str(binaries.llama_server), "rpc_server": str(binaries.rpc_server),
-            "version": binaries.version, "source": binaries.source, "env": env_for(binaries)}
+            "version": binaries.version, "source": binaries.source, "env": env,
+            "kv_unified": kv_unified(binaries.llama_server, env)}
 
 
 def deployment_record(settings: Settings, plan: Plan, binaries: dict[str, tp.Any], deployment_id: str, *,
@@ -174,7 +176,7 @@ def create_run_dir(root: Path, record: dict[str, tp.Any], replicas: int) -> RunD
     fd = os.open(rd.root / "api_key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(secrets.token_urlsafe(32) + "\n")
-    write_json_atomic(rd.root / "deployment.json", {**record, "id": rd.deployment_id})
+    rd.write_deployment({**record, "id": rd.deployment_id})
     return rd
 
 
@@ -197,7 +199,7 @@ def launch(settings: Settings, plan: Plan, binaries: tp.Any) -> Deployment:
     else:
         info["job_ids"] = submit.submit_slurm(plan, rd, jobside.serve)
     info["submitted_at"] = time.time()
-    write_json_atomic(rd.root / "deployment.json", info)
+    rd.write_deployment(info)
     return Deployment(rd, info)
 
 
@@ -211,7 +213,10 @@ def list_deployments(settings: Settings) -> list[Deployment]:
         return []
     found = []
     for child in root.iterdir():
-        info = read_json(child / "deployment.json") if child.is_dir() else None
+        try:
+            info = RunDir(child).deployment() if child.is_dir() else None
+        except ContractError:
+            continue  # written by another version of speedslurm: not a deployment this one can read
         if info:
             found.append(Deployment(RunDir(child), info))
     return sorted(found, key=lambda d: float(d.info.get("created_at", 0)))
@@ -309,7 +314,7 @@ class ReplicaStatus:
     job_state: str = ""
     reason: str = ""
     endpoint: Endpoint | None = None
-    failure: dict[str, tp.Any] | None = None
+    failure: Failed | None = None
     nodes: str = ""
     why: str = ""  # what the state alone does not say: why it ended or failed, what it waits for
     restarts: int | None = None  # Slurm's restart count: the job's start the handshake files must come from
@@ -318,7 +323,7 @@ class ReplicaStatus:
         return {"replica": self.replica, "state": self.state, "why": self.why, "job_id": self.job_id,
                 "job_state": self.job_state, "reason": self.reason, "nodes": self.nodes,
                 "endpoint": self.endpoint.public(show_key) if self.endpoint else None,
-                "failure": self.failure, "restarts": self.restarts}
+                "failure": self.failure.to_json() if self.failure else None, "restarts": self.restarts}
 
 
 def _replica_job_id(dep: Deployment, replica: int) -> str:
@@ -376,10 +381,9 @@ def endpoint_is_current(dep: Deployment, endpoint: Endpoint, restarts: int | Non
         _same_start(endpoint.epoch, restarts)
 
 
-def failure_is_current(dep: Deployment, replica: int, failure: dict[str, tp.Any], restarts: int | None = None) -> bool:
+def failure_is_current(dep: Deployment, replica: int, failure: Failed, restarts: int | None = None) -> bool:
     """False for a failed.json left by another job than the replica's current one, or by an earlier start."""
-    return _same_job(failure.get("job_id"), _replica_job_id(dep, replica)) and \
-        _same_start(file_epoch(failure), restarts)
+    return _same_job(failure.job_id, _replica_job_id(dep, replica)) and _same_start(failure.epoch, restarts)
 
 
 def _same_start(epoch: int, restarts: int | None) -> bool:
@@ -392,9 +396,9 @@ def _same_job(file_job_id: tp.Any, job_id: str) -> bool:
     return not job_id or not file_job_id or str(file_job_id) == job_id
 
 
-def _failure_why(failure: dict[str, tp.Any]) -> str:
+def _failure_why(failure: Failed) -> str:
     """failed.json's reason in one line (the job side names the server and the node in it)."""
-    reason = str(failure.get("reason") or "failed (no reason recorded)")
+    reason = failure.reason or "failed (no reason recorded)"
     return " ".join(reason.split())
 
 
@@ -430,17 +434,17 @@ def replica_statuses(dep: Deployment, states: dict[str, slurm.JobState] | None =
         restarts = 0 if dep.executor == "local" else (js.restarts if js else None)
         failure = dep.run_dir.failure(r)
         endpoint = dep.run_dir.endpoint(r)
-        loading_info = read_json(dep.run_dir.loading_path(r)) or {}
+        loading_info = dep.run_dir.loading(r)
         # An earlier start's file of this very job: Slurm counted a restart that has not written files yet.
         earlier = bool(restarts) and any(
-            _same_job(f.get("job_id"), job_id) and file_epoch(f) < tp.cast(int, restarts)
-            for f in (failure or {}, endpoint.to_json() if endpoint else {}, loading_info) if f)
+            _same_job(f.job_id, job_id) and f.epoch < tp.cast(int, restarts)
+            for f in (failure, endpoint, loading_info) if f is not None)
         if failure and not failure_is_current(dep, r, failure, restarts):
             failure = None
         if endpoint and not endpoint_is_current(dep, endpoint, restarts):
             endpoint = None
-        loading = bool(loading_info) and _same_job(loading_info.get("job_id"), job_id) and \
-            _same_start(file_epoch(loading_info), restarts)
+        loading = loading_info is not None and _same_job(loading_info.job_id, job_id) and \
+            _same_start(loading_info.epoch, restarts)
         reason, nodes, word, gone, elsewhere = "", "", "", "", ""
         if dep.executor == "local":
             gone, ident = controller_check(dep, r)
@@ -467,7 +471,7 @@ def replica_statuses(dep: Deployment, states: dict[str, slurm.JobState] | None =
         was_cancelled = r not in failed_first and (word == "CANCELLED" or cancelled)
         if dep.executor == "slurm" and not job_id and not cancelled:
             state, why = "UNSUBMITTED", f"rendered, not submitted: sbatch {script_path(dep)}"
-        elif failure and failure.get("cause") == "time limit":
+        elif failure and failure.cause == "time limit":
             state, why = "ENDED", "time limit"
         elif failure and was_cancelled:
             state, why = "ENDED", "cancelled"
@@ -552,7 +556,12 @@ def _failed_before_cancel(dep: Deployment) -> set[int]:
         return {int(r) for r in dep.info["failed_before_cancel"]}
     # Recorded by older versions without the list: a failure older than the cancellation came first.
     at = float(dep.info.get("cancelled_at") or 0)
-    return {r for r in range(dep.replicas) if at and float((dep.run_dir.failure(r) or {}).get("time", at)) < at}
+    return {r for r in range(dep.replicas) if at and _failed_at(dep, r, at) < at}
+
+
+def _failed_at(dep: Deployment, replica: int, default: float) -> float:
+    failure = dep.run_dir.failure(replica)
+    return failure.time if failure else default
 
 
 def _final_state(word: str, cancelled: bool) -> tuple[str, str]:
@@ -614,17 +623,16 @@ def deployment_why(statuses: tp.Sequence[ReplicaStatus]) -> str:
 
 def failure_text(dep: Deployment, status: ReplicaStatus) -> tuple[str, str]:
     """(reason, last log lines) for a failed replica."""
-    f = status.failure or {}
-    reason = f.get("reason") or f"job {status.job_id} ended in state {status.job_state}"
-    if f.get("node"):
-        reason = f"replica {status.replica}: {f.get('role', 'role')} on {f['node']}: {reason}"
+    f = status.failure
+    reason = (f.reason if f else "") or f"job {status.job_id} ended in state {status.job_state}"
+    if f and f.node:
+        reason = f"replica {status.replica}: {f.role or 'role'} on {f.node}: {reason}"
     else:
         reason = f"replica {status.replica}: {reason}"
-    tail = f.get("log_tail") or ""
+    tail = f.log_tail if f else ""
     if not tail:
         rd = dep.run_dir
-        role = f.get("role", "leader")
-        path = rd.log_path(status.replica, role, int(f.get("rank", 0) or 0))
+        path = rd.log_path(status.replica, f.role if f else "leader", f.rank if f else 0)
         from .jobside import log_tail
 
         tail = log_tail(path) or _submitit_tail(dep, status)
@@ -637,7 +645,7 @@ def _submitit_tail(dep: Deployment, status: ReplicaStatus) -> str:
     folder = dep.run_dir.submitit_dir
     if not folder.is_dir():
         return ""
-    base = status.job_id.split("_")[0]
+    base = JobId.base_of(status.job_id)
     files = sorted(folder.rglob(f"{base}*_0_log.err")) + sorted(folder.rglob(f"{base}*_0_log.out"))
     return "\n".join(t for t in (log_tail(p) for p in files) if t)
 
@@ -710,11 +718,11 @@ def down(dep: Deployment) -> list[str]:
         if not controllers:
             return ids  # nothing ran: it ended by itself, and status keeps saying so (not "cancelled")
     else:
-        slurm.scancel([j.split("_")[0] if "_" in j else j for j in ids if j])
+        slurm.scancel([JobId.base_of(j) for j in ids if j])
     info = dict(dep.reload().info)
     info["cancelled_at"] = time.time()
     info["failed_before_cancel"] = failed
-    write_json_atomic(dep.run_dir.root / "deployment.json", info)
+    dep.run_dir.write_deployment(info)
     dep.info = info
     return ids
 

@@ -28,14 +28,13 @@ import typing as tp
 from pathlib import Path
 
 from . import deploy
+from .contract import JobId
 from .errors import UsageError
 from .plan import Plan
 from .rundir import (
     DEPLOYMENT,
     RunDir,
     make_private_dir,
-    read_json,
-    write_json_atomic,
 )
 from .sbatchopts import refuse_control
 from .settings import Settings
@@ -113,10 +112,9 @@ def default_run_dir(settings: Settings, model_name: str) -> Path:
 
 def job_id_from_env(environ: tp.Mapping[str, str]) -> tuple[str, int]:
     """(job id as ``up`` records it, replica) of the running batch script: ``123`` or ``123_4`` for arrays."""
-    from .jobside import current_job_id
-
-    job_id = current_job_id(environ)
-    return job_id, int(job_id.split("_")[1]) if "_" in job_id else 0
+    job_id = JobId.from_env(environ)
+    task = JobId.parse(job_id).array_task if job_id else None
+    return job_id, task or 0
 
 
 def record_job(run_dir: Path, job_id: str, replica: int) -> None:
@@ -126,16 +124,13 @@ def record_job(run_dir: Path, job_id: str, replica: int) -> None:
     rd = RunDir(Path(run_dir))
     with open(rd.root / ".deployment.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        info = read_json(rd.root / DEPLOYMENT)
-        if info is None:
+        record = rd.deployment_record()
+        if record is None:
             raise UsageError(f"{rd.root} holds no {DEPLOYMENT}", fix="render the script again")
-        ids = [str(j) for j in info.get("job_ids", [])]
-        ids += [""] * (int(info.get("replicas", 1)) - len(ids))
+        ids = list(record.job_ids) + [""] * (record.replicas - len(record.job_ids))
         if replica < len(ids):
             ids[replica] = job_id
-        info["job_ids"] = ids
-        info.setdefault("submitted_at", time.time())
-        write_json_atomic(rd.root / DEPLOYMENT, info)
+        rd.write_deployment(dataclasses.replace(record, job_ids=ids, submitted_at=record.submitted_at or time.time()))
 
 
 def main(argv: list[str] | None = None) -> int:

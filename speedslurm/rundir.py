@@ -1,4 +1,4 @@
-"""Run directory layout and the files that carry the handshake between the job side and the client.
+"""Run directory layout: where each file of the contract (:mod:`speedslurm.contract`) lies, and typed access to it.
 
 One deployment = one run directory (mode 0700) on the shared filesystem::
 
@@ -20,98 +20,34 @@ Every handshake file carries ``job_id`` and ``epoch`` (which start of the job wr
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import os
 import stat
-import tempfile
 import typing as tp
 from pathlib import Path
 
+from .contract import (
+    SCHEMA,
+    DeploymentRecord,
+    Endpoint,
+    Failed,
+    Follower,
+    Loading,
+    read_json,
+    read_record,
+    write_json_atomic,
+    write_record,
+)
 from .errors import UsageError
+
+__all__ = ["DEPLOYMENT", "ENDPOINT", "FAILED", "JOBS_ENDED", "LOADING", "Endpoint", "RunDir",
+           "check_parent_not_world_writable", "make_private_dir", "read_json", "write_json_atomic"]
 
 ENDPOINT = "endpoint.json"
 FAILED = "failed.json"
 LOADING = "loading.json"
 DEPLOYMENT = "deployment.json"
 JOBS_ENDED = "jobs-ended.json"
-
-
-@dataclasses.dataclass(frozen=True)
-class Endpoint:
-    """What a client needs to reach one ready replica (the content of endpoint.json)."""
-
-    url: str  # base URL without /v1, e.g. http://10.77.0.11:8080
-    api_key: str
-    model: str
-    deployment_id: str
-    replica: int
-    job_id: str
-    leader_node: str
-    follower_nodes: list[str]
-    rpc_servers: list[str]
-    llama_version: str
-    parallel: int
-    ctx: int
-    started_at: float
-    ready_at: float
-    pid: int = 0
-    epoch: int = 0  # the job's start (SLURM_RESTART_COUNT) that wrote it: a requeued job keeps its job id
-
-    @property
-    def openai_base_url(self) -> str:
-        return self.url.rstrip("/") + "/v1"
-
-    def to_json(self) -> dict[str, tp.Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, tp.Any]) -> Endpoint:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-    def public(self, show_key: bool = False) -> dict[str, tp.Any]:
-        """The fields safe to print: the API key is masked unless asked for."""
-        data = self.to_json()
-        if not show_key:
-            data["api_key"] = "***"
-        return data
-
-
-def write_json_atomic(path: Path, data: tp.Any, mode: int = 0o600) -> None:
-    """Write JSON to ``path`` so that readers see either nothing or the whole file (temp + rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def read_json(path: Path) -> dict[str, tp.Any] | None:
-    """Read a JSON file written by :func:`write_json_atomic`; None when absent."""
-    try:
-        with open(path) as fh:
-            return tp.cast(dict[str, tp.Any], json.load(fh))
-    except FileNotFoundError:
-        return None
-
-
-def file_epoch(data: tp.Mapping[str, tp.Any]) -> int:
-    """The start of its job a handshake file belongs to (files without one were written by a first start)."""
-    try:
-        return int(data.get("epoch") or 0)
-    except (TypeError, ValueError):
-        return -1
 
 
 def make_private_dir(path: Path) -> Path:
@@ -182,15 +118,40 @@ class RunDir:
         name = "leader.log" if role == "leader" else f"follower-{rank}.log"
         return self.log_dir(replica) / name
 
+    @property
+    def deployment_path(self) -> Path:
+        return self.root / DEPLOYMENT
+
     def deployment(self) -> dict[str, tp.Any] | None:
-        return read_json(self.root / DEPLOYMENT)
+        """deployment.json as a dict (checked against :class:`DeploymentRecord`); None when absent."""
+        record = self.deployment_record()
+        return None if record is None else record.to_json()
+
+    def deployment_record(self) -> DeploymentRecord | None:
+        return read_record(self.deployment_path, DeploymentRecord)
+
+    def write_deployment(self, info: tp.Mapping[str, tp.Any] | DeploymentRecord) -> DeploymentRecord:
+        """Write deployment.json (atomically); a dict is checked against :class:`DeploymentRecord` first."""
+        record = info if isinstance(info, DeploymentRecord) else \
+            DeploymentRecord.from_json({"schema": SCHEMA, **info},
+                                       where=str(self.deployment_path))
+        write_record(self.deployment_path, record)
+        return record
 
     def endpoint(self, replica: int) -> Endpoint | None:
-        data = read_json(self.endpoint_path(replica))
-        return Endpoint.from_json(data) if data else None
+        return read_record(self.endpoint_path(replica), Endpoint)
 
-    def failure(self, replica: int) -> dict[str, tp.Any] | None:
-        return read_json(self.failed_path(replica))
+    def failure(self, replica: int) -> Failed | None:
+        return read_record(self.failed_path(replica), Failed)
+
+    def loading(self, replica: int) -> Loading | None:
+        return read_record(self.loading_path(replica), Loading)
+
+    def follower(self, replica: int, rank: int) -> Follower | None:
+        return read_record(self.follower_path(replica, rank), Follower)
+
+    def write(self, path: Path, record: Endpoint | Failed | Follower | Loading) -> None:
+        write_record(path, record)
 
     def endpoints(self, replicas: int) -> list[Endpoint]:
         return [ep for r in range(replicas) if (ep := self.endpoint(r)) is not None]

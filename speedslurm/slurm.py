@@ -11,12 +11,9 @@ import time
 import typing as tp
 from pathlib import Path
 
+from .contract import JobId
 from .errors import CommandError, UsageError
 from .proc import call
-
-# Job ids as Slurm prints them: 123, 123_4 (array task), 123+1 (hetjob component), 123_[0-3] (pending array)
-JOB_ID_RE = re.compile(r"^(?P<base>\d+)(?:_(?P<task>\d+|\[[^\]]*\]))?(?:\+(?P<comp>\d+))?(?:\.(?P<step>\S+))?$")
-SUBMITTED_RE = re.compile(r"Submitted batch job (?P<id>\d+)")
 
 # Slurm states that end a job for good.
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
@@ -100,7 +97,7 @@ def job_states(job_ids: tp.Iterable[str]) -> dict[str, JobState]:
     slurmctld or slurmdbd serves.
     """
     wanted = [str(j) for j in job_ids]
-    ids = sorted({j.split("_")[0].split("+")[0] for j in wanted})
+    ids = sorted({JobId.base_of(j) for j in wanted})
     if not ids:
         return {}
     queued: dict[str, JobState] = {}
@@ -118,7 +115,7 @@ def job_states(job_ids: tp.Iterable[str]) -> dict[str, JobState]:
             restarts = int(parts[4]) if len(parts) > 4 and parts[4].strip().isdigit() else None
             queued[parts[0]] = JobState(parts[0], parts[1], parts[2], "", parts[3], restarts)
     accounted: dict[str, JobState] = {}
-    unlisted = sorted({j.split("_")[0].split("+")[0] for j in wanted if state_for(j, queued) is None}) \
+    unlisted = sorted({JobId.base_of(j) for j in wanted if state_for(j, queued) is None}) \
         if squeue_ok else ids
     acct = ""
     if unlisted:
@@ -147,11 +144,13 @@ def state_for(job_id: str, states: dict[str, JobState]) -> JobState | None:
     """The state of one recorded job id (123, 123_4) among ``job_states``' keys; the worst component decides."""
     if job_id in states:
         return states[job_id]
-    base, _, task = job_id.partition("_")
-    matches = [s for k, s in states.items() if k.split("+")[0] == job_id]
-    if not matches and task:
+    key = _parse(job_id)
+    parsed = {k: _parse(k) for k in states}
+    # a hetjob's components show as 123+0, 123+1
+    matches = [s for k, s in states.items() if key and (p := parsed[k]) and p.component and p.job == key.job]
+    if not matches and key and key.task:
         # a pending array shows as 123_[0-3]
-        matches = [s for k, s in states.items() if k.startswith(f"{base}_[")]
+        matches = [s for k, s in states.items() if (p := parsed[k]) and p.base == key.base and p.pending_array]
     if not matches:
         return None
     for s in matches:
@@ -172,11 +171,17 @@ def settled(js: JobState) -> bool:
 
 def job_key(job_id: str) -> tuple[str, str] | None:
     """(base id, array task or "") of a job id as Slurm or speedslurm prints it (123, 123_4, 123+1, 123_[0-3])."""
-    m = JOB_ID_RE.match(job_id.strip())
-    if not m:
+    key = _parse(job_id)
+    if key is None:
         return None
-    task = m.group("task") or ""
-    return m.group("base"), "" if task.startswith("[") else task
+    return key.base, "" if key.pending_array else key.task
+
+
+def _parse(job_id: str) -> JobId | None:
+    try:
+        return JobId.parse(job_id)
+    except ValueError:
+        return None
 
 
 def queued_jobs_writing_to(folder: Path) -> list[str]:

@@ -212,9 +212,10 @@ def test_deployment_by_id(tmp_path: Path, stub: StubServer, capsys: pytest.Captu
     # the controller's: a bare pid would name whatever process holds it later): replica 1 is still starting
     me = identify(os.getpid())
     assert me is not None
-    write_json_atomic(rd.root / "deployment.json", {"replicas": 2, "executor": "local", "created_at": 1.0,
-                                                    "job_ids": [str(os.getpid())],
-                                                    "local_processes": [me.to_json()]})
+    import records
+
+    records.deployment(rd.root, replicas=2, executor="local", created_at=1.0, job_ids=[str(os.getpid())],
+                       local_processes=[me.to_json()])
     ep = Endpoint(url=stub.url, api_key=KEY, model="m", deployment_id=rd.deployment_id, replica=0,
                   job_id=str(os.getpid()), leader_node="localhost", follower_nodes=[], rpc_servers=[],
                   llama_version="x", parallel=2, ctx=1024, started_at=0, ready_at=0)

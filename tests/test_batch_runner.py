@@ -9,6 +9,7 @@ import typing as tp
 from pathlib import Path
 
 import pytest
+import records
 from rich.console import Console
 
 from devtools.stubserver import StubServer
@@ -251,8 +252,8 @@ def test_run_dir_replica_appears_late_and_one_fails_with_its_reason(tmp_path: Pa
         _wait_for(lambda: a.stats.completions >= 10)
         write_endpoint(rd, endpoint(b.url, 1))  # replica 1 becomes READY mid-batch
         _wait_for(lambda: b.stats.completions >= 10)
-        write_json_atomic(rd.failed_path(0), {"role": "follower", "rank": 1, "node": "n2", "exit_code": -9,
-                                              "reason": "rpc-server was killed"})
+        write_json_atomic(rd.failed_path(0), records.failed(role="follower", rank=1, node="n2", exit_code=-9,
+                                                            reason="rpc-server was killed"))
         a.stop()
 
     t = threading.Thread(target=script)
@@ -276,8 +277,8 @@ def test_every_replica_failed_stops_with_the_reason_and_a_valid_file(tmp_path: P
     def script() -> None:
         _wait_for(lambda: a.stats.completions >= 10)
         a.stop()
-        write_json_atomic(rd.failed_path(0), {"role": "leader", "node": "n1", "exit_code": 134,
-                                              "reason": "llama-server aborted"})
+        write_json_atomic(rd.failed_path(0), records.failed(role="leader", node="n1", exit_code=134,
+                                                            reason="llama-server aborted"))
 
     t = threading.Thread(target=script)
     t.start()
@@ -323,9 +324,14 @@ def test_job_ended_fails_pending_replicas() -> None:
     assert st.finished and set(st.failed) == {0, 1} and "the job ended" in st.failed[0]
 
 
-def test_describe_failure() -> None:
-    assert describe_failure({"role": "leader", "node": "n1", "exit_code": 134}) == "leader on n1 (exit code 134)"
-    assert describe_failure({}) == "failed (no reason recorded)"
+def test_describe_failure_reads_the_failed_record_the_job_side_writes() -> None:
+    from speedslurm.contract import Failed
+
+    assert describe_failure(Failed.from_json(records.failed(role="leader", node="n1", exit_code=134))) == \
+        "leader on n1 (exit code 134)"
+    assert describe_failure(Failed.from_json(records.failed(role="follower", rank=2, node="n3", exit_code=None,
+                                                            reason="rpc-server did not listen"))) == \
+        "follower 2 on n3: rpc-server did not listen"
 
 
 def test_job_failures_mark_single_replicas(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from speedslurm import jobside
+from speedslurm.contract import SCHEMA, DeploymentRecord
 from speedslurm.errors import ConfigError
 from speedslurm.jobside import RoleFailed, cluster_address
 from speedslurm.models import ModelSpec
@@ -66,16 +67,22 @@ def test_plan_accepts_cluster_addresses_and_host_names(user_config: Path) -> Non
 
 
 def _no_slurm(monkeypatch: pytest.MonkeyPatch, node_addr: str | None) -> None:
-    from speedslurm import slurm
+    from speedslurm import nodenet
 
-    monkeypatch.setattr(slurm, "node_address", lambda node: node_addr)
+    monkeypatch.setattr(nodenet, "node_address", lambda node: node_addr)
+
+
+def _dep(fields: dict[str, tp.Any]) -> DeploymentRecord:
+    return DeploymentRecord.from_json({"schema": SCHEMA, "id": "d", "created_at": 0.0, "model": {"name": "m"},
+                                       "nodes": 2, "replicas": 1, "ctx": 1, "parallel": 1, "job_ids": [],
+                                       "submitted_by": "test", **fields})
 
 
 def test_a_dns_fallback_to_127_0_1_1_is_refused_naming_dns(monkeypatch: pytest.MonkeyPatch) -> None:
     _no_slurm(monkeypatch, None)
     monkeypatch.setattr(socket, "gethostbyname", lambda name: "127.0.1.1")
     with pytest.raises(RoleFailed) as err:
-        cluster_address({"executor": "slurm"}, "n2")
+        cluster_address(_dep({"executor": "slurm"}), "n2")
     reason = err.value.reason
     assert "node n2" in reason and "127.0.1.1" in reason and "DNS" in reason and "loopback" in reason
     assert "cluster.nodes.n2.address" in reason
@@ -85,23 +92,23 @@ def test_a_loopback_nodeaddr_is_refused_naming_slurm(monkeypatch: pytest.MonkeyP
     _no_slurm(monkeypatch, "127.0.0.1")
     with pytest.raises(RoleFailed, match=r"node n1's cluster address 127\.0\.0\.1 \(from Slurm's NodeAddr\) is a "
                                          r"loopback address.*cluster\.nodes\.n1\.address"):
-        cluster_address({"executor": "slurm"}, "n1")
+        cluster_address(_dep({"executor": "slurm"}), "n1")
 
 
 def test_a_name_in_the_setting_that_resolves_to_loopback_is_refused() -> None:
     with pytest.raises(RoleFailed, match=r"localhost \(127\.0\.0\.1\) \(from the setting cluster\.nodes\.n4\.address\)"
                                          r" is a loopback address"):
-        cluster_address({"executor": "slurm", "node_addresses": {"n4": "localhost"}}, "n4")
+        cluster_address(_dep({"executor": "slurm", "node_addresses": {"n4": "localhost"}}), "n4")
 
 
 def test_an_unspecified_address_is_refused() -> None:
     with pytest.raises(RoleFailed, match="unspecified"):
-        cluster_address({"executor": "slurm", "node_addresses": {"n1": "0.0.0.0"}}, "n1")
+        cluster_address(_dep({"executor": "slurm", "node_addresses": {"n1": "0.0.0.0"}}), "n1")
 
 
 def test_an_address_that_is_not_on_this_node_is_refused_not_reported_as_no_free_port() -> None:
     with pytest.raises(RoleFailed) as err:
-        cluster_address({"executor": "slurm", "node_addresses": {"n2": NOT_HERE}}, "n2")
+        cluster_address(_dep({"executor": "slurm", "node_addresses": {"n2": NOT_HERE}}), "n2")
     reason = err.value.reason
     assert f"{NOT_HERE} (from the setting cluster.nodes.n2.address) is not assigned to any interface of n2" in reason
     assert "cluster.nodes.n2.address" in reason.split(";")[-1] and "free port" not in reason
@@ -111,13 +118,13 @@ def test_an_address_of_this_node_is_used(monkeypatch: pytest.MonkeyPatch) -> Non
     ours = _own_address()
     if ours is None:
         pytest.skip("this machine has no non-loopback IPv4 address")
-    assert cluster_address({"executor": "slurm", "node_addresses": {"n1": ours}}, "n1") == ours
+    assert cluster_address(_dep({"executor": "slurm", "node_addresses": {"n1": ours}}), "n1") == ours
     _no_slurm(monkeypatch, ours)
-    assert cluster_address({"executor": "slurm"}, "n1") == ours
+    assert cluster_address(_dep({"executor": "slurm"}), "n1") == ours
 
 
 def test_the_local_executor_keeps_127_0_0_1() -> None:
-    assert cluster_address({"executor": "local", "node_addresses": {"localhost": NOT_HERE}}, "localhost") \
+    assert cluster_address(_dep({"executor": "local", "node_addresses": {"localhost": NOT_HERE}}), "localhost") \
         == "127.0.0.1"
 
 
@@ -138,7 +145,7 @@ def test_the_role_fails_with_the_reason_in_failed_json(tmp_path: Path, monkeypat
 
     rd = RunDir(tmp_path / "d")
     (rd.root / "r0" / "logs").mkdir(parents=True)
-    dep = {"executor": "slurm", "node_addresses": {"n2": NOT_HERE}, "llama": {}, "binaries": {}}
+    dep = _dep({"executor": "slurm", "node_addresses": {"n2": NOT_HERE}, "llama": {}, "binaries": {}})
     monkeypatch.setenv("SLURMD_NODENAME", "n2")
     monkeypatch.setenv("SPEEDSLURM_JOB_ID", "77")
     with pytest.raises(RoleFailed) as err:

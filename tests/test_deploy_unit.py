@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
+
+import records
 
 from speedslurm.deploy import Deployment, deployment_state, replica_statuses
 from speedslurm.rundir import Endpoint, RunDir, make_private_dir, write_json_atomic
@@ -12,9 +13,7 @@ from speedslurm.slurm import JobState
 
 def _dep(tmp_path: Path, job_ids: list[str], replicas: int = 1) -> Deployment:
     rd = RunDir(make_private_dir(tmp_path / "dep-1"))
-    info = {"id": "dep-1", "created_at": time.time(), "replicas": replicas, "executor": "slurm",
-            "job_ids": job_ids, "model": {"name": "m"}, "nodes": 2}
-    write_json_atomic(rd.root / "deployment.json", info)
+    info = records.deployment(rd.root, replicas=replicas, job_ids=job_ids, nodes=2)
     for r in range(replicas):
         rd.replica_dir(r).mkdir()
     return Deployment(rd, info)
@@ -31,14 +30,14 @@ def test_states_follow_the_handshake_files(tmp_path: Path) -> None:
     running = {"7+0": JobState("7+0", "RUNNING"), "7+1": JobState("7+1", "RUNNING")}
     assert replica_statuses(dep, {"7+0": JobState("7+0", "PENDING")})[0].state == "PENDING"
     assert replica_statuses(dep, running)[0].state == "STARTING"
-    write_json_atomic(dep.run_dir.loading_path(0), {"job_id": "7"})
+    write_json_atomic(dep.run_dir.loading_path(0), records.loading(job_id="7"))
     assert replica_statuses(dep, running)[0].state == "LOADING"
     write_json_atomic(dep.run_dir.endpoint_path(0), _endpoint("7"))
     st = replica_statuses(dep, running)[0]
     assert st.state == "READY" and st.endpoint is not None
     ended = {"7+0": JobState("7+0", "CANCELLED"), "7+1": JobState("7+1", "CANCELLED")}
     assert replica_statuses(dep, ended)[0].state == "ENDED"
-    write_json_atomic(dep.run_dir.failed_path(0), {"job_id": "7", "reason": "boom"})
+    write_json_atomic(dep.run_dir.failed_path(0), records.failed(job_id="7", reason="boom"))
     assert replica_statuses(dep, running)[0].state == "FAILED"
 
 
@@ -51,8 +50,8 @@ def test_a_node_failure_is_failed_not_ended(tmp_path: Path) -> None:
 def test_stale_endpoint_and_failure_of_another_job_are_ignored(tmp_path: Path) -> None:
     dep = _dep(tmp_path, ["8"])
     write_json_atomic(dep.run_dir.endpoint_path(0), _endpoint("5"))  # left by job 5
-    write_json_atomic(dep.run_dir.failed_path(0), {"job_id": "5", "reason": "old"})
-    write_json_atomic(dep.run_dir.loading_path(0), {"job_id": "5"})
+    write_json_atomic(dep.run_dir.failed_path(0), records.failed(job_id="5", reason="old"))
+    write_json_atomic(dep.run_dir.loading_path(0), records.loading(job_id="5"))
     st = replica_statuses(dep, {"8+0": JobState("8+0", "RUNNING")})[0]
     assert st.state == "STARTING" and st.endpoint is None and st.failure is None
 
@@ -81,7 +80,7 @@ def test_status_probe_asks_slurm_at_most_once_a_second(tmp_path: Path, monkeypat
         assert probe()[0].state == "STARTING"
         now[0] += 0.1
     assert len(calls) == 1
-    write_json_atomic(dep.run_dir.failed_path(0), {"job_id": "7", "reason": "boom"})
+    write_json_atomic(dep.run_dir.failed_path(0), records.failed(job_id="7", reason="boom"))
     assert probe()[0].state == "FAILED"  # a failure shows at once, without asking Slurm
     assert len(calls) == 1
     now[0] = 5.0

@@ -8,15 +8,21 @@ from pathlib import Path
 
 import pytest
 
+from speedslurm.contract import Follower
 from speedslurm.jobside import HEARTBEAT_MISSES, HeartbeatProbe, RoleFailed, start_heartbeat
 
 
+def _follower(**fields: object) -> Follower:
+    return Follower(**{"job_id": "1", "rank": 1, "node": "n2", "host": "127.0.0.1", "port": 1, "pid": 1,  # type: ignore[arg-type]
+                       "version": "v", "heartbeat_port": 0, "started_at": 0.0, **fields})
+
+
 def test_a_live_follower_answers_and_a_silent_one_fails_the_leader() -> None:
-    live = {"node": "n2", "host": "127.0.0.1", "heartbeat_port": start_heartbeat("127.0.0.1")}
+    live = _follower(node="n2", host="127.0.0.1", heartbeat_port=start_heartbeat("127.0.0.1"))
     with socket.socket() as s:  # a port nobody answers on any more
         s.bind(("127.0.0.1", 0))
         dead_port = s.getsockname()[1]
-    dead = {"node": "n3", "host": "127.0.0.1", "heartbeat_port": dead_port}
+    dead = _follower(node="n3", host="127.0.0.1", heartbeat_port=dead_port)
     now = [0.0]
     probe = HeartbeatProbe([live], clock=lambda: now[0])
     for _ in range(5):
@@ -34,7 +40,7 @@ def test_a_live_follower_answers_and_a_silent_one_fails_the_leader() -> None:
 
 
 def test_peers_without_a_heartbeat_are_not_probed() -> None:
-    HeartbeatProbe([{"node": "n2", "host": "10.77.0.12", "port": 1}]).check()
+    HeartbeatProbe([_follower(node="n2", host="10.77.0.12", port=1, heartbeat_port=0)]).check()
 
 
 def test_rpc_cache_folder_is_private_and_foreign_ones_are_refused(tmp_path: Path) -> None:

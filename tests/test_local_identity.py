@@ -52,7 +52,9 @@ def _env(runs: Path) -> dict[str, str]:
 
 
 def _local_deployment(runs: Path, name: str, pid: int, identity: dict[str, tp.Any] | None) -> Path:
-    from speedslurm.rundir import make_private_dir, write_json_atomic
+    import records
+
+    from speedslurm.rundir import make_private_dir
 
     rd = make_private_dir(runs / name)
     make_private_dir(rd / "r0")
@@ -61,7 +63,7 @@ def _local_deployment(runs: Path, name: str, pid: int, identity: dict[str, tp.An
                                  "submitted_by": "speedslurm up"}
     if identity is not None:
         record["local_processes"] = [identity]
-    write_json_atomic(rd / "deployment.json", record)
+    records.deployment(rd, **{k: v for k, v in record.items() if k != "id"})
     return rd
 
 

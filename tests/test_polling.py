@@ -5,17 +5,17 @@ often while nothing changes. tests/test_slurm_politeness.py measures the same on
 from __future__ import annotations
 
 import json
-import time
 import typing as tp
 from pathlib import Path
 
 import pytest
+import records
 
 from speedslurm import deploy, slurm
 from speedslurm.batch.sources import RunDirSource
 from speedslurm.errors import CommandError
 from speedslurm.polling import Backoff
-from speedslurm.rundir import RunDir, make_private_dir, write_json_atomic
+from speedslurm.rundir import RunDir, make_private_dir
 
 
 class Clock:
@@ -61,9 +61,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Slurm:
 
 def _dep(root: Path, name: str, job_ids: list[str], replicas: int = 1) -> deploy.Deployment:
     rd = RunDir(make_private_dir(root / name))
-    info = {"id": name, "created_at": time.time(), "replicas": replicas, "executor": "slurm", "job_ids": job_ids,
-            "model": {"name": "m"}, "nodes": 2, "submitted_by": "speedslurm up"}
-    write_json_atomic(rd.root / "deployment.json", info)
+    info = records.deployment(rd.root, replicas=replicas, job_ids=job_ids, nodes=2)
     for r in range(replicas):
         make_private_dir(rd.replica_dir(r))
     return deploy.Deployment(rd, info)

@@ -10,12 +10,14 @@ import typing as tp
 from pathlib import Path
 
 import pytest
+import records
 from test_batch_runner import KEY, assert_exactly_once_ok, endpoint, prompts_file, run
 from test_deploy_unit import _dep, _endpoint
 
 from devtools.stubserver import StubServer
 from speedslurm import jobside, slurm
 from speedslurm.batch import RunDirSource
+from speedslurm.contract import Failed
 from speedslurm.deploy import replica_statuses
 from speedslurm.rundir import RunDir, write_json_atomic
 from speedslurm.slurm import JobState
@@ -27,13 +29,16 @@ def test_the_job_side_takes_only_files_of_its_own_start(monkeypatch: pytest.Monk
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
     assert jobside.current_epoch() == 0
-    assert jobside._ours({"job_id": "7"}) and jobside._ours({"job_id": "7", "epoch": 0})
+    def f(**kw: tp.Any) -> Failed:
+        return Failed.from_json(records.failed(**kw))
+
+    assert jobside._ours(f(job_id="7")) and jobside._ours(f(job_id="7", epoch=0))
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
     assert jobside.current_epoch() == 2
-    assert not jobside._ours({"job_id": "7"})  # the first start's follower file: a dead port now
-    assert not jobside._ours({"job_id": "7", "epoch": 1})
-    assert jobside._ours({"job_id": "7", "epoch": 2})
-    assert not jobside._ours({"job_id": "8", "epoch": 2})
+    assert not jobside._ours(f(job_id="7"))  # the first start's follower file: a dead port now
+    assert not jobside._ours(f(job_id="7", epoch=1))
+    assert jobside._ours(f(job_id="7", epoch=2))
+    assert not jobside._ours(f(job_id="8", epoch=2))
 
 
 def test_squeue_gives_the_restart_count(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -46,8 +51,8 @@ def test_status_of_a_requeued_job_follows_its_current_start(tmp_path: Path) -> N
     dep = _dep(tmp_path, ["7"])
     rd = dep.run_dir
     write_json_atomic(rd.endpoint_path(0), _endpoint("7"))  # the first start's (no epoch: 0)
-    write_json_atomic(rd.loading_path(0), {"job_id": "7"})
-    write_json_atomic(rd.failed_path(0), {"job_id": "7", "role": "leader", "reason": "killed by the requeue"})
+    write_json_atomic(rd.loading_path(0), records.loading(job_id="7"))
+    write_json_atomic(rd.failed_path(0), records.failed(job_id="7", role="leader", reason="killed by the requeue"))
 
     def states(word: str, restarts: int | None) -> dict[str, JobState]:
         return {f"7+{c}": JobState(f"7+{c}", word, "BeginTime" if word == "PENDING" else "None", "", "",
@@ -63,12 +68,12 @@ def test_status_of_a_requeued_job_follows_its_current_start(tmp_path: Path) -> N
     # queued again with the restart count unknown: still never READY
     assert replica_statuses(dep, states("PENDING", None))[0].state == "PENDING"
     assert replica_statuses(dep, states("RUNNING", 1))[0].state == "STARTING"
-    write_json_atomic(rd.loading_path(0), {"job_id": "7", "epoch": 1})
+    write_json_atomic(rd.loading_path(0), records.loading(job_id="7", epoch=1))
     assert replica_statuses(dep, states("RUNNING", 1))[0].state == "LOADING"
     write_json_atomic(rd.endpoint_path(0), {**_endpoint("7"), "epoch": 1, "url": "http://10.77.0.12:2"})
     st = replica_statuses(dep, states("RUNNING", 1))[0]
     assert st.state == "READY" and st.endpoint is not None and st.endpoint.url.endswith(":2")
-    write_json_atomic(rd.failed_path(0), {"job_id": "7", "epoch": 1, "role": "leader", "reason": "new failure"})
+    write_json_atomic(rd.failed_path(0), records.failed(job_id="7", epoch=1, role="leader", reason="new failure"))
     assert replica_statuses(dep, states("RUNNING", 1))[0].state == "FAILED"
 
 

@@ -129,24 +129,27 @@ def fake_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeSlurm:
 
 def _deployment(tmp_path: Path, name: str, job_ids: list[str], replicas: int = 1,
                 submitted_by: str = "speedslurm up", **extra: tp.Any) -> Path:
-    from speedslurm.rundir import make_private_dir, write_json_atomic
+    from speedslurm.rundir import make_private_dir
 
     root = make_private_dir(tmp_path / "runs")
     rd = make_private_dir(root / name)
     for r in range(replicas):
         make_private_dir(rd / f"r{r}")
-    write_json_atomic(rd / "deployment.json", {
-        "id": name, "created_at": time.time(), "replicas": replicas, "executor": "slurm", "job_ids": job_ids,
-        "model": {"name": "tiny"}, "nodes": 2, "submitted_by": submitted_by, **extra})
+    import records
+
+    records.deployment(rd, replicas=replicas, executor="slurm", job_ids=job_ids, model={"name": "tiny", "path": ""},
+                       nodes=2, submitted_by=submitted_by, **extra)
     return rd
 
 
 def _failed(rd: Path, job_id: str, replica: int = 0, **extra: tp.Any) -> None:
+    import records
+
     from speedslurm.rundir import write_json_atomic
 
-    write_json_atomic(rd / f"r{replica}" / "failed.json", {
-        "job_id": job_id, "role": "leader", "rank": 0, "node": "n1", "exit_code": 1,
-        "reason": "llama-server on n1 exited with code 1", "log_tail": "", "time": 1_700_000_100.0, **extra})
+    fields = {"job_id": job_id, "role": "leader", "rank": 0, "node": "n1", "exit_code": 1,
+              "reason": "llama-server on n1 exited with code 1", "log_tail": "", "time": 1_700_000_100.0, **extra}
+    write_json_atomic(rd / f"r{replica}" / "failed.json", records.failed(**fields))
 
 
 def _status(capsys: pytest.CaptureFixture[str], ident: str) -> dict[str, tp.Any]:

@@ -15,6 +15,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from ..contract import ContractError, Failed
 from ..errors import SpeedslurmError, UsageError
 from ..polling import Backoff
 from ..rundir import Endpoint, RunDir
@@ -38,24 +39,9 @@ class EndpointSource(tp.Protocol):
     def poll(self) -> SourceState: ...
 
 
-def describe_failure(info: dict[str, tp.Any]) -> str:
+def describe_failure(failure: Failed) -> str:
     """A one-line reason from a failed.json record."""
-    parts = []
-    role = info.get("role")
-    if role:
-        rank = info.get("rank")
-        parts.append(f"{role}{'' if rank in (None, 0) or role == 'leader' else f' {rank}'}")
-    if info.get("node"):
-        parts.append(f"on {info['node']}")
-    head = " ".join(parts)
-    reason = info.get("reason") or info.get("message") or info.get("error")
-    code = info.get("exit_code", info.get("returncode"))
-    text = head
-    if reason:
-        text = f"{text}: {reason}" if text else str(reason)
-    if code is not None:
-        text = f"{text} (exit code {code})" if text else f"exit code {code}"
-    return text or "failed (no reason recorded)"
+    return failure.describe() or "failed (no reason recorded)"
 
 
 class StaticSource:
@@ -144,7 +130,7 @@ class RunDirSource:
                  accept: tp.Callable[[Endpoint], bool] | None = None, alive_every: float = 2.0,
                  clock: tp.Callable[[], float] = time.monotonic,
                  job_failures: tp.Callable[[], dict[int, str]] | None = None,
-                 accept_failure: tp.Callable[[int, dict[str, tp.Any]], bool] | None = None,
+                 accept_failure: tp.Callable[[int, Failed], bool] | None = None,
                  alive_most: float | None = None) -> None:
         self.run_dir = run_dir
         self.replicas = replicas
@@ -212,8 +198,10 @@ class RunDirSource:
     def _read_failure(self, r: int) -> str | None:
         try:
             info = self.run_dir.failure(r)
-        except (ValueError, OSError):
-            return None  # being written; next poll
+        except OSError:
+            return None  # unreadable for now; next poll
+        except ContractError as exc:
+            return exc.message  # a failure file this version cannot read: the replica is not serving
         if info is None or (self.accept_failure is not None and not self.accept_failure(r, info)):
             return None  # none, or left by another job in this run directory
         return describe_failure(info)
@@ -221,5 +209,5 @@ class RunDirSource:
     def _read_endpoint(self, r: int) -> Endpoint | None:
         try:
             return self.run_dir.endpoint(r)
-        except (ValueError, OSError, TypeError):
+        except (ContractError, OSError):
             return None

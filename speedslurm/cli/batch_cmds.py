@@ -155,22 +155,18 @@ def _print_summary(summary: tp.Any, err: Console, json_mode: bool) -> None:
 
 def _endpoint_file_source(paths: tp.Sequence[Path]) -> EndpointSource:
     from ..batch.sources import StaticSource
-    from ..rundir import Endpoint, read_json
+    from ..contract import ContractError, Endpoint, read_record
 
     endpoints = []
     for path in paths:
         try:
-            data = read_json(path)
-        except ValueError as exc:
-            raise UsageError(f"endpoint file {path} is not valid JSON: {exc}",
-                             fix="point at a deployment's endpoint.json") from None
-        if data is None:
+            endpoint = read_record(path, Endpoint)
+        except ContractError as exc:
+            raise UsageError(f"endpoint file {path}: {exc.message}",
+                             fix="point at a deployment's endpoint.json, written by this version of speedslurm") from None
+        if endpoint is None:
             raise UsageError(f"endpoint file {path} does not exist", fix="check the path given to --endpoint-file")
-        try:
-            endpoints.append(Endpoint.from_json(data))
-        except TypeError as exc:
-            raise UsageError(f"endpoint file {path} lacks fields: {exc}",
-                             fix="point at a deployment's endpoint.json") from None
+        endpoints.append(endpoint)
     return StaticSource(endpoints)
 
 

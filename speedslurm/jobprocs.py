@@ -1,0 +1,167 @@
+"""The job side's children: starting a server on a free port, supervising it, stopping it, its log.
+
+Standard library only (the job side runs it on the nodes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import stat
+import subprocess
+import time
+import typing as tp
+from pathlib import Path
+
+from .jobentry import TIME_LIMIT_SIGNAL
+
+LOG_TAIL_LINES = 20
+# What rpc-server ("Failed to create server socket") and llama-server ("couldn't bind HTTP server socket")
+# print when their port was taken between our check and their bind.
+_BIND_ERRORS = ("failed to create server socket", "couldn't bind", "address already in use")
+
+
+class RoleFailed(Exception):
+    def __init__(self, reason: str, exit_code: int | None = None, log_tail: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.exit_code = exit_code
+        self.log_tail = log_tail
+
+
+class Stop:
+    """Set by SIGTERM/SIGINT/SIGUSR2: the job is being cancelled or reached its time limit."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, frame: tp.Any) -> None:
+        self.signum = signum
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+
+def node_name() -> str:
+    # The UTS hostname is shared by the test bed's namespaces and says nothing about the node:
+    # Slurm's SLURMD_NODENAME is the node's identity.
+    return os.environ.get("SLURMD_NODENAME") or "localhost"
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 16384))
+            data = fh.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])
+
+
+def die_with_parent(parent: int | None = None) -> tp.Callable[[], None]:
+    """A ``preexec_fn``: in the child before exec, be killed when the role process ``parent`` dies, however it dies;
+    and ignore Slurm's time-limit warning.
+
+    A role killed outright (SIGKILL after Slurm's KillWait, OOM) would otherwise leave its server running
+    outside any supervision, still holding the node's port and GPU memory. SIGKILL, not SIGTERM: a
+    llama-server whose RPC peer is gone can hang in its graceful shutdown. A role that ends normally has
+    already stopped its child gracefully (:meth:`Child.stop`). libc is loaded here, in the role, not in the
+    forked child; and a role that died between the fork and ``prctl`` (a cancel while a server starts) is
+    caught by comparing the parent: the child then exits instead of running on, orphaned.
+
+    Slurm sends the warning (``--signal=USR2@S``) to every process of the step, servers included, and its
+    default action kills them: the replica would then fail as "llama-server exited with code -12" before the
+    role could say "time limit" and stop them itself. An ignored signal stays ignored across ``exec``.
+    """
+    parent = os.getpid() if parent is None else parent
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+        set_handler = libc.signal
+        set_handler.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        set_handler.restype = ctypes.c_void_p
+    except (OSError, AttributeError):
+        return lambda: None
+
+    def preexec() -> None:
+        set_handler(TIME_LIMIT_SIGNAL, 1)  # SIG_IGN
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
+class Child:
+    """One supervised child process whose output goes to a log file."""
+
+    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str], redact: tp.Sequence[str] = ()) -> None:
+        self.argv = argv
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        shown = " ".join("***" if a in redact else a for a in argv)
+        with open(log_path, "a") as fh:
+            fh.write(f"[speedslurm] {time.strftime('%Y-%m-%d %H:%M:%S')} on {node_name()}: {shown}\n")
+        self._log = open(log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
+        os.chmod(log_path, 0o600)
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env, start_new_session=True, preexec_fn=die_with_parent())
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def stop(self, timeout: float = 3) -> int | None:
+        # Shorter than Slurm's KillWait, so that the role still runs when the grace period ends.
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+    def tail(self) -> str:
+        return log_tail(self.log_path)
+
+    def bind_failed(self) -> bool:
+        text = self.tail().lower()
+        return any(marker in text for marker in _BIND_ERRORS)
+
+
+def private_dir(path: str, node: str, setting: str) -> str:
+    """Create ``path`` mode 0700, or accept it only when it is a real folder of this user that nobody else can
+    write: rpc-server loads cached tensors from it, so a folder another user controls could feed it weights."""
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise RoleFailed(f"cannot create the rpc-server cache folder {path} on {node}: {exc.strerror}; "
+                         f"set {setting} to a folder of yours on local disk") from None
+    st = os.lstat(path)
+    problem = ("is not a folder (a link or a file)" if not stat.S_ISDIR(st.st_mode)
+               else f"belongs to uid {st.st_uid}, not to you (uid {os.getuid()})" if st.st_uid != os.getuid()
+               else f"is writable by others (mode {stat.S_IMODE(st.st_mode):04o})" if st.st_mode & 0o022
+               else "")
+    if problem:
+        raise RoleFailed(f"refusing the rpc-server cache folder {path} on {node}: it {problem}; remove it, or set "
+                         f"{setting} to a private folder of yours on local disk")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)   # ours and not writable by others: just make it private
+    return path
+
+
