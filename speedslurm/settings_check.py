@@ -63,6 +63,8 @@ def _schema(hint: tp.Any) -> CoreSchema:
                                                     cs.dict_schema(_SCALARS[str], _schema(args[1])))
     if dataclasses.is_dataclass(hint) and isinstance(hint, type):
         return cs.no_info_before_validator_function(_none_to_empty_dict, _dataclass_schema(hint))
+    if hint not in _SCALARS:
+        raise TypeError(f"a settings field of type {hint!r} has no rule in speedslurm.settings_check")
     return _SCALARS[hint]
 
 
@@ -124,9 +126,10 @@ def _source(origins: tp.Mapping[str, str], dotted: str) -> str:
     return "settings"
 
 
-def _walk(cls: type, loc: tuple[str | int, ...]) -> tuple[str, str, type | None, tp.Any]:
+def _walk(cls: type, loc: tuple[str | int, ...]) -> tuple[str, str, type, tp.Any]:
     """Follow an error's location through the type hints: (dotted key, dotted key of its section, the
-    dataclass of that section, the hint at the location; None where the key is unknown)."""
+    dataclass of that section, the hint at the location: None where the key is unknown, ``"[key]"`` where a
+    mapping's name is wrong rather than its value)."""
     hint: tp.Any = cls
     parts: list[str] = []
     section, section_cls = "", cls
@@ -157,7 +160,7 @@ def _explain(cls: type, exc: ValidationError, origins: tp.Mapping[str, str]) -> 
     if first["type"] == "unexpected_keyword_argument":
         where = f" in {section}" if section else ""
         return ConfigError(f"{_source(origins, dotted)}: unknown key '{dotted}'",
-                           fix=f"valid keys{where}: {', '.join(settings_keys(tp.cast(type, section_cls)))}")
+                           fix=f"valid keys{where}: {', '.join(settings_keys(section_cls))}")
     if first["type"] == "missing":
         missing = [str(e["loc"][-1]) for e in errors if e["type"] == "missing" and e["loc"][:-1] == first["loc"][:-1]]
         return ConfigError(f"{_source(origins, section)}: {section} lacks required key(s) {', '.join(missing)}",

@@ -177,8 +177,9 @@ def test_values_are_converted_as_documented(user_cfg: Path, yaml_text: str, chec
      "add n_head_kv, head_dim"),
     ("cluster:\n  nodes:\n    n1: {gpux: a}\n", "unknown key 'cluster.nodes.n1.gpux'",
      "valid keys in cluster.nodes.n1: address, gpu, cuda_arch, mem_gib, usable_gib"),
+    ("cluster:\n  nodes:\n    true: {gpu: a}\n", "cluster.nodes has a name that is not text: True", "quote the name"),
 ], ids=["bool-for-int", "float-for-int", "text-for-bool", "bool-for-float", "list-item", "union", "section",
-        "entries", "missing", "missing-nested", "unknown-in-entry"])
+        "entries", "missing", "missing-nested", "unknown-in-entry", "name-not-text"])
 def test_a_bad_value_names_the_key_the_file_and_the_fix(user_cfg: Path, yaml_text: str, problem: str,
                                                        fix: str) -> None:
     user_cfg.write_text(yaml_text)
