@@ -124,41 +124,6 @@ def check_run_dir_private(settings: Settings) -> Check:
     return Check("run directory private", True, f"{root} (mode {mode:04o}, owned by you)")
 
 
-# Runs on every node (argv: probe file, ports JSON, addresses JSON); prints one JSON line.
-_NODE_PROBE = r"""
-import json, os, re, socket, subprocess, sys
-probe, ports, addrs = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
-node = os.environ.get("SLURMD_NODENAME", "?")
-out = {"node": node}
-try:
-    with open(probe) as fh:
-        out["probe"] = fh.read().strip()
-except OSError as exc:
-    out["probe_error"] = str(exc)
-addr = addrs.get(node)
-if not addr:
-    try:
-        text = subprocess.run(["scontrol", "show", "node", node, "-o"], capture_output=True, text=True, timeout=20).stdout
-        m = re.search(r"\bNodeAddr=(\S+)", text)
-        addr = m.group(1) if m and m.group(1) != node else None
-    except Exception:
-        addr = None
-    addr = addr or socket.gethostbyname(node)
-out["address"] = addr
-out["ports"] = {}
-for port in ports:
-    s = socket.socket()
-    try:
-        s.bind((addr, port))
-        out["ports"][str(port)] = "free"
-    except OSError as exc:
-        out["ports"][str(port)] = exc.strerror or str(exc)
-    finally:
-        s.close()
-print("DOCTOR " + json.dumps(out), flush=True)
-"""
-
-
 def node_probe_argv(python: str, probe: Path, ports: list[int], addresses: dict[str, str], node: str,
                     partition: str | None, wait_s: int = 60) -> list[str]:
     """One srun task on ``node``; ``--immediate`` so a node busy with other jobs does not hold doctor up."""
@@ -166,7 +131,8 @@ def node_probe_argv(python: str, probe: Path, ports: list[int], addresses: dict[
             "--time=3", f"--immediate={wait_s}", "--job-name=speedslurm-doctor"]
     if partition:
         argv.append(f"--partition={partition}")
-    return [*argv, python, "-c", _NODE_PROBE, str(probe), json.dumps(ports), json.dumps(addresses)]
+    # The job side's own look (speedslurm.nodenet.probe): the cluster address as a role would find and check it.
+    return [*argv, python, "-m", "speedslurm.jobentry", "probe", str(probe), json.dumps(ports), json.dumps(addresses)]
 
 
 def parse_node_probe(output: str) -> dict[str, tp.Any] | None:
@@ -234,7 +200,7 @@ def check_on_nodes(settings: Settings, nodes: list[str], call: Call = proc_call,
                        "set run.dir to a folder on a filesystem every node mounts (e.g. your home on NFS)")
     else:
         shared = Check("run directory shared", True, f"{root} is visible on {', '.join(answers)}{unchecked}")
-    taken = [f"{n} {a.get('address')}:{p} ({why})" for n, a in answers.items()
+    taken = [f"{n} {a.get('address') or 'no usable address'}:{p} ({why})" for n, a in answers.items()
              for p, why in a.get("ports", {}).items() if why != "free"]
     wanted = ", ".join(str(p) if p else "any" for p in ports)
     if taken:

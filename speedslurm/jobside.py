@@ -250,7 +250,7 @@ def run_leader(dep: DeploymentRecord, rd: RunDir, replica: int, stop: Stop) -> N
     _supervise(child, rd, replica, stop, f"llama-server on {node} ({url})", poll, peers=followers)
 
 
-def serve(run_dir: str, replica: int = 0) -> int:
+def serve(run_dir: str, replica: int = 0, rank: int | None = None, rank_offset: int = 0) -> int:
     """The job function submitted for each replica; its rank picks the role.
 
     Slurm's time-limit warning (SIGUSR2) stays blocked (the task entry blocked it first thing) until its
@@ -267,7 +267,7 @@ def serve(run_dir: str, replica: int = 0) -> int:
     if dep.executor == "local":
         # Local processes are never requeued; a SLURM_RESTART_COUNT here is inherited from an enclosing job.
         os.environ.pop("SLURM_RESTART_COUNT", None)
-    rank = task_rank()
+    rank = (task_rank() if rank is None else rank) + rank_offset
     role = "leader" if rank == 0 else "follower"
     rd.log_dir(replica).mkdir(parents=True, exist_ok=True, mode=0o700)
 
@@ -300,14 +300,10 @@ def serve(run_dir: str, replica: int = 0) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m speedslurm.jobside RUN_DIR [REPLICA]``: the same job side without submitit (templates)."""
-    hold_time_limit_warning()  # first, before the slow imports in serve()
-    args = sys.argv[1:] if argv is None else argv
-    if not args:
-        print("usage: python -m speedslurm.jobside RUN_DIR [REPLICA]", file=sys.stderr)
-        raise SystemExit(2)
-    replica = int(args[1]) if len(args) > 1 else int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
-    raise SystemExit(serve(args[0], replica))
+    """``python -m speedslurm.jobside RUN_DIR [REPLICA]``: ``serve`` of :func:`speedslurm.jobentry.node_main`."""
+    from .jobentry import node_main
+
+    raise SystemExit(node_main(["serve", *(sys.argv[1:] if argv is None else argv)]))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 from .contract import DeploymentRecord, Follower
-from .jobprocs import Child, RoleFailed, Stop
+from .jobprocs import Child, RoleFailed, Stop, node_name
 
 
 def listening(pid: int, port: int) -> bool:
@@ -61,11 +61,13 @@ def node_address(node: str) -> str | None:
     return m.group(1) if m else None
 
 
-def cluster_address(deployment: DeploymentRecord | None, node: str) -> str:
-    """This node's cluster address: settings, else Slurm's NodeAddr, else DNS; checked to be usable here."""
+def cluster_address(deployment: DeploymentRecord | None, node: str,
+                    addresses: tp.Mapping[str, str] | None = None) -> str:
+    """This node's cluster address: settings (the deployment's, or ``addresses``), else Slurm's NodeAddr, else
+    DNS; checked to be usable here."""
     if deployment is not None and deployment.executor == "local":
         return "127.0.0.1"  # the local executor's address, not a cluster address: every role is on this machine
-    addr = deployment.node_addresses.get(node) if deployment is not None else None
+    addr = (deployment.node_addresses if deployment is not None else addresses or {}).get(node)
     source = f"the setting cluster.nodes.{node}.address"
     if not addr:
         addr = node_address(node)
@@ -241,3 +243,31 @@ def start_listening(make_argv: tp.Callable[[int], list[str]], address: str, pref
             raise RoleFailed(f"{what} did not listen on {address}:{port} within {timeout:.0f}s", None, tail)
         raise RoleFailed(f"{what} exited with code {code} while starting", code, tail)
     raise RoleFailed(f"{what} could not bind a port on {address} after 5 tries", None, last)
+
+
+def probe(probe_file: str, ports: list[int], addresses: dict[str, str]) -> dict[str, tp.Any]:
+    """``doctor``'s look at this node: the probe file (is the run directory shared?), this node's cluster address
+    as the job side finds it, and whether ``ports`` can be bound on it."""
+    node = node_name()
+    out: dict[str, tp.Any] = {"node": node, "ports": {}}
+    try:
+        with open(probe_file) as fh:
+            out["probe"] = fh.read().strip()
+    except OSError as exc:
+        out["probe_error"] = str(exc)
+    try:
+        addr = cluster_address(None, node, addresses)
+    except RoleFailed as exc:
+        out["address"] = None
+        out["address_error"] = exc.reason
+        out["ports"] = {str(p): exc.reason for p in ports}
+        return out
+    out["address"] = addr
+    for port in ports:
+        with socket.socket() as s:
+            try:
+                s.bind((addr, port))
+                out["ports"][str(port)] = "free"
+            except OSError as exc:
+                out["ports"][str(port)] = exc.strerror or str(exc)
+    return out

@@ -3,10 +3,10 @@
 The script comes from :func:`speedslurm.launch.render_job_script`, the one renderer ``up`` submits through
 submitit, so the ``#SBATCH`` header, the setup lines and the ``srun`` flags are the same. Two things differ:
 
-* the task command is ``python -u -m speedslurm.jobside RUN_DIR`` (the job side without submitit's pickles),
+* the task command is ``python -u -m speedslurm.jobentry serve RUN_DIR`` (the job side without submitit's pickles),
   which reads ``RUN_DIR/deployment.json``; so rendering also creates the run directory (mode 0700) with
   ``deployment.json`` and the deployment's API key, as ``up`` does before it submits;
-* one line before ``srun`` records the Slurm job id in ``deployment.json`` (``python -m speedslurm.render
+* one line before ``srun`` records the Slurm job id in ``deployment.json`` (``python -m speedslurm.jobentry
   record-job``), which ``up`` learns from sbatch; ``speedslurm status`` and ``down`` then see the job.
 
 Values reach the script shell-quoted (``shlex.quote``). A line break cannot be quoted inside an ``#SBATCH``
@@ -17,22 +17,17 @@ one are refused, and control characters in the model's name are replaced in the 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import re
 import shlex
 import sys
-import time
 import typing as tp
 from pathlib import Path
 
 from . import deploy
 from .contract import JobId
-from .errors import UsageError
 from .plan import Plan
 from .rundir import (
-    DEPLOYMENT,
     RunDir,
     make_private_dir,
 )
@@ -49,11 +44,11 @@ def _refuse_control(what: str, value: str) -> str:
 
 def entry_command(python: str, run_dir: RunDir) -> str:
     """The task command ``srun`` starts on every node: the job side, reading the run directory."""
-    return " ".join([shlex.quote(python), "-u", "-m", "speedslurm.jobside", shlex.quote(str(run_dir.root))])
+    return " ".join([shlex.quote(python), "-u", "-m", "speedslurm.jobentry", "serve", shlex.quote(str(run_dir.root))])
 
 
 def record_command(python: str, run_dir: RunDir) -> str:
-    return " ".join([shlex.quote(python), "-m", "speedslurm.render", "record-job", shlex.quote(str(run_dir.root))])
+    return " ".join([shlex.quote(python), "-m", "speedslurm.jobentry", "record-job", shlex.quote(str(run_dir.root))])
 
 
 def _script_plan(plan: Plan) -> Plan:
@@ -119,33 +114,15 @@ def job_id_from_env(environ: tp.Mapping[str, str]) -> tuple[str, int]:
 
 def record_job(run_dir: Path, job_id: str, replica: int) -> None:
     """Put ``job_id`` at index ``replica`` of deployment.json's job_ids (array tasks do this concurrently)."""
-    import fcntl
-
-    rd = RunDir(Path(run_dir))
-    with open(rd.root / ".deployment.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        record = rd.deployment_record()
-        if record is None:
-            raise UsageError(f"{rd.root} holds no {DEPLOYMENT}", fix="render the script again")
-        ids = list(record.job_ids) + [""] * (record.replicas - len(record.job_ids))
-        if replica < len(ids):
-            ids[replica] = job_id
-        rd.write_deployment(dataclasses.replace(record, job_ids=ids, submitted_at=record.submitted_at or time.time()))
+    RunDir(Path(run_dir)).record_job(job_id, replica)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m speedslurm.render record-job RUN_DIR``: run by the rendered script before ``srun``."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2 or args[0] != "record-job":
-        print("usage: python -m speedslurm.render record-job RUN_DIR", file=sys.stderr)
-        return 2
-    job_id, replica = job_id_from_env(os.environ)
-    if not job_id:
-        print("record-job: SLURM_JOB_ID is not set (not inside a Slurm job)", file=sys.stderr)
-        return 1
-    with contextlib.suppress(BrokenPipeError):
-        record_job(Path(args[1]), job_id, replica)
-    return 0
+    """``python -m speedslurm.render record-job RUN_DIR``, as scripts rendered by earlier versions call it: the
+    job side's ``record-job`` (:func:`speedslurm.jobentry.node_main`)."""
+    from .jobentry import node_main
+
+    return node_main(sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -153,5 +153,22 @@ class RunDir:
     def write(self, path: Path, record: Endpoint | Failed | Follower | Loading) -> None:
         write_record(path, record)
 
+    def record_job(self, job_id: str, replica: int) -> None:
+        """Put ``job_id`` at index ``replica`` of deployment.json's job_ids (a rendered script does this as it
+        starts; array tasks do it concurrently, under a lock)."""
+        import fcntl
+        import time
+
+        with open(self.root / ".deployment.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            record = self.deployment_record()
+            if record is None:
+                raise UsageError(f"{self.root} holds no {DEPLOYMENT}", fix="render the script again")
+            ids = list(record.job_ids) + [""] * (record.replicas - len(record.job_ids))
+            if replica < len(ids):
+                ids[replica] = job_id
+            self.write_deployment(dataclasses.replace(record, job_ids=ids,
+                                                      submitted_at=record.submitted_at or time.time()))
+
     def endpoints(self, replicas: int) -> list[Endpoint]:
         return [ep for r in range(replicas) if (ep := self.endpoint(r)) is not None]

@@ -119,6 +119,19 @@ def test_probe_argv_passes_values_as_arguments(tmp_path: Path) -> None:
     assert argv[-3:] == [str(tmp_path / "p $(x)"), "[8080]", '{"n1": "10.0.0.1"}']
 
 
+def test_the_node_probe_runs_the_job_sides_address_check(tmp_path: Path) -> None:
+    """doctor looks at a node through the job side's own lookup: an address a role would refuse is refused here."""
+    (tmp_path / "probe").write_text("token\n")
+    argv = doctor.node_probe_argv(sys.executable, tmp_path / "probe", [8080], {"n7": "127.0.0.1"}, "n7", None)
+    argv = argv[argv.index(sys.executable):]
+    env = {**os.environ, "SLURMD_NODENAME": "n7"}
+    res = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+    answer = doctor.parse_node_probe(res.stdout)
+    assert answer is not None, res.stderr
+    assert answer["probe"] == "token" and answer["address"] is None
+    assert "loopback" in answer["address_error"] and "cluster.nodes.n7.address" in answer["address_error"]
+
+
 # ------------------------------------------------------------------------------------------ on the bed
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +23,7 @@ from speedslurm.errors import UsageError
 from speedslurm.models import ModelSpec
 from speedslurm.plan import make_plan
 from speedslurm.render import create_run_dir, deployment_record, job_id_from_env, record_job, render_script
-from speedslurm.rundir import Endpoint, RunDir
+from speedslurm.rundir import RunDir
 from speedslurm.settings import ClusterSettings, LlamaSettings, RunSettings, Settings
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -77,7 +77,7 @@ def test_render_is_the_up_script_with_another_entry() -> None:
     ours = render_script(plan, rd, PYTHON).split("\n")
     ups = render_job_script(plan, rd, "ENTRY").split("\n")
     srun = next(i for i, line in enumerate(ours) if line.startswith("srun "))
-    assert ours[srun].endswith(f"{PYTHON} -u -m speedslurm.jobside /shared/runs/x")
+    assert ours[srun].endswith(f"{PYTHON} -u -m speedslurm.jobentry serve /shared/runs/x")
     kept = [line for line in ours if not line.startswith(("srun ", "# record this job", PYTHON))]
     assert [line for line in kept if line] == [line for line in ups if line and not line.startswith("srun ")]
 
@@ -134,7 +134,7 @@ def test_hostile_run_dir_is_quoted_and_nothing_runs(tmp_path: Path) -> None:
     script = render_script(plan, rd, sys.executable)
     argv, seen = _run_sandboxed(script, tmp_path, {"SLURM_JOB_ID": "42"})
     assert not p1.exists() and not p2.exists()
-    assert argv[-5:] == [sys.executable, "-u", "-m", "speedslurm.jobside", str(root)]
+    assert argv[-6:] == [sys.executable, "-u", "-m", "speedslurm.jobentry", "serve", str(root)]
     assert argv[argv.index("--output") + 1] == str(root / "submitit" / "%j_%t_log.out")
     assert seen == str(root)
     # The job-id line ran with the same run directory.
@@ -232,36 +232,62 @@ def _common(name: str) -> str:
     return text[text.index("# ---- settings"):text.index("# ---- end of common")]
 
 
-def test_templates_parse_and_share_their_common_part() -> None:
+def test_templates_parse_and_run_one_job_side_with_one_body() -> None:
     for name in [*RPC_TEMPLATES, "build-llama.sbatch"]:
         res = subprocess.run(["bash", "-n", str(TEMPLATES / name)], capture_output=True, text=True)
         assert res.returncode == 0, f"{name}: {res.stderr}"
-    assert _common(RPC_TEMPLATES[0]) == _common(RPC_TEMPLATES[1]), "edit both templates' common part alike"
+    assert _common(RPC_TEMPLATES[0]) == _common(RPC_TEMPLATES[1]), "hetjob and array share one body"
+    for name in RPC_TEMPLATES:  # no handshake logic in bash: the job side does it
+        text = (TEMPLATES / name).read_text()
+        body = text[text.index("# ---- common"):]
+        assert "speedslurm-node.pyz" in text and "exec " in body
+        for protocol in ("endpoint.json", "failed.json", "json_str", "write_atomic", "-H \"$addr", "--kv-unified",
+                         "sha256", "/health"):
+            assert protocol not in body, (name, protocol)
 
 
-def test_template_endpoint_fields_match_the_job_side() -> None:
-    text = (TEMPLATES / RPC_TEMPLATES[0]).read_text()
-    block = text[text.index('write_atomic "$RUN_DIR/r$REPLICA/endpoint.json"'):]
-    block = block[:block.index("\nEOF\n")]
-    assert sorted(re.findall(r'^ "(\w+)":', block, re.M)) == sorted(Endpoint(
-        job_id="1", url="u", api_key="k", model="m", deployment_id="d", replica=0, leader_node="n", follower_nodes=[],
-        rpc_servers=[], llama_version="v", parallel=1, ctx=1, started_at=0, ready_at=0).to_json())
+@pytest.mark.parametrize("name, shape", [("llama-rpc-hetjob.sbatch", "hetjob"), ("llama-rpc-array.sbatch", "array")])
+def test_template_settings_map_to_the_job_sides_arguments(tmp_path: Path, name: str, shape: str) -> None:
+    from speedslurm.jobtemplate import parser
+    from speedslurm.nodepyz import build
 
-
-def test_template_json_strings_survive_hostile_text(tmp_path: Path) -> None:
-    values = ['plain', 'q"uote', "back\\slash", "new\nline\ttab\rcr", "$(touch pwned) `x`", "ctl\x01\x1fend", "ünï"]
-    code = _common(RPC_TEMPLATES[0]) + '\nfor v in "$@"; do json_str "$v"; echo; done\n'
-    res = subprocess.run(["bash", "-c", code, "t", *values], capture_output=True, text=True, cwd=tmp_path)
+    pyz = build(tmp_path)
+    args_file = tmp_path / "args"
+    fake_python = tmp_path / "python"  # records its arguments, one per line
+    fake_python.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {args_file}\n')
+    fake_python.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": "5", "PYTHON": str(fake_python), "SPEEDSLURM_NODE": str(pyz),
+           "MODEL": "/m/a b.gguf", "THREADS": "2", "CTX": "1024", "EXTRA_SERVER_ARGS": "--foo 'x y'"}
+    res = subprocess.run(["bash", str(TEMPLATES / name)], capture_output=True, text=True, env=env, timeout=30)
     assert res.returncode == 0, res.stderr
-    decoded = [json.loads(line) for line in res.stdout.splitlines()]
-    assert decoded == [v.replace("\x01", "").replace("\x1f", "") for v in values]
-    assert not (tmp_path / "pwned").exists()
+    words = args_file.read_text().split("\n")[:-1]
+    assert words[:3] == [str(pyz), "template", shape]
+    args = parser().parse_args(words[2:])
+    assert (args.shape, args.model, args.threads, args.ctx, args.parallel, args.rpc_cache, args.bin_dir) == \
+        (shape, "/m/a b.gguf", 2, 1024, 4, 1, "")
+    assert shlex.split(args.extra_server_args) == ["--foo", "x y"]
 
 
-def test_template_writes_files_atomically_with_mode_0600(tmp_path: Path) -> None:
-    code = _common(RPC_TEMPLATES[0]) + '\necho \'{"a": 1}\' | write_atomic "$1/x.json"\n'
-    res = subprocess.run(["bash", "-c", code, "t", str(tmp_path)], capture_output=True, text=True)
+def test_a_template_without_the_job_side_beside_it_says_how_to_get_it(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": "5", "SLURM_SUBMIT_DIR": str(tmp_path), "MODEL": "/m.gguf"}
+    res = subprocess.run(["bash", str(TEMPLATES / RPC_TEMPLATES[0])], capture_output=True, text=True, env=env,
+                         timeout=30)
+    assert res.returncode == 2
+    assert "speedslurm-node.pyz not found" in res.stderr and "speedslurm templates DIR" in res.stderr
+
+
+def test_the_node_archive_runs_alone_and_imports_no_front_end_library(tmp_path: Path) -> None:
+    """speedslurm-node.pyz carries the whole job side: it runs with no speedslurm installed (-I -S: no
+    site-packages, no current folder) and loads only its own modules and the standard library."""
+    from speedslurm.nodepyz import build
+
+    pyz = build(tmp_path)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import speedslurm.jobentry, speedslurm.jobside, "
+            "speedslurm.jobtemplate, speedslurm.nodenet; print(speedslurm.__file__); "
+            "print(sorted(m for m in ('submitit', 'click', 'yaml', 'openai') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(pyz)], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=60)
     assert res.returncode == 0, res.stderr
-    assert json.loads((tmp_path / "x.json").read_text()) == {"a": 1}
-    assert oct((tmp_path / "x.json").stat().st_mode & 0o777) == "0o600"
-    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temp file left
+    assert res.stdout.split("\n")[:2] == [str(pyz / "speedslurm" / "__init__.py"), "[]"]
+    res = subprocess.run([sys.executable, "-I", "-S", str(pyz), "--help"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "template hetjob|array" in res.stderr

@@ -23,7 +23,6 @@ from speedslurm.rundir import Endpoint
 
 pytestmark = [pytest.mark.slurm, pytest.mark.llama]
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "sbatch_templates"
 READY_TIMEOUT_S = 600  # includes waiting in the queue behind other jobs on the bed
 
 
@@ -67,7 +66,7 @@ def wait_endpoints(paths: list[Path], job_id: str, logs: tp.Callable[[], str]) -
             pytest.fail(f"no endpoint after {READY_TIMEOUT_S}s (job {job_id} {state})\n{logs()}")
         time.sleep(0.3)
     eps = []
-    fields = {f.name for f in dataclasses.fields(Endpoint)}
+    fields = {f.name for f in dataclasses.fields(Endpoint)} | {"schema"}
     for p in paths:
         assert stat.S_IMODE(p.stat().st_mode) == 0o600
         data = json.loads(p.read_text())
@@ -95,6 +94,20 @@ def send_batch(env: dict[str, str], tmp: Path, target: list[str], n: int = 4) ->
     assert len(lines) == n
     assert all(line["error"] is None and line["response"]["status_code"] == 200 for line in lines), lines
     return tp.cast(dict[str, tp.Any], json.loads(res.stdout))
+
+
+@pytest.fixture
+def node_templates(shared_tmp: Path) -> Path:
+    return write_node_templates(shared_tmp / "templates")
+
+
+def write_node_templates(folder: Path) -> Path:
+    """The templates and speedslurm-node.pyz as a user gets them: `speedslurm templates DIR`."""
+    res = subprocess.run([sys.executable, "-m", "speedslurm", "templates", str(folder)], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert (folder / "speedslurm-node.pyz").is_file() and (folder / "llama-rpc-hetjob.sbatch").is_file()
+    return folder
 
 
 @pytest.fixture
@@ -140,11 +153,11 @@ def test_rendered_script_with_plain_sbatch(testbed: tp.Any, tiny_gguf: Path, lla
 
 
 def test_hetjob_template(testbed: tp.Any, tiny_gguf: Path, llama_bins: tp.Any, shared_tmp: Path,
-                         bed_env: dict[str, str]) -> None:
+                         bed_env: dict[str, str], node_templates: Path) -> None:
     run_dir = Path(bed_env["SPEEDSLURM_RUN__DIR"]) / "tiny-hetjob"
     bins = Path(llama_bins.llama_server).parent
     job_id = sbatch([f"--export=ALL,MODEL={tiny_gguf},LLAMA_BIN_DIR={bins},RUN_DIR={run_dir},THREADS=1,CTX=1024",
-                     "--time=10", str(TEMPLATES / "llama-rpc-hetjob.sbatch")], shared_tmp)
+                     "--time=10", str(node_templates / "llama-rpc-hetjob.sbatch")], shared_tmp)
     try:
         (ep,) = wait_endpoints([run_dir / "r0" / "endpoint.json"], job_id,
                                lambda: read_logs(run_dir) + read_logs(shared_tmp))
@@ -159,11 +172,11 @@ def test_hetjob_template(testbed: tp.Any, tiny_gguf: Path, llama_bins: tp.Any, s
 
 
 def test_array_template_two_replicas(testbed: tp.Any, tiny_gguf: Path, llama_bins: tp.Any, shared_tmp: Path,
-                                     bed_env: dict[str, str]) -> None:
+                                     bed_env: dict[str, str], node_templates: Path) -> None:
     run_dir = Path(bed_env["SPEEDSLURM_RUN__DIR"]) / "tiny-array"
     bins = Path(llama_bins.llama_server).parent
     job_id = sbatch([f"--export=ALL,MODEL={tiny_gguf},LLAMA_BIN_DIR={bins},RUN_DIR={run_dir},THREADS=1",
-                     "--array=0-1", "--nodes=2", "--time=10", str(TEMPLATES / "llama-rpc-array.sbatch")], shared_tmp)
+                     "--array=0-1", "--nodes=2", "--time=10", str(node_templates / "llama-rpc-array.sbatch")], shared_tmp)
     files = [run_dir / "r0" / "endpoint.json", run_dir / "r1" / "endpoint.json"]
     try:
         eps = wait_endpoints(files, job_id, lambda: read_logs(run_dir) + read_logs(shared_tmp))

@@ -35,7 +35,7 @@ def render_cmd(ctx: click.Context, model: str, nodes: int | None, replicas: int,
     """Write the job script `up` would submit, for plain `sbatch`, and the run directory it needs.
 
     \b
-    The script runs the same job side as `up` (python -m speedslurm.jobside RUN_DIR) with the same
+    The script runs the same job side as `up` (python -m speedslurm.jobentry serve RUN_DIR) with the same
     #SBATCH header. Submit it with `sbatch FILE`; then `speedslurm status ID` and
     `speedslurm run --deployment ID` work as for `up`.
     """
