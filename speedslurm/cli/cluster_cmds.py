@@ -9,7 +9,6 @@ from pathlib import Path
 
 import click
 
-from ..errors import SpeedslurmError, UsageError
 from . import cli
 from .common import err_console, is_tty, json_option, out_console, print_json, settings_from
 from .deploy_cmds import models_group
@@ -102,64 +101,31 @@ def build_llama_cmd(ctx: click.Context, source: Path | None, git_url: str | None
       speedslurm build-llama --source ~/src/llama.cpp --prefix ~/opt/llama.cpp
     Afterwards set `llama.bin_dir: PREFIX/bin` (or pass --write-config).
     """
+    from .. import api
     from .. import buildllama as bl
-    from ..settings import user_config_path
 
-    settings = settings_from(ctx)
-    partition = partition or settings.cluster.partition
+    partition = partition or settings_from(ctx).cluster.partition
     opts = bl.BuildOptions(prefix=prefix.expanduser().absolute(),
                            source=source.expanduser().absolute() if source else None, git_url=git_url,
                            git_ref=git_ref, cuda=not cpu, cuda_archs=cuda_archs, partition=partition, cpus=cpus,
                            time=time_limit)
-    if opts.source is not None and not (opts.source / "CMakeLists.txt").is_file():
-        raise UsageError(f"{opts.source} holds no CMakeLists.txt: not a llama.cpp source tree",
-                         fix="pass the top folder of a llama.cpp checkout (the one with CMakeLists.txt)")
-    script = bl.render_build_script(bl.template_text(), opts)
-    opts.log_dir.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    job_id, script_path = bl.submit(script, opts.log_dir)
-    log_path = opts.log_path(job_id)
     con = err_console()
     quiet = as_json and not is_tty()
-    if not quiet:
-        con.print(f"build job {job_id} submitted ({script_path}); log {log_path}", markup=False)
 
-    def on_line(line: str) -> None:
+    def say(text: str) -> None:
         if not quiet:
-            con.print(f"  {line}", markup=False)
+            con.print(text, markup=False)
 
-    def on_state(state: str, elapsed: float) -> None:
-        if not quiet:
-            con.print(f"[{elapsed:6.1f}s] job {job_id}: {state}", markup=False)
-
-    final = bl.follow_job(job_id, log_path, on_line=on_line, on_state=on_state, timeout=timeout)
-    build_s = time.monotonic() - started
-    if final.state != "COMPLETED":
-        from ..jobside import log_tail
-
-        raise SpeedslurmError(f"build job {job_id} ended {final.state} after {build_s:.0f}s"
-                              + (f" ({final.reason})" if final.reason else "")
-                              + f"\n--- last log lines ---\n{log_tail(log_path, 30)}",
-                              fix=f"read {log_path}; fix the cause and run the command again "
-                                  "(the build tree in PREFIX/build is kept)")
-    if not quiet:
-        con.print(f"build finished in {build_s:.0f}s; checking the binaries"
-                  + ("" if no_node_check else " on every node"), markup=False)
-    report = bl.verify_build(opts.bin_dir, partition, on_nodes=not no_node_check)
-    written = None
-    if write_config and report.ok:
-        written = bl.write_bin_dir_setting(user_config_path(), opts.bin_dir)
+    built = api.build_llama(opts, timeout=timeout, node_check=not no_node_check, write_config=write_config,
+                            on_message=say, on_line=lambda line: say(f"  {line}"),
+                            on_state=lambda job_id, state, elapsed: say(f"[{elapsed:6.1f}s] job {job_id}: {state}"))
     if as_json:
-        print_json({"job_id": job_id, "state": final.state, "build_s": round(build_s, 1), "log": str(log_path),
-                    "prefix": str(opts.prefix), **report.to_json(),
-                    "config_written": str(written) if written else None})
+        print_json({"job_id": built.job_id, "state": built.state, "build_s": round(built.build_s, 1),
+                    "log": str(built.log), "prefix": str(opts.prefix), **built.report.to_json(),
+                    "config_written": str(built.config_written) if built.config_written else None})
     else:
-        _print_build_report(report, written)
-    if not report.ok:
-        raise SpeedslurmError("the build is not usable on every node: " + "; ".join(
-            report.problems + [f"{n.node}: {n.error}" for n in report.nodes if not n.ok]),
-            fix="see the lines above; a node that cannot load a library needs the same system packages "
-                "(or CUDA driver) as the build node")
+        _print_build_report(built.report, built.config_written)
+    built.check()
 
 
 def _print_build_report(report: tp.Any, written: Path | None) -> None:

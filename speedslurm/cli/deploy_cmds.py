@@ -96,15 +96,14 @@ def _model_options(f: tp.Callable[..., tp.Any]) -> tp.Callable[..., tp.Any]:
 def plan_cmd(ctx: click.Context, model: str, executor: str | None, nodes: int | None, replicas: int,
              ctx_size: int | None, time_limit: str | None, as_json: bool) -> None:
     """Print the plan and the exact job it would submit; submits nothing."""
-    from ..launch import entry_command, python_command, render_job_script
+    from ..executors import get
     from ..rundir import RunDir
 
     settings = settings_from(ctx)
     plan, binaries = dp.prepare(settings, model, nodes=nodes, replicas=replicas, ctx=ctx_size,
                                 time_limit=time_limit, executor=executor, require_binaries=False)
     rd = RunDir(settings.run.root / "<deployment-id>")
-    script = (render_job_script(plan, rd, entry_command(python_command(), rd.submitit_dir))
-              if plan.executor == "slurm" else None)
+    script = get(plan.executor).job_script(plan, rd)
     if as_json:
         bins = ({"llama_server": str(binaries.llama_server), "rpc_server": str(binaries.rpc_server)}
                 if binaries else None)
