@@ -319,8 +319,7 @@ def _gib(b: float) -> str:
     return f"{b / GIB:.2f} GiB"
 
 
-def _place(settings: Settings, model: ModelSpec, nodes: int, ctx: int, executor: str, capacity: float,
-           compute: int) -> tuple[tuple[DeviceShare, ...], tuple[int, ...] | None, str, int] | None:
+def _place(settings: Settings, model: ModelSpec, nodes: int, ctx: int, capacity: float, compute: int) -> tuple[tuple[DeviceShare, ...], tuple[int, ...] | None, str, int] | None:
     """Devices, ``--tensor-split``, a note and the bytes kept on the leader's host (beside its devices) for
     ``nodes`` nodes; None when the layers fit no device split."""
     llama = settings.llama
@@ -328,12 +327,11 @@ def _place(settings: Settings, model: ModelSpec, nodes: int, ctx: int, executor:
     kv_block = model.kv_bytes(ctx, llama.kv_bytes_per_element) // max(model.n_layer, 1)
     positions = model.n_layer + 1
     source = "estimated: no header read, weights spread evenly" if estimated else "from the GGUF header"
-    names = device_names(nodes, leader_has_device(settings)) if executor == "slurm" else []
+    names = device_names(nodes, leader_has_device(settings))
     if not names:
-        where = "local roles share this machine" if executor == "local" else "the leader is CPU-only"
         dev = DeviceShare("leader", model.weights_bytes, model.kv_bytes(ctx, llama.kv_bytes_per_element),
                           compute, model.n_layer, True, model.weights_bytes - host_bytes)
-        return (dev,), None, f"none passed: {where}, so the leader's CPU holds every layer", 0
+        return (dev,), None, "none passed: one node with a CPU-only leader holds every layer on its CPU", 0
     user = user_tensor_split(llama.extra_server_args)
     if user is not None:
         text, values = user
@@ -432,10 +430,10 @@ def make_plan(settings: Settings, model: ModelSpec, *, ctx: int | None = None, n
             f"--nodes {chosen} is too few",
             fix=f"pass --nodes {need} or more, or a smaller --ctx")
     capacity = usable - compute if executor == "slurm" else math.inf
-    placed = _place(settings, model, chosen, ctx, executor, capacity, compute)
+    placed = _place(settings, model, chosen, ctx, capacity, compute)
     if placed is None:
         more = next((n for n in range(chosen + 1, chosen + 9)
-                     if _place(settings, model, n, ctx, executor, capacity, compute) is not None), None)
+                     if _place(settings, model, n, ctx, capacity, compute) is not None), None)
         if nodes is not None or more is None:
             raise UsageError(
                 f"model {model.name}'s layers do not fit on {chosen} node(s) at ctx {ctx} "
@@ -443,7 +441,7 @@ def make_plan(settings: Settings, model: ModelSpec, *, ctx: int | None = None, n
                 + ("; the leader is CPU-only and holds no layers" if not leader_has_device(settings) else "") + ")",
                 fix=(f"pass --nodes {more} or more, or a smaller --ctx" if more else "use a smaller --ctx or quantisation"))
         chosen = need = more
-        placed = _place(settings, model, chosen, ctx, executor, capacity, compute)
+        placed = _place(settings, model, chosen, ctx, capacity, compute)
         assert placed is not None
     devices, tensor_split, split_note, host_bytes = placed
     parallel = 0 if auto_slots else int(llama.parallel)

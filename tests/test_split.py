@@ -189,6 +189,14 @@ def test_cpu_only_leader_holds_no_layers(q4: Path, tmp_path: Path) -> None:
     assert one.tensor_split is None and "CPU-only" in one.split_note
 
 
+def test_local_roles_split_over_the_local_rpc_servers(tiny_gguf: Path) -> None:
+    local = load_settings(profile="local", environ={})
+    plan = make_plan(local, resolve_model(local, str(tiny_gguf)), nodes=3, executor="local")
+    assert [d.node for d in plan.devices] == ["follower-1", "follower-2"]
+    assert plan.tensor_split == (4, 5)   # 8 equal blocks, then the smaller output layer
+    _balanced(plan)
+
+
 def test_the_users_tensor_split_wins(q4: Path) -> None:
     s = load_settings(profile="gorgonas", environ={},
                       overrides=['llama.extra_server_args=["--tensor-split", "3,1"]'])
