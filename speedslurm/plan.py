@@ -319,7 +319,8 @@ def _gib(b: float) -> str:
     return f"{b / GIB:.2f} GiB"
 
 
-def _place(settings: Settings, model: ModelSpec, nodes: int, ctx: int, capacity: float, compute: int) -> tuple[tuple[DeviceShare, ...], tuple[int, ...] | None, str, int] | None:
+def _place(settings: Settings, model: ModelSpec, nodes: int, ctx: int, capacity: float,
+           compute: int) -> tuple[tuple[DeviceShare, ...], tuple[int, ...] | None, str, int] | None:
     """Devices, ``--tensor-split``, a note and the bytes kept on the leader's host (beside its devices) for
     ``nodes`` nodes; None when the layers fit no device split."""
     llama = settings.llama
@@ -439,7 +440,8 @@ def make_plan(settings: Settings, model: ModelSpec, *, ctx: int | None = None, n
                 f"model {model.name}'s layers do not fit on {chosen} node(s) at ctx {ctx} "
                 f"({usable_gib:g} GiB usable per device, less {llama.compute_overhead_gib:g} GiB compute"
                 + ("; the leader is CPU-only and holds no layers" if not leader_has_device(settings) else "") + ")",
-                fix=(f"pass --nodes {more} or more, or a smaller --ctx" if more else "use a smaller --ctx or quantisation"))
+                fix=(f"pass --nodes {more} or more, or a smaller --ctx" if more
+                     else "use a smaller --ctx or quantisation"))
         chosen = need = more
         placed = _place(settings, model, chosen, ctx, capacity, compute)
         assert placed is not None

@@ -189,6 +189,22 @@ def test_cpu_only_leader_holds_no_layers(q4: Path, tmp_path: Path) -> None:
     assert one.tensor_split is None and "CPU-only" in one.split_note
 
 
+def test_a_cpu_only_leader_adds_a_node_when_the_devices_cannot_hold_the_layers(tmp_path: Path) -> None:
+    # about 3.5 GiB of Q8_0 weights on the bed's 2 GiB nodes: the memory formula counts the leader's node,
+    # but its CPU holds no layers, so the planner asks for one more node
+    path = write_header(tmp_path / "m.gguf", n_layer=16, n_embd=4096, n_ff=14336, n_head=32, n_head_kv=8,
+                        n_vocab=8192, layer_type="Q8_0", embd_type="Q8_0", output_type="Q8_0")
+    bed = load_settings(profile="testbed", environ={})
+    model = resolve_model(bed, str(path))
+    plan = make_plan(bed, model, ctx=8192)
+    assert plan.min_nodes == plan.nodes and len(plan.devices) == plan.nodes - 1
+    assert all(d.total_bytes <= plan.usable_bytes for d in plan.devices)
+    with pytest.raises(UsageError) as err:
+        make_plan(bed, model, ctx=8192, nodes=plan.nodes - 1)
+    assert "do not fit" in err.value.message and "CPU-only" in err.value.message
+    assert f"--nodes {plan.nodes}" in (err.value.fix or "")
+
+
 def test_local_roles_split_over_the_local_rpc_servers(tiny_gguf: Path) -> None:
     local = load_settings(profile="local", environ={})
     plan = make_plan(local, resolve_model(local, str(tiny_gguf)), nodes=3, executor="local")
