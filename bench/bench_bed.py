@@ -143,10 +143,10 @@ class Bed:
 
 
 def _submitit_starts(folder: Path) -> list[float]:
-    """When each task's Python started (submitit's first log line, millisecond resolution)."""
+    """When each task's Python started (the first log line of the task entry or of submitit, millisecond resolution)."""
     out = []
     for path in folder.glob("*_log.out"):
-        m = re.search(r"submitit INFO \((\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\) - Starting", path.read_text())
+        m = re.search(r"(?:submitit INFO|speedslurm) \((\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\) - Starting", path.read_text())
         if m:
             out.append(datetime.datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S,%f").timestamp())
     return out

@@ -24,6 +24,7 @@ import typing as tp
 from pathlib import Path
 
 from .contract import (
+    ContractError,
     DeploymentRecord,
     Endpoint,
     Failed,
@@ -89,8 +90,12 @@ R = tp.TypeVar("R", bound=Handshake)
 
 
 def _read_ours(read: tp.Callable[[int], R | None], replica: int) -> R | None:
-    """A handshake file of this job's current start, or None (absent, another job's or an earlier start's)."""
-    record = read(replica)
+    """A handshake file of this job's current start, or None (absent, another job's or an earlier start's; a
+    file that is not a record of this version's contract was not written by this job either)."""
+    try:
+        record = read(replica)
+    except ContractError:
+        return None
     return record if _ours(record) else None
 
 

@@ -590,14 +590,18 @@ def test_9_stale_handshake_files_of_another_job_are_never_used(env, shared_tmp: 
         r0 = Path(dep["_dir"]) / "r0"
         stale = "1" if job != "1" else "2"
         url = f"http://127.0.0.1:{trap.server_address[1]}"
+        # whole records of the contract, only of another job
         (r0 / "endpoint.json").write_text(json.dumps({
-            "url": url, "api_key": "stale-key", "model": "stale", "deployment_id": dep["id"], "replica": 0,
-            "job_id": stale, "leader_node": "n1", "follower_nodes": ["n2"], "rpc_servers": ["10.77.0.12:1"],
-            "llama_version": "old", "parallel": 4, "ctx": 512, "started_at": 1.0, "ready_at": 2.0, "pid": 1}))
-        (r0 / "failed.json").write_text(json.dumps({"job_id": stale, "role": "leader", "rank": 0, "node": "n1",
-                                                    "reason": "an earlier job failed", "exit_code": 1}))
-        (r0 / "follower-1.json").write_text(json.dumps({"job_id": stale, "rank": 1, "node": "n2",
-                                                        "host": "127.0.0.1", "port": trap.server_address[1]}))
+            "schema": 1, "epoch": 0, "url": url, "api_key": "stale-key", "model": "stale",
+            "deployment_id": dep["id"], "replica": 0, "job_id": stale, "leader_node": "n1", "follower_nodes": ["n2"],
+            "rpc_servers": ["10.77.0.12:1"], "llama_version": "old", "parallel": 4, "ctx": 512, "started_at": 1.0,
+            "ready_at": 2.0, "pid": 1}))
+        (r0 / "failed.json").write_text(json.dumps({
+            "schema": 1, "epoch": 0, "job_id": stale, "role": "leader", "rank": 0, "node": "n1",
+            "reason": "an earlier job failed", "exit_code": 1, "log_tail": "", "time": 1.0}))
+        (r0 / "follower-1.json").write_text(json.dumps({
+            "schema": 1, "epoch": 0, "job_id": stale, "rank": 1, "node": "n2", "host": "127.0.0.1",
+            "port": trap.server_address[1], "pid": 1, "version": "old", "heartbeat_port": 0, "started_at": 1.0}))
         time.sleep(1.5)  # the client polls the run dir meanwhile: neither READY nor FAILED from these
         status = json.loads(speedslurm(env, "status", dep["id"], "--json").stdout)[0]
         assert status["replicas"][0]["state"] == "PENDING", (status, run.stderr)
