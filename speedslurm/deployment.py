@@ -16,7 +16,7 @@ import typing as tp
 from pathlib import Path
 
 from . import slurm
-from .contract import ContractError
+from .contract import ContractError, JobId
 from .errors import UsageError
 from .rundir import RunDir, check_parent_not_world_writable, make_private_dir
 
@@ -202,7 +202,7 @@ def find_submitted_job(dep: Deployment) -> bool:
         base = bases[-1]  # submitted twice: the latest submission is the one meant
     for replica, job_id in enumerate(ids[:dep.replicas]):
         if not job_id:
-            record_job(dep.run_dir.root, f"{base}_{replica}" if dep.replicas > 1 else base, replica)
+            record_job(dep.run_dir.root, str(JobId(base, str(replica))) if dep.replicas > 1 else base, replica)
     dep.reload()
     return not needs_job_ids(dep)
 

@@ -109,15 +109,16 @@ def _load_submission(path: Path) -> tp.Any:
 
 def _task_paths(folder: str) -> tuple[Path, Path]:
     """(the submitted pickle, this task's result pickle), named as submitit's ``JobPaths`` names them."""
+    from .contract import JobId
+
     env = os.environ
     if env.get("SUBMITIT_EXECUTOR") == "local":
-        job, rank = env["SUBMITIT_LOCAL_JOB_ID"], env.get("SUBMITIT_LOCAL_GLOBALID") or "0"
+        job, rank = JobId(env["SUBMITIT_LOCAL_JOB_ID"]), env.get("SUBMITIT_LOCAL_GLOBALID") or "0"
     else:
         array, task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
-        job = f"{array}_{task}" if array and task else env["SLURM_JOB_ID"]
+        job = JobId(array, task) if array and task else JobId(env["SLURM_JOB_ID"])
         rank = env.get("SLURM_PROCID") or "0"
-    base, _, index = job.partition("_")
-    where = folder.replace("%j", job).replace("%A", base).replace("%a", index)
+    where = folder.replace("%j", str(job)).replace("%A", job.base).replace("%a", job.task)
     root = Path(where).expanduser().absolute()
     return root / f"{job}_submitted.pkl", root / f"{job}_{rank}_result.pkl"
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import shlex
 import shutil
 import time
@@ -73,16 +72,6 @@ def partitions() -> list[str]:
     except CommandError:
         return []
     return sorted({p.strip().rstrip("*") for p in out.split() if p.strip()})
-
-
-def node_address(node: str) -> str | None:
-    """Slurm's NodeAddr for ``node`` (None when scontrol does not know it)."""
-    try:
-        out = call(["scontrol", "show", "node", node, "-o"], timeout=20)
-    except CommandError:
-        return None
-    m = re.search(r"\bNodeAddr=(\S+)", out)
-    return m.group(1) if m else None
 
 
 def job_states(job_ids: tp.Iterable[str]) -> dict[str, JobState]:
