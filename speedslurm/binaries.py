@@ -60,6 +60,55 @@ def _run(argv: list[str], env: tp.Mapping[str, str] | None, timeout: float) -> s
         raise UsageError(f"could not run {argv[0]}: {exc}", fix=_INSTALL_FIX) from None
 
 
+# Answers of the binaries to a probe (``--version``, ``--help``), for this process, by command, added environment
+# and the program file's identity: ``up`` runs ``llama-server --version`` to see that it loads (env_for) and again
+# for its build string (LlamaBinaries.version), and each run costs tens of milliseconds before the submission.
+_PROBES: dict[tuple[tp.Any, ...], subprocess.CompletedProcess[str]] = {}
+
+
+def _probe_key(argv: list[str], env: tp.Mapping[str, str] | None) -> tuple[tp.Any, ...] | None:
+    try:
+        st = os.stat(argv[0])
+    except OSError:
+        return None
+    return (tuple(argv), tuple(sorted((env or {}).items())), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _probe(argv: list[str], env: tp.Mapping[str, str] | None, timeout: float) -> subprocess.CompletedProcess[str]:
+    key = _probe_key(argv, env)
+    if key is None:
+        return _run(argv, env, timeout)   # the run names the problem
+    if key not in _PROBES:
+        _PROBES[key] = _run(argv, env, timeout)
+    return _PROBES[key]
+
+
+def _probe_side_by_side(argvs: list[list[str]], env: tp.Mapping[str, str] | None, timeout: float) -> None:
+    """Run the probes not answered yet at the same time (a binary spends its start loading its libraries, so
+    three probes take little more than one); :func:`_probe` then finds their answers. A probe that cannot
+    start or runs out of time is left to :func:`_probe`, which reports it."""
+    full = {**os.environ, **(env or {})}
+    started: list[tuple[tuple[tp.Any, ...], list[str], subprocess.Popen[str]]] = []
+    for argv in argvs:
+        key = _probe_key(argv, env)
+        if key is None or key in _PROBES:
+            continue
+        try:
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    stdin=subprocess.DEVNULL, text=True, env=full)
+        except OSError:
+            continue
+        started.append((key, argv, proc))
+    for key, argv, proc in started:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            continue
+        _PROBES[key] = subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaBinaries:
     """The two llama.cpp programs a deployment runs, and where they were found."""
@@ -76,7 +125,7 @@ class LlamaBinaries:
     @functools.cached_property
     def version(self) -> str:
         """llama-server's build string, e.g. ``"0.6.0-dev (build 0 (unknown))"``."""
-        res = _run([str(self.llama_server), "--version"], self.env, timeout=60)
+        res = _probe([str(self.llama_server), "--version"], self.env, timeout=60)
         out = res.stdout + res.stderr
         ver = parse_version(out)
         if ver is None:
@@ -291,7 +340,7 @@ def kv_unified(llama_server: str | os.PathLike[str], env: tp.Mapping[str, str] |
     """Whether this llama-server takes ``--kv-unified`` (one KV cache shared by all slots; older builds lack the
     flag and refuse to start with it). Probed once where the binaries are found; the job side reads the answer
     from deployment.json."""
-    res = _run([str(llama_server), "--help"], dict(env or {}), timeout)
+    res = _probe([str(llama_server), "--help"], dict(env or {}), timeout)
     return "--kv-unified" in res.stdout + res.stderr
 
 
@@ -307,8 +356,10 @@ def env_for(binaries: LlamaBinaries, *, timeout: float = 60) -> dict[str, str]:
     probes = [[str(binaries.llama_server), "--version"], [str(binaries.rpc_server), "--help"]]
 
     def loader_error(env: dict[str, str]) -> str | None:
+        # with llama-server --help, which kv_unified asks next: the three start side by side
+        _probe_side_by_side([*probes, [str(binaries.llama_server), "--help"]], env, timeout)
         for argv in probes:
-            res = _run(argv, env, timeout)
+            res = _probe(argv, env, timeout)
             m = _LOADER_RE.search(res.stderr)
             if m:
                 return f"{argv[0]}: cannot load {m['lib'].strip()}"

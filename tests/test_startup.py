@@ -132,3 +132,38 @@ def test_the_cache_keeps_only_the_entries_written_last(tiny_gguf: Path, tmp_path
     assert len(list(ggufcache.cache_dir().glob("*.json"))) == 2
     ggufcache.cached_gguf_info(models[-1])
     assert len(counted_reads) == 4          # the last model is still cached
+
+
+def _counting_binaries(folder: Path, help_text: str = "--kv-unified  one KV cache for all slots") -> Path:
+    """llama-server and ggml-rpc-server stand-ins that log each run (program and arguments) to ``runs.log``."""
+    log = folder / "runs.log"
+    for name, answer in (("llama-server", f'case "$1" in --version) echo "version: 7 (abc)" >&2;; '
+                                          f'*) echo "{help_text}";; esac'),
+                         ("ggml-rpc-server", 'echo "usage: rpc-server"')):
+        (folder / name).write_text(f'#!/bin/sh\necho "$(basename "$0") $*" >> {log}\n{answer}\n')
+        (folder / name).chmod(0o755)
+    return log
+
+
+def test_the_client_asks_each_binary_each_question_once(tmp_path: Path) -> None:
+    from speedslurm.binaries import env_for, find_llama_binaries, kv_unified
+
+    log = _counting_binaries(tmp_path)
+    found = find_llama_binaries(tmp_path, path_env="")
+    env = env_for(found)
+    assert (env, found.version, kv_unified(found.llama_server, env)) == ({}, "7 (abc)", True)
+    assert found.version == "7 (abc)" and env_for(found) == {}
+    assert sorted(log.read_text().splitlines()) == [
+        "ggml-rpc-server --help", "llama-server --help", "llama-server --version"]
+
+
+def test_a_rebuilt_binary_is_asked_again(tmp_path: Path) -> None:
+    from speedslurm.binaries import env_for, find_llama_binaries, kv_unified
+
+    log = _counting_binaries(tmp_path)
+    found = find_llama_binaries(tmp_path, path_env="")
+    assert kv_unified(found.llama_server, env_for(found)) is True
+    _counting_binaries(tmp_path, help_text="an older build without the flag")   # same path, new file
+    again = find_llama_binaries(tmp_path, path_env="")
+    assert kv_unified(again.llama_server, env_for(again)) is False
+    assert len(log.read_text().splitlines()) == 6
