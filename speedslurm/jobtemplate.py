@@ -30,7 +30,8 @@ import typing as tp
 from pathlib import Path
 
 from .contract import DeploymentRecord, JobId
-from .rundir import RunDir, make_private_dir
+from .errors import UsageError
+from .rundir import RunDir, check_parent_not_world_writable, make_private_dir
 
 SHAPES = ("hetjob", "array")
 
@@ -89,16 +90,12 @@ def default_run_dir(name: str, base_job: str) -> Path:
 def find_binaries(bin_dir: str) -> dict[str, tp.Any]:
     """deployment.json's ``binaries``: paths, the environment they need, version and --kv-unified, probed here."""
     from .binaries import env_for, find_llama_binaries, kv_unified
-    from .errors import UsageError
 
-    try:
-        found = find_llama_binaries(bin_dir or None)
-        env = env_for(found)
-        return {"llama_server": str(found.llama_server), "rpc_server": str(found.rpc_server),
-                "version": found.version, "source": found.source, "env": env,
-                "kv_unified": kv_unified(found.llama_server, env)}
-    except UsageError as exc:
-        raise SystemExit(exc.render()) from None
+    found = find_llama_binaries(bin_dir or None)
+    env = env_for(found)
+    return {"llama_server": str(found.llama_server), "rpc_server": str(found.rpc_server),
+            "version": found.version, "source": found.source, "env": env,
+            "kv_unified": kv_unified(found.llama_server, env)}
 
 
 def prepare(args: argparse.Namespace, replica: int, job_ids: list[str], nodes: int,
@@ -106,6 +103,7 @@ def prepare(args: argparse.Namespace, replica: int, job_ids: list[str], nodes: i
     """The run directory as the client makes it, for a template's job (every replica writes the same record)."""
     name = args.model_name or Path(args.model).name.removesuffix(".gguf")
     root = Path(args.run_dir).expanduser() if args.run_dir else default_run_dir(name, JobId.base_of(job_ids[0]))
+    check_parent_not_world_writable(root.absolute().parent)  # as the client refuses it: others could swap the folder
     rd = RunDir(make_private_dir(root.absolute()))
     make_private_dir(rd.replica_dir(replica))
     make_private_dir(rd.log_dir(replica))
@@ -152,7 +150,10 @@ def main(argv: list[str]) -> int:
     replica, job_id, job_ids, nodes = job_shape(args.shape, os.environ)
     if not Path(args.model).expanduser().is_file():
         log(f"model file {args.model} does not exist here; set MODEL to a GGUF file the leader node can read")
-    rd = prepare(args, replica, job_ids, nodes, find_binaries(args.bin_dir))
+    try:
+        rd = prepare(args, replica, job_ids, nodes, find_binaries(args.bin_dir))
+    except UsageError as exc:
+        raise SystemExit(exc.render()) from None
     # One job id for every component: a hetjob's followers run in component 1, which has an id of its own.
     os.environ["SPEEDSLURM_JOB_ID"] = job_id
     log(f"deployment {rd.deployment_id} replica {replica}: {args.model} on {nodes} node(s), run directory {rd.root}")
