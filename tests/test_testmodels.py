@@ -76,6 +76,33 @@ def test_bad_shape(tmp_path: Path, kwargs: dict[str, tp.Any]) -> None:
         T.write_tiny_llama_gguf(tmp_path / "m.gguf", **kwargs)
 
 
+def test_q8_0_weights(tmp_path: Path) -> None:
+    f16 = read_gguf_info(T.write_tiny_llama_gguf(tmp_path / "f16.gguf", n_embd=256, n_ff=768, n_layer=2))
+    q8 = read_gguf_info(T.write_tiny_llama_gguf(tmp_path / "q8.gguf", n_embd=256, n_ff=768, n_layer=2,
+                                                dtype="q8_0"))
+    assert q8.file_type == "Q8_0"
+    assert (q8.n_layer, q8.n_embd, q8.n_head_kv) == (2, 256, 4)
+    # 34 bytes per 32 weights instead of 64
+    assert 0.5 < q8.layer_bytes[0] / f16.layer_bytes[0] < 0.56
+
+
+def test_q8_0_needs_whole_blocks(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="divisible by 32"):
+        T.write_tiny_llama_gguf(tmp_path / "m.gguf", n_embd=144, n_head=8, n_head_kv=4, n_ff=400, dtype="q8_0")
+
+
+def test_llama3_shaped_proportions(tmp_path: Path) -> None:
+    # One layer of the bench model, written for real; the whole model repeats it n_layer times.
+    shape = T.LLAMA3_SHAPED
+    info = read_gguf_info(T.write_tiny_llama_gguf(tmp_path / "m.gguf", **{**shape, "n_layer": 1}))
+    assert (info.n_head, info.n_head_kv, info.head_dim) == (16, 8, 64)   # GQA with 8 KV heads, like Llama-3
+    assert 3.3 <= shape["n_ff"] / shape["n_embd"] <= 3.6                 # Llama-3.1-70B: 28672 / 8192 = 3.5
+    total = shape["n_layer"] * info.layer_bytes[0] + info.output_bytes + info.embd_bytes
+    assert 0.005 <= info.output_bytes / total <= 0.03                    # Llama-3.1-70B: 1.5 %
+    assert 0.005 <= info.embd_bytes / total <= 0.03
+    assert 200e6 < total < 600e6                                         # loads in seconds over 3 bed nodes
+
+
 def test_vocabulary_covers_every_byte() -> None:
     tokens, scores, types_ = T._vocab(512)
     assert len(tokens) == len(scores) == len(types_) == 512
