@@ -39,7 +39,7 @@ from .jobprocs import Child, RoleFailed, Stop, die_with_parent, log_tail, node_n
 from .nodenet import (
     HEARTBEAT_MISSES,
     HeartbeatProbe,
-    check_peers,
+    PeerWatch,
     cluster_address,
     health,
     start_heartbeat,
@@ -105,6 +105,7 @@ def _supervise(child: Child, rd: RunDir, replica: int, stop: Stop, what: str, po
     acknowledging (``peers``: the leader's followers), or a signal ends it."""
     failed = rd.failed_path(replica)
     heartbeat = HeartbeatProbe(peers)
+    watch = PeerWatch(peers)
     while not stop:
         code = child.poll()
         if code is not None:
@@ -112,7 +113,7 @@ def _supervise(child: Child, rd: RunDir, replica: int, stop: Stop, what: str, po
         if failed.exists() and _read_ours(rd.failure, replica) is not None:
             child.stop()
             raise RoleFailed("another role of this replica failed", None, "")
-        check_peers(child.pid, peers)
+        watch.check(child.pid)
         heartbeat.check()
         time.sleep(poll_s)
     child.stop()
@@ -221,6 +222,7 @@ def run_leader(dep: DeploymentRecord, rd: RunDir, replica: int, stop: Stop) -> N
                                                pid=child.pid, time=time.time()))
     deadline = time.monotonic() + dep.health_timeout_s
     poll = dep.poll_interval_s
+    watch = PeerWatch(followers)
     while True:
         if stop:
             child.stop()
@@ -233,7 +235,7 @@ def run_leader(dep: DeploymentRecord, rd: RunDir, replica: int, stop: Stop) -> N
         if failure is not None:
             child.stop()
             raise RoleFailed(f"a follower failed: {failure.reason}", None, failure.log_tail)
-        check_peers(child.pid, followers)
+        watch.check(child.pid)
         if health(url) == 200:
             break
         if time.monotonic() > deadline:

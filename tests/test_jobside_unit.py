@@ -82,3 +82,48 @@ def test_a_server_whose_role_is_already_gone_does_not_run_on() -> None:
     finally:
         ours.kill()
         ours.wait()
+
+
+def _tcp_line(remote: str, timer: str, retransmits: int) -> str:
+    # sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt ...
+    return f"   0: 0B004D0A:9C40 {remote} 01 00000000:00000000 {timer}:00000040 {retransmits:08X} 0 0 1"
+
+
+def test_peer_watchdog_reads_the_tcp_table_once_a_second_for_all_peers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from speedslurm import nodenet
+
+    # 10.77.0.12:50000 and 10.77.0.13:50001 as /proc/net/tcp writes them (little-endian address, hex port)
+    n2, n3 = "0C004D0A:C350", "0D004D0A:C351"
+    table = [_tcp_line(n2, "00", 0), _tcp_line(n3, "01", 2)]
+    reads: list[int] = []
+
+    def fake_table(pid: int) -> list[str]:
+        reads.append(pid)
+        return table
+
+    monkeypatch.setattr(nodenet, "_tcp_table", fake_table)
+    peers = [_follower(node="n2", host="10.77.0.12", port=50000), _follower(node="n3", host="10.77.0.13", port=50001)]
+    now = [0.0]
+    watch = nodenet.PeerWatch(peers, clock=lambda: now[0])
+    for _ in range(10):  # the supervision loop's 0.1 s polls within one second
+        watch.check(42)
+        now[0] += 0.09
+    assert reads == [42]
+    now[0] += 0.2
+    watch.check(42)
+    assert reads == [42, 42]
+    table[1] = _tcp_line(n3, "01", nodenet.PEER_RETRANSMITS)
+    now[0] += 1.5
+    with pytest.raises(RoleFailed, match=r"rpc-server on n3 \(10.77.0.13:50001\) stopped answering"):
+        watch.check(42)
+    assert len(reads) == 3
+
+
+def test_peer_watchdog_ignores_other_connections_and_retransmits_without_a_timer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from speedslurm import nodenet
+
+    table = [_tcp_line("0C004D0A:C351", "01", 9),   # the right host, another port
+             _tcp_line("0C004D0A:C350", "00", 9)]   # the peer, but no retransmission timer running
+    monkeypatch.setattr(nodenet, "_tcp_table", lambda pid: table)
+    nodenet.check_peers(1, [_follower(node="n2", host="10.77.0.12", port=50000)])
