@@ -287,11 +287,12 @@ def bench_p1(bed: Bed, reps: int) -> dict[str, tp.Any]:
 
 
 def write_prompts(path: Path, n: int, max_tokens: int) -> list[str]:
+    """Chat prompts; ``ignore_eos`` (llama-server's own request field) makes every one generate ``max_tokens``."""
     texts = [f"Write a short story about {TOPICS[i % len(TOPICS)]} (number {i})." for i in range(n)]
     with open(path, "w") as fh:
         for i, t in enumerate(texts):
             fh.write(json.dumps({"custom_id": f"p{i}", "messages": [{"role": "user", "content": t}],
-                                 "max_tokens": max_tokens, "temperature": 0}) + "\n")
+                                 "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}) + "\n")
     return texts
 
 
@@ -305,7 +306,8 @@ def sequential_loop(endpoint: dict[str, tp.Any], texts: list[str], max_tokens: i
     for t in texts:
         try:
             r = client.chat.completions.create(model=endpoint["model"], messages=[{"role": "user", "content": t}],
-                                               max_tokens=max_tokens, temperature=0)
+                                               max_tokens=max_tokens, temperature=0,
+                                               extra_body={"ignore_eos": True})
         except openai.APIConnectionError as exc:  # the deployment's job was cancelled under it
             raise Interrupted(f"sequential loop: {exc}") from exc
         tokens += r.usage.completion_tokens if r.usage else 0
@@ -330,27 +332,121 @@ def endpoint_of(bed: Bed, dep: str) -> dict[str, tp.Any]:
     return json.loads((bed.run_dir(dep) / "r0" / "endpoint.json").read_text())
 
 
-def bench_p2(bed: Bed, reps: int, n: int, max_tokens: int) -> dict[str, tp.Any]:
+# -- per-process CPU of one deployment (all nodes of the bed are namespaces of this machine: one /proc)
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_text(pid: int, name: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/{name}").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _cpu_s(pid: int) -> float | None:
+    """utime + stime of a process in seconds (None when it is gone)."""
+    stat = _proc_text(pid, "stat")
+    if not stat:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def deployment_processes(bed: Bed, dep: str) -> dict[int, str]:
+    """pid -> role ("llama-server", "rpc-server on n2", "job side (leader)", ...) of the deployment's processes,
+    found by the deployment's run directory or Slurm job id in their environment."""
+    rd = str(bed.run_dir(dep))
+    jobs = {str(j) for j in json.loads((bed.run_dir(dep) / "deployment.json").read_text())["job_ids"]}
+    found: dict[int, tuple[str, int, str]] = {}  # pid -> (comm, ppid, node)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        env = dict(kv.split("=", 1) for kv in _proc_text(pid, "environ").split("\0") if "=" in kv)
+        if env.get("SLURM_JOB_ID") not in jobs and not any(rd in v for v in env.values()):
+            continue
+        comm = _proc_text(pid, "comm").strip()
+        stat = _proc_text(pid, "stat")
+        if not stat:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        found[pid] = (comm, ppid, env.get("SLURMD_NODENAME", "?"))
+    roles: dict[int, str] = {}
+    binaries = {pid: comm for pid, (comm, _, _) in found.items() if comm in ("llama-server", "ggml-rpc-server")}
+    for pid, (comm, _ppid, node) in found.items():
+        if comm == "llama-server":
+            roles[pid] = f"llama-server on {node}"
+        elif comm == "ggml-rpc-server":
+            roles[pid] = f"rpc-server on {node}"
+        elif comm.startswith("python"):
+            kids = {binaries[c] for c, (_, pp, _) in found.items() if pp == pid and c in binaries}
+            side = "leader" if "llama-server" in kids else "follower" if kids else "other"
+            roles[pid] = f"job side Python ({side}) on {node}"
+    return roles
+
+
+def cpu_snapshot(pids: tp.Iterable[int]) -> dict[int, float]:
+    return {pid: t for pid in pids if (t := _cpu_s(pid)) is not None}
+
+
+def cpu_share(roles: dict[int, str], before: dict[int, float], after: dict[int, float], wall: float
+              ) -> dict[str, float]:
+    """role -> CPU seconds per wall second over the interval (1.0 = one core busy)."""
+    return {roles[pid]: (after[pid] - before[pid]) / wall for pid in before if pid in after}
+
+
+def bench_p2(bed: Bed, reps: int, n: int, max_tokens: int, model: str = MODEL, label: str = MODEL
+             ) -> dict[str, tp.Any]:
     prompts = bed.tmp / f"p2-{n}.jsonl"
     texts = write_prompts(prompts, n, max_tokens)
-    up = bed.up()
+    up = bed.up(model=model)
     dep = up["id"]
+    cpu: list[dict[str, float]] = []
+    cpu_seq: list[dict[str, float]] = []
     try:
         ep = endpoint_of(bed, dep)
+        roles = deployment_processes(bed, dep)
+        log(f"P2 {label}: processes {sorted(roles.values())}")
         seq, run = [], []
         for i in range(reps):
-            log(f"P2 rep {i + 1}/{reps}: sequential loop, {n} prompts")
+            log(f"P2 {label} rep {i + 1}/{reps}: sequential loop, {n} prompts")
+            c0, t0 = cpu_snapshot(roles), time.perf_counter()
             seq.append(sequential_loop(ep, texts, max_tokens))
+            cpu_seq.append(cpu_share(roles, c0, cpu_snapshot(roles), time.perf_counter() - t0))
             log(f"  seq {seq[-1]['tok_s']:.1f} tok/s; speedslurm run")
+            c0, t0 = cpu_snapshot(roles), time.perf_counter()
             run.append(speedslurm_run(bed, dep, prompts))
-            log(f"  run {run[-1]['tok_s']:.1f} tok/s")
+            cpu.append(cpu_share(roles, c0, cpu_snapshot(roles), time.perf_counter() - t0))
+            log(f"  run {run[-1]['tok_s']:.1f} tok/s; CPU " + ", ".join(f"{k} {v:.1%}" for k, v in cpu[-1].items()))
     finally:
         bed.down(dep)
+    short = [r["tokens"] for r in seq + run if r["tokens"] != n * max_tokens]
+    if short:
+        raise RuntimeError(f"P2 {label}: {short} completion tokens instead of {n} x {max_tokens}: the server "
+                           "did not honour ignore_eos")
     a = [r["tok_s"] for r in run]
     b = [r["tok_s"] for r in seq]
-    return {"n": n, "max_tokens": max_tokens, "run": a, "seq": b, "ratio": med(a) / med(b),
+    return {"model": label, "n": n, "max_tokens": max_tokens, "run": a, "seq": b, "ratio": med(a) / med(b),
             "ratios": [x / y for x, y in zip(a, b, strict=True)], "runner": [r["runner_tok_s"] for r in run],
-            "parallel": ep["parallel"]}
+            "parallel": ep["parallel"], "tokens_run": [r["tokens"] for r in run],
+            "tokens_seq": [r["tokens"] for r in seq], "cpu": cpu, "cpu_seq": cpu_seq}
+
+
+def llama_shaped() -> tuple[str, str]:
+    """(path, label) of the random-weight model shaped like Llama-3 (written once into the model cache)."""
+    from devtools.testmodels import LLAMA3_SHAPED, llama3_shaped_path
+
+    s = LLAMA3_SHAPED
+    return (str(llama3_shaped_path()),
+            f"llama-shaped {s['n_layer']}x{s['n_embd']} {s['dtype']}")
+
+
+def bench_p2_models(bed: Bed, reps: int, n: int, max_tokens: int) -> list[dict[str, tp.Any]]:
+    """P2 on the llama-shaped model first, gemma-3-270m second."""
+    path, label = llama_shaped()
+    return [retrying(lambda: bench_p2(bed, reps, n, max_tokens, model=path, label=label), f"P2 {label}"),
+            retrying(lambda: bench_p2(bed, reps, n, max_tokens), f"P2 {MODEL}")]
 
 
 SWEEP = [  # label, env overrides
@@ -523,6 +619,17 @@ def machine_facts(bed: Bed | None) -> dict[str, str]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
+    flags: set[str] = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    wanted = [("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AVX-512 VNNI", "avx512_vnni"), ("AVX-VNNI", "avx_vnni"),
+              ("AMX", "amx_tile"), ("F16C", "f16c"), ("FMA", "fma")]
+    has = [n for n, f in wanted if f in flags]
+    lacks = [n for n, f in wanted if f not in flags and n in ("AVX2", "AVX-512", "AMX")]
+    cpu_flags = ", ".join(has) + (f"; no {', no '.join(lacks)}" if lacks else "")
     mem = "?"
     with contextlib.suppress(OSError, ValueError):
         kb = int(Path("/proc/meminfo").read_text().split()[1])
@@ -531,7 +638,7 @@ def machine_facts(bed: Bed | None) -> dict[str, str]:
     with contextlib.suppress(OSError):
         debian = Path("/etc/debian_version").read_text().strip()
     return {
-        "cpu": f"{cpu}, {os.cpu_count()} cores, {mem} RAM", "os": f"Debian {debian}, Linux {platform.release()}",
+        "cpu": f"{cpu}, {os.cpu_count()} cores, {mem} RAM; {cpu_flags}", "os": f"Debian {debian}, Linux {platform.release()}",
         "slurm": first(["sinfo", "-V"]), "llama": bed.binaries.version if bed else "?",
         "python": platform.python_version(),
     }
@@ -589,11 +696,12 @@ def render(results: dict[str, tp.Any], facts: dict[str, str], args: argparse.Nam
                      f" | {r['ratio']:.2f}x | <= 1.10x | {'yes' if r['ratio'] <= 1.10 else 'no'} |")
         detail += p1_detail(r)
     if "p2" in results:
-        r = results["p2"]
-        lines.append(f"| P2 completion tok/s, {r['n']} prompts x {r['max_tokens']} tokens | {fmt(r['run'], 1)} "
-                     f"| {fmt(r['seq'], 1)} (sequential loop) | {r['ratio']:.2f}x | >= 2.5x "
-                     f"| {'yes' if r['ratio'] >= 2.5 else 'no'} |")
-        detail += p2_detail(r)
+        for r in results["p2"]:
+            goal = 3.0 if r["model"] != MODEL else 2.5
+            lines.append(f"| P2 completion tok/s, {r['model']}, {r['n']} prompts x {r['max_tokens']} tokens "
+                         f"| {fmt(r['run'], 1)} | {fmt(r['seq'], 1)} (sequential loop) | {r['ratio']:.2f}x "
+                         f"| >= {goal}x | {'yes' if r['ratio'] >= goal else 'no'} |")
+        detail += p2_detail(results["p2"])
     if results.get("sweep"):
         detail += sweep_detail(results["sweep"])
     if "client" in results:
@@ -661,22 +769,75 @@ def p1_detail(r: dict[str, tp.Any]) -> list[str]:
     return lines
 
 
-def p2_detail(r: dict[str, tp.Any]) -> list[str]:
+def p2_detail(rows: list[dict[str, tp.Any]]) -> list[str]:
+    from devtools.testmodels import LLAMA3_SHAPED as S
+
+    r0 = rows[0]
     lines = [
         "## P2 throughput",
         "",
-        f"One deployment of gemma-3-270m on 3 nodes with the testbed profile's settings (`--parallel "
-        f"{r['parallel']}`), {r['n']} chat prompts (\"Write a short story about ...\"), `max_tokens` {r['max_tokens']}, "
-        "temperature 0. Baseline: the lab's client, a Python loop of `openai.OpenAI(...).chat.completions.create` "
-        "one prompt at a time. speedslurm: `speedslurm run --deployment ID --prompts P.jsonl` (slots x replicas "
-        "requests in flight), timed as a whole command (Python start-up included). Interleaved loop, run, loop, run ...",
+        f"One deployment per model on 3 nodes with the testbed profile's settings (`--parallel {r0['parallel']}`, "
+        f"1 thread per process), {r0['n']} chat prompts (\"Write a short story about ...\"), `max_tokens` "
+        f"{r0['max_tokens']}, temperature 0, `ignore_eos` so every request generates exactly `max_tokens`. "
+        "Baseline: the lab's client, a Python loop of `openai.OpenAI(...).chat.completions.create` one prompt at a "
+        "time. speedslurm: `speedslurm run --deployment ID --prompts P.jsonl` (slots x replicas requests in flight), "
+        "timed as a whole command (Python start-up included). Interleaved loop, run, loop, run ...",
         "",
-        f"- sequential loop: {fmt(r['seq'], 1)} completion tok/s; `speedslurm run`: {fmt(r['run'], 1)} tok/s "
-        f"(the runner's own summary: {fmt(r['runner'], 1)}); ratio {r['ratio']:.2f}x "
-        f"(per pair: {', '.join(f'{x:.2f}' for x in r['ratios'])}).",
+        f"The first model is a random-weight llama written by `devtools/testmodels.py` (`llama3_shaped_path`) "
+        f"with Llama-3's proportions: {S['n_layer']} layers of {S['n_embd']}, {S['n_head']} heads with "
+        f"{S['n_head_kv']} KV heads (GQA, head_dim {S['n_embd'] // S['n_head']}), n_ff {S['n_ff']} "
+        f"({S['n_ff'] / S['n_embd']:.1f}x n_embd), a {S['n_vocab']}-token vocabulary whose embedding and output "
+        f"layer are each {_vocab_share(S):.1%} of the weights (Llama-3.1-70B: 1.5 %), {S['dtype']}. gemma-3-270m "
+        "is the opposite shape: its tied 170 M-parameter embedding/output matrix outweighs all its layers.",
         "",
+        "| model | sequential loop (tok/s) | `speedslurm run` (tok/s) | runner's summary (tok/s) | ratio | per pair |",
+        "|---|---|---|---|---|---|",
     ]
+    for r in rows:
+        lines.append(f"| {r['model']} | {fmt(r['seq'], 1)} | {fmt(r['run'], 1)} | {fmt(r['runner'], 1)} "
+                     f"| {r['ratio']:.2f}x | {', '.join(f'{x:.2f}' for x in r['ratios'])} |")
+    lines += [
+        "",
+        "### Per-process CPU during P2",
+        "",
+        "CPU seconds per wall second (100 % = one core busy) of each process of the deployment over each "
+        "`speedslurm run` and each sequential loop (utime + stime from `/proc/PID/stat` at start and end), "
+        "medians over the repetitions. The job side's Python supervises its child (exit, failure files, the "
+        "rpc peers' TCP state) and, on the leader, probes the followers' heartbeats.",
+        "",
+        "| model | process | during `speedslurm run` | during the sequential loop |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        names = sorted({k for c in r["cpu"] for k in c}, key=_role_order)
+        for name in names:
+            run = [c[name] for c in r["cpu"] if name in c]
+            seq = [c[name] for c in r["cpu_seq"] if name in c]
+            lines.append(f"| {r['model']} | {name} | {_pct(run)} | {_pct(seq)} |")
+    lines.append("")
     return lines
+
+
+def _vocab_share(s: dict[str, tp.Any]) -> float:
+    hd = s["n_embd"] // s["n_head"]
+    layer = (2 * s["n_embd"] * s["n_head"] * hd + 2 * s["n_embd"] * s["n_head_kv"] * hd
+             + 3 * s["n_embd"] * s["n_ff"] + 2 * s["n_embd"])
+    vocab = s["n_vocab"] * s["n_embd"]
+    return vocab / (s["n_layer"] * layer + 2 * vocab + s["n_embd"])
+
+
+def _role_order(name: str) -> tuple[int, str]:
+    for i, key in enumerate(("llama-server", "rpc-server", "(leader)", "(follower)")):
+        if key in name:
+            return i, name
+    return 9, name
+
+
+def _pct(values: list[float]) -> str:
+    if not values:
+        return "-"
+    d = 2 if med(values) < 0.01 else 1  # the job side's fractions of a percent
+    return f"{med(values):.{d}%}" + (f" ({min(values):.{d}%}-{max(values):.{d}%})" if len(values) > 1 else "")
 
 
 def sweep_detail(sweep: list[dict[str, tp.Any]]) -> list[str]:
@@ -805,6 +966,7 @@ def main() -> None:
     reps = args.reps or (1 if args.quick else 3)
     from devtools.testmodels import gemma_270m_path
     log(f"model: {gemma_270m_path()}")   # the registry's gemma file, assembled from its package when missing
+    log(f"machine: {machine_facts(None)['cpu']}")
     quiet_before = quiet_check()
     log(quiet_before)
     t_start = time.time()
@@ -823,7 +985,7 @@ def main() -> None:
             results["p6"] = retrying(lambda: bench_p6(bed, reps), "P6")
         if "p2" in parts:
             n = 16 if args.quick else 64
-            results["p2"] = retrying(lambda: bench_p2(bed, reps, n, 64), "P2")
+            results["p2"] = bench_p2_models(bed, reps, n, 64)
         if "sweep" in parts:
             results["sweep"] = bench_sweep(bed, 32, 4, 64)
         if "p4" in parts:
