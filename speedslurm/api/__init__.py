@@ -23,6 +23,7 @@ from .deployments import (
            Deployment,
            Stopped,
            connect,
+           connect_running,
            deployment_source,
            list_deployments,
            load_settings,
@@ -31,5 +32,6 @@ from .deployments import (
            up,
 )
 
-__all__ = ["Built", "Deployment", "Stopped", "batch_options", "build_llama", "connect", "deployment_source",
+__all__ = ["Built", "Deployment", "Stopped", "batch_options", "build_llama", "connect", "connect_running",
+           "deployment_source",
            "list_deployments", "load_settings", "prepare_prompts", "run_batch", "start", "submit", "up"]

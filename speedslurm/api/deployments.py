@@ -111,6 +111,15 @@ class Deployment:
                              interval=self.settings.run.poll_interval_s, on_update=on_update,
                              describe_failure=lambda s: dp.failure_text(self.record, s))
 
+    def metrics(self, statuses: list[ReplicaStatus] | None = None) -> dict[str, tp.Any]:
+        """What the deployment is doing now (``speedslurm top --json``): per replica the slots busy/total, requests
+        waiting, prompt and generation tok/s and KV cache use from llama-server's ``/metrics`` and ``/slots``,
+        and the progress of the batches running against it. ``statuses``: from a polling loop's
+        :class:`~speedslurm.status.StatusProbe` (None: ask now)."""
+        from ..live import snapshot
+
+        return snapshot(self.record, self.status() if statuses is None else statuses)
+
     def endpoints(self) -> list[Endpoint]:
         """The endpoints of the replicas that are READY now (URL, key, model name, nodes)."""
         return [s.endpoint for s in self.status() if s.state == "READY" and s.endpoint]
@@ -229,6 +238,17 @@ def connect(ident: str, settings: Settings | None = None) -> Deployment:
 
     s = _settings(settings)
     return Deployment(dp.find_deployment(s, ident), s)
+
+
+def connect_running(settings: Settings | None = None) -> Deployment:
+    """The one deployment that is not over (pending, starting, loading or ready); :class:`UsageError` naming
+    them when there are several, or saying so when there is none."""
+    from .. import deploy as dp
+    from ..live import pick_live
+
+    s = _settings(settings)
+    deps = dp.list_deployments(s)
+    return Deployment(pick_live(deps, dp.statuses_of(deps)), s)
 
 
 def list_deployments(settings: Settings | None = None) -> list[Deployment]:

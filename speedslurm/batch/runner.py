@@ -105,6 +105,7 @@ class _Runner(ReplicaPool):
                 s.wall_s = time.perf_counter() - self.t0
                 s.failed_replicas = self.failed_replicas()
                 self._update_progress()
+                self._publish("failed" if self.fatal is not None else "interrupted" if self.stopping else "completed")
         resume = "run the same command again to send the remaining requests (done ones are skipped)"
         if self.fatal is not None:
             s.status = "failed"

@@ -10,6 +10,7 @@ from collections import deque
 from rich.console import Console
 
 from ..errors import SpeedslurmError
+from ..live import write_progress
 from .inputs import InvalidLine, Request
 from .prepare import BatchOptions, PreparedBatch
 from .progress import BatchProgress
@@ -55,6 +56,8 @@ class RunState:
         self._make_transport = CLIENTS[options.client]
         self._said_waiting = False
         self.t0 = time.perf_counter()  # the run's start (set again when it runs)
+        self.started_at = time.time()
+        self._published_at = -float("inf")
 
     def say(self, message: str) -> None:
         if not self.opts.quiet:
@@ -88,3 +91,17 @@ class RunState:
         live = sum(1 for r in self.replicas.values() if not r.failed)
         self.progress.update(s.ok + s.failed + s.skipped, s.failed, s.completion_tokens / elapsed if elapsed else 0.0,
                              f"{live} replica{'s' if live != 1 else ''}")
+        self._publish()
+
+    def _publish(self, status: str = "running") -> None:
+        """The progress in the deployment's run directory, for ``speedslurm top`` (at most once a second)."""
+        run_root = getattr(getattr(self.source, "run_dir", None), "root", None)
+        now = time.monotonic()
+        if run_root is None or (status == "running" and now - self._published_at < 1.0):
+            return
+        self._published_at = now
+        s = self.summary
+        elapsed = time.perf_counter() - self.t0
+        write_progress(run_root, results=s.results_path, total=s.total, done=s.ok + s.failed + s.skipped,
+                       failed=s.failed, completion_tok_s=s.completion_tokens / elapsed if elapsed else 0.0,
+                       started_at=self.started_at, status=status)

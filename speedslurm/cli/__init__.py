@@ -42,7 +42,7 @@ def cli(ctx: click.Context, profile: str | None, config_path: str | None, overri
 
 def _register() -> None:
     # Each module adds its commands to `cli`; importing them does no work.
-    from . import batch_cmds, cluster_cmds, deploy_cmds, results_cmd, submit_cmd, templates_cmd  # noqa: F401
+    from . import batch_cmds, cluster_cmds, deploy_cmds, results_cmd, submit_cmd, templates_cmd, top_cmd  # noqa: F401
 
 
 def _stop_like_ctrl_c(signum: int, frame: types.FrameType | None) -> None:

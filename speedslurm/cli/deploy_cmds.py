@@ -199,11 +199,14 @@ def _age(seconds: float) -> str:
     return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
 
 
-def _status_rows(settings: tp.Any, ident: str | None, show_all: bool) -> list[dict[str, tp.Any]]:
+def _status_rows(settings: tp.Any, ident: str | None, show_all: bool,
+                 probe: tp.Callable[[list[dp.Deployment]], list[list[dp.ReplicaStatus]]] | None = None,
+                 with_metrics: bool = False) -> list[dict[str, tp.Any]]:
     deps = [dp.find_deployment(settings, ident)] if ident else dp.list_deployments(settings)
     rows = []
-    # One squeue for the live jobs of every deployment; those already seen ended are not asked about again.
-    for dep, statuses in zip(deps, dp.statuses_of(deps), strict=True):
+    # One squeue for the live jobs of every deployment; those already seen ended are not asked about again
+    # (``probe``: a refreshing view's, which asks less often while nothing changes).
+    for dep, statuses in zip(deps, (probe or dp.statuses_of)(deps), strict=True):
         state = dp.deployment_state(statuses)
         if not ident and not show_all and state in ("ENDED",) and time.time() - dep.info.get("created_at", 0) > 86400:
             continue
@@ -215,29 +218,45 @@ def _status_rows(settings: tp.Any, ident: str | None, show_all: bool) -> list[di
             "endpoints": [s.endpoint.openai_base_url for s in statuses if s.endpoint and s.state == "READY"],
             "run_dir": str(dep.run_dir.root),
         })
+        if with_metrics and state == "READY":
+            from ..live import snapshot
+
+            load = {r["replica"]: r["metrics"] for r in snapshot(dep, statuses)["replicas"]}
+            for rep in rows[-1]["replicas"]:
+                rep["metrics"] = load.get(rep["replica"])
     return rows
 
 
 @cli.command("status")
 @click.argument("ident", required=False)
-@click.option("--watch", is_flag=True, help="Refresh every 2 seconds until Ctrl-C.")
+@click.option("--watch", is_flag=True, help="Refresh every --interval seconds until Ctrl-C, with each ready replica's "
+              "load (Slurm is asked less often while nothing changes).")
+@click.option("--interval", type=click.FloatRange(min=0.2), default=2.0, show_default=True,
+              help="Seconds between refreshes with --watch.")
+@click.option("--count", type=click.IntRange(min=1), default=None, help="With --watch: stop after this many refreshes.")
 @click.option("--all", "show_all", is_flag=True, help="Include deployments that ended over a day ago.")
 @json_option
 @click.pass_context
-def status_cmd(ctx: click.Context, ident: str | None, watch: bool, show_all: bool, as_json: bool) -> None:
+def status_cmd(ctx: click.Context, ident: str | None, watch: bool, interval: float, count: int | None,
+               show_all: bool, as_json: bool) -> None:
     """Deployments with job id(s), model, nodes, state, endpoint and age (from run dirs and squeue/sacct)."""
     settings = settings_from(ctx)
-    while True:
+    if not watch:
         rows = _status_rows(settings, ident, show_all)
-        if as_json:
-            print_json(rows)
-        else:
-            _print_status(rows)
-        if not watch:
-            return
-        time.sleep(2)
-        if not as_json:
-            click.clear()
+        print_json(rows) if as_json else _print_status(rows)
+        return
+    from ..live import StatusesProbe
+
+    probe = StatusesProbe()
+    shown = 0
+    while count is None or shown < count:
+        if shown:
+            time.sleep(interval)
+            if not as_json and is_tty():
+                click.clear()
+        rows = _status_rows(settings, ident, show_all, probe=probe, with_metrics=True)
+        print_json(rows) if as_json else _print_status(rows)
+        shown += 1
 
 
 def _print_status(rows: list[dict[str, tp.Any]]) -> None:
@@ -261,6 +280,10 @@ def _print_status(rows: list[dict[str, tp.Any]]) -> None:
             table.add_row(row["id"] if rep["replica"] == 0 else f"  replica {rep['replica']}", row["model"] or "?",
                           f"[{colors.get(state, 'white')}]{state}[/]", rep["job_id"] or "-", nodes, ep,
                           _age(row["age_s"]), Text(rep["why"] or "-"))
+            if rep.get("metrics"):
+                from .top_cmd import replica_load
+
+                table.add_row("", "", "", "", "", Text(replica_load(rep["metrics"])), "", "")
     con.print(table)
 
 

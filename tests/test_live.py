@@ -1,0 +1,157 @@
+"""The live view's reading of llama-server (``/metrics``, ``/slots``: text captured from the real server while two
+requests ran and two waited), the batch progress files, the choice of deployment, and what ``top`` prints."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import os
+import stat
+import threading
+import time
+import typing as tp
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from speedslurm import live
+from speedslurm.errors import UsageError
+
+GOLDEN = Path(__file__).parent / "golden"
+METRICS = (GOLDEN / "llama-metrics-busy.txt").read_text()
+SLOTS = json.loads((GOLDEN / "llama-slots-busy.json").read_text())
+
+
+def test_metrics_text_of_the_real_server_is_parsed() -> None:
+    m = live.parse_metrics(METRICS)
+    assert m["llamacpp:requests_processing"] == 2
+    assert m["llamacpp:requests_deferred"] == 2
+    assert m["llamacpp:prompt_tokens_seconds"] == pytest.approx(860.215)
+    assert m["llamacpp:predicted_tokens_seconds"] == 0
+    assert "# HELP" not in " ".join(m)
+
+
+def test_slots_of_the_real_server_give_busy_total_and_tokens_held() -> None:
+    s = live.slots_from(SLOTS)
+    assert (s.busy, s.total, s.n_ctx) == (2, 2, 256)
+    assert s.tokens == 2 * (121 + 105)  # prompt + decoded so far, per busy slot
+
+
+def test_slots_that_are_not_a_list_are_refused() -> None:
+    with pytest.raises(ValueError, match="list of slots"):
+        live.slots_from({"error": "x"})
+
+
+def test_replica_numbers_put_together_with_the_kv_use_estimated_from_slots() -> None:
+    m = live.metrics_from(0, "http://n1:8080", live.parse_metrics(METRICS), live.slots_from(SLOTS), ctx=512)
+    assert (m.slots_busy, m.slots_total, m.requests_waiting) == (2, 2, 2)
+    assert m.prompt_tok_s == pytest.approx(860.215) and m.generation_tok_s == 0
+    assert m.kv_cache_used == pytest.approx(452 / 512) and m.kv_cache_source == "slots (estimate)"
+
+
+def test_kv_ratio_from_a_build_that_exports_it_wins() -> None:
+    metrics = live.parse_metrics(METRICS + "llamacpp:kv_cache_usage_ratio 0.25\n")
+    m = live.metrics_from(0, "u", metrics, live.slots_from(SLOTS), ctx=512)
+    assert (m.kv_cache_used, m.kv_cache_source) == (0.25, "metrics")
+
+
+class _Server(http.server.BaseHTTPRequestHandler):
+    key = "sekret"
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.headers.get("Authorization") != f"Bearer {self.key}":
+            self.send_response(401)
+            self.end_headers()
+            return
+        body = METRICS.encode() if self.path == "/metrics" else json.dumps(SLOTS).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: tp.Any) -> None:
+        pass
+
+
+@pytest.fixture
+def server() -> tp.Iterator[str]:
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Server)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+
+
+class _Endpoint(tp.NamedTuple):
+    url: str
+    api_key: str
+    replica: int = 0
+
+
+def test_a_replica_is_asked_with_the_api_key(server: str) -> None:
+    m = live.replica_metrics(tp.cast(tp.Any, _Endpoint(server, "sekret")), ctx=512)
+    assert m.error == "" and (m.slots_busy, m.slots_total, m.requests_waiting) == (2, 2, 2)
+
+
+def test_a_wrong_key_is_named_not_shown_as_zero_load(server: str) -> None:
+    m = live.replica_metrics(tp.cast(tp.Any, _Endpoint(server, "wrong")))
+    assert m.error == "/metrics: HTTP 401" and m.slots_busy is None
+
+
+def test_progress_is_private_and_read_back(tmp_path: Path) -> None:
+    live.write_progress(tmp_path, results="r.jsonl", total=10, done=4, failed=1, completion_tok_s=12.5,
+                        started_at=time.time() - 3)
+    files = list(live.progress_dir(tmp_path).glob("*.json"))
+    assert len(files) == 1 and stat.S_IMODE(files[0].stat().st_mode) == 0o600
+    (info,) = live.read_progress(tmp_path)
+    assert (info.done, info.total, info.failed, info.status, info.pid) == (4, 10, 1, "running", os.getpid())
+
+
+def test_progress_not_renewed_is_marked_and_old_ones_dropped(tmp_path: Path) -> None:
+    live.write_progress(tmp_path, results="r", total=10, done=4, failed=0, completion_tok_s=0, started_at=0)
+    now = time.time()
+    assert live.read_progress(tmp_path, now + live.PROGRESS_STALE_S + 1)[0].status == "stopped (no news)"
+    assert live.read_progress(tmp_path, now + live.PROGRESS_KEEP_S + 1) == []
+
+
+class _Dep(tp.NamedTuple):
+    id: str
+
+
+class _St(tp.NamedTuple):
+    state: str
+    why: str = ""
+
+
+def test_without_an_id_the_only_running_deployment_is_chosen_or_the_choice_named() -> None:
+    a, b, c = _Dep("a1"), _Dep("b2"), _Dep("c3")
+    pick = tp.cast(tp.Any, live.pick_live)
+    assert pick([a, b], [[_St("ENDED")], [_St("READY")]]) is b
+    with pytest.raises(UsageError, match=r"2 deployments are running: a1 \(READY\), c3 \(PENDING\)") as exc:
+        pick([a, b, c], [[_St("READY")], [_St("FAILED")], [_St("PENDING")]])
+    assert "speedslurm top ID" in (exc.value.fix or "")
+    with pytest.raises(UsageError, match="no deployment is running"):
+        pick([a], [[_St("ENDED")]])
+
+
+def test_the_view_shows_each_replica_and_the_batch() -> None:
+    from speedslurm.cli.top_cmd import render_snapshot
+
+    m = live.metrics_from(0, "http://n1:8080", live.parse_metrics(METRICS), live.slots_from(SLOTS), ctx=512)
+    snap = {"deployment": "d-1", "model": "tiny", "state": "READY", "why": "", "time": time.time(),
+            "replicas": [{"replica": 0, "state": "READY", "why": "", "job_id": "77", "nodes": "n[1-2]",
+                          "metrics": m.to_json()},
+                         {"replica": 1, "state": "PENDING", "why": "Resources", "job_id": "78", "nodes": "",
+                          "metrics": None}],
+            "batches": [{"done": 40, "total": 300, "failed": 0, "completion_tok_s": 55.0, "status": "running",
+                         "results": "out.jsonl", "pid": 12, "host": "login"}]}
+    con = Console(file=io.StringIO(), width=120)
+    con.print(render_snapshot(snap))
+    text = tp.cast(io.StringIO, con.file).getvalue()
+    assert "deployment d-1  model tiny  READY" in text
+    row = next(line for line in text.splitlines() if line.startswith("0 "))
+    assert row.split() == ["0", "READY", "77", "2/2", "2", "860.2", "0.0", "88%", "(est.)"]
+    assert "Resources" in next(line for line in text.splitlines() if line.startswith("1 "))
+    assert "40/300 done (13%), 0 failed, 55.0 completion tok/s, running  out.jsonl" in text
