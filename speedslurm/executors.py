@@ -25,6 +25,7 @@ from .contract import JobId
 from .deployment import Deployment, find_submitted_job, needs_job_ids
 from .errors import UsageError
 from .localproc import ProcessIdentity
+from .nodehours import ACCOUNTING, SQUEUE, Usage
 from .rundir import read_json, write_json_atomic
 
 if tp.TYPE_CHECKING:
@@ -56,6 +57,7 @@ class JobView:
     unsubmitted: bool = False  # rendered for plain sbatch, no job of it found yet
     gone: str = ""            # local: why its processes are not running ("gone", "rebooted")
     elsewhere: str = ""       # local: the host its processes run on, when that is not this one
+    usage: Usage | None = None  # what the job held, as Slurm counts it (None: Slurm gave no figure)
 
 
 class Executor(abc.ABC):
@@ -136,6 +138,8 @@ class SlurmExecutor(Executor):
         for r in range(dep.replicas):
             job_id = dep.replica_job_id(r)
             js = slurm.state_for(job_id, states) if job_id else None
+            if js is not None:
+                js = slurm.with_usage(job_id, js, states)  # a hetjob: every component's nodes
             if js is None and job_id:
                 js = ended.get(job_id)
             if js is not None and job_id not in ended and js.state.split()[0] in slurm.FINAL_STATES:
@@ -148,13 +152,25 @@ class SlurmExecutor(Executor):
                 reason=js.reason if js else "",
                 nodes=js.nodes if js and js.nodes != "None assigned" else "",  # sacct's words: it never ran
                 restarts=js.restarts if js else None, start=js.restarts if js else None,
-                unsubmitted=not job_id and not cancelled))
+                unsubmitted=not job_id and not cancelled, usage=_usage(js)))
         _record_ends(dep, seen_ended)
         return out
 
     def cancel(self, dep: Deployment) -> bool:
         slurm.scancel([JobId.base_of(j) for j in dep.job_ids if j])  # an array task: its whole array
         return True
+
+
+def _usage(js: slurm.JobState | None) -> Usage | None:
+    """What Slurm counted of a job: accounting's figures once it ended (exit code known), squeue's while it runs."""
+    if js is None or js.node_s is None or js.elapsed_s is None:
+        return None
+    source = ACCOUNTING if js.exit_code else SQUEUE  # accounting's rows carry an exit code, squeue's never do
+    return Usage(float(js.elapsed_s), js.node_s, js.gpu_s, source)
+
+
+def _num(value: tp.Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def recorded_ends(dep: Deployment) -> dict[str, slurm.JobState]:
@@ -167,9 +183,12 @@ def recorded_ends(dep: Deployment) -> dict[str, slurm.JobState]:
     out = {}
     for job_id, rec in (jobs or {}).items():
         if isinstance(rec, dict) and rec.get("state"):
+            elapsed = _num(rec.get("elapsed_s"))
             out[str(job_id)] = slurm.JobState(str(rec.get("job_id") or job_id), str(rec["state"]),
                                               str(rec.get("reason", "")), str(rec.get("exit_code", "")),
-                                              str(rec.get("nodes", "")))
+                                              str(rec.get("nodes", "")), None,
+                                              None if elapsed is None else int(elapsed),
+                                              _num(rec.get("node_s")), _num(rec.get("gpu_s")))
     return out
 
 

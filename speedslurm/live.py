@@ -242,6 +242,7 @@ def snapshot(dep: DeploymentRecord, statuses: tp.Sequence[ReplicaStatus], timeou
     :class:`~speedslurm.status.StatusProbe` (which asks Slurm politely); the servers are asked at every call."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from .nodehours import deployment_usage
     from .status import deployment_state, deployment_why
 
     ready = [s for s in statuses if s.state == "READY" and s.endpoint]
@@ -257,7 +258,8 @@ def snapshot(dep: DeploymentRecord, statuses: tp.Sequence[ReplicaStatus], timeou
                          "nodes": s.nodes, "metrics": m.to_json() if m else None})
     return {"deployment": dep.id, "model": (dep.info.get("model") or {}).get("name"),
             "state": deployment_state(statuses), "why": deployment_why(statuses), "time": time.time(),
-            "replicas": replicas, "batches": [b.to_json() for b in read_progress(dep.run_dir.root)]}
+            "replicas": replicas, "batches": [b.to_json() for b in read_progress(dep.run_dir.root)],
+            **deployment_usage(dep, statuses)}
 
 
 class StatusesProbe:

@@ -17,8 +17,11 @@ from .proc import call
 # Slurm states that end a job for good.
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
                 "BOOT_FAIL", "DEADLINE", "REVOKED", "SPECIAL_EXIT", "GONE"}
-# What squeue is asked about each job: id, state, reason, nodes, restart count (the start a requeued job is at).
-SQUEUE_FIELDS = "JobArrayID:|,State:|,Reason:|,NodeList:|,RestartCnt:"
+# What squeue is asked about each job: id, state, reason, nodes, restart count (the start a requeued job is at),
+# time used and node count (the node-hours it holds so far).
+SQUEUE_FIELDS = "JobArrayID:|,State:|,Reason:|,NodeList:|,RestartCnt:|,TimeUsed:|,NumNodes:"
+# What sacct is asked about a job squeue no longer lists: its end, and what it held (node-hours, GPU-hours).
+SACCT_FIELDS = "JobID,State,ExitCode,NodeList,ElapsedRaw,NNodes,AllocTRES"
 # GONE: not in the queue any more, and accounting has no record (yet: slurmdbd may lag behind).
 BAD_STATES = FINAL_STATES - {"COMPLETED", "GONE"}
 
@@ -35,6 +38,11 @@ class JobState:
     exit_code: str = ""
     nodes: str = ""
     restarts: int | None = None  # Slurm's restart count (squeue's RestartCnt): which start the job is at
+    # What it held (None: not known): seconds run, node-seconds (each component's nodes x its elapsed time),
+    # GPU-seconds (only where accounting counts gres/gpu in AllocTRES).
+    elapsed_s: int | None = None
+    node_s: float | None = None
+    gpu_s: float | None = None
 
     @property
     def final(self) -> bool:
@@ -102,21 +110,30 @@ def job_states(job_ids: tp.Iterable[str]) -> dict[str, JobState]:
         parts = line.strip().split("|")
         if len(parts) >= 4:
             restarts = int(parts[4]) if len(parts) > 4 and parts[4].strip().isdigit() else None
-            queued[parts[0]] = JobState(parts[0], parts[1], parts[2], "", parts[3], restarts)
+            elapsed = time_used_s(parts[5]) if len(parts) > 5 else None
+            nnodes = _int(parts[6]) if len(parts) > 6 else None
+            node_s = float(elapsed * nnodes) if elapsed is not None and nnodes is not None else None
+            queued[parts[0]] = JobState(parts[0], parts[1], parts[2], "", parts[3], restarts, elapsed, node_s)
     accounted: dict[str, JobState] = {}
     unlisted = sorted({JobId.base_of(j) for j in wanted if state_for(j, queued) is None}) \
         if squeue_ok else ids
     acct = ""
     if unlisted:
         try:
-            acct = call(["sacct", "-n", "-X", "-P", "-j", ",".join(unlisted), "-o", "JobID,State,ExitCode,NodeList"],
+            acct = call(["sacct", "-n", "-X", "-P", "-j", ",".join(unlisted), "-o", SACCT_FIELDS],
                         timeout=20, check=False)
         except CommandError:
             acct = ""
     for line in acct.splitlines():
         parts = line.strip().split("|")
         if len(parts) >= 4:
-            accounted[parts[0]] = JobState(parts[0], parts[1].split()[0], "", parts[2], parts[3])
+            elapsed = _int(parts[4]) if len(parts) > 4 else None
+            nnodes = _int(parts[5]) if len(parts) > 5 else None
+            gpus = alloc_gpus("|".join(parts[6:])) if len(parts) > 6 else None
+            accounted[parts[0]] = JobState(
+                parts[0], parts[1].split()[0], "", parts[2], parts[3], None, elapsed,
+                float(elapsed * nnodes) if elapsed is not None and nnodes is not None else None,
+                float(elapsed * gpus) if elapsed is not None and gpus is not None else None)
     states = dict(queued)
     for key, acc in accounted.items():
         if key not in states and (acc.final or not squeue_ok):
@@ -125,8 +142,56 @@ def job_states(job_ids: tp.Iterable[str]) -> dict[str, JobState]:
         for jid in wanted:
             if state_for(jid, queued) is None:
                 last = state_for(jid, accounted)
-                states[jid] = last if last is not None and last.final else JobState(jid, "GONE")
+                states[jid] = with_usage(jid, last, accounted) if last is not None and last.final \
+                    else JobState(jid, "GONE")
     return states
+
+
+def _int(text: str) -> int | None:
+    text = text.strip()
+    return int(text) if text.isdigit() else None
+
+
+def time_used_s(text: str) -> int | None:
+    """squeue's TimeUsed (``12:34``, ``1:02:03``, ``2-01:02:03``) in seconds; None when it is not one."""
+    text = text.strip()
+    days, _, clock = text.rpartition("-")
+    try:
+        fields = [int(f) for f in clock.split(":")]
+        d = int(days) if days else 0
+    except ValueError:
+        return None
+    if not 1 <= len(fields) <= 3:
+        return None
+    seconds = 0
+    for f in fields:
+        seconds = seconds * 60 + f
+    return d * 86400 + seconds
+
+
+def alloc_gpus(tres: str) -> int | None:
+    """GPUs in an AllocTRES (``billing=8,cpu=8,gres/gpu=2,mem=64G,node=2``); None when GPUs are not counted."""
+    for item in tres.split(","):
+        name, _, value = item.strip().partition("=")
+        if name == "gres/gpu" and value.strip().isdigit():
+            return int(value)
+    return None
+
+
+def with_usage(job_id: str, state: JobState, states: dict[str, JobState]) -> JobState:
+    """``state`` (:func:`state_for`'s pick) with what all of the job's rows held: a hetjob's components each
+    have their nodes and time, summed here."""
+    key = _parse(job_id)
+    if job_id in states or key is None or key.task:
+        return state
+    rows = [s for k, s in states.items() if (p := _parse(k)) and p.component and p.job == key.job]
+    if not rows:
+        return state
+    node_s = [s.node_s for s in rows if s.node_s is not None]
+    gpu_s = [s.gpu_s for s in rows if s.gpu_s is not None]
+    elapsed = [s.elapsed_s for s in rows if s.elapsed_s is not None]
+    return dataclasses.replace(state, elapsed_s=max(elapsed) if elapsed else None,
+                               node_s=sum(node_s) if node_s else None, gpu_s=sum(gpu_s) if gpu_s else None)
 
 
 def state_for(job_id: str, states: dict[str, JobState]) -> JobState | None:

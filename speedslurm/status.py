@@ -17,6 +17,7 @@ from .contract import Failed, JobId
 from .deployment import Deployment, script_path
 from .errors import UsageError
 from .executors import SLURM_FIRST_S, SLURM_MOST_S, SlurmExecutor, executor_for, live_job_ids
+from .nodehours import Usage
 from .polling import Backoff
 from .rundir import Endpoint
 
@@ -52,6 +53,7 @@ class ReplicaStatus:
     nodes: str = ""
     why: str = ""  # what the state alone does not say: why it ended or failed, what it waits for
     restarts: int | None = None  # Slurm's restart count: the job's start the handshake files must come from
+    usage: Usage | None = None  # what the job held, as Slurm counts it (speedslurm.nodehours)
 
     def to_json(self, show_key: bool = False) -> dict[str, tp.Any]:
         return {"replica": self.replica, "state": self.state, "why": self.why, "job_id": self.job_id,
@@ -154,7 +156,7 @@ def replica_statuses(dep: Deployment, states: dict[str, slurm.JobState] | None =
         if view.elsewhere and state in ("READY", "LOADING", "STARTING"):
             why = f"runs on {view.elsewhere}: its processes can only be checked there"
         out.append(ReplicaStatus(r, state, job_id, view.job_state, reason, endpoint, failure, view.nodes, why,
-                                 view.restarts))
+                                 view.restarts, view.usage))
     return out
 
 
@@ -285,10 +287,13 @@ def deployment_source(record: Deployment) -> EndpointSource:
     # Each replica's current start (Slurm's restart count) as last asked: a requeued job keeps its id, and the
     # files of its earlier start (an endpoint with a dead port, a failure) are not taken for the new start's.
     restarts: dict[int, int | None] = {}
+    last: dict[str, tp.Any] = {}  # the statuses the last look got, and when: the batch's node-hours use them
 
     def job_failures() -> dict[int, str]:
         out = {}
-        for st in replica_statuses(record):
+        statuses = replica_statuses(record)
+        last.update(statuses=statuses, at=time.time())
+        for st in statuses:
             restarts[st.replica] = st.restarts
             if st.state == "PENDING" and st.restarts:
                 continue  # requeued: it starts again, with a new endpoint
@@ -302,7 +307,17 @@ def deployment_source(record: Deployment) -> EndpointSource:
 
     # Slurm is asked a second after a change, then less and less often while the batch runs undisturbed; the
     # runner hurries the source when it sees a replica fail. Local processes cost Slurm nothing: every second.
-    return RunDirSource(record.run_dir, record.replicas, job_failures=job_failures, alive_every=SLURM_FIRST_S,
-                        alive_most=executor_for(record).alive_most_s,
-                        accept=lambda ep: endpoint_is_current(record, ep, restarts.get(ep.replica)),
-                        accept_failure=lambda r, info: failure_is_current(record, r, info, restarts.get(r)))
+    source = RunDirSource(record.run_dir, record.replicas, job_failures=job_failures, alive_every=SLURM_FIRST_S,
+                          alive_most=executor_for(record).alive_most_s,
+                          accept=lambda ep: endpoint_is_current(record, ep, restarts.get(ep.replica)),
+                          accept_failure=lambda r, info: failure_is_current(record, r, info, restarts.get(r)))
+
+    def usage(started: float, ended: float) -> dict[str, tp.Any]:
+        from .nodehours import batch_usage
+
+        if not last:  # never looked: the run directory and the recorded ends (no question to Slurm)
+            last.update(statuses=replica_statuses(record, {}), at=time.time())
+        return batch_usage(record, last["statuses"], started, ended, last["at"])
+
+    source.usage = usage
+    return source

@@ -106,6 +106,10 @@ class _Runner(ReplicaPool):
                 s.failed_replicas = self.failed_replicas()
                 self._update_progress()
                 self._publish("failed" if self.fatal is not None else "interrupted" if self.stopping else "completed")
+                usage = getattr(self.source, "usage", None)
+                if usage is not None:
+                    with contextlib.suppress(Exception):  # a figure for the summary never fails the batch
+                        s.usage = usage(self.started_at, time.time())
         resume = "run the same command again to send the remaining requests (done ones are skipped)"
         if self.fatal is not None:
             s.status = "failed"

@@ -144,6 +144,8 @@ class RunDirSource:
         self._failed: dict[int, str] = {}
         self._backoff = Backoff(alive_every, alive_every if alive_most is None else alive_most, clock)
         self._job_ended = False
+        # The node-hours its deployment held over a span (epoch seconds): set by the deployment's source.
+        self.usage: tp.Callable[[float, float], dict[str, tp.Any]] | None = None
         self._job_failed: dict[int, str] = {}  # the checks' last answer
 
     def poll(self) -> SourceState:

@@ -43,6 +43,8 @@ class Summary:
     per_replica: dict[int, int] = dataclasses.field(default_factory=dict)
     failed_replicas: dict[int, str] = dataclasses.field(default_factory=dict)
     errors: dict[str, int] = dataclasses.field(default_factory=dict)  # error code -> count
+    # The node-hours (GPU-hours) its deployment held over the run, and their source (speedslurm.nodehours).
+    usage: dict[str, tp.Any] | None = None
 
     @property
     def remaining(self) -> int:
@@ -77,6 +79,9 @@ class Summary:
             "errors": dict(sorted(self.errors.items())),
             "replicas": {str(r): n for r, n in sorted(self.per_replica.items())},
             "failed_replicas": {str(r): why for r, why in sorted(self.failed_replicas.items())},
+            "node_hours": self.usage["node_hours"] if self.usage else None,
+            "gpu_hours": self.usage["gpu_hours"] if self.usage else None,
+            "node_hours_source": self.usage["node_hours_source"] if self.usage else None,
         }
 
     def render(self, console: Console) -> None:
@@ -97,5 +102,10 @@ class Summary:
             table.add_row(f"replica r{r}", f"[red]failed[/red]: {why}")
         if self.errors:
             table.add_row("errors", ", ".join(f"{code}: {n}" for code, n in sorted(self.errors.items())))
+        if self.usage:
+            gpu = self.usage["gpu_hours"]
+            table.add_row("node-hours", f"{self.usage['node_hours']:.3f}"
+                          + (f" ({gpu:.3f} GPU-hours)" if gpu is not None else "")
+                          + f", from {self.usage['node_hours_source']}")
         table.add_row("results", self.results_path)
         console.print(table)

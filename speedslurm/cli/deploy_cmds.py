@@ -202,6 +202,8 @@ def _age(seconds: float) -> str:
 def _status_rows(settings: tp.Any, ident: str | None, show_all: bool,
                  probe: tp.Callable[[list[dp.Deployment]], list[list[dp.ReplicaStatus]]] | None = None,
                  with_metrics: bool = False) -> list[dict[str, tp.Any]]:
+    from ..nodehours import deployment_usage, replica_usage
+
     deps = [dp.find_deployment(settings, ident)] if ident else dp.list_deployments(settings)
     rows = []
     # One squeue for the live jobs of every deployment; those already seen ended are not asked about again
@@ -217,7 +219,12 @@ def _status_rows(settings: tp.Any, ident: str | None, show_all: bool,
             "replicas": [s.to_json() for s in statuses], "age_s": round(time.time() - dep.info.get("created_at", 0), 1),
             "endpoints": [s.endpoint.openai_base_url for s in statuses if s.endpoint and s.state == "READY"],
             "run_dir": str(dep.run_dir.root),
+            **deployment_usage(dep, statuses),
         })
+        for rep, st in zip(rows[-1]["replicas"], statuses, strict=True):
+            held = replica_usage(dep, st)
+            rep.update(node_hours=round(held["node_hours"], 4), gpu_hours=held["gpu_hours"],
+                       node_hours_source=held["source"])
         if with_metrics and state == "READY":
             from ..live import snapshot
 
@@ -268,7 +275,7 @@ def _print_status(rows: list[dict[str, tp.Any]]) -> None:
         con.print("No deployments. Start one with `speedslurm up --model NAME`.")
         return
     table = Table(box=None, pad_edge=False)
-    for col in ("DEPLOYMENT", "MODEL", "STATE", "JOB", "NODES", "ENDPOINT", "AGE", "WHY"):
+    for col in ("DEPLOYMENT", "MODEL", "STATE", "JOB", "NODES", "ENDPOINT", "AGE", "NODE-H", "WHY"):
         table.add_column(col)
     colors = {"READY": "green", "FAILED": "red", "ENDED": "dim", "LOADING": "yellow", "STARTING": "yellow",
               "UNSUBMITTED": "yellow"}
@@ -279,12 +286,21 @@ def _print_status(rows: list[dict[str, tp.Any]]) -> None:
             nodes = rep["nodes"] or str(row["nodes"])
             table.add_row(row["id"] if rep["replica"] == 0 else f"  replica {rep['replica']}", row["model"] or "?",
                           f"[{colors.get(state, 'white')}]{state}[/]", rep["job_id"] or "-", nodes, ep,
-                          _age(row["age_s"]), Text(rep["why"] or "-"))
+                          _age(row["age_s"]), _node_hours(rep), Text(rep["why"] or "-"))
             if rep.get("metrics"):
                 from .top_cmd import replica_load
 
-                table.add_row("", "", "", "", "", Text(replica_load(rep["metrics"])), "", "")
+                table.add_row("", "", "", "", "", Text(replica_load(rep["metrics"])), "", "", "")
     con.print(table)
+    walls = any(rep["node_hours_source"] == "client wall time" for row in rows for rep in row["replicas"])
+    con.print("[dim]NODE-H: node-hours held, from Slurm's figures"
+              f"{'; * from the wall time the client saw (Slurm gave none)' if walls else ''}"
+              f"{'; GPU-hours in --json' if any(r['gpu_hours'] for r in rows) else ''}[/dim]")
+
+
+def _node_hours(rep: dict[str, tp.Any]) -> str:
+    text = f"{rep['node_hours']:.3f}"
+    return text + "*" if rep["node_hours_source"] == "client wall time" else text
 
 
 @cli.command("endpoint")
