@@ -155,3 +155,29 @@ def test_the_view_shows_each_replica_and_the_batch() -> None:
     assert row.split() == ["0", "READY", "77", "2/2", "2", "860.2", "0.0", "88%", "(est.)"]
     assert "Resources" in next(line for line in text.splitlines() if line.startswith("1 "))
     assert "40/300 done (13%), 0 failed, 55.0 completion tok/s, running  out.jsonl" in text
+
+
+def test_a_refreshing_view_asks_slurm_less_and_less_while_nothing_changes(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import records
+
+    from speedslurm import deploy, slurm
+    from speedslurm.rundir import RunDir, make_private_dir
+
+    calls: list[str] = []
+
+    def fake(argv: list[str], **kw: tp.Any) -> str:
+        calls.append(argv[0])
+        return "42|PENDING|Resources|(null)|0|0:00|2\n"
+
+    monkeypatch.setattr(slurm, "call", fake)
+    rd = RunDir(make_private_dir(tmp_path / "d"))
+    dep = deploy.Deployment(rd, records.deployment(rd.root, replicas=1, job_ids=["42"], nodes=2))
+    make_private_dir(rd.replica_dir(0))
+    now = [0.0]
+    probe = live.StatusesProbe(clock=lambda: now[0])
+    for _ in range(120):  # `status --watch --interval 1` for two minutes, the job waiting in the queue
+        (statuses,) = probe([dep])
+        assert statuses[0].state == "PENDING"
+        now[0] += 1.0
+    assert calls == ["squeue"] * len(calls) and 5 <= len(calls) <= 8  # 1, 2, 4, 8, 16, 30, 30, ... s apart
