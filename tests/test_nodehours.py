@@ -129,3 +129,28 @@ def test_the_batch_summary_shows_node_hours() -> None:
     con = Console(file=io.StringIO(), width=100)
     s.render(con)
     assert "node-hours  0.250, from slurm (running)" in tp.cast(io.StringIO, con.file).getvalue()
+
+
+def test_status_shows_the_node_hours_and_their_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from speedslurm.cli import main
+
+    monkeypatch.setattr(slurm, "call", Slurm(sacct=SACCT_HETJOB))
+    monkeypatch.setenv("SPEEDSLURM_RUN__DIR", str(tmp_path))
+    monkeypatch.setenv("SPEEDSLURM_PROFILE", "testbed")
+    dep = _dep(tmp_path, ["307"])
+
+    def run(*args: str) -> str:
+        try:
+            main(list(args))
+        except SystemExit as exc:
+            assert exc.code in (0, None), capsys.readouterr().err
+        return capsys.readouterr().out
+
+    (row,) = json.loads(run("status", dep.id, "--json"))
+    assert (row["node_hours"], row["gpu_hours"], row["node_hours_source"]) == (0.0375, None, "slurm accounting")
+    assert row["replicas"][0]["node_hours"] == 0.0375
+    text = run("status", dep.id)
+    assert "NODE-H" in text.splitlines()[0]
+    assert " 0.037 " in next(line for line in text.splitlines() if line.startswith(dep.id))
+    assert "node-hours held, from Slurm's figures" in text and "*" not in text

@@ -292,13 +292,16 @@ def _print_status(rows: list[dict[str, tp.Any]]) -> None:
 
                 table.add_row("", "", "", "", "", Text(replica_load(rep["metrics"])), "", "", "")
     con.print(table)
-    walls = any(rep["node_hours_source"] == "client wall time" for row in rows for rep in row["replicas"])
+    walls = any(rep["node_hours_source"] == "client wall time" and rep["node_hours"]
+                for row in rows for rep in row["replicas"])
     con.print("[dim]NODE-H: node-hours held, from Slurm's figures"
               f"{'; * from the wall time the client saw (Slurm gave none)' if walls else ''}"
               f"{'; GPU-hours in --json' if any(r['gpu_hours'] for r in rows) else ''}[/dim]")
 
 
 def _node_hours(rep: dict[str, tp.Any]) -> str:
+    if not rep["node_hours"] and rep["node_hours_source"] == "client wall time":
+        return "-"  # never held a node, as far as anyone knows
     text = f"{rep['node_hours']:.3f}"
     return text + "*" if rep["node_hours_source"] == "client wall time" else text
 
