@@ -3,8 +3,10 @@ batches running against it (``top``, ``status --watch``, :meth:`speedslurm.api.D
 
 llama-server serves ``/metrics`` (Prometheus text; ``--metrics``, which the leader always passes) and ``/slots``
 (JSON, one object per slot); both need the deployment's API key. Its throughput gauges
-(``llamacpp:prompt_tokens_seconds``, ``llamacpp:predicted_tokens_seconds``) cover the time since the previous
-``/metrics`` request (llama-server resets them at each one), so each refresh shows the rate over its interval.
+(``llamacpp:prompt_tokens_seconds``, ``llamacpp:predicted_tokens_seconds``) are tokens per second of one slot's
+busy time (the time is summed over slots), over the time since the previous ``/metrics`` request (llama-server
+resets them at each one); the server's rate is that times the busy slots (on the bed: 22.8 per slot x 15 slots,
+while the batch counted 308 completion tok/s).
 Builds that export ``llamacpp:kv_cache_usage_ratio`` give the KV cache use; for the others it is estimated from
 ``/slots``: the tokens the busy slots hold over the context.
 
@@ -94,8 +96,10 @@ class ReplicaMetrics:
     slots_total: int | None = None
     requests_processing: int | None = None
     requests_waiting: int | None = None       # deferred: no free slot yet
-    prompt_tok_s: float | None = None
+    prompt_tok_s: float | None = None          # the whole server: per slot x busy slots
     generation_tok_s: float | None = None
+    prompt_tok_s_per_slot: float | None = None  # llama-server's gauges (tokens per second of a slot's time)
+    generation_tok_s_per_slot: float | None = None
     kv_cache_used: float | None = None         # 0..1
     kv_cache_source: str = ""                  # "metrics" or "slots (estimate)"
     prompt_tokens_total: int | None = None
@@ -125,12 +129,19 @@ def metrics_from(replica: int, url: str, metrics: dict[str, float], slots: Slots
         v = num(name)
         return None if v is None else int(v)
 
+    busy = slots.busy if slots else count("requests_processing")
+
+    def total(per_slot: float | None) -> float | None:
+        return None if per_slot is None or busy is None else per_slot * busy
+
     return ReplicaMetrics(
         replica=replica, url=url,
-        slots_busy=slots.busy if slots else count("requests_processing"),
+        slots_busy=busy,
         slots_total=slots.total if slots else None,
         requests_processing=count("requests_processing"), requests_waiting=count("requests_deferred"),
-        prompt_tok_s=num("prompt_tokens_seconds"), generation_tok_s=num("predicted_tokens_seconds"),
+        prompt_tok_s=total(num("prompt_tokens_seconds")), generation_tok_s=total(num("predicted_tokens_seconds")),
+        prompt_tok_s_per_slot=num("prompt_tokens_seconds"),
+        generation_tok_s_per_slot=num("predicted_tokens_seconds"),
         kv_cache_used=kv, kv_cache_source=kv_source,
         prompt_tokens_total=count("prompt_tokens_total"), generated_tokens_total=count("tokens_predicted_total"))
 

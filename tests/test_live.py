@@ -47,7 +47,8 @@ def test_slots_that_are_not_a_list_are_refused() -> None:
 def test_replica_numbers_put_together_with_the_kv_use_estimated_from_slots() -> None:
     m = live.metrics_from(0, "http://n1:8080", live.parse_metrics(METRICS), live.slots_from(SLOTS), ctx=512)
     assert (m.slots_busy, m.slots_total, m.requests_waiting) == (2, 2, 2)
-    assert m.prompt_tok_s == pytest.approx(860.215) and m.generation_tok_s == 0
+    assert m.prompt_tok_s_per_slot == pytest.approx(860.215) and m.generation_tok_s_per_slot == 0
+    assert m.prompt_tok_s == pytest.approx(2 * 860.215) and m.generation_tok_s == 0  # the server: x busy slots
     assert m.kv_cache_used == pytest.approx(452 / 512) and m.kv_cache_source == "slots (estimate)"
 
 
@@ -152,7 +153,7 @@ def test_the_view_shows_each_replica_and_the_batch() -> None:
     text = tp.cast(io.StringIO, con.file).getvalue()
     assert "deployment d-1  model tiny  READY" in text
     row = next(line for line in text.splitlines() if line.startswith("0 "))
-    assert row.split() == ["0", "READY", "77", "2/2", "2", "860.2", "0.0", "88%", "(est.)"]
+    assert row.split() == ["0", "READY", "77", "2/2", "2", "1720.4", "0.0", "88%", "(est.)"]
     assert "Resources" in next(line for line in text.splitlines() if line.startswith("1 "))
     assert "40/300 done (13%), 0 failed, 55.0 completion tok/s, running  out.jsonl" in text
 

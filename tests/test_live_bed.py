@@ -110,3 +110,5 @@ def test_top_shows_a_running_batch_and_status_the_node_hours(shared_tmp: Path, t
     assert ended["node_hours"] == pytest.approx(expected, abs=1e-3) and ended["node_hours"] > 0
     assert ended["replicas"][0]["node_hours"] == pytest.approx(expected, abs=1e-3)
     assert ended["gpu_hours"] is None  # the bed counts no GPUs
+    print(f"batch: {summary['wall_s']} s, {summary['node_hours']} node-hours ({summary['node_hours_source']}); "
+          f"deployment: {ended['node_hours']} node-hours ({ended['node_hours_source']}), sacct {sacct.split()}")
