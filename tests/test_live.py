@@ -182,3 +182,69 @@ def test_a_refreshing_view_asks_slurm_less_and_less_while_nothing_changes(tmp_pa
         assert statuses[0].state == "PENDING"
         now[0] += 1.0
     assert calls == ["squeue"] * len(calls) and 5 <= len(calls) <= 8  # 1, 2, 4, 8, 16, 30, 30, ... s apart
+
+
+def test_status_watch_refreshes_without_asking_slurm_each_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import records
+
+    from speedslurm import deploy, slurm
+    from speedslurm.cli import main
+    from speedslurm.rundir import RunDir, make_private_dir
+
+    calls: list[str] = []
+
+    def fake(argv: list[str], **kw: tp.Any) -> str:
+        calls.append(argv[0])
+        return "42|PENDING|Resources|(null)|0|0:00|2\n"
+
+    monkeypatch.setattr(slurm, "call", fake)
+    monkeypatch.setenv("SPEEDSLURM_RUN__DIR", str(tmp_path))
+    monkeypatch.setenv("SPEEDSLURM_PROFILE", "testbed")
+    rd = RunDir(make_private_dir(tmp_path / "d"))
+    dep = deploy.Deployment(rd, records.deployment(rd.root, replicas=1, job_ids=["42"], nodes=2))
+    make_private_dir(rd.replica_dir(0))
+    try:
+        main(["status", dep.id, "--watch", "--count", "3", "--interval", "0.2", "--json"])
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    out = capsys.readouterr().out
+    views = [json.loads(chunk) for chunk in out.replace("]\n[", "]\x00[").split("\x00")]
+    assert len(views) == 3 and all(v[0]["state"] == "PENDING" and v[0]["why"] == "Resources" for v in views)
+    assert calls == ["squeue"]  # 0.4 s of views: Slurm was asked once (next after 1 s, then 2, 4, ... 30)
+
+
+def test_a_batch_publishes_its_progress_in_the_run_directory(tmp_path: Path) -> None:
+    from test_batch_runner import KEY, endpoint, prompts_file, run, write_endpoint
+
+    from devtools.stubserver import StubServer
+    from speedslurm.batch.sources import RunDirSource
+    from speedslurm.rundir import RunDir
+
+    prompts = prompts_file(tmp_path, 60)
+    rd = RunDir(tmp_path / "dep")
+    server = StubServer(api_key=KEY, latency=0.05, slots=2).start()
+    write_endpoint(rd, endpoint(server.url, 0))
+    seen: list[live.BatchProgressInfo] = []
+
+    def watch() -> None:
+        while not seen or seen[-1].status == "running":
+            seen.extend(live.read_progress(rd.root))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    source = RunDirSource(rd, 1)
+    source.usage = lambda start, end: {"node_hours": (end - start) * 2 / 3600, "gpu_hours": None,
+                                       "node_hours_source": "slurm (running)"}
+    try:
+        s = run(source, prompts)
+    finally:
+        server.stop()
+    watcher.join(timeout=5)
+    running = [p for p in seen if p.status == "running"]
+    assert running and any(0 < p.done < 60 for p in running) and all(p.total == 60 for p in seen)
+    assert seen[-1].status == "completed" and seen[-1].done == 60
+    (path,) = live.progress_dir(rd.root).glob("*.json")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert s.usage is not None and s.to_json()["node_hours"] == pytest.approx(2 * s.wall_s / 3600, rel=0.2)
