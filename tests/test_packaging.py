@@ -4,6 +4,7 @@ nothing that only the tests, the demo and the benchmarks use."""
 from __future__ import annotations
 
 import ast
+import os
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,7 @@ def test_every_subpackage_and_data_folder_is_listed_for_the_wheel() -> None:
     assert {"speedslurm.configs", "speedslurm.sbatch_templates"} <= listed
 
 
-def test_the_wheel_carries_no_test_only_module(tmp_path: Path) -> None:
+def test_the_wheel_carries_no_test_only_module(tmp_path: Path, offline_pip: dict[str, str]) -> None:
     """The stub server and the test models (devtools/) stay in the checkout: the built wheel holds only the
     product, and nothing in it imports devtools."""
     src = tmp_path / "src"
@@ -36,7 +37,8 @@ def test_the_wheel_carries_no_test_only_module(tmp_path: Path) -> None:
             (src / rel.decode()).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel.decode(), src / rel.decode())
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir",
-                            str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=600)
+                            str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=600,
+                           env={**os.environ, **offline_pip})
     assert built.returncode == 0, f"pip wheel failed:\n{built.stderr[-3000:]}"
     (wheel,) = (tmp_path / "dist").glob("speedslurm-*.whl")
     with zipfile.ZipFile(wheel) as zf:
