@@ -4,7 +4,9 @@
   rpc-server on two followers bound to their addresses, ``srun`` llama-server with ``--rpc`` on the leader, poll
   ``/health``), interleaved A B A B ...; plus where speedslurm's time goes (client, Slurm, job side, load, detection).
 * P2 throughput — the sequential openai-client loop vs ``speedslurm run --deployment`` on one deployment,
-  interleaved; ``--sweep`` also tries slots, threads and batch settings.
+  interleaved, first on a random-weight model shaped like Llama-3 (devtools.testmodels.llama3_shaped_path),
+  then on gemma-3-270m; every request generates max_tokens (``ignore_eos``); per-process CPU of llama-server,
+  each rpc-server and the job side's Python over each run. ``--sweep`` also tries slots, threads and batch settings.
 * P3/P5 — ``bench/bench_client.py`` (client cost against a zero-latency stub; replica scaling).
 * P4 cached reload — links shaped to 1 Gbit/s, ``up`` with an empty rpc-server tensor cache (cold) vs again (warm),
   for gemma-3-270m and for a ~1 GB random-weight f16 llama whose matrices are over the cache's 10 MiB threshold.
