@@ -7,7 +7,9 @@ import typing as tp
 from pathlib import Path
 
 import click
-from rich.console import Console
+
+if tp.TYPE_CHECKING:
+    from rich.console import Console
 
 from ..errors import RequestsFailed, UsageError
 from . import cli
@@ -121,6 +123,8 @@ def execute(source: EndpointSource, prepared: tp.Any, options: BatchOptions, jso
     ``finally`` still runs); :class:`BatchFailed` propagates (exit 1) after the summary is printed, and so
     does :class:`RequestsFailed` (exit 3) when the batch ended with error lines.
     """
+    from rich.console import Console
+
     from ..batch.runner import BatchFailed, BatchInterrupted, run_batch
 
     err = Console(stderr=True)

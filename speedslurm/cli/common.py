@@ -8,7 +8,9 @@ import sys
 import typing as tp
 
 import click
-from rich.console import Console
+
+if tp.TYPE_CHECKING:
+    from rich.console import Console
 
 from ..settings import Settings, load_settings
 
@@ -50,10 +52,13 @@ def print_json(data: tp.Any) -> None:
 
 
 def err_console() -> Console:
+    from rich.console import Console  # rich costs ~50 ms: loaded when something is printed, not at start
+
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def out_console() -> Console:
+    from rich.console import Console
     # Piped output keeps whole lines (ids, URLs) instead of folding them at 80 columns.
     return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 250)
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import typing as tp
 
 import click
-from rich.console import Console
+
+if tp.TYPE_CHECKING:
+    from rich.console import Console
 
 from ..errors import DeploymentFailed
 from . import cli
