@@ -63,7 +63,7 @@ class BuildOptions:
     time: str = "02:00:00"
     build_dir: Path | None = None
     native: bool = False
-    extra_cmake_args: str = ""
+    extra_cmake_args: tuple[str, ...] = ()  # more options for cmake's configure step, one argument each
 
     def __post_init__(self) -> None:
         if (self.source is None) == (self.git_url is None):
@@ -76,6 +76,12 @@ class BuildOptions:
         if self.cuda and not re.fullmatch(r"[0-9a-z;,_-]+", self.cuda_archs):
             raise UsageError(f"--cuda-archs {self.cuda_archs!r} is not a CUDA architecture list",
                              fix='write it like "86;89"')
+        if isinstance(self.extra_cmake_args, str):
+            raise UsageError(f"extra_cmake_args {self.extra_cmake_args!r} is a string, not a list of arguments",
+                             fix='pass one item per cmake argument, e.g. ("-DGGML_NATIVE=OFF",)')
+        object.__setattr__(self, "extra_cmake_args", tuple(self.extra_cmake_args))
+        for arg in self.extra_cmake_args:
+            check_cmake_arg(arg)
 
     @property
     def log_dir(self) -> Path:
@@ -104,7 +110,8 @@ class BuildOptions:
             "CUDA_ARCHS": self.cuda_archs,
             "NATIVE": "ON" if self.native else "OFF",
             "JOBS": "",
-            "EXTRA_CMAKE_ARGS": self.extra_cmake_args,
+            # Shell words: the job splits them as the shell would, so an argument may hold spaces.
+            "EXTRA_CMAKE_ARGS": shlex.join(self.extra_cmake_args),
         }
 
     def sbatch_options(self) -> dict[str, str]:
@@ -115,6 +122,17 @@ class BuildOptions:
         if self.partition:
             opts["partition"] = self.partition
         return opts
+
+
+def check_cmake_arg(arg: str) -> str:
+    """``arg`` when it can be one more argument of cmake's configure step; :class:`UsageError` otherwise."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in arg):
+        raise UsageError(f"--cmake-arg {arg!r} contains a control character, which a job script cannot carry",
+                         fix="write the option on one line without control characters")
+    if not arg.startswith("-"):
+        raise UsageError(f"--cmake-arg {arg!r} is not a cmake option (cmake would take it for a source folder)",
+                         fix="pass options such as --cmake-arg=-DGGML_NATIVE=OFF, one per --cmake-arg")
+    return arg
 
 
 def _no_newline(name: str, value: str) -> str:

@@ -201,6 +201,86 @@ def test_build_options_are_checked() -> None:
         BuildOptions(prefix=Path("/p"), source=Path("/s"), cuda_archs="86; rm -rf /")
 
 
+FAKE_CMAKE = r"""#!/bin/bash
+# Records each call's arguments, one per line, and fakes a build of the two servers.
+printf '%s\n' "$@" >>"$CMAKE_CALLS"; echo "--" >>"$CMAKE_CALLS"
+case "$1 $2 $3 $4" in
+    *"--target help"*) echo "... llama-server"; echo "... ggml-rpc-server" ;;
+    --build*)
+        mkdir -p "$2/bin"
+        printf '#!/bin/sh\necho "version: 42 (fake)"\n' >"$2/bin/llama-server"
+        cp "$2/bin/llama-server" "$2/bin/ggml-rpc-server"; chmod +x "$2/bin/"* ;;
+esac
+"""
+
+
+def _run_build_script(tmp_path: Path, opts: BuildOptions) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """Run the rendered build script with a fake cmake; the configure step's arguments."""
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    (fake / "cmake").write_text(FAKE_CMAKE)
+    (fake / "cmake").chmod(0o755)
+    script = tmp_path / "build.sbatch"
+    script.write_text(render_build_script(template_text(), opts))
+    calls = tmp_path / "calls"
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "CMAKE_CALLS": str(calls), "SLURM_CPUS_PER_TASK": "1"}
+    res = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    configure = calls.read_text().split("--\n")[0].splitlines() if calls.exists() else []
+    return res, configure
+
+
+def test_cmake_args_reach_cmake_one_argument_each(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "CMakeLists.txt").write_text("")
+    extra = ("-DGGML_NATIVE=OFF", "-DCMAKE_CXX_FLAGS_RELEASE=-O2 -g", "-DNAME=it's \"$(touch pwn)\" *")
+    opts = BuildOptions(prefix=tmp_path / "prefix", source=src, cuda=False, extra_cmake_args=extra)
+    res, configure = _run_build_script(tmp_path, opts)
+    assert res.returncode == 0, res.stderr
+    # After speedslurm's own options (so a user's option wins), unchanged, spaces and quotes kept.
+    assert configure[:3] == ["-S", str(src), "-B"] and "-DGGML_CUDA=OFF" in configure
+    assert tuple(configure[-3:]) == extra
+    assert not (tmp_path / "pwn").exists()
+    assert (tmp_path / "prefix" / "BUILD-INFO").read_text().startswith("version: 42 (fake)")
+    # Without --cmake-arg the configure step gets nothing more.
+    opts = BuildOptions(prefix=tmp_path / "p2", source=src, cuda=False)
+    (tmp_path / "calls").unlink()
+    (tmp_path / "fakebin" / "cmake").unlink()
+    (tmp_path / "fakebin").rmdir()
+    res, configure = _run_build_script(tmp_path, opts)
+    assert res.returncode == 0, res.stderr
+    assert configure[-1] == "-DGGML_CUDA=OFF"
+
+
+def test_cmake_args_from_the_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from speedslurm import api
+    from speedslurm.cli import main
+
+    src = tmp_path / "src"
+    seen: list[BuildOptions] = []
+
+    def fake_build(options: BuildOptions, **kw: object) -> None:
+        seen.append(options)
+        raise SystemExit(3)
+
+    monkeypatch.setattr(api, "build_llama", fake_build)
+    with pytest.raises(SystemExit):
+        main(["build-llama", "--cpu", "--source", str(src), "--partition", "p", "--cmake-arg=-DGGML_NATIVE=OFF",
+              "--cmake-arg", "-DCMAKE_C_FLAGS_RELEASE=-O0 -g"])
+    assert seen[0].extra_cmake_args == ("-DGGML_NATIVE=OFF", "-DCMAKE_C_FLAGS_RELEASE=-O0 -g")
+    for bad, problem in [("-DX=a\tb", "control character"), ("-DX=a\nb", "control character"),
+                         ("GGML_NATIVE=OFF", "not a cmake option")]:
+        with pytest.raises(SystemExit) as exc:
+            main(["build-llama", "--cpu", "--source", str(src), "--partition", "p", "--cmake-arg", bad])
+        assert exc.value.code != 0
+        err = capsys.readouterr().err
+        assert problem in err and "--cmake-arg" in err, err
+    assert len(seen) == 1  # nothing submitted for a bad argument
+    with pytest.raises(UsageError, match="not a list"):
+        BuildOptions(prefix=Path("/p"), source=Path("/s"), extra_cmake_args="-DA=1 -DB=2")  # type: ignore[arg-type]
+
+
 # ------------------------------------------------------------------------------------------ job ids
 
 

@@ -83,6 +83,9 @@ def render_cmd(ctx: click.Context, model: str, nodes: int | None, replicas: int,
               show_default=True, help="Install prefix on the shared filesystem; binaries go to PREFIX/bin.")
 @click.option("--cuda-archs", default="86;89", show_default=True, help="CMAKE_CUDA_ARCHITECTURES of the CUDA build.")
 @click.option("--cpu", is_flag=True, help="Build for the CPU only (GGML_CUDA=OFF).")
+@click.option("--cmake-arg", "cmake_args", multiple=True, metavar="ARG",
+              help="One more option for cmake's configure step (after speedslurm's own, so it wins); repeat "
+                   "it for more. Quote one that holds spaces: --cmake-arg='-DCMAKE_CXX_FLAGS_RELEASE=-O2 -g'.")
 @click.option("--partition", default=None, help="Partition to build on and to check (default: cluster.partition).")
 @click.option("--cpus", type=int, default=None, help="CPUs for the build job (default: the partition's default).")
 @click.option("--time", "time_limit", default="02:00:00", show_default=True, help="Time limit of the build job.")
@@ -92,7 +95,7 @@ def render_cmd(ctx: click.Context, model: str, nodes: int | None, replicas: int,
 @json_option
 @click.pass_context
 def build_llama_cmd(ctx: click.Context, source: Path | None, git_url: str | None, git_ref: str | None, prefix: Path,
-                    cuda_archs: str, cpu: bool, partition: str | None, cpus: int | None, time_limit: str,
+                    cuda_archs: str, cpu: bool, cmake_args: tuple[str, ...], partition: str | None, cpus: int | None, time_limit: str,
                     timeout: float | None, no_node_check: bool, write_config: bool, as_json: bool) -> None:
     """Build llama.cpp (llama-server + RPC server) as a Slurm job into a shared prefix, then check every node.
 
@@ -100,6 +103,11 @@ def build_llama_cmd(ctx: click.Context, source: Path | None, git_url: str | None
     CUDA build for the 4090 (sm_89) and 3090 Ti (sm_86) nodes at once:
       speedslurm build-llama --source ~/src/llama.cpp --prefix ~/opt/llama.cpp
     Afterwards set `llama.bin_dir: PREFIX/bin` (or pass --write-config).
+
+    \b
+    A CPU build with debug information (for a backtrace), one argument per --cmake-arg:
+      speedslurm build-llama --cpu --source ~/src/llama.cpp \\
+        --cmake-arg='-DCMAKE_C_FLAGS_RELEASE=-O2 -g' --cmake-arg='-DCMAKE_CXX_FLAGS_RELEASE=-O2 -g'
     """
     from .. import api
     from .. import buildllama as bl
@@ -108,7 +116,7 @@ def build_llama_cmd(ctx: click.Context, source: Path | None, git_url: str | None
     opts = bl.BuildOptions(prefix=prefix.expanduser().absolute(),
                            source=source.expanduser().absolute() if source else None, git_url=git_url,
                            git_ref=git_ref, cuda=not cpu, cuda_archs=cuda_archs, partition=partition, cpus=cpus,
-                           time=time_limit)
+                           time=time_limit, extra_cmake_args=cmake_args)
     con = err_console()
     quiet = as_json and not is_tty()
 
