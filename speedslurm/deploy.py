@@ -69,19 +69,37 @@ __all__ = [
 choose_executor = executors.choose
 
 
+def check_idle_timeout(settings: Settings) -> float:
+    """``llama.idle_timeout`` in seconds (0: never); :class:`UsageError` naming where a bad value came from."""
+    from .idle import parse_duration
+
+    try:
+        return parse_duration(settings.llama.idle_timeout)
+    except ValueError as exc:
+        where = settings.origins.get("llama.idle_timeout", "settings")
+        raise UsageError(f"{where}: llama.idle_timeout: {exc}",
+                         fix="give a duration such as 90s, 30m or 2h (0: never), e.g. --idle-timeout 30m") from None
+
+
 def prepare(settings: Settings, model: str, *, nodes: int | None = None, replicas: int = 1, ctx: int | None = None,
             time_limit: str | None = None, executor: str | None = None,
-            require_binaries: bool = True) -> tuple[Plan, tp.Any]:
+            require_binaries: bool = True, place: bool = True) -> tuple[Plan, tp.Any]:
     """Validate everything and plan; raises :class:`UsageError` (exit 2) before anything is queued.
 
     With ``require_binaries=False`` (``speedslurm plan``) missing binaries give None instead of an error.
+    ``place``: choose the followers' nodes by their warm rpc cache (:mod:`speedslurm.warmcache`), from the
+    nodes idle now (``render``, whose script is submitted later, passes False).
     """
+    from . import warmcache
     from .binaries import find_llama_binaries
 
     chosen = executors.choose(settings, executor)
+    check_idle_timeout(settings)
     spec = resolve_model(settings, model)
     plan = make_plan(settings, spec, ctx=ctx, nodes=nodes, replicas=replicas, time=time_limit, executor=chosen,
                      partition_size=executors.get(chosen).nodes_available(settings))
+    if place:
+        plan = warmcache.place(settings, plan)
     try:
         binaries = find_llama_binaries(settings.llama.bin_dir)
         # Mismatched builds would only show on the nodes, as a failed RPC handshake: refuse them here.

@@ -93,8 +93,10 @@ def slurm_parameters(plan: Plan, run_dir: RunDir) -> dict[str, tp.Any]:
         params["nodelist"] = plan.leader_host
     elif plan.leader_host and plan.nodes == 1:
         params["nodelist"] = plan.leader_host
-    if plan.exclude:
-        params["exclude"] = ",".join(plan.exclude)
+    # The followers' warm nodes (speedslurm.warmcache) are kept from the leader's component: it could take one.
+    leader_exclude = [*plan.exclude, *(plan.warm_nodes if plan.heterogeneous else ())]
+    if leader_exclude:
+        params["exclude"] = ",".join(leader_exclude)
     if plan.account:
         params["account"] = plan.account
     if plan.qos:
@@ -120,6 +122,9 @@ def follower_component_lines(plan: Plan) -> list[str]:
     exclude = [*plan.exclude, *([plan.leader_host] if plan.leader_host else [])]
     if exclude:
         lines.append(f"#SBATCH --exclude={shlex.quote(','.join(exclude))}")
+    if plan.warm_nodes:
+        # Nodes idle at submission that hold a warm rpc cache of the model (speedslurm.warmcache).
+        lines.append(f"#SBATCH --nodelist={shlex.quote(','.join(plan.warm_nodes))}")
     lines.append(f"#SBATCH --time={plan.time_minutes}")
     # Slurm resets most options (--constraint among them) for each component: repeat cluster.sbatch here.
     lines += [sbatch_line(name, value) for name, value in as_parameters(plan.sbatch).items()]

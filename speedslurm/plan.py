@@ -108,6 +108,9 @@ class Plan:
     ctx_per_slot: int = 0
     slots_note: str = ""       # how --parallel and the context per slot were chosen
     host_bytes: int = 0        # weights kept on the leader's host (the input embedding)
+    # warm-cache placement (speedslurm.warmcache): nodes the followers' component asks for by name, and why
+    warm_nodes: tuple[str, ...] = ()
+    placement_note: str = ""
     # where the values that reach the job script were set (settings key -> file, variable or flag), for errors
     origins: tp.Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
@@ -143,6 +146,11 @@ class Plan:
         return data
 
 
+def with_placement(plan: Plan, nodes: tp.Sequence[str], note: str) -> Plan:
+    """``plan`` with the followers' nodes asked for by name (see :mod:`speedslurm.warmcache`)."""
+    return dataclasses.replace(plan, warm_nodes=tuple(nodes), placement_note=note)
+
+
 def script_values(plan: Plan, run_dir: str | None = None) -> list[tuple[str, str]]:
     """(setting, value) of every value of ``plan`` that the job script carries (``#SBATCH`` lines, setup)."""
     host_key = f"models.{plan.model.name}.host"
@@ -150,6 +158,7 @@ def script_values(plan: Plan, run_dir: str | None = None) -> list[tuple[str, str
               ("cluster.account", plan.account), ("cluster.qos", plan.qos),
               ("cluster.mem_per_node", plan.mem_per_node), ("cluster.time", plan.time),
               *(("cluster.exclude", node) for node in plan.exclude), (host_key, plan.leader_host),
+              *(("cluster.warm_placement", node) for node in plan.warm_nodes),
               ("run.dir", run_dir)]
     return [(setting, str(value)) for setting, value in values if value is not None]
 
@@ -511,6 +520,8 @@ def describe_plan(plan: Plan) -> list[str]:
         f"slurm      partition={plan.partition or '(default)'} time={plan.time} gres={plan.gres or '-'}"
         + (f" leader on {plan.leader_host}" if plan.leader_host else ""),
     ]
+    if plan.placement_note:
+        lines.append(f"placement  {plan.placement_note}")
     if plan.sbatch:
         lines.append("sbatch     " + " ".join(sbatch_line(n, v).removeprefix("#SBATCH ") for n, v in plan.sbatch))
     total_weights = sum(d.weights_bytes for d in plan.devices) or 1

@@ -68,6 +68,7 @@ class ClusterSettings:
     exclude: list[str] = dataclasses.field(default_factory=list)
     time: str = "04:00:00"
     hetjob: bool = True
+    warm_placement: bool = True   # followers on idle nodes holding a warm rpc cache of the model (warmcache)
     # extra sbatch options, name -> value (true: a bare flag; false/null: left out); checked, with the
     # file each came from, by speedslurm.sbatchopts when a plan is made
     sbatch: dict[str, str | bool | None] = dataclasses.field(default_factory=dict)

@@ -44,7 +44,7 @@ def render_cmd(ctx: click.Context, model: str, nodes: int | None, replicas: int,
 
     settings = settings_from(ctx)
     plan, binaries = dp.prepare(settings, model, nodes=nodes, replicas=replicas, ctx=ctx_size,
-                                time_limit=time_limit, executor="slurm")
+                                time_limit=time_limit, executor="slurm", place=False)
     root = run_dir.expanduser().absolute() if run_dir else rn.default_run_dir(settings, plan.model.name)
     python = sys.executable
     # Render before creating anything: a value the script cannot carry stops here.
