@@ -219,7 +219,9 @@ class Failed(Handshake):
     reason: str
     log_tail: str
     time: float
-    cause: str = "failed"  # "time limit": the replica came to an end (the client shows ENDED, not FAILED)
+    # "time limit" or "idle" (no request for llama.idle_timeout): the replica came to an end (the client shows
+    # ENDED, not FAILED)
+    cause: str = "failed"
 
     def describe(self) -> str:
         """One line: ``follower 1 on n2: reason (exit code 1)``."""

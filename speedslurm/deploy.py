@@ -69,6 +69,18 @@ __all__ = [
 choose_executor = executors.choose
 
 
+def check_idle_timeout(settings: Settings) -> float:
+    """``llama.idle_timeout`` in seconds (0: never); :class:`UsageError` naming where a bad value came from."""
+    from .idle import parse_duration
+
+    try:
+        return parse_duration(settings.llama.idle_timeout)
+    except ValueError as exc:
+        where = settings.origins.get("llama.idle_timeout", "settings")
+        raise UsageError(f"{where}: llama.idle_timeout: {exc}",
+                         fix="give a duration such as 90s, 30m or 2h (0: never), e.g. --idle-timeout 30m") from None
+
+
 def prepare(settings: Settings, model: str, *, nodes: int | None = None, replicas: int = 1, ctx: int | None = None,
             time_limit: str | None = None, executor: str | None = None,
             require_binaries: bool = True, place: bool = True) -> tuple[Plan, tp.Any]:
@@ -82,6 +94,7 @@ def prepare(settings: Settings, model: str, *, nodes: int | None = None, replica
     from .binaries import find_llama_binaries
 
     chosen = executors.choose(settings, executor)
+    check_idle_timeout(settings)
     spec = resolve_model(settings, model)
     plan = make_plan(settings, spec, ctx=ctx, nodes=nodes, replicas=replicas, time=time_limit, executor=chosen,
                      partition_size=executors.get(chosen).nodes_available(settings))

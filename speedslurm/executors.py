@@ -58,6 +58,7 @@ class JobView:
     gone: str = ""            # local: why its processes are not running ("gone", "rebooted")
     elsewhere: str = ""       # local: the host its processes run on, when that is not this one
     usage: Usage | None = None  # what the job held, as Slurm counts it (None: Slurm gave no figure)
+    time_left_s: int | None = None  # Slurm's TimeLeft of the running job, when this view was taken
 
 
 class Executor(abc.ABC):
@@ -152,7 +153,8 @@ class SlurmExecutor(Executor):
                 reason=js.reason if js else "",
                 nodes=js.nodes if js and js.nodes != "None assigned" else "",  # sacct's words: it never ran
                 restarts=js.restarts if js else None, start=js.restarts if js else None,
-                unsubmitted=not job_id and not cancelled, usage=_usage(js)))
+                unsubmitted=not job_id and not cancelled, usage=_usage(js),
+                time_left_s=js.time_left_s if js else None))
         _record_ends(dep, seen_ended)
         return out
 

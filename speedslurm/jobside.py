@@ -34,6 +34,7 @@ from .contract import (
     Loading,
     current_epoch,
 )
+from .idle import IdleWatch, format_duration, parse_duration, read_metrics
 from .jobentry import hold_time_limit_warning, release_time_limit_warning
 from .jobprocs import Child, RoleFailed, Stop, die_with_parent, log_tail, node_name, private_dir
 from .nodenet import (
@@ -99,10 +100,19 @@ def _read_ours(read: tp.Callable[[int], R | None], replica: int) -> R | None:
     return record if _ours(record) else None
 
 
+class Ended(RoleFailed):
+    """The replica comes to an end that is no failure (``cause``: "idle"): its record says why, the task ends 0."""
+
+    def __init__(self, reason: str, cause: str) -> None:
+        super().__init__(reason)
+        self.cause = cause
+
+
 def _supervise(child: Child, rd: RunDir, replica: int, stop: Stop, what: str, poll_s: float,
-               peers: tp.Sequence[Follower] = ()) -> None:
-    """Wait while the child runs; a child exit, a failure elsewhere in the replica, an rpc peer that stopped
-    acknowledging (``peers``: the leader's followers), or a signal ends it."""
+               peers: tp.Sequence[Follower] = (), idle: IdleWatch | None = None) -> None:
+    """Wait while the child runs; a child exit, a failure or end elsewhere in the replica, an rpc peer that
+    stopped acknowledging (``peers``: the leader's followers), no request for the idle timeout (``idle``: the
+    leader's watch on llama-server's activity), or a signal ends it."""
     failed = rd.failed_path(replica)
     heartbeat = HeartbeatProbe(peers)
     watch = PeerWatch(peers)
@@ -110,13 +120,29 @@ def _supervise(child: Child, rd: RunDir, replica: int, stop: Stop, what: str, po
         code = child.poll()
         if code is not None:
             raise RoleFailed(f"{what} exited with code {code}", code, child.tail())
-        if failed.exists() and _read_ours(rd.failure, replica) is not None:
-            child.stop()
-            raise RoleFailed("another role of this replica failed", None, "")
+        if failed.exists():
+            failure = _read_ours(rd.failure, replica)
+            if failure is not None:
+                child.stop()
+                if failure.cause != "failed":  # the leader ended the replica (idle): so does this role, cleanly
+                    raise Ended(f"the replica ended ({failure.cause})", failure.cause)
+                raise RoleFailed("another role of this replica failed", None, "")
         watch.check(child.pid)
         heartbeat.check()
+        if idle is not None and idle.idle():
+            child.stop()
+            raise Ended(f"no request for {format_duration(idle.timeout_s)} (llama.idle_timeout): llama-server "
+                        "and its rpc-servers stopped, the job ends and frees its nodes", "idle")
         time.sleep(poll_s)
     child.stop()
+
+
+def idle_timeout_s(llama: tp.Mapping[str, tp.Any]) -> float:
+    """``llama.idle_timeout`` in seconds (0: never)."""
+    try:
+        return parse_duration(llama.get("idle_timeout") or 0)
+    except ValueError as exc:
+        raise RoleFailed(f"llama.idle_timeout: {exc}") from None
 
 
 def run_follower(dep: DeploymentRecord, rd: RunDir, replica: int, rank: int, stop: Stop) -> None:
@@ -182,6 +208,7 @@ def run_leader(dep: DeploymentRecord, rd: RunDir, replica: int, stop: Stop) -> N
     if not os.path.exists(model_path):
         raise RoleFailed(f"model file {model_path} does not exist on {node}")
     version = binary_build(bins["llama_server"])
+    idle_s = idle_timeout_s(llama)
     followers = _wait_followers(dep, rd, replica, stop)
     for f in followers:
         if f.version and f.version != version:
@@ -254,7 +281,8 @@ def run_leader(dep: DeploymentRecord, rd: RunDir, replica: int, stop: Stop) -> N
         started_at=started, ready_at=time.time(), pid=child.pid,
     )
     rd.write(rd.endpoint_path(replica), endpoint)
-    _supervise(child, rd, replica, stop, f"llama-server on {node} ({url})", poll, peers=followers)
+    idle = IdleWatch(idle_s, lambda: read_metrics(url, api_key)) if idle_s > 0 else None
+    _supervise(child, rd, replica, stop, f"llama-server on {node} ({url})", poll, peers=followers, idle=idle)
 
 
 def serve(run_dir: str, replica: int = 0, rank: int | None = None, rank_offset: int = 0) -> int:
@@ -291,6 +319,11 @@ def serve(run_dir: str, replica: int = 0, rank: int | None = None, rank_offset: 
             run_leader(dep, rd, replica, stop)
         else:
             run_follower(dep, rd, replica, rank, stop)
+    except Ended as exc:  # idle: the leader records why; every role ends cleanly, and so does the job
+        if rank == 0:
+            _fail(rd, replica, role, rank, exc, cause=exc.cause)
+        print(f"[speedslurm] {role} rank {rank} on {node_name()}: {exc.reason}", file=sys.stderr, flush=True)
+        return 0
     except RoleFailed as exc:
         if stop:  # cancelled or timed out while starting: an end, not a failure
             return 0

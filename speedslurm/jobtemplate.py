@@ -31,9 +31,18 @@ from pathlib import Path
 
 from .contract import DeploymentRecord, JobId
 from .errors import UsageError
+from .idle import parse_duration
 from .rundir import RunDir, check_parent_not_world_writable, make_private_dir
 
 SHAPES = ("hetjob", "array")
+
+
+def _duration(text: str) -> str:
+    try:
+        parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"IDLE_TIMEOUT: {exc}") from None
+    return text
 
 
 def parser() -> argparse.ArgumentParser:
@@ -55,6 +64,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--extra-rpc-args", default="")
     p.add_argument("--follower-timeout", type=float, default=300)
     p.add_argument("--health-timeout", type=float, default=1800)
+    p.add_argument("--idle-timeout", type=_duration, default="0",
+                   help="end the job after no request for this long (90s, 30m, 2h); 0: never")
     return p
 
 
@@ -124,7 +135,7 @@ def prepare(args: argparse.Namespace, replica: int, job_ids: list[str], nodes: i
     llama = {"ngl": args.ngl, "threads": args.threads or None, "server_port": args.server_port,
              "rpc_port": args.rpc_port, "rpc_cache": bool(args.rpc_cache), "rpc_cache_dir": args.rpc_cache_dir or None,
              "extra_server_args": shlex.split(args.extra_server_args),
-             "extra_rpc_args": shlex.split(args.extra_rpc_args)}
+             "extra_rpc_args": shlex.split(args.extra_rpc_args), "idle_timeout": args.idle_timeout}
     record = DeploymentRecord(
         id=rd.deployment_id, created_at=time.time(), uid=os.getuid(), executor="slurm",
         model={"name": name, "path": str(Path(args.model).expanduser().absolute())}, nodes=nodes,

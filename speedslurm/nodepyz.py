@@ -16,7 +16,7 @@ from pathlib import Path
 NAME = "speedslurm-node.pyz"
 # The modules the job side imports, every one standard library only (tests/test_contract.py checks that
 # the archive runs without the installed package).
-NODE_MODULES = ("__init__", "binaries", "contract", "errors", "jobentry", "jobprocs", "jobside", "jobtemplate",
+NODE_MODULES = ("__init__", "binaries", "contract", "errors", "idle", "jobentry", "jobprocs", "jobside", "jobtemplate",
                 "nodenet", "rundir")
 _MAIN = '''"""speedslurm's job side: python3 speedslurm-node.pyz serve|template|record-job|probe ... (see --help)."""
 import sys

@@ -103,6 +103,7 @@ class LlamaSettings:
     extra_rpc_args: list[str] = dataclasses.field(default_factory=list)
     compute_overhead_gib: float = 1.1
     kv_bytes_per_element: float = 2
+    idle_timeout: str = "0"  # a duration (90s, 30m, 2h): end the job after no request for that long; 0 = never
 
 
 @dataclasses.dataclass(frozen=True)

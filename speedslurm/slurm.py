@@ -18,8 +18,9 @@ from .proc import call
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
                 "BOOT_FAIL", "DEADLINE", "REVOKED", "SPECIAL_EXIT", "GONE"}
 # What squeue is asked about each job: id, state, reason, nodes, restart count (the start a requeued job is at),
-# time used and node count (the node-hours it holds so far).
-SQUEUE_FIELDS = "JobArrayID:|,State:|,Reason:|,NodeList:|,RestartCnt:|,TimeUsed:|,NumNodes:"
+# time used and node count (the node-hours it holds so far), time left (when it reaches its limit: a batch hands
+# over to a successor before it does).
+SQUEUE_FIELDS = "JobArrayID:|,State:|,Reason:|,NodeList:|,RestartCnt:|,TimeUsed:|,NumNodes:|,TimeLeft:"
 # What sacct is asked about a job squeue no longer lists: its end, and what it held (node-hours, GPU-hours).
 SACCT_FIELDS = "JobID,State,ExitCode,NodeList,ElapsedRaw,NNodes,AllocTRES"
 # GONE: not in the queue any more, and accounting has no record (yet: slurmdbd may lag behind).
@@ -43,6 +44,7 @@ class JobState:
     elapsed_s: int | None = None
     node_s: float | None = None
     gpu_s: float | None = None
+    time_left_s: int | None = None  # squeue's TimeLeft of a running job (None: not known, or no limit)
 
     @property
     def final(self) -> bool:
@@ -113,7 +115,9 @@ def job_states(job_ids: tp.Iterable[str]) -> dict[str, JobState]:
             elapsed = time_used_s(parts[5]) if len(parts) > 5 else None
             nnodes = _int(parts[6]) if len(parts) > 6 else None
             node_s = float(elapsed * nnodes) if elapsed is not None and nnodes is not None else None
-            queued[parts[0]] = JobState(parts[0], parts[1], parts[2], "", parts[3], restarts, elapsed, node_s)
+            left = time_used_s(parts[7]) if len(parts) > 7 and parts[1].strip() == "RUNNING" else None
+            queued[parts[0]] = JobState(parts[0], parts[1], parts[2], "", parts[3], restarts, elapsed, node_s,
+                                        time_left_s=left)
     accounted: dict[str, JobState] = {}
     unlisted = sorted({JobId.base_of(j) for j in wanted if state_for(j, queued) is None}) \
         if squeue_ok else ids

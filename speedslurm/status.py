@@ -24,10 +24,13 @@ from .rundir import Endpoint
 if tp.TYPE_CHECKING:
     from .batch.sources import EndpointSource
 
-__all__ = ["ENDED_WHY", "FAILED_WHY", "GONE_WHY", "QUEUED_STATES", "SLURM_FIRST_S", "SLURM_MOST_S", "STATES",
-           "ReplicaStatus", "StatusProbe", "deployment_state", "deployment_source", "deployment_why", "endpoint_is_current",
+__all__ = ["ENDED_CAUSES", "ENDED_WHY", "FAILED_WHY", "GONE_WHY", "QUEUED_STATES", "SLURM_FIRST_S", "SLURM_MOST_S",
+           "STATES", "ReplicaStatus", "StatusProbe", "deployment_state", "deployment_source", "deployment_why", "endpoint_is_current",
            "failure_is_current", "failure_text", "replica_statuses", "statuses_of"]
 
+# Causes in failed.json that are ends, not failures: the leader saw the time limit coming, or llama-server had
+# no request for llama.idle_timeout.
+ENDED_CAUSES = ("time limit", "idle")
 # UNSUBMITTED: written by `speedslurm render`, and no job of it found yet (run `sbatch` on its script).
 STATES = ("UNSUBMITTED", "PENDING", "STARTING", "LOADING", "READY", "FAILED", "ENDED")
 # Why a job ended, from Slurm's final state: these are ends (ENDED), every other final state is a failure.
@@ -133,8 +136,8 @@ def replica_statuses(dep: Deployment, states: dict[str, slurm.JobState] | None =
         was_cancelled = r not in failed_first and (word == "CANCELLED" or cancelled)
         if view.unsubmitted:
             state, why = "UNSUBMITTED", f"rendered, not submitted: sbatch {script_path(dep)}"
-        elif failure and failure.cause == "time limit":
-            state, why = "ENDED", "time limit"
+        elif failure and failure.cause in ENDED_CAUSES:  # the job side ended it: time limit, or idle
+            state, why = "ENDED", failure.cause
         elif failure and was_cancelled:
             state, why = "ENDED", "cancelled"
         elif failure:

@@ -291,7 +291,7 @@ def submit(model: str, prompts: Prompts, out: str | os.PathLike[str] | None = No
            keep: bool = False, ready_timeout: float | None = None, options: BatchOptions | None = None,
            settings: Settings | None = None, on_update: OnUpdate | None = None,
            on_message: OnMessage | None = None, console: Console | None = None,
-           prepared: PreparedBatch | None = None, run: RunFn | None = None) -> Summary:
+           prepared: PreparedBatch | None = None, run: RunFn | None = None, handover: bool = True) -> Summary:
     """Start a deployment, run the prompts through it, stop it: what ``speedslurm submit`` does.
 
     The prompts and the results file are checked before anything is queued; with nothing left to do no
@@ -300,8 +300,11 @@ def submit(model: str, prompts: Prompts, out: str | os.PathLike[str] | None = No
     fails before the batch starts raises :class:`DeploymentFailed`; nothing was sent then, and the same call
     again starts afresh. Returns the batch's summary (failed requests are counted in it, see :func:`run_batch`).
 
-    ``prepared`` is a batch already read (``prepare_prompts``; the caller closes it); ``run(source, prepared,
-    options)`` runs it instead of :func:`speedslurm.batch.runner.run_batch` (the CLI prints from there).
+    ``handover``: ``run.handover_before_s`` before the job's time limit (Slurm's TimeLeft), start a successor
+    deployment of the same model and settings, move the batch onto it once it is ready, and cancel the old one
+    once its requests in flight are written (:mod:`speedslurm.api.handover`); the summary's ``deployments``
+    names each. ``prepared`` is a batch already read (``prepare_prompts``; the caller closes it); ``run(source,
+    prepared, options)`` runs it instead of :func:`speedslurm.batch.runner.run_batch` (the CLI prints from there).
     """
     from ..batch.runner import run_batch
     from ..batch.sources import StaticSource
@@ -317,15 +320,29 @@ def submit(model: str, prompts: Prompts, out: str | os.PathLike[str] | None = No
         dep, _ = up(model, nodes=nodes, replicas=replicas, ctx=ctx, time_limit=time_limit, executor=executor,
                     timeout=ready_timeout, until="first", settings=settings, on_update=on_update,
                     on_message=on_message, keep_on_interrupt=keep)
+        s = dep.settings
+        before = s.run.handover_before_s
+        source: EndpointSource = deployment_source(dep)
+        chain = None
+        if handover and before > 0:
+            from .handover import HandoverSource
+
+            chain = HandoverSource(dep, lambda: start(model, nodes=nodes, replicas=replicas, ctx=ctx,
+                                                      time_limit=time_limit, executor=executor, settings=s),
+                                   before, say)
+            source = chain
         try:
-            return runner(deployment_source(dep), batch, options)
+            return runner(source, batch, options)
         finally:
-            if keep:
-                say(f"Deployment {dep.id} kept running. Send more with: speedslurm run --deployment {dep.id} "
-                    f"--prompts P.jsonl; stop it with: speedslurm down {dep.id}")
-            else:
+            ended = chain.stop(keep) if chain is not None else [] if keep else [dep]
+            if chain is None and not keep:
                 _cancel(dep)
-                say(f"Deployment {dep.id} stopped (job(s) {', '.join(dep.job_ids)} cancelled).")
+            last = chain.deployment if chain is not None else dep
+            if keep:
+                say(f"Deployment {last.id} kept running. Send more with: speedslurm run --deployment {last.id} "
+                    f"--prompts P.jsonl; stop it with: speedslurm down {last.id}")
+            for d in ended:
+                say(f"Deployment {d.id} stopped (job(s) {', '.join(d.job_ids)} cancelled).")
     finally:
         if prepared is None:
             batch.close()

@@ -11,6 +11,8 @@ from ..errors import SpeedslurmError
 from ..rundir import Endpoint
 from .inputs import Request
 from .results import INVALID_INPUT, success_line
+from .sources import SourceState
+from .summary import percentile
 from .transport import CLIENTS, Reply, Transport, TransportError
 from .workqueue import WorkQueue
 
@@ -31,6 +33,8 @@ class Replica:
     reason: str = ""
     failed_at: float = 0.0
     confirmed: bool = False  # the source itself reported the failure (its reason is the real one)
+    draining: bool = False  # gets no new requests; its requests in flight finish (its deployment hands over)
+    retired: bool = False  # drained: nothing in flight, its source was told (and may cancel its job)
 
 
 class ReplicaPool(WorkQueue):
@@ -75,11 +79,11 @@ class ReplicaPool(WorkQueue):
 
     async def _worker(self, rep: Replica) -> None:
         try:
-            while not rep.failed:
+            while not rep.failed and not rep.draining:
                 if self.sem is not None:
                     await self.sem.acquire()
                 try:
-                    item = await self._next_item()
+                    item = await self._next_item(rep)
                     if item is None:
                         return
                     await self._handle(rep, item)
@@ -184,6 +188,7 @@ class ReplicaPool(WorkQueue):
             except SpeedslurmError as exc:
                 self._set_fatal(exc)
                 return
+            self._drain(state)
             if not self.stopping:
                 for ep in state.ready:
                     rep = self.replicas.get(ep.replica)
@@ -191,12 +196,14 @@ class ReplicaPool(WorkQueue):
                         self._add_replica(ep)  # new, or started again (requeued): its new endpoint
             listed = {ep.replica for ep in state.ready}
             for r, rep in list(self.replicas.items()):
-                if not rep.failed and r not in listed and r not in state.failed:
+                if not rep.failed and not rep.retired and r not in listed and r not in state.failed:
                     # The source stopped offering it, without a failure: its job was requeued or preempted.
                     self._fail_replica(rep, "its job left its nodes (requeued or preempted); waiting for it to "
                                        "start again", confirmed=True)
             for r, why in state.failed.items():
                 rep = self.replicas.get(r)
+                if rep is not None and rep.retired:
+                    continue  # drained and handed over: how its job ends is no failure of the batch
                 if rep is None:
                     if r not in self.source_failed:
                         self.source_failed[r] = why
@@ -215,7 +222,7 @@ class ReplicaPool(WorkQueue):
     def _check_all_failed(self, finished: bool) -> None:
         if not finished or self.finished.is_set():
             return
-        live = [r for r in self.replicas.values() if not r.failed]
+        live = [r for r in self.replicas.values() if not r.failed and not r.retired]
         if live:
             return
         now = time.monotonic()
@@ -233,6 +240,33 @@ class ReplicaPool(WorkQueue):
             f"every replica failed ({names}); {left} of {s.total} requests were not sent",
             fix=f"the results in {self.results.path} stay valid; once a deployment is serving again, run the same "
                 "command to send the rest (done requests are skipped)"))
+
+    def _drain(self, state: SourceState) -> None:
+        """Stop sending to the replicas the source hands over (``state.draining``) and to those whose job ends
+        (``state.ends_at``) before a request would finish; tell the source (``drained(r)``) once one has nothing
+        in flight, so that it can end its job."""
+        now = time.time()
+        expected = percentile(self.summary.latencies[-200:], 95) if self.summary.latencies else None
+        for r, rep in self.replicas.items():
+            if rep.failed or rep.draining:
+                continue
+            end = state.ends_at.get(r)
+            short = end is not None and expected is not None and end - now < expected + self.opts.poll_interval
+            if r in state.draining or short:
+                rep.draining = True
+                why = "its successor serves" if r in state.draining else \
+                    f"its job ends in {max(0.0, end - now):.0f} s, sooner than a request takes" if end else ""
+                self.say(f"replica r{r} draining ({why}): no new requests, {rep.inflight} in flight finish")
+                self.changed.set()  # its idle workers wake and end
+        drained = getattr(self.source, "drained", None)
+        for r, rep in self.replicas.items():
+            if rep.draining and not rep.retired and not rep.failed and rep.inflight == 0:
+                rep.retired = True
+                for task in list(rep.workers):
+                    task.cancel()  # idle: waiting for work it will not take
+                self.say(f"replica r{r} drained ({rep.served} served)")
+                if callable(drained):
+                    drained(r)
 
     def failed_replicas(self) -> dict[int, str]:
         out = dict(self.source_failed)

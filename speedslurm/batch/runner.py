@@ -106,6 +106,9 @@ class _Runner(ReplicaPool):
                 s.failed_replicas = self.failed_replicas()
                 self._update_progress()
                 self._publish("failed" if self.fatal is not None else "interrupted" if self.stopping else "completed")
+                generations = getattr(self.source, "deployments", None)
+                if callable(generations):
+                    s.deployments = generations()
                 usage = getattr(self.source, "usage", None)
                 if usage is not None:
                     with contextlib.suppress(Exception):  # a figure for the summary never fails the batch

@@ -30,6 +30,10 @@ class SourceState:
     ready: list[Endpoint]
     failed: dict[int, str]
     finished: bool  # True when no replica that is not ready now can become ready later
+    # Replicas to send nothing new to (their deployment hands over to a successor); they are told of as
+    # ``source.drained(r)`` once nothing of theirs is in flight.
+    draining: frozenset[int] = frozenset()
+    ends_at: dict[int, float] = dataclasses.field(default_factory=dict)  # replica -> its job's end (epoch s)
 
 
 class EndpointSource(tp.Protocol):
@@ -147,6 +151,8 @@ class RunDirSource:
         # The node-hours its deployment held over a span (epoch seconds): set by the deployment's source.
         self.usage: tp.Callable[[float, float], dict[str, tp.Any]] | None = None
         self._job_failed: dict[int, str] = {}  # the checks' last answer
+        # Each replica's job's end (epoch seconds), as its deployment's checks last learnt it (Slurm's TimeLeft).
+        self.ends_at: dict[int, float] = {}
 
     def poll(self) -> SourceState:
         """Read every replica's files afresh (a requeued job's next start replaces its endpoint, and its earlier
@@ -162,7 +168,8 @@ class RunDirSource:
         self._ready, self._failed = ready, failed
         self._backoff.note((sorted(self._ready), sorted(self._failed.items()), self._job_ended), asked)
         finished = self._job_ended or len(self._ready) + len(self._failed) >= self.replicas
-        return SourceState(sorted(self._ready.values(), key=lambda e: e.replica), dict(self._failed), finished)
+        return SourceState(sorted(self._ready.values(), key=lambda e: e.replica), dict(self._failed), finished,
+                           ends_at=dict(self.ends_at))
 
     def _ask(self, due_only: bool) -> bool:
         """Ask ``job_alive``/``job_failures`` (when due); True when they were asked."""

@@ -45,6 +45,10 @@ class Summary:
     errors: dict[str, int] = dataclasses.field(default_factory=dict)  # error code -> count
     # The node-hours (GPU-hours) its deployment held over the run, and their source (speedslurm.nodehours).
     usage: dict[str, tp.Any] | None = None
+    # The deployments that served it, when one handed over to a successor before its time limit: per deployment
+    # its id, job ids, replicas (as the run numbers them), requests served, and when it was submitted, ready,
+    # drained and cancelled (epoch seconds, None: not reached).
+    deployments: list[dict[str, tp.Any]] = dataclasses.field(default_factory=list)
 
     @property
     def remaining(self) -> int:
@@ -82,7 +86,12 @@ class Summary:
             "node_hours": self.usage["node_hours"] if self.usage else None,
             "gpu_hours": self.usage["gpu_hours"] if self.usage else None,
             "node_hours_source": self.usage["node_hours_source"] if self.usage else None,
+            "deployments": [{**d, "served": self.served_by(d)} for d in self.deployments],
         }
+
+    def served_by(self, deployment: dict[str, tp.Any]) -> int:
+        """Requests answered by one of :attr:`deployments`."""
+        return sum(self.per_replica.get(r, 0) for r in deployment.get("replicas", ()))
 
     def render(self, console: Console) -> None:
         """Print the summary as a small table."""
@@ -98,6 +107,8 @@ class Summary:
         table.add_row("wall time", f"{self.wall_s:.1f} s")
         if self.per_replica:
             table.add_row("replicas", ", ".join(f"r{r}: {n}" for r, n in sorted(self.per_replica.items())))
+        for d in self.deployments:
+            table.add_row(f"deployment {d['id']}", _deployment_line(d, self.served_by(d)))
         for r, why in sorted(self.failed_replicas.items()):
             table.add_row(f"replica r{r}", f"[red]failed[/red]: {why}")
         if self.errors:
@@ -109,3 +120,14 @@ class Summary:
                           + f", from {self.usage['node_hours_source']}")
         table.add_row("results", self.results_path)
         console.print(table)
+
+
+def _deployment_line(d: dict[str, tp.Any], served: int) -> str:
+    """One deployment of a handover: its replicas, what it served, and when each step happened (local time)."""
+    import time
+
+    steps = [f"{word} {time.strftime('%H:%M:%S', time.localtime(d[key]))}"
+             for key, word in (("submitted_at", "submitted"), ("ready_at", "ready"), ("drained_at", "drained"),
+                               ("cancelled_at", "cancelled")) if d.get(key)]
+    reps = ", ".join(f"r{r}" for r in d.get("replicas", ()))
+    return f"{reps}: {served} served; " + ", ".join(steps)

@@ -50,10 +50,11 @@ class WorkQueue(RunState):
             stream.close()
 
     # -- work queue ------------------------------------------------------------------------------
-    async def _next_item(self) -> Request | None:
+    async def _next_item(self, rep: tp.Any = None) -> Request | None:
+        """The next request to send (None: stop); ``rep``, the asking worker's replica, gets none once it drains."""
         s = self.summary
         while True:
-            if self.stopping or self.fatal is not None:
+            if self.stopping or self.fatal is not None or getattr(rep, "draining", False):
                 return None
             if self.pending:
                 return self.pending.popleft()

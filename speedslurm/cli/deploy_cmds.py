@@ -77,6 +77,12 @@ def models_group(ctx: click.Context, as_json: bool) -> None:
             con.print(f"  [red]{row['problem']}[/red]")
 
 
+def idle_timeout_option(f: tp.Callable[..., tp.Any]) -> tp.Callable[..., tp.Any]:
+    return click.option("--idle-timeout", default=None, metavar="DURATION",
+                        help="End the job (free its nodes) after llama-server had no request for this long: 90s, "
+                             "30m, 2h; 0 = never [default: llama.idle_timeout].")(f)
+
+
 def _model_options(f: tp.Callable[..., tp.Any]) -> tp.Callable[..., tp.Any]:
     f = click.option("--time", "time_limit", default=None, help="Job time limit (Slurm format, e.g. 04:00:00).")(f)
     f = click.option("--ctx", "ctx_size", type=int, default=None, help="Context size (tokens); default: the model's.")(f)
@@ -148,7 +154,8 @@ def _progress_printer(as_json: bool) -> tp.Callable[[list[dp.ReplicaStatus], flo
 
 def do_up(ctx: click.Context, model: str, *, executor: str | None, nodes: int | None, replicas: int,
           ctx_size: int | None, time_limit: str | None, timeout: float | None, until: str,
-          as_json: bool, keep_on_interrupt: bool = False) -> tuple[api.Deployment, list[dp.ReplicaStatus]]:
+          as_json: bool, keep_on_interrupt: bool = False,
+          idle_timeout: str | None = None) -> tuple[api.Deployment, list[dp.ReplicaStatus]]:
     """:func:`speedslurm.api.up` with the global flags' settings, its progress and messages on stderr."""
     con = err_console()
 
@@ -158,7 +165,8 @@ def do_up(ctx: click.Context, model: str, *, executor: str | None, nodes: int | 
             con.print(text, markup=False)
 
     return api.up(model, nodes=nodes, replicas=replicas, ctx=ctx_size, time_limit=time_limit, executor=executor,
-                  timeout=timeout, until=until, settings=settings_from(ctx), on_update=_progress_printer(as_json),
+                  timeout=timeout, until=until, settings=settings_from(ctx, llama__idle_timeout=idle_timeout),
+                  on_update=_progress_printer(as_json),
                   on_message=say, keep_on_interrupt=keep_on_interrupt)
 
 
@@ -166,13 +174,16 @@ def do_up(ctx: click.Context, model: str, *, executor: str | None, nodes: int | 
 @_model_options
 @click.option("--timeout", type=float, default=None,
               help="Give up (and cancel) when not ready after this many seconds; default: wait while the job waits.")
+@idle_timeout_option
 @json_option
 @click.pass_context
 def up_cmd(ctx: click.Context, model: str, executor: str | None, nodes: int | None, replicas: int,
-           ctx_size: int | None, time_limit: str | None, timeout: float | None, as_json: bool) -> None:
+           ctx_size: int | None, time_limit: str | None, timeout: float | None, idle_timeout: str | None,
+           as_json: bool) -> None:
     """Start a deployment, wait until it is READY, print its endpoint(s), leave it running."""
     dep, statuses = do_up(ctx, model, executor=executor, nodes=nodes, replicas=replicas, ctx_size=ctx_size,
-                          time_limit=time_limit, timeout=timeout, until="all", as_json=as_json)
+                          time_limit=time_limit, timeout=timeout, until="all", as_json=as_json,
+                          idle_timeout=idle_timeout)
     if as_json:
         print_json({"deployment": dep.id, "replicas": [s.to_json() for s in statuses]})
         return

@@ -13,19 +13,20 @@ from ..errors import DeploymentFailed
 from . import cli
 from .batch_cmds import BATCH_EXIT_STATUSES, batch_options, execute, options_from
 from .common import err_console, is_tty, resume_command, settings_from
-from .deploy_cmds import _model_options, _progress_printer
+from .deploy_cmds import _model_options, _progress_printer, idle_timeout_option
 
 
 @cli.command("submit", epilog=BATCH_EXIT_STATUSES)
 @_model_options
 @click.option("--keep", is_flag=True, help="Leave the deployment running after the batch (and after Ctrl-C).")
+@idle_timeout_option
 @click.option("--ready-timeout", type=float, default=None,
               help="Give up when no replica is ready after this many seconds [default: wait as long as the job waits].")
 @batch_options
 @click.pass_context
 def submit_cmd(ctx: click.Context, model: str, executor: str | None, nodes: int | None, replicas: int,
                ctx_size: int | None, time_limit: str | None, keep: bool, ready_timeout: float | None,
-               **kw: tp.Any) -> None:
+               idle_timeout: str | None, **kw: tp.Any) -> None:
     """Start a deployment, run a prompts file through it, and stop it.
 
     \b
@@ -52,7 +53,7 @@ def submit_cmd(ctx: click.Context, model: str, executor: str | None, nodes: int 
     try:
         api.submit(model, prepared.prompts, nodes=nodes, replicas=replicas, ctx=ctx_size, time_limit=time_limit,
                    executor=executor, keep=keep, ready_timeout=ready_timeout, options=options,
-                   settings=settings_from(ctx), on_update=_progress_printer(json_mode),
+                   settings=settings_from(ctx, llama__idle_timeout=idle_timeout), on_update=_progress_printer(json_mode),
                    on_message=lambda text: _say(err, text, json_mode), prepared=prepared,
                    run=run)
     except KeyboardInterrupt:

@@ -1,0 +1,109 @@
+"""Time-limit handover: a batch moves onto a successor deployment before its job's limit, the old one drains and
+is cancelled, and every prompt gets exactly one result line."""
+
+from __future__ import annotations
+
+import json
+import time
+import typing as tp
+from pathlib import Path
+
+from rich.console import Console
+
+from devtools.stubserver import StubServer
+from speedslurm import slurm
+from speedslurm.api.handover import HandoverSource
+from speedslurm.batch import BatchOptions, prepare_batch, run_batch
+from speedslurm.batch.sources import SourceState
+from speedslurm.rundir import Endpoint
+
+KEY = "test-key"
+
+
+class FakeDeployment:
+    def __init__(self, n: int, url: str) -> None:
+        self.id = f"dep{n}"
+        self.job_ids = [str(100 + n)]
+        self.url = url
+        self.record = type("Record", (), {"replicas": 1, "info": {"submitted_at": time.time()}})()
+
+
+class FakeSource:
+    """A deployment that is ready ``ready_after`` s after it starts, and whose job ends ``limit`` s after."""
+
+    def __init__(self, dep: FakeDeployment, ready_after: float, limit: float) -> None:
+        self.dep = dep
+        self.t0 = time.time()
+        self.ready_after = ready_after
+        self.limit = limit
+
+    def poll(self) -> SourceState:
+        ep = Endpoint(url=self.dep.url, api_key=KEY, model="stub-model", deployment_id=self.dep.id, replica=0,
+                      job_id=self.dep.job_ids[0], leader_node="127.0.0.1", follower_nodes=[], rpc_servers=[],
+                      llama_version="stub", parallel=2, ctx=4096, started_at=self.t0,
+                      ready_at=self.t0 + self.ready_after)
+        ready = [ep] if time.time() >= self.t0 + self.ready_after else []
+        return SourceState(ready, {}, bool(ready), ends_at={0: self.t0 + self.limit})
+
+
+def test_batch_hands_over_twice_and_each_prompt_is_written_once(tmp_path: Path) -> None:
+    n = 150
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"custom_id": f"q{i}", "prompt": f"question {i}"}) + "\n"
+                               for i in range(n)))
+    stubs = [StubServer(api_key=KEY, slots=2, latency=0.05) for _ in range(3)]
+    for s in stubs:
+        s.start()
+    deps: list[FakeDeployment] = []
+    cancelled: list[tuple[str, float]] = []
+    messages: list[str] = []
+
+    def start_next() -> FakeDeployment:
+        deps.append(FakeDeployment(len(deps), stubs[len(deps)].url))
+        return deps[-1]
+
+    first = start_next()
+    source = HandoverSource(tp.cast(tp.Any, first), tp.cast(tp.Any, start_next), before_s=0.9,
+                            say=messages.append, source_of=lambda d: FakeSource(tp.cast(tp.Any, d), 0.3, 1.6),
+                            cancel=lambda d: cancelled.append((d.id, time.time())))
+    options = BatchOptions(poll_interval=0.05, quiet=True, timeout=5.0, settle=0.3)
+    prepared = prepare_batch(prompts, None, options)
+    try:
+        summary = run_batch(source, prepared, options, Console(stderr=True, quiet=True))
+    finally:
+        prepared.close()
+        for s in stubs:
+            s.stop()
+
+    recs = [json.loads(x) for x in (tmp_path / "p.results.jsonl").read_text().splitlines()]
+    ids = [r["custom_id"] for r in recs]
+    assert sorted(ids) == sorted(f"q{i}" for i in range(n)), "a prompt has no line, or two"
+    assert all(r["response"]["status_code"] == 200 for r in recs)
+    # Three deployments served; the first two were drained and cancelled, the newest was left to the caller.
+    assert [d["id"] for d in summary.deployments] == ["dep0", "dep1", "dep2"]
+    assert [c[0] for c in cancelled] == ["dep0", "dep1"]
+    served = [summary.served_by(d) for d in summary.deployments]
+    assert all(x > 0 for x in served) and sum(served) == n
+    # Each server answered exactly what the run counted for it: nothing sent to a drained one was lost.
+    assert [s.app.stats.completions for s in stubs] == served
+    for old, new in zip(summary.deployments, summary.deployments[1:], strict=False):
+        assert old["drained_at"] is not None and new["ready_at"] is not None
+        assert old["drained_at"] >= new["ready_at"] - 0.1  # it drained once its successor served
+        assert old["cancelled_at"] is not None
+    assert summary.deployments[2]["cancelled_at"] is None
+    assert source.stop() == [deps[2]] and cancelled[-1][0] == "dep2"
+    as_json = summary.to_json()["deployments"]
+    assert [d["served"] for d in as_json] == served
+    text = Console(record=True, width=200)
+    summary.render(text)
+    shown = text.export_text()
+    assert "deployment dep0" in shown and "deployment dep2" in shown and "drained" in shown
+    assert any("started its successor dep1" in m for m in messages)
+
+
+def test_squeue_time_left_is_read_for_running_jobs_only(monkeypatch: tp.Any) -> None:
+    out = "7|RUNNING|None|n1|0|0:30|1|1:30\n8|PENDING|Priority|(null)|0|0:00|1|1:00:00\n"
+    monkeypatch.setattr(slurm, "call", lambda argv, **kw: out)
+    states = slurm.job_states(["7", "8"])
+    assert states["7"].time_left_s == 90
+    assert states["8"].time_left_s is None
