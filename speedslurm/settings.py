@@ -113,6 +113,7 @@ class RunSettings:
     follower_timeout_s: float = 300
     health_timeout_s: float = 1800
     poll_interval_s: float = 0.1
+    handover_before_s: float = 600
 
     @property
     def root(self) -> Path:

@@ -57,6 +57,7 @@ class ReplicaStatus:
     why: str = ""  # what the state alone does not say: why it ended or failed, what it waits for
     restarts: int | None = None  # Slurm's restart count: the job's start the handshake files must come from
     usage: Usage | None = None  # what the job held, as Slurm counts it (speedslurm.nodehours)
+    time_left_s: int | None = None  # Slurm's TimeLeft of the running job when asked (None: not known)
 
     def to_json(self, show_key: bool = False) -> dict[str, tp.Any]:
         return {"replica": self.replica, "state": self.state, "why": self.why, "job_id": self.job_id,
@@ -159,7 +160,7 @@ def replica_statuses(dep: Deployment, states: dict[str, slurm.JobState] | None =
         if view.elsewhere and state in ("READY", "LOADING", "STARTING"):
             why = f"runs on {view.elsewhere}: its processes can only be checked there"
         out.append(ReplicaStatus(r, state, job_id, view.job_state, reason, endpoint, failure, view.nodes, why,
-                                 view.restarts, view.usage))
+                                 view.restarts, view.usage, view.time_left_s))
     return out
 
 
@@ -296,8 +297,11 @@ def deployment_source(record: Deployment) -> EndpointSource:
         out = {}
         statuses = replica_statuses(record)
         last.update(statuses=statuses, at=time.time())
+        at = time.time()
         for st in statuses:
             restarts[st.replica] = st.restarts
+            if st.time_left_s is not None and st.state != "PENDING":
+                source.ends_at[st.replica] = at + st.time_left_s  # when Slurm ends it: a batch hands over before
             if st.state == "PENDING" and st.restarts:
                 continue  # requeued: it starts again, with a new endpoint
             if not st.failure and st.job_state.startswith("COMPLETING"):

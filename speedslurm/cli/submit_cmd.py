@@ -20,13 +20,17 @@ from .deploy_cmds import _model_options, _progress_printer, idle_timeout_option
 @_model_options
 @click.option("--keep", is_flag=True, help="Leave the deployment running after the batch (and after Ctrl-C).")
 @idle_timeout_option
+@click.option("--handover-before", type=float, default=None, metavar="SECONDS",
+              help="This long before the job's time limit, start a successor deployment and move the batch onto "
+                   "it; the old one finishes its requests in flight and is cancelled. 0: never "
+                   "[default: run.handover_before_s, 600].")
 @click.option("--ready-timeout", type=float, default=None,
               help="Give up when no replica is ready after this many seconds [default: wait as long as the job waits].")
 @batch_options
 @click.pass_context
 def submit_cmd(ctx: click.Context, model: str, executor: str | None, nodes: int | None, replicas: int,
                ctx_size: int | None, time_limit: str | None, keep: bool, ready_timeout: float | None,
-               idle_timeout: str | None, **kw: tp.Any) -> None:
+               idle_timeout: str | None, handover_before: float | None, **kw: tp.Any) -> None:
     """Start a deployment, run a prompts file through it, and stop it.
 
     \b
@@ -53,7 +57,9 @@ def submit_cmd(ctx: click.Context, model: str, executor: str | None, nodes: int 
     try:
         api.submit(model, prepared.prompts, nodes=nodes, replicas=replicas, ctx=ctx_size, time_limit=time_limit,
                    executor=executor, keep=keep, ready_timeout=ready_timeout, options=options,
-                   settings=settings_from(ctx, llama__idle_timeout=idle_timeout), on_update=_progress_printer(json_mode),
+                   settings=settings_from(ctx, llama__idle_timeout=idle_timeout,
+                                          run__handover_before_s=handover_before),
+                   on_update=_progress_printer(json_mode),
                    on_message=lambda text: _say(err, text, json_mode), prepared=prepared,
                    run=run)
     except KeyboardInterrupt:
