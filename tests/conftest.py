@@ -246,3 +246,10 @@ def user_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("SPEEDSLURM_CONFIG", str(path))
     monkeypatch.setenv("SPEEDSLURM_RUN__DIR", str(tmp_path / "runs"))
     return path
+
+
+@pytest.fixture(autouse=True)
+def own_user_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test its own user cache folder (``XDG_CACHE_HOME``): the record of warm rpc caches that one test's
+    deployment leaves must not move another test's followers (the tiny model is shared by the session)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
