@@ -2,8 +2,8 @@
 
 :class:`HandoverSource` is the endpoint source of such a batch. It offers the replicas of every deployment it
 started (numbered on: the first deployment's r0..r(N-1), the next one's rN.., ...). When the newest deployment's
-job is ``before_s`` seconds from its end (Slurm's TimeLeft, learnt from the status poll the source does anyway),
-it starts a successor through ``start_next`` (same model and settings). Once a replica of the successor is ready,
+job is ``before_s`` seconds from its end (Slurm's TimeLeft, learnt from the status poll the source does anyway,
+less ``margin_s``: Slurm's warning may stop the servers that long before the limit), it starts a successor through ``start_next`` (same model and settings). Once a replica of the successor is ready,
 the older deployments' replicas drain: the runner sends them nothing new, their requests in flight finish and are
 written, and the runner calls :meth:`HandoverSource.drained`; when every replica of a deployment is drained, its
 job is cancelled, long before its limit. Each request is still sent and written once: a draining replica only
@@ -47,8 +47,9 @@ class HandoverSource:
     def __init__(self, first: Deployment, start_next: tp.Callable[[], Deployment], before_s: float,
                  say: tp.Callable[[str], None] | None = None, clock: tp.Callable[[], float] = time.time,
                  source_of: tp.Callable[[Deployment], EndpointSource] | None = None,
-                 cancel: tp.Callable[[Deployment], object] | None = None) -> None:
+                 cancel: tp.Callable[[Deployment], object] | None = None, margin_s: float = 0.0) -> None:
         self.start_next = start_next
+        self.margin_s = margin_s  # its servers may stop this long before the job's end (Slurm's warning)
         self.cancel = cancel or _cancel
         self.before_s = before_s
         self.say = say or (lambda _text: None)
@@ -90,9 +91,9 @@ class HandoverSource:
             failed.update({r + gen.offset: why for r, why in state.failed.items()})
             gen.failed = {r + gen.offset for r in state.failed}
             for r, end in state.ends_at.items():
-                ends_at[r + gen.offset] = end
+                ends_at[r + gen.offset] = end - self.margin_s
             if state.ends_at:
-                gen.ends_at = min(state.ends_at.values())
+                gen.ends_at = min(state.ends_at.values()) - self.margin_s
         newest = self.generations[-1]
         if newest.ends_at is not None and newest.ready_at is not None and now >= newest.ends_at - self.before_s:
             self._hand_over(newest, now)
