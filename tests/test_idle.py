@@ -274,3 +274,21 @@ def test_status_says_a_replica_ended_because_idle(tmp_path: Path, monkeypatch: p
     assert (rows[0][0].state, rows[0][0].why) == ("ENDED", "idle")
     assert rows[0][0].to_json()["failure"]["cause"] == "idle"
     assert (rows[1][0].state, rows[1][0].why) == ("ENDED", "completed")
+
+
+def test_the_templates_idle_timeout_reaches_the_job_side_and_a_bad_one_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from speedslurm.jobside import idle_timeout_s
+    from speedslurm.jobtemplate import parser, prepare
+
+    base = ["hetjob", "--model", str(tmp_path / "m.gguf"), "--run-dir", str(tmp_path / "dep")]
+    rd = prepare(parser().parse_args([*base, "--idle-timeout", "30m"]), 0, ["41"], 2, {})
+    dep = rd.deployment_record()
+    assert dep is not None and idle_timeout_s(dep.llama) == 1800
+    assert idle_timeout_s({}) == 0  # a deployment.json without the key (an older client's): never
+    with pytest.raises(SystemExit):
+        parser().parse_args([*base, "--idle-timeout", "half an hour"])
+    assert "IDLE_TIMEOUT: 'half an hour' is not a duration" in capsys.readouterr().err
+    for name in ("llama-rpc-hetjob.sbatch", "llama-rpc-array.sbatch"):
+        text = (Path(__file__).parent.parent / "sbatch_templates" / name).read_text()
+        assert ': "${IDLE_TIMEOUT:=0}"' in text and '--idle-timeout "$IDLE_TIMEOUT"' in text
