@@ -87,7 +87,7 @@ class HandoverSource:
                 if gen.ready_at is None:
                     gen.ready_at = ep.ready_at or now
                     if gen is not self.generations[0]:
-                        self.say(f"deployment {gen.deployment.id} ready: its replicas take the batch over")
+                        self.say(f"Handover: deployment {gen.deployment.id} ready; its replicas take the batch over")
             failed.update({r + gen.offset: why for r, why in state.failed.items()})
             gen.failed = {r + gen.offset for r in state.failed}
             for r, end in state.ends_at.items():
@@ -109,8 +109,8 @@ class HandoverSource:
         assert gen.ends_at is not None
         dep = self.start_next()
         self._add(dep)
-        self.say(f"deployment {gen.deployment.id} ends in {max(0.0, gen.ends_at - now):.0f} s (its time limit): "
-                 f"started its successor {dep.id}, job(s) {', '.join(dep.job_ids)}")
+        self.say(f"Handover: deployment {gen.deployment.id} ends in {max(0.0, gen.ends_at - now):.0f} s "
+                 f"(its time limit): started its successor {dep.id}, job(s) {', '.join(dep.job_ids)}")
 
     def drained(self, replica: int) -> None:
         """The runner has nothing in flight on ``replica`` and sends it nothing more: once every replica of its
@@ -131,7 +131,7 @@ class HandoverSource:
         self.cancel(gen.deployment)
         gen.cancelled_at = self.clock()
         if drained:
-            self.say(f"deployment {gen.deployment.id} drained and cancelled (job(s) "
+            self.say(f"Handover: deployment {gen.deployment.id} drained and cancelled (job(s) "
                      f"{', '.join(gen.deployment.job_ids)})")
 
     def hurry(self) -> None:
