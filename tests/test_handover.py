@@ -107,3 +107,38 @@ def test_squeue_time_left_is_read_for_running_jobs_only(monkeypatch: tp.Any) -> 
     states = slurm.job_states(["7", "8"])
     assert states["7"].time_left_s == 90
     assert states["8"].time_left_s is None
+
+
+def _record_dep(time_value: str) -> tp.Any:
+    from speedslurm.settings import load_settings
+
+    info = {"plan": {"time": time_value}, "model": {"path": "m.gguf"}, "nodes": 1, "ctx": 512, "replicas": 1}
+    record = type("Record", (), {"info": info, "replicas": 1, "executor": "slurm"})()
+    return type("Dep", (), {"settings": load_settings(), "record": record, "id": "d", "job_ids": ["1"]})()
+
+
+def test_handover_begins_before_slurms_warning_and_at_most_half_way(monkeypatch: tp.Any) -> None:
+    from speedslurm.api import handover
+
+    monkeypatch.setattr(handover, "_deployment_source", lambda dep: None)
+    long = handover.handover_source(_record_dep("04:00:00"))
+    assert long is not None and long.before_s == 600 and long.margin_s == 90  # --signal USR2@60, + 30 s
+    short = handover.handover_source(_record_dep("2"), before_s=600)
+    # 2 minutes: the warning may come 60 s before the end; half of the minute before it
+    assert short is not None and short.margin_s == 60 and short.before_s == 30
+    assert handover.handover_source(_record_dep("2"), before_s=0) is None
+
+
+def test_run_handover_needs_a_deployment(tmp_path: Path, capsys: tp.Any) -> None:
+    from speedslurm.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    try:
+        main(["run", "--base-url", "http://127.0.0.1:9", "--handover", "--prompts", str(prompts)])
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "--handover needs --deployment" in err

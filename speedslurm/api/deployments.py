@@ -320,26 +320,13 @@ def submit(model: str, prompts: Prompts, out: str | os.PathLike[str] | None = No
         dep, _ = up(model, nodes=nodes, replicas=replicas, ctx=ctx, time_limit=time_limit, executor=executor,
                     timeout=ready_timeout, until="first", settings=settings, on_update=on_update,
                     on_message=on_message, keep_on_interrupt=keep)
-        import types
-
-        from ..launch import SLURM_CHECK_PERIOD_S, signal_delay_s
-        from ..plan import parse_time_minutes
+        from .handover import handover_source
 
         s = dep.settings
-        minutes = parse_time_minutes(time_limit or s.cluster.time)
-        # Slurm's warning may stop the servers this long before the limit: the handover must be over by then.
-        margin = signal_delay_s(tp.cast("Plan", types.SimpleNamespace(time_minutes=minutes))) + SLURM_CHECK_PERIOD_S
-        # At most half of what is left: a deployment serves a while before it hands over.
-        before = min(s.run.handover_before_s, (minutes * 60 - margin) / 2)
-        source: EndpointSource = deployment_source(dep)
-        chain = None
-        if handover and before > 0:
-            from .handover import HandoverSource
-
-            chain = HandoverSource(dep, lambda: start(model, nodes=nodes, replicas=replicas, ctx=ctx,
-                                                      time_limit=time_limit, executor=executor, settings=s),
-                                   before, say, margin_s=margin)
-            source = chain
+        chain = handover_source(dep, say=say, start_next=lambda: start(
+            model, nodes=nodes, replicas=replicas, ctx=ctx, time_limit=time_limit, executor=executor,
+            settings=s)) if handover else None
+        source: EndpointSource = chain if chain is not None else deployment_source(dep)
         try:
             return runner(source, batch, options)
         finally:

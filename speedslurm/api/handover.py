@@ -175,6 +175,43 @@ class HandoverSource:
                 "node_hours_source": ", ".join(dict.fromkeys(str(p["node_hours_source"]) for p in parts))}
 
 
+def handover_source(dep: Deployment, *, before_s: float | None = None, say: tp.Callable[[str], None] | None = None,
+                    start_next: tp.Callable[[], Deployment] | None = None) -> HandoverSource | None:
+    """The source that hands ``dep``'s batch over before its time limit (None: ``before_s``, default
+    ``run.handover_before_s``, is 0). ``start_next`` starts the successor (default: the same model, nodes,
+    replicas, context, time limit and executor as ``dep``'s record, with its settings).
+
+    The handover begins ``before_s`` before Slurm's time-limit warning may come (which stops the servers: the
+    ``--signal`` delay plus Slurm's 30 s check period before the limit), and at most half the time left before
+    it, so that each deployment serves a while."""
+    import types
+
+    from ..launch import SLURM_CHECK_PERIOD_S, signal_delay_s
+    from ..plan import Plan, parse_time_minutes
+
+    s = dep.settings
+    info = dep.record.info
+    plan = info.get("plan") or {}
+    minutes = parse_time_minutes(str(plan.get("time") or s.cluster.time))
+    margin = signal_delay_s(tp.cast(Plan, types.SimpleNamespace(time_minutes=minutes))) + SLURM_CHECK_PERIOD_S
+    before = min(s.run.handover_before_s if before_s is None else before_s, (minutes * 60 - margin) / 2)
+    if before <= 0:
+        return None
+    if start_next is None:
+        from .deployments import start
+
+        model = info.get("model") or {}
+
+        limit = str(plan.get("time") or s.cluster.time)
+
+        def start_next() -> Deployment:
+            return start(str(model.get("path") or model.get("name")), nodes=int(info["nodes"]),
+                         replicas=dep.record.replicas, ctx=int(info["ctx"]), time_limit=limit,
+                         executor=dep.record.executor, settings=s)
+
+    return HandoverSource(dep, start_next, before, say, margin_s=margin)
+
+
 def _cancel(dep: Deployment) -> None:
     from .. import deploy as dp
 

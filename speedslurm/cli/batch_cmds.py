@@ -82,10 +82,13 @@ def options_from(kw: dict[str, tp.Any]) -> BatchOptions:
 @click.option("--base-url", default=None, metavar="URL", help="Any OpenAI-compatible server, e.g. http://host:8080.")
 @click.option("--api-key", envvar="SPEEDSLURM_API_KEY", default=None,
               help="API key for --base-url (a deployment's key comes from its endpoint file). Env: SPEEDSLURM_API_KEY.")
+@click.option("--handover", is_flag=True,
+              help="With --deployment: run.handover_before_s before its time limit, start a successor deployment "
+                   "and move the batch onto it (the old one drains and is cancelled; the successor keeps running).")
 @batch_options
 @click.pass_context
 def run_cmd(ctx: click.Context, deployment_id: str | None, endpoint_files: tuple[Path, ...], base_url: str | None,
-            api_key: str | None, **kw: tp.Any) -> None:
+            api_key: str | None, handover: bool, **kw: tp.Any) -> None:
     """Send a prompts file through a deployment or server; append one result line per prompt.
 
     \b
@@ -98,6 +101,9 @@ def run_cmd(ctx: click.Context, deployment_id: str | None, endpoint_files: tuple
         raise UsageError("say where to send the prompts: exactly one of --deployment, --endpoint-file, --base-url"
                          + (f" (got {', '.join(given)})" if given else ""),
                          fix="e.g. speedslurm run --deployment ID --prompts P.jsonl")
+    if handover and not deployment_id:
+        raise UsageError("--handover needs --deployment: only a deployment can be handed over to a successor",
+                         fix="e.g. speedslurm run --deployment ID --handover --prompts P.jsonl")
     from ..batch.runner import prepare_batch
 
     options = options_from(kw)
@@ -109,6 +115,16 @@ def run_cmd(ctx: click.Context, deployment_id: str | None, endpoint_files: tuple
             source: EndpointSource = StaticSource.probe(base_url, api_key, timeout=min(30.0, options.timeout))
         elif endpoint_files:
             source = _endpoint_file_source(endpoint_files)
+        elif handover:
+            chain = _handover_source(ctx, tp.cast(str, deployment_id))
+            try:
+                execute(chain or deployment_source(ctx, tp.cast(str, deployment_id)), prepared, options,
+                        kw["json_mode"])
+            finally:
+                if chain is not None and len(chain.generations) > 1:
+                    _console().print(f"Deployment {chain.deployment.id} (the successor) keeps running; stop it with: "
+                                  f"speedslurm down {chain.deployment.id}", markup=False)
+            return
         else:
             source = deployment_source(ctx, tp.cast(str, deployment_id))
         execute(source, prepared, options, kw["json_mode"])
@@ -172,6 +188,22 @@ def _endpoint_file_source(paths: tp.Sequence[Path]) -> EndpointSource:
             raise UsageError(f"endpoint file {path} does not exist", fix="check the path given to --endpoint-file")
         endpoints.append(endpoint)
     return StaticSource(endpoints)
+
+
+def _console() -> tp.Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _handover_source(ctx: click.Context, deployment_id: str) -> tp.Any:
+    """The deployment's replicas, and its successors' before its time limit (None: run.handover_before_s is 0)."""
+    from .. import api
+    from ..api.handover import handover_source
+
+    err = _console()
+    return handover_source(api.connect(deployment_id, settings_from(ctx)),
+                           say=lambda text: err.print(text, markup=False))
 
 
 def deployment_source(ctx: click.Context, deployment_id: str) -> EndpointSource:
