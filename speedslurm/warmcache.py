@@ -26,6 +26,8 @@ import time
 import typing as tp
 from pathlib import Path
 
+from .errors import SpeedslurmError
+
 if tp.TYPE_CHECKING:
     from .plan import Plan
     from .settings import Settings
@@ -141,6 +143,17 @@ def choose(warm: tp.Sequence[str], states: tp.Mapping[str, str], *, followers: i
     return Placement(chosen, note)
 
 
+def partition_states(settings: Settings) -> tp.Callable[[], dict[str, str]]:
+    """Ask Slurm once (sinfo, as for the partition's size) for each node of the partition and its state."""
+    from . import slurm
+
+    def ask() -> dict[str, str]:
+        detail = slurm.partition_info(settings.cluster.partition)["detail"]
+        return {node: d["state"] for node, d in detail.items()}
+
+    return ask
+
+
 def place(settings: Settings, plan: Plan,
           states: tp.Callable[[], tp.Mapping[str, str]] | None = None) -> Plan:
     """``plan`` with its followers' nodes chosen (``warm_nodes``) and why (``placement_note``)."""
@@ -162,20 +175,11 @@ def place(settings: Settings, plan: Plan,
     warm = list(warm_nodes(model_key(plan.model.path, settings.llama.rpc_cache_dir)))
     if not warm:
         return skip("any nodes: no node holds a warm rpc cache of this model yet")
-    if states is None:
-        from . import slurm
-        from .errors import SpeedslurmError
-
-        def states() -> tp.Mapping[str, str]:
-            detail = slurm.partition_info(settings.cluster.partition)["detail"]
-            return {n: d["state"] for n, d in detail.items()}
-
-        try:
-            now = states()
-        except (SpeedslurmError, OSError, KeyError) as exc:
-            return skip(f"any nodes: sinfo failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
-    else:
-        now = states()
+    try:
+        now = (states or partition_states(settings))()
+    except (SpeedslurmError, OSError, KeyError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return skip(f"any nodes: sinfo failed ({first})")
     exclude = {*plan.exclude, *([plan.leader_host] if plan.leader_host else [])}
     chosen = choose(warm, now, followers=plan.nodes - 1, nodes=plan.nodes, exclude=exclude)
     return with_placement(plan, chosen.nodes, chosen.note)
