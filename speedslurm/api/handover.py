@@ -13,6 +13,7 @@ finishes what it has, and the runner owns the results file.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 import typing as tp
 
@@ -56,6 +57,8 @@ class HandoverSource:
         self.clock = clock
         self.source_of = source_of or _deployment_source
         self.generations: list[Generation] = []
+        self._starting: _Call | None = None  # the successor being started
+        self._gave_up = False
         self._add(first)
 
     def _add(self, dep: Deployment) -> Generation:
@@ -106,11 +109,26 @@ class HandoverSource:
         return SourceState(ready, failed, newest.finished, frozenset(draining), ends_at)
 
     def _hand_over(self, gen: Generation, now: float) -> None:
+        """Start the successor in a thread (planning and sbatch take a moment: the batch goes on meanwhile); a
+        later poll adds it. One that cannot start is said once; the batch goes on until the job's limit."""
         assert gen.ends_at is not None
-        dep = self.start_next()
-        self._add(dep)
-        self.say(f"Handover: deployment {gen.deployment.id} ends in {max(0.0, gen.ends_at - now):.0f} s "
-                 f"(its time limit): started its successor {dep.id}, job(s) {', '.join(dep.job_ids)}")
+        if self._starting is not None:
+            if self._starting.is_alive():
+                return
+            thread, self._starting = self._starting, None
+            if isinstance(thread.result, BaseException):
+                self._gave_up = True
+                self.say(f"Handover: could not start a successor of deployment {gen.deployment.id} "
+                         f"({thread.result}); the batch goes on until its time limit")
+                return
+            dep = tp.cast("Deployment", thread.result)
+            self._add(dep)
+            self.say(f"Handover: deployment {gen.deployment.id} ends in {max(0.0, gen.ends_at - now):.0f} s "
+                     f"(its time limit): started its successor {dep.id}, job(s) {', '.join(dep.job_ids)}")
+            return
+        if not self._gave_up:
+            self._starting = _Call(self.start_next)
+            self._starting.start()
 
     def drained(self, replica: int) -> None:
         """The runner has nothing in flight on ``replica`` and sends it nothing more: once every replica of its
@@ -144,6 +162,12 @@ class HandoverSource:
     def stop(self, keep: bool = False) -> list[Deployment]:
         """Cancel every deployment not cancelled yet (``keep``: all but the newest); returns those cancelled."""
         out = []
+        if self._starting is not None:  # a successor being submitted: it must not be left running
+            self._starting.join(120)
+            started = self._starting.result
+            self._starting = None
+            if started is not None and not isinstance(started, BaseException):
+                self._add(tp.cast("Deployment", started))
         for gen in self.generations:
             if gen.cancelled_at is None and not (keep and gen is self.generations[-1]):
                 self._end(gen, drained=False)
@@ -210,6 +234,21 @@ def handover_source(dep: Deployment, *, before_s: float | None = None, say: tp.C
                          executor=dep.record.executor, settings=s)
 
     return HandoverSource(dep, start_next, before, say, margin_s=margin)
+
+
+class _Call(threading.Thread):
+    """``fn()`` in a daemon thread; ``result`` is what it returned or raised."""
+
+    def __init__(self, fn: tp.Callable[[], object]) -> None:
+        super().__init__(daemon=True, name="speedslurm-handover")
+        self.fn = fn
+        self.result: object = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as exc:  # noqa: BLE001 - reported by the poll that collects it
+            self.result = exc
 
 
 def _cancel(dep: Deployment) -> None:
