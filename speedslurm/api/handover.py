@@ -106,7 +106,8 @@ class HandoverSource:
             for gen in self.generations[:-1]:
                 if gen.cancelled_at is None:
                     draining.update(range(gen.offset, gen.offset + gen.replicas))
-        return SourceState(ready, failed, newest.finished, frozenset(draining), ends_at)
+        # A successor being submitted can still come: the batch waits for it rather than give up.
+        return SourceState(ready, failed, newest.finished and self._starting is None, frozenset(draining), ends_at)
 
     def _hand_over(self, gen: Generation, now: float) -> None:
         """Start the successor in a thread (planning and sbatch take a moment: the batch goes on meanwhile); a
