@@ -104,7 +104,9 @@ class HandoverSource:
         draining: set[int] = set()
         if newest.ready_at is not None:
             for gen in self.generations[:-1]:
-                if gen.cancelled_at is None:
+                if gen.cancelled_at is None and len(gen.drained | gen.failed) >= gen.replicas and gen.drained:
+                    self._end(gen, drained=True)  # its last replica failed after the others drained
+                elif gen.cancelled_at is None:
                     draining.update(range(gen.offset, gen.offset + gen.replicas))
         # A successor being submitted can still come: the batch waits for it rather than give up.
         return SourceState(ready, failed, newest.finished and self._starting is None, frozenset(draining), ends_at)
