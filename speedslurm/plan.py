@@ -399,6 +399,14 @@ def slots_from_memory(settings: Settings, model: ModelSpec, devices: tp.Sequence
     return slots, per_slot, why
 
 
+def _check_partition(settings: Settings, model: ModelSpec, nodes: int, partition_size: int | None) -> None:
+    if partition_size is not None and nodes > partition_size:
+        raise UsageError(
+            f"one replica of {model.name} needs {nodes} node(s); partition "
+            f"{settings.cluster.partition or '(default)'} has {partition_size}",
+            fix="use a smaller --ctx or quantisation, fewer --nodes, or a partition with more nodes")
+
+
 def make_plan(settings: Settings, model: ModelSpec, *, ctx: int | None = None, nodes: int | None = None,
               replicas: int = 1, time: str | None = None, executor: str = "slurm",
               partition_size: int | None = None) -> Plan:
@@ -439,6 +447,7 @@ def make_plan(settings: Settings, model: ModelSpec, *, ctx: int | None = None, n
             f"({(model.weights_bytes + kv + need * compute) / GIB:.1f} GiB in all, {usable_gib:g} GiB usable per node); "
             f"--nodes {chosen} is too few",
             fix=f"pass --nodes {need} or more, or a smaller --ctx")
+    _check_partition(settings, model, chosen, partition_size)
     capacity = usable - compute if executor == "slurm" else math.inf
     placed = _place(settings, model, chosen, ctx, capacity, compute)
     if placed is None:
@@ -468,11 +477,7 @@ def make_plan(settings: Settings, model: ModelSpec, *, ctx: int | None = None, n
         slots_note = f"llama.parallel {parallel}: the {ctx}-token context is shared by the slots (--kv-unified)"
     time_value = time or settings.cluster.time
     minutes = parse_time_minutes(time_value)
-    if partition_size is not None and chosen > partition_size:
-        raise UsageError(
-            f"one replica of {model.name} needs {chosen} node(s); partition "
-            f"{settings.cluster.partition or '(default)'} has {partition_size}",
-            fix="use a smaller --ctx or quantisation, fewer --nodes, or a partition with more nodes")
+    _check_partition(settings, model, chosen, partition_size)
     if partition_size is not None and chosen * replicas > partition_size:
         raise UsageError(
             f"{replicas} replica(s) of {chosen} node(s) need {chosen * replicas} nodes; "
