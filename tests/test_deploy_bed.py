@@ -57,9 +57,19 @@ def _listeners(node_ns: str) -> list[tuple[str, str]]:
 
 
 def _speedslurm_processes() -> list[str]:
-    out = subprocess.run(["pgrep", "-af", "rpc-server|llama-server|speedslurm.jobentry"], capture_output=True,
-                         text=True).stdout
-    return [line for line in out.splitlines() if "pgrep" not in line]
+    """Servers and job-side tasks still running: by the program run, not by words anywhere in a command line
+    (a compile of llama-server's target is not a server)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if Path(argv[0]).name in ("llama-server", "rpc-server", "ggml-rpc-server") or "speedslurm.jobentry" in argv:
+            found.append(f"{proc.name} {' '.join(argv).strip()}")
+    return found
 
 
 @bed
