@@ -93,10 +93,10 @@ def slurm_parameters(plan: Plan, run_dir: RunDir) -> dict[str, tp.Any]:
         params["nodelist"] = plan.leader_host
     elif plan.leader_host and plan.nodes == 1:
         params["nodelist"] = plan.leader_host
-    # The followers' warm nodes (speedslurm.warmcache) are kept from the leader's component: it could take one.
-    leader_exclude = [*plan.exclude, *(plan.warm_nodes if plan.heterogeneous else ())]
-    if leader_exclude:
-        params["exclude"] = ",".join(leader_exclude)
+    # No exclusion of the followers' warm nodes (speedslurm.warmcache) here: Slurm 22.05 carries component 0's
+    # --exclude into component 1, whose --nodelist it would then refuse ("Invalid node name specified").
+    if plan.exclude:
+        params["exclude"] = ",".join(plan.exclude)
     if plan.account:
         params["account"] = plan.account
     if plan.qos:

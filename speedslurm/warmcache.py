@@ -9,8 +9,8 @@ a deployment that became ready, for which model: ``$XDG_CACHE_HOME/speedslurm/wa
 At ``up``, ``submit`` and ``plan`` (:func:`place`), when ``cluster.warm_placement`` is on, the replica is a
 heterogeneous job (one replica of more than one node) and records exist for the model, Slurm is asked once for the
 partition's nodes and their states. Warm nodes that are idle right now are asked for by name, for the followers'
-component only (``--nodelist``; Slurm 22.05 has no ``--prefer``), and the leader's component excludes them so that
-it cannot take one of them; this happens only when the partition has enough idle nodes for the whole replica.
+component only (``--nodelist``; Slurm 22.05 has no ``--prefer``; the leader's component cannot exclude them, as
+Slurm 22.05 carries component 0's ``--exclude`` into component 1 and then refuses its ``--nodelist``); this happens only when the partition has enough idle nodes for the whole replica.
 Otherwise (no record, warm nodes busy, drained or down, too few idle nodes, sinfo failing) any nodes are taken, as
 without placement. A stale record (a cache wiped) costs a full load, never a wait: only nodes idle at submission
 are named. :func:`choose` is the pure decision; ``plan`` shows it and why.
@@ -137,7 +137,7 @@ def choose(warm: tp.Sequence[str], states: tp.Mapping[str, str], *, followers: i
                              f"the {nodes} the replica needs")
     chosen = tuple(warm_idle[:followers])
     note = (f"followers on {', '.join(chosen)} (idle, warm rpc cache of this model; --nodelist of the followers' "
-            "component), leader on another node")
+            "component), leader anywhere else")
     if busy:
         note += f"; not idle: {', '.join(busy)}"
     return Placement(chosen, note)

@@ -32,7 +32,7 @@ def test_no_record_takes_any_nodes() -> None:
 def test_an_idle_warm_node_is_asked_for_the_followers() -> None:
     got = warmcache.choose(["n3"], IDLE4, followers=1, nodes=2)
     assert got.nodes == ("n3",)
-    assert "followers on n3" in got.note and "leader on another node" in got.note
+    assert "followers on n3" in got.note and "leader anywhere else" in got.note
 
 
 @pytest.mark.parametrize("state", ["alloc", "mix", "drain", "drng", "down", "down*", "idle~", "idle*", "idle#",
@@ -145,7 +145,8 @@ def test_plan_names_the_warm_follower_node_and_keeps_the_leader_off_it(warm) -> 
     text = render_job_script(plan, rd, "ENTRY")
     leader, followers = text.split("#SBATCH hetjob")
     assert "#SBATCH --nodelist=n3" in followers
-    assert "--exclude=n3" in leader and "nodelist" not in leader
+    # No --exclude of n3 for the leader: Slurm 22.05 carries it into the followers' component and refuses the job.
+    assert "n3" not in leader
 
 
 def test_busy_warm_node_gives_the_same_job_as_without_placement(warm) -> None:
