@@ -227,7 +227,7 @@ def run_leader(dep: DeploymentRecord, rd: RunDir, replica: int, stop: Stop) -> N
             cmd.append("--kv-unified")
         if rpc:
             cmd += ["--rpc", rpc]
-        split = dep.plan.get("tensor_split")  # the planner's, one value per device (plan.balance_split)
+        split = dep.plan.get("tensor_split")  # the planner's, one value per device (split.balance_split)
         if split:
             cmd += ["--tensor-split", ",".join(str(v) for v in split)]
         template = dep.model.get("chat_template")

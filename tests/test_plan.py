@@ -9,9 +9,10 @@ import pytest
 from speedslurm.errors import UsageError
 from speedslurm.launch import entry_command, render_job_script
 from speedslurm.models import ModelSpec, resolve_model
-from speedslurm.plan import GIB, make_plan, nodes_needed, parse_time_minutes
+from speedslurm.plan import make_plan, parse_time_minutes
 from speedslurm.rundir import RunDir
 from speedslurm.settings import load_settings
+from speedslurm.split import GIB, nodes_needed
 
 
 def llama70b(weights_bytes: int, host: str | None = None) -> ModelSpec:

@@ -12,8 +12,9 @@ import pytest
 from speedslurm.errors import ConfigError, UsageError
 from speedslurm.ggufinfo import read_gguf_info
 from speedslurm.models import resolve_model
-from speedslurm.plan import GIB, balance_split, llama_placement, make_plan
+from speedslurm.plan import make_plan
 from speedslurm.settings import load_settings
+from speedslurm.split import GIB, balance_split, llama_placement
 
 
 def write_header(path: Path, *, n_layer: int, n_embd: int, n_ff: int, n_head: int, n_head_kv: int,
