@@ -78,7 +78,7 @@ def test_followers_go_back_to_their_warm_node_only_when_it_is_idle(ss, tiny_gguf
 
     # Another job holds the warm node: the deployment takes other nodes at once instead of waiting for it.
     blocker = subprocess.run(["sbatch", "--parsable", "-p", "gorgonas", "-w", warm, "-t", "5", "-J", "warm-blocker", "--exclusive",
-                              "--wrap", "sleep 120"], capture_output=True, text=True, check=True,
+                              "--wrap", "sleep 120", "--output", "/dev/null"], capture_output=True, text=True, check=True,
                              timeout=30).stdout.strip().split(";")[0]
     try:
         assert _wait_state(warm, ("alloc",)) == "alloc"     # the whole node: nothing else fits beside it
