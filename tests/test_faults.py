@@ -678,17 +678,14 @@ def test_10_rpc_server_of_another_build_fails_saying_the_builds_differ(env, shar
 # ------------------------------------------------------------------------------------------ 11: requeue
 
 
-@bed
-@pytest.mark.parametrize("hetjob", [False, True], ids=["plain", "hetjob"])
-def test_11_requeue_mid_batch_waits_and_resumes_exactly_once(env, shared_tmp: Path, tiny_gguf: Path,
-                                                             hetjob: bool) -> None:
-    """``scontrol requeue`` mid-batch (what preemption with PreemptMode=REQUEUE does): the job keeps its id and
-    its first start's files stay in r0. ``status`` never says READY with that start's endpoint; the batch waits
-    while the job is queued and starting again, then goes on against the new endpoint: every prompt once."""
-    prompts = shared_tmp / "rq.jsonl"
+def _requeue_scenario(env: dict[str, str], folder: Path, tiny_gguf: Path, hetjob: bool) -> str:
+    """One requeue scenario, in ``folder`` with a run directory of its own; its timeline, for the test log."""
+    folder.mkdir()
+    runs = folder / "runs"
+    env = {**env, "SPEEDSLURM_RUN__DIR": str(runs)}
+    prompts = folder / "rq.jsonl"
     ids = write_prompts(prompts, 100, max_tokens=32)
-    out = shared_tmp / "rq.results.jsonl"
-    runs = shared_tmp / "runs"
+    out = folder / "rq.results.jsonl"
     run = Run(env, ["--set", "llama.rpc_cache=false", "--set", f"cluster.hetjob={str(hetjob).lower()}", "submit",
                     "--model", str(tiny_gguf), "--nodes", "2", "--executor", "slurm", "--prompts", str(prompts),
                     "--concurrency", "2"])
@@ -713,6 +710,7 @@ def test_11_requeue_mid_batch_waits_and_resumes_exactly_once(env, shared_tmp: Pa
         rc = run.wait(300)
     finally:
         run.kill()
+        end_deployments(env, runs)
     t_end = time.time()
     assert rc == 0, run.stderr
     assert_exactly_once(out, ids)
@@ -724,10 +722,44 @@ def test_11_requeue_mid_batch_waits_and_resumes_exactly_once(env, shared_tmp: Pa
     t_left = run.first("requeued or preempted", t_fault) or run.first("replica r0 failed", t_fault)
     t_again = run.first("ready again", t_fault)
     assert t_again is not None, run.stderr
-    states = []
+    states: list[tuple[float, str, str]] = []
     for t, state, why, _epoch in seen:
         if not states or states[-1][1:] != (state, why):
             states.append((round(t, 1), state, why))
-    print(f"\nrequeued at 0 s; the batch stopped sending at {t_left - t_fault if t_left else -1:.1f} s; status: "
-          f"{states}; READY again (status) at {t_ready - t_fault:.1f} s; the batch resumed at "
-          f"{t_again - t_fault:.1f} s; done at {t_end - t_fault:.1f} s, {len(ok_ids(out))} prompts once")
+    return (f"[{'hetjob' if hetjob else 'plain'}] requeued at 0 s; the batch stopped sending at "
+            f"{t_left - t_fault if t_left else -1:.1f} s; status: {states}; READY again (status) at "
+            f"{t_ready - t_fault:.1f} s; the batch resumed at {t_again - t_fault:.1f} s; done at "
+            f"{t_end - t_fault:.1f} s, {len(ok_ids(out))} prompts once")
+
+
+@bed
+def test_11_requeue_mid_batch_waits_and_resumes_exactly_once(env, shared_tmp: Path, tiny_gguf: Path) -> None:
+    """``scontrol requeue`` mid-batch (what preemption with PreemptMode=REQUEUE does): the job keeps its id and
+    its first start's files stay in r0. ``status`` never says READY with that start's endpoint; the batch waits
+    while the job is queued and starting again, then goes on against the new endpoint: every prompt once.
+
+    A plain job and a heterogeneous job, 2 nodes each of the bed's 4, at the same time (Slurm keeps a requeued
+    job queued about two minutes; the two scenarios wait through it together)."""
+    outcome: dict[bool, str | BaseException] = {}
+
+    def scenario(hetjob: bool) -> None:
+        try:
+            outcome[hetjob] = _requeue_scenario(env, shared_tmp / ("hetjob" if hetjob else "plain"), tiny_gguf,
+                                                hetjob)
+        except BaseException as exc:  # noqa: BLE001  # raised in the test's thread below
+            outcome[hetjob] = exc
+
+    threads = [threading.Thread(target=scenario, args=(hetjob,)) for hetjob in (False, True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    failed = [r for r in outcome.values() if isinstance(r, BaseException)]
+    for r in outcome.values():
+        if not isinstance(r, BaseException):
+            print("\n" + r)
+    for other in failed[1:]:
+        print(f"\nthe other scenario failed too: {other!r}")
+    if failed:
+        raise failed[0]
+    assert sorted(outcome) == [False, True]
