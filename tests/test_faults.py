@@ -478,7 +478,8 @@ def test_7_time_limit_mid_batch_then_resume(env, shared_tmp: Path, tiny_gguf: Pa
     out = shared_tmp / "t.results.jsonl"
     runs = shared_tmp / "runs"
     args = ["--set", "llama.rpc_cache=false", "submit", "--model", str(tiny_gguf), "--nodes", "2",
-            "--executor", "slurm", "--time", "1", "--prompts", str(prompts), "--concurrency", "2",
+            "--executor", "slurm", "--time", "1", "--handover-before", "0",  # no successor: the limit ends it
+            "--prompts", str(prompts), "--concurrency", "2",
             "--timeout", "300"]
     run = Run(env, args)
     paused = None
