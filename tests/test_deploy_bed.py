@@ -56,9 +56,9 @@ def _listeners(node_ns: str) -> list[tuple[str, str]]:
     return rows
 
 
-def _speedslurm_processes() -> list[str]:
-    """Servers and job-side tasks still running: by the program run, not by words anywhere in a command line
-    (a compile of llama-server's target is not a server)."""
+def _speedslurm_processes(deployment: str = "") -> list[str]:
+    """Servers and job-side tasks still running (of ``deployment``, named in their arguments, when given): by the
+    program run, not by words anywhere in a command line (a compile of llama-server's target is not a server)."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -66,6 +66,8 @@ def _speedslurm_processes() -> list[str]:
         try:
             argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
+            continue
+        if deployment and not any(deployment in a for a in argv):
             continue
         if Path(argv[0]).name in ("llama-server", "rpc-server", "ggml-rpc-server") or "speedslurm.jobentry" in argv:
             found.append(f"{proc.name} {' '.join(argv).strip()}")
@@ -110,9 +112,9 @@ def test_up_three_nodes_ready_key_sockets_and_down(ss, tiny_gguf: Path) -> None:
     down = ss("down", dep["deployment"])
     assert "cancelled" in down.stdout
     deadline = time.monotonic() + 30
-    while _speedslurm_processes() and time.monotonic() < deadline:
+    while _speedslurm_processes(dep["deployment"]) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _speedslurm_processes() == []
+    assert _speedslurm_processes(dep["deployment"]) == []
     status = json.loads(ss("status", dep["deployment"], "--json").stdout)[0]
     assert status["state"] == "ENDED"
 
