@@ -13,6 +13,9 @@
   The links are unshaped afterwards, whatever happens.
 * P6 endpoint detection — ``speedslurm submit`` on the bed; time from the leader writing endpoint.json (its
   ``ready_at``) to the client's first connection to the endpoint (recorded by a ``sitecustomize`` probe).
+* P7 warm-cache placement — links shaped to 1 Gbit/s, the ~1 GB model on 2 nodes, an rpc cache folder per node
+  (``llama.rpc_cache_dir`` with ``{node}``) warm on one node; each repetition another job holds a random node and
+  ``up`` runs with ``cluster.warm_placement`` on, then off. Unshaped afterwards, whatever happens.
 
 Each figure is a ratio of two procedures measured in the same run; medians over the repetitions with min-max.
 
@@ -259,6 +262,20 @@ def hand_procedure(bed: Bed, model_path: str, threads: int | None, parallel: int
         logf.close()
 
 
+def wait_nodes_idle(nodes: tp.Sequence[str] = ("n1", "n2", "n3"), timeout: float = 60) -> None:
+    """Until Slurm shows ``nodes`` idle: a node still completing the previous procedure's job would make the next
+    one wait for Slurm's next scheduling pass, a second of noise in whichever procedure comes next."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc = subprocess.run(["sinfo", "-h", "-N", "-n", ",".join(nodes), "-o", "%T"], capture_output=True,
+                              text=True)
+        states = proc.stdout.split()
+        if len(states) == len(nodes) and all(s == "idle" for s in states):
+            return
+        time.sleep(0.2)
+    log(f"nodes {','.join(nodes)} not idle after {timeout:.0f} s; measuring anyway")
+
+
 def bench_p1(bed: Bed, reps: int) -> dict[str, tp.Any]:
     from speedslurm.settings import load_settings
 
@@ -269,10 +286,12 @@ def bench_p1(bed: Bed, reps: int) -> dict[str, tp.Any]:
     a_runs, b_runs = [], []
     for i in range(reps):
         log(f"P1 rep {i + 1}/{reps}: speedslurm up")
+        wait_nodes_idle()
         up = retrying(bed.up, "P1 speedslurm up")
         bed.down(up["id"])
         a_runs.append(up)
         log(f"  A {up['wall']:.2f} s; hand procedure")
+        wait_nodes_idle()
         b = retrying(lambda: hand_procedure(bed, model_path, st.llama.threads, st.llama.parallel, ctx, extra),
                      "P1 hand procedure")
         b_runs.append(b)
@@ -541,6 +560,158 @@ def bench_p4(bed: Bed, reps: int, with_big: bool) -> list[dict[str, tp.Any]]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------------ P7
+
+P7_NODES = 2  # leader + one follower: with one of the bed's 4 nodes occupied, 3 idle nodes to choose among
+
+
+def _node_states() -> dict[str, str]:
+    proc = subprocess.run(["sinfo", "-h", "-N", "-p", "gorgonas", "-o", "%N %t"], capture_output=True, text=True,
+                          timeout=30)
+    return dict(line.split()[:2] for line in proc.stdout.splitlines() if len(line.split()) >= 2)
+
+
+def _wait_states(want: dict[str, str], timeout: float = 300, job: str = "") -> bool:
+    """Until every node in ``want`` shows that Slurm state (``idle``, ``alloc``); False when ``job`` (given) has
+    left the queue first (another user of the bed cancelled it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = _node_states()
+        if all(now.get(n) == st for n, st in want.items()):
+            return True
+        if job and not subprocess.run(["squeue", "-h", "-j", job, "-o", "%i"], capture_output=True, text=True,
+                                      timeout=30).stdout.strip():
+            return False
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"P7: nodes not in state {want} after {timeout:.0f} s: {now}")
+        time.sleep(0.2)
+
+
+def _occupy(bed: Bed, node: str, job: str = "") -> str:
+    """Another job holding the whole of ``node`` (as someone else's job would); ``job``: the one holding it so far,
+    kept while it still does, replaced when another user of the bed cancelled it."""
+    for _ in range(8):
+        if job and _wait_states({node: "alloc"}, job=job):
+            return job
+        if job:
+            log(f"P7: the job holding {node} was cancelled by someone else; again")
+            RETRIES.append("P7 occupying job")
+            _release(bed, job)
+        job = subprocess.run(["sbatch", "--parsable", "-p", "gorgonas", "-w", node, "--exclusive", "-t", "15",
+                              "-J", "ssbench-p7-other", "--output", "/dev/null", "--wrap", "sleep 900"],
+                             capture_output=True, text=True, check=True, timeout=30).stdout.strip().split(";")[0]
+        bed.hand_jobs.append(job)
+    raise RuntimeError(f"P7: could not hold {node} with another job")
+
+
+def _release(bed: Bed, job: str) -> None:
+    subprocess.run(["scancel", job], capture_output=True, timeout=30)
+    with contextlib.suppress(ValueError):
+        bed.hand_jobs.remove(job)
+
+
+def bench_p7(bed: Bed, reps: int) -> dict[str, tp.Any]:
+    """Warm-cache placement: ``up`` with placement vs without, one random node occupied by another job each time."""
+    import random
+
+    cache = bed.tmp / "p7-cache"            # llama.rpc_cache_dir with {node}: one folder per node, as on a cluster
+    xdg = bed.tmp / "p7-xdg"                # this part's own warm-node record
+    record = xdg / "speedslurm" / "warm-nodes.json"
+    base = {"SPEEDSLURM_LLAMA__RPC_CACHE": "true", "SPEEDSLURM_LLAMA__RPC_CACHE_DIR": str(cache / "{node}"),
+            "SPEEDSLURM_CLUSTER__HETJOB": "true", "XDG_CACHE_HOME": str(xdg)}
+    arms = {"with": {**base, "SPEEDSLURM_CLUSTER__WARM_PLACEMENT": "true"},
+            "without": {**base, "SPEEDSLURM_CLUSTER__WARM_PLACEMENT": "false"}}
+    nodes = sorted(NODES)
+    # every node occupied equally often, in random order
+    order = [n for _ in range(-(-reps // len(nodes))) for n in random.sample(nodes, len(nodes))][:reps]
+    runs: dict[str, list[dict[str, tp.Any]]] = {"with": [], "without": []}
+    other = ""
+    try:
+        log("P7: writing a ~1 GB f16 model")
+        model = str(big_model(bed.tmp))
+        log("P7: shaping the bed's links to 1gbit")
+        testbed_shape(["--shape", "1gbit"])
+        # Warm once, as an earlier deployment would: placement on, no record yet, a random node occupied.
+        r0 = random.choice(nodes)
+        other = _occupy(bed, r0)
+        _wait_states({n: "idle" for n in nodes if n != r0})
+        up = retrying(lambda: bed.up(env=arms["with"], model=model, nodes=P7_NODES), "P7 warm-up")
+        ep = endpoint_of(bed, up["id"])
+        bed.down(up["id"])
+        _release(bed, other)
+        warm, warmup = list(ep["follower_nodes"]), up["wall"]
+        saved = record.read_bytes()
+        log(f"P7 warm-up ({r0} occupied): ready {up['wall']:.2f} s; warm cache on {', '.join(warm)}")
+        for i, occupied in enumerate(order):
+            for arm in ("with", "without"):
+                for _ in range(5):
+                    other = _occupy(bed, occupied, other)    # (again, if someone cancelled it)
+                    row = _p7_up(bed, arms[arm], model, cache, record, saved, warm, occupied, arm == "with")
+                    if _held(other):
+                        break
+                    log(f"P7: the job holding {occupied} ended during the measurement; measuring again")
+                    RETRIES.append("P7 up")
+                else:
+                    raise RuntimeError(f"P7: the job holding {occupied} kept being cancelled by someone else")
+                runs[arm].append(row)
+                log(f"P7 rep {i + 1}/{reps} ({occupied} occupied) {arm} placement: ready {row['wall']:.2f} s, "
+                    f"leader {row['leader']}, follower {', '.join(row['followers'])} "
+                    f"({'warm' if row['warm_hit'] else 'cold'})" + (f"; plan: {row['note']}" if row["note"] else "")
+                    + (f"; other jobs on the bed: {row['foreign']}" if row["foreign"] else ""))
+            _release(bed, other)
+            other = ""
+    finally:
+        if other:
+            _release(bed, other)
+        log("P7: unshaping the bed's links")
+        testbed_shape(["--no-shape"])
+        shutil.rmtree(cache, ignore_errors=True)
+        for p in bed.tmp.glob("big-f16*.gguf"):
+            p.unlink()
+    a = [r["wall"] for r in runs["with"]]
+    b = [r["wall"] for r in runs["without"]]
+    return {"warm": warm, "warmup_occupied": r0, "warmup_wall": warmup, "with": a, "without": b,
+            "ratio": med(a) / med(b), "runs": runs, "nodes": P7_NODES}
+
+
+def _held(job: str) -> bool:
+    return bool(subprocess.run(["squeue", "-h", "-t", "R", "-j", job, "-o", "%i"], capture_output=True, text=True,
+                               timeout=30).stdout.strip())
+
+
+def _foreign_jobs(bed: Bed) -> list[str]:
+    """Jobs on the bed that are not this benchmark's (another user's tests)."""
+    ours = set(bed.hand_jobs)
+    for dep in bed.deployments:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            ours |= {str(j) for j in json.loads((bed.run_dir(dep) / "deployment.json").read_text())["job_ids"]}
+    ids = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30).stdout.split()
+    return [j for j in ids if j.split("+")[0].split("_")[0] not in ours]
+
+
+def _p7_up(bed: Bed, env: dict[str, str], model: str, cache: Path, record: Path, saved: bytes, warm: list[str],
+           occupied: str, placement: bool) -> dict[str, tp.Any]:
+    """One measured ``up``/``down`` from the same start: the cache warm on the warm-up's follower node(s) only, the
+    record as after the warm-up, every node but the occupied one idle."""
+    for d in cache.iterdir() if cache.exists() else ():
+        if d.name not in warm:
+            shutil.rmtree(d, ignore_errors=True)
+    record.write_bytes(saved)
+    _wait_states({n: "idle" for n in NODES if n != occupied})
+    note = ""
+    if placement:
+        plan = bed.cli(["plan", "--model", model, "--nodes", str(P7_NODES), "--executor", "slurm", "--json"], env=env)
+        note = json.loads(plan.stdout)["plan"]["placement_note"]
+    foreign = _foreign_jobs(bed)
+    up = retrying(lambda: bed.up(env=env, model=model, nodes=P7_NODES), "P7 up")
+    foreign += [j for j in _foreign_jobs(bed) if j not in foreign]
+    ep = endpoint_of(bed, up["id"])
+    bed.down(up["id"])
+    return {**up, "occupied": occupied, "leader": ep["leader_node"], "followers": ep["follower_nodes"],
+            "warm_hit": all(f in warm for f in ep["follower_nodes"]), "note": note, "foreign": foreign,
+            "load": up["ready"] - up["server_started"]}
+
+
 # ------------------------------------------------------------------------------------------------ P6
 
 PROBE = '''\
@@ -729,6 +900,9 @@ def render(results: dict[str, tp.Any], facts: dict[str, str], args: argparse.Nam
         lines.append(f"| P6 endpoint written -> first request (s) | {fmt(r['latency'], 3)} | - | - | <= 0.5 s "
                      f"| {'yes' if med(r['latency']) <= 0.5 else 'no'} |")
         detail += p6_detail(r)
+    if "p7" in results:
+        lines.append(p7_summary(results["p7"]))
+        detail += p7_detail(results["p7"])
     return "\n".join(lines + [""] + detail) + "\n"
 
 
@@ -949,14 +1123,72 @@ def p6_detail(r: dict[str, tp.Any]) -> list[str]:
     ]
 
 
+def p7_summary(r: dict[str, tp.Any]) -> str:
+    return (f"| P7 warm-cache placement at 1 Gbit/s, ~1 GB f16 llama on {r['nodes']} nodes, a random node occupied "
+            f"(s) | {fmt(r['with'])} (placement) | {fmt(r['without'])} (no placement) | {r['ratio']:.2f}x | <= 0.5x "
+            f"| {'yes' if r['ratio'] <= 0.5 else 'no'} |")
+
+
+def p7_detail(r: dict[str, tp.Any]) -> list[str]:
+    runs = r["runs"]
+    hits = {arm: sum(u["warm_hit"] for u in runs[arm]) for arm in runs}
+    n = len(runs["with"])
+    lines = [
+        "## P7 warm-cache placement",
+        "",
+        *P7_DESIGN,
+        "",
+        f"- Warm-up ({r['warmup_occupied']} occupied): follower on {', '.join(r['warm'])}, which holds the warm "
+        "cache from then on.",
+        f"- With placement: {fmt(r['with'])} s, follower on the warm node {hits['with']} of {n} times; without: "
+        f"{fmt(r['without'])} s, warm {hits['without']} of {n} times; ratio {r['ratio']:.2f}x (goal <= 0.5x).",
+        "",
+        "| rep | occupied | with placement: nodes (leader, follower) | ready (s) | without: nodes | ready (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i, (a, b) in enumerate(zip(runs["with"], runs["without"], strict=True)):
+        def nodes(u: dict[str, tp.Any]) -> str:
+            return f"{u['leader']}, {', '.join(u['followers'])} ({'warm' if u['warm_hit'] else 'cold'})"
+
+        lines.append(f"| {i + 1} | {a['occupied']} | {nodes(a)} | {a['wall']:.2f} | {nodes(b)} | {b['wall']:.2f} |")
+    busy = [u for arm in runs for u in runs[arm] if u["foreign"]]
+    if busy:
+        lines += ["", f"Other users' jobs were on the bed during {len(busy)} of {2 * n} measured `up`s (jobs "
+                  f"{', '.join(sorted({j for u in busy for j in u['foreign']}))})."]
+    notes = sorted({u["note"] for u in runs["with"] if u["note"]})
+    if notes:
+        lines += ["", "`speedslurm plan` before the runs with placement said:", "",
+                  *(f"- `placement  {note}`" for note in notes)]
+    lines.append("")
+    return lines
+
+
+P7_DESIGN = [
+    "Links shaped with `scripts/testbed up --shape 1gbit` and unshaped afterwards. The ~1 GB f16 random-weight "
+    "llama of P4 on 2 nodes (a leader and one follower, hetjob), `llama.rpc_cache_dir` set to a folder with "
+    "`{node}` in it, so each node has its own cache folder although the bed's nodes share one `/tmp`. "
+    "Warm-up: another job holds a random node, `speedslurm up` with placement on and no record yet (Slurm's "
+    "choice), `down`: its follower node holds the warm cache and the record names it. Then per repetition "
+    "another job (`sbatch --exclusive -w NODE`, sleep) holds a node, each node once in random order, and "
+    "`up`/`down` runs with `cluster.warm_placement` on, then off, each from the same start (the cache folders of "
+    "all other nodes emptied, the record as after the warm-up, every free node idle). Ready time = the `up` "
+    "command from start to exit.",
+    "",
+    "Why 2 nodes: with one of 4 nodes occupied a 3-node model has no choice (it takes all three free nodes, one "
+    "of them the warm one); on 2 nodes the follower can land on any of the three. The figure is honest about the "
+    "bed's small size: Slurm's own choice (lowest free nodes first) lands on the warm node whenever the occupied "
+    "node does not push it away, and placement cannot help when the occupied node is the warm one.",
+]
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and prompts (under 5 minutes)")
-    parser.add_argument("--parts", default="p1,p2,sweep,client,p4,p6",
-                        help="comma list of p1,p2,sweep,client,p4,p6 [all; --quick: no sweep]")
+    parser.add_argument("--parts", default="p1,p2,sweep,client,p4,p6,p7",
+                        help="comma list of p1,p2,sweep,client,p4,p6,p7 [all; --quick: no sweep]")
     parser.add_argument("--reps", type=int, default=None, help="repetitions [3; 1 with --quick, 2 for P1]")
     parser.add_argument("--doc", default=str(REPO / "docs" / "benchmarks.md"), help="report to rewrite")
     parser.add_argument("--no-doc", action="store_true", help="print only")
@@ -992,6 +1224,8 @@ def main() -> None:
             results["sweep"] = bench_sweep(bed, 32, 4, 64)
         if "p4" in parts:
             results["p4"] = bench_p4(bed, reps, with_big=True)
+        if "p7" in parts:  # each node occupied once in the full run
+            results["p7"] = bench_p7(bed, args.reps or (2 if args.quick else len(NODES)))
     finally:
         bed.cleanup()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -344,6 +344,16 @@ def kv_unified(llama_server: str | os.PathLike[str], env: tp.Mapping[str, str] |
     return "--kv-unified" in res.stdout + res.stderr
 
 
+def fit_flag(llama_server: str | os.PathLike[str], env: tp.Mapping[str, str] | None = None,
+             timeout: float = 60) -> bool:
+    """Whether this llama-server takes ``--fit`` (newer builds fit unset arguments to the devices' free memory
+    before loading, a trial pass over the model and every device that costs about a second). The planner sets
+    the context, layers and split itself, so the job side turns the pass off where the flag exists; older builds
+    lack it and refuse it. Same (cached) ``--help`` probe as :func:`kv_unified`."""
+    res = _probe([str(llama_server), "--help"], dict(env or {}), timeout)
+    return "--fit " in res.stdout + res.stderr or "--fit [" in res.stdout + res.stderr
+
+
 # -- environment ----------------------------------------------------------------------------------------
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import re
 import time
 import typing as tp
-import urllib.request
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _TERM = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
@@ -91,6 +90,8 @@ def check_interval(timeout_s: float) -> float:
 
 def read_metrics(url: str, api_key: str, timeout: float = 5.0) -> dict[str, float]:
     """llama-server's ``/metrics`` at ``url`` (base URL); raises OSError (URLError, HTTPError) when unreadable."""
+    import urllib.request  # imported here: the job side starts without it
+
     req = urllib.request.Request(url.rstrip("/") + "/metrics", headers={"Authorization": f"Bearer {api_key}"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return parse_metrics(resp.read().decode("utf-8", "replace"))

@@ -148,7 +148,8 @@ def run_submitted(folder: str, wait_s: float = 60) -> int | None:
     except (_NotOurs, OSError, pickle.UnpicklingError, AttributeError, ImportError):
         return None
     os.environ["SUBMITIT_FOLDER"] = folder
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime()) + f",{int(time.time() * 1000) % 1000:03d}"
+    now = time.time()  # one reading for both parts: two could straddle a second
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now * 1000) % 1000:03d}"
     print(f"speedslurm ({stamp}) - Starting {submitted.name} (jobside.serve{tuple(delayed.args)}) without submitit",
           flush=True)
     outcome: tuple[str, tp.Any] = ("error", "interrupted")

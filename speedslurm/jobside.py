@@ -36,7 +36,16 @@ from .contract import (
 )
 from .idle import IdleWatch, format_duration, parse_duration, read_metrics
 from .jobentry import hold_time_limit_warning, release_time_limit_warning
-from .jobprocs import Child, RoleFailed, Stop, die_with_parent, log_tail, node_name, private_dir
+from .jobprocs import (
+    Child,
+    RoleFailed,
+    Stop,
+    die_with_parent,
+    log_tail,
+    node_name,
+    private_dir,
+    rpc_cache_folder,
+)
 from .nodenet import (
     HEARTBEAT_MISSES,
     HeartbeatProbe,
@@ -154,9 +163,7 @@ def run_follower(dep: DeploymentRecord, rd: RunDir, replica: int, rank: int, sto
     version = binary_build(bins["rpc_server"])
     cache_args: list[str] = []
     if llama.get("rpc_cache"):
-        cache_dir = llama.get("rpc_cache_dir") or os.path.join(
-            os.environ.get("TMPDIR", "/tmp"), f"speedslurm-rpc-cache-{os.getuid()}")
-        cache_dir = private_dir(os.path.expanduser(cache_dir), node, "llama.rpc_cache_dir")
+        cache_dir = private_dir(rpc_cache_folder(llama.get("rpc_cache_dir"), node), node, "llama.rpc_cache_dir")
         env["LLAMA_CACHE"] = cache_dir
         cache_args = ["-c"]
     threads = ["-t", str(llama["threads"])] if llama.get("threads") else []
@@ -177,6 +184,7 @@ def _wait_followers(dep: DeploymentRecord, rd: RunDir, replica: int, stop: Stop)
     n = dep.nodes
     deadline = time.monotonic() + dep.follower_timeout_s
     found: dict[int, Follower] = {}
+    quick_until = time.monotonic() + 5  # the followers start with this task: look often at first (a stat each)
     while len(found) < n - 1:
         if stop:
             raise RoleFailed(f"stopped by signal {stop.signum} while waiting for rpc-servers")
@@ -194,7 +202,7 @@ def _wait_followers(dep: DeploymentRecord, rd: RunDir, replica: int, stop: Stop)
             missing = [r for r in range(1, n) if r not in found]
             raise RoleFailed(f"rpc-servers of follower rank(s) {missing} did not start within "
                              f"{dep.follower_timeout_s:.0f}s (run.follower_timeout_s)")
-        time.sleep(dep.poll_interval_s)
+        time.sleep(min(dep.poll_interval_s, 0.02) if time.monotonic() < quick_until else dep.poll_interval_s)
     return [found[r] for r in range(1, n)]
 
 
@@ -225,6 +233,8 @@ def run_leader(dep: DeploymentRecord, rd: RunDir, replica: int, stop: Stop) -> N
                "--metrics", "--api-key-file", key_file, "--no-webui"]
         if bins.get("kv_unified", True):  # probed once where the binaries were found (binaries.kv_unified)
             cmd.append("--kv-unified")
+        if bins.get("fit", False):  # the plan sets ctx, layers and split: llama.cpp's own fitting pass is redundant
+            cmd += ["--fit", "off"]
         if rpc:
             cmd += ["--rpc", rpc]
         split = dep.plan.get("tensor_split")  # the planner's, one value per device (split.balance_split)

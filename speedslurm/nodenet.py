@@ -15,8 +15,6 @@ import subprocess
 import threading
 import time
 import typing as tp
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from .contract import DeploymentRecord, Follower
@@ -237,6 +235,9 @@ class PeerWatch:
 
 
 def health(url: str, timeout: float = 2.0) -> int:
+    import urllib.error  # only the leader asks, once llama-server runs: a follower's start skips ~40 ms of imports
+    import urllib.request
+
     try:
         with urllib.request.urlopen(url + "/health", timeout=timeout) as resp:
             return int(resp.status)

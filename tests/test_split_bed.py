@@ -49,6 +49,8 @@ def test_llama_server_gets_the_planned_split_and_its_devices_follow_it(ss, tiny_
     log = (root / "r0" / "logs" / "leader.log").read_text(errors="replace")
     argv = log.splitlines()[0]
     assert " --tensor-split 4,5" in argv, argv
+    # the plan fixes context, layers and split: llama.cpp's own fitting pass (about a second) is turned off
+    assert " --fit off" in argv and "fitting params" not in log, argv
     endpoint = json.loads((root / "r0" / "endpoint.json").read_text())
     for server, device in zip(endpoint["rpc_servers"], plan["devices"], strict=True):
         sizes = re.findall(rf"RPC\d*\[{re.escape(server)}\][^\n]*?model buffer size\s*=\s*([\d.]+) MiB", log)

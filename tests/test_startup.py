@@ -167,3 +167,17 @@ def test_a_rebuilt_binary_is_asked_again(tmp_path: Path) -> None:
     again = find_llama_binaries(tmp_path, path_env="")
     assert kv_unified(again.llama_server, env_for(again)) is False
     assert len(log.read_text().splitlines()) == 6
+
+
+@pytest.mark.parametrize(("help_text", "takes_fit"), [
+    ("-fit,  --fit [on|off]   whether to adjust unset arguments to fit in device memory", True),
+    ("-fitt, --fit-target MiB0,MiB1   target margin per device", False),
+    ("--kv-unified  one KV cache for all slots", False),
+])
+def test_the_fitting_pass_is_turned_off_only_where_the_build_has_it(tmp_path: Path, help_text: str,
+                                                                     takes_fit: bool) -> None:
+    from speedslurm.binaries import env_for, find_llama_binaries, fit_flag
+
+    _counting_binaries(tmp_path, help_text=help_text)
+    found = find_llama_binaries(tmp_path, path_env="")
+    assert fit_flag(found.llama_server, env_for(found)) is takes_fit

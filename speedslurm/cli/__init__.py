@@ -1,10 +1,12 @@
 """Click front end. Thin: each command parses flags, calls the library, prints.
 
-Command modules register themselves on :data:`cli`; they are imported here (cheap: no work at import time).
+Command modules register themselves on :data:`cli`; a command's module is imported when the command is asked
+for (a start of ``speedslurm up`` does not import ``run``'s or ``doctor``'s), every module for ``--help``.
 """
 
 from __future__ import annotations
 
+import importlib
 import signal
 import sys
 import types
@@ -15,7 +17,27 @@ from .. import __version__
 from ..errors import SpeedslurmError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# command -> the module that defines it (``models`` also gets ``models pull`` from cluster_cmds)
+_COMMANDS = {
+    "config": "deploy_cmds", "plan": "deploy_cmds", "up": "deploy_cmds", "status": "deploy_cmds",
+    "endpoint": "deploy_cmds", "logs": "deploy_cmds", "down": "deploy_cmds", "models": "cluster_cmds",
+    "render": "cluster_cmds", "build-llama": "cluster_cmds", "doctor": "cluster_cmds", "run": "batch_cmds",
+    "show": "results_cmd", "submit": "submit_cmd", "templates": "templates_cmd", "top": "top_cmd",
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        _register()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in _COMMANDS:
+            importlib.import_module(f"{__name__}.{_COMMANDS[cmd_name]}")
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="speedslurm")
 @click.option("--profile", envvar="SPEEDSLURM_PROFILE", default=None,
               help="Cluster profile from configs/ (e.g. gorgonas, testbed). Env: SPEEDSLURM_PROFILE.")
@@ -50,7 +72,6 @@ def _stop_like_ctrl_c(signum: int, frame: types.FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    _register()
     # SIGTERM and SIGHUP (`timeout`, a dropped ssh session, an outer job's time limit) do what Ctrl-C does:
     # stop cleanly, cancel the deployment unless --keep, leave a valid results file, say how to resume.
     for sig in (signal.SIGTERM, signal.SIGHUP):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shlex
 import time
 import typing as tp
@@ -133,7 +134,7 @@ def plan_cmd(ctx: click.Context, model: str, executor: str | None, nodes: int | 
 
 
 def _progress_printer(as_json: bool) -> tp.Callable[[list[dp.ReplicaStatus], float], None]:
-    con = err_console()
+    con = functools.cache(err_console)  # made at the first line printed: `up --json` on a pipe prints none
     last: dict[int, str] = {}
 
     def show(statuses: list[dp.ReplicaStatus], elapsed: float) -> None:
@@ -147,7 +148,7 @@ def _progress_printer(as_json: bool) -> tp.Callable[[list[dp.ReplicaStatus], flo
                 last[s.replica] = state
                 where = f" on {s.nodes}" if s.nodes and state != "PENDING" else ""
                 why = f" ({s.reason})" if state == "PENDING" and s.reason and s.reason != "None" else ""
-                con.print(f"[{elapsed:6.1f}s] replica {s.replica} job {s.job_id}: {state}{where}{why}")
+                con().print(f"[{elapsed:6.1f}s] replica {s.replica} job {s.job_id}: {state}{where}{why}")
 
     return show
 
@@ -157,12 +158,12 @@ def do_up(ctx: click.Context, model: str, *, executor: str | None, nodes: int | 
           as_json: bool, keep_on_interrupt: bool = False,
           idle_timeout: str | None = None) -> tuple[api.Deployment, list[dp.ReplicaStatus]]:
     """:func:`speedslurm.api.up` with the global flags' settings, its progress and messages on stderr."""
-    con = err_console()
+    con = functools.cache(err_console)
 
     def say(text: str) -> None:
         # Interruptions are always told; the start line only where it does not mix with JSON on a pipe.
         if text.startswith("Interrupted") or not as_json or is_tty():
-            con.print(text, markup=False)
+            con().print(text, markup=False)
 
     return api.up(model, nodes=nodes, replicas=replicas, ctx=ctx_size, time_limit=time_limit, executor=executor,
                   timeout=timeout, until=until, settings=settings_from(ctx, llama__idle_timeout=idle_timeout),
