@@ -16,7 +16,6 @@ import click
 from .. import __version__
 from ..errors import SpeedslurmError
 
-
 # command -> the module that defines it (``models`` also gets ``models pull`` from cluster_cmds)
 _COMMANDS = {
     "config": "deploy_cmds", "plan": "deploy_cmds", "up": "deploy_cmds", "status": "deploy_cmds",
