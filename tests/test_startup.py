@@ -181,3 +181,23 @@ def test_the_fitting_pass_is_turned_off_only_where_the_build_has_it(tmp_path: Pa
     _counting_binaries(tmp_path, help_text=help_text)
     found = find_llama_binaries(tmp_path, path_env="")
     assert fit_flag(found.llama_server, env_for(found)) is takes_fit
+
+
+def test_each_command_is_found_in_the_module_that_defines_it() -> None:
+    # `speedslurm up` imports only up's module; the table that says where each command lives must stay complete
+    from speedslurm import cli
+
+    cli._register()
+    for name, command in cli.cli.commands.items():
+        assert name in cli._COMMANDS, f"add {name!r} to speedslurm.cli._COMMANDS"
+        defined_in = command.callback.__module__ if command.callback else ""
+        subcommands = getattr(command, "commands", {}).values()
+        modules = {defined_in, *(c.callback.__module__ for c in subcommands if c.callback)}
+        assert f"speedslurm.cli.{cli._COMMANDS[name]}" in modules, (name, modules)
+
+
+def test_a_command_loads_only_its_own_module() -> None:
+    out = _run("import sys; from speedslurm.cli import main\n"
+               "try:\n    main(['up', '--help'])\nexcept SystemExit:\n    pass\n"
+               "print(sorted(m for m in sys.modules if m.startswith('speedslurm.cli.')))")
+    assert out[-2] == "['speedslurm.cli.common', 'speedslurm.cli.deploy_cmds']"
