@@ -108,7 +108,8 @@ class Deployment:
         if until not in ("all", "first"):
             raise UsageError(f"until must be 'all' or 'first', got {until!r}", fix='use until="all" or until="first"')
         statuses = dp.wait_ready(dp.StatusProbe(self.record), until=until, timeout=timeout,
-                                 interval=self.settings.run.poll_interval_s, on_update=on_update,
+                                 interval=min(self.settings.run.poll_interval_s, 0.05),  # a look costs ~1 ms
+                                 on_update=on_update,
                                  describe_failure=lambda s: dp.failure_text(self.record, s))
         self._record_warm(statuses)
         return statuses
