@@ -918,9 +918,15 @@ def p1_detail(r: dict[str, tp.Any]) -> list[str]:
         "`speedslurm up --model gemma-3-270m --nodes 3 --executor slurm` (A) against the hand procedure (B): "
         "`srun -w n2` and `srun -w n3` of `ggml-rpc-server -H <node address> -p PORT`, wait until both ports accept, "
         "`srun -w n1 llama-server -m MODEL --rpc ... --host 10.77.0.11`, poll `/health` every 0.1 s. Same model, "
-        "context, slots, threads and server flags; run A B A B ... so drift cancels. A is timed from starting the "
-        "command to its exit (Python start-up and printing the endpoint included); B from the first `srun` to the "
-        "first 200 from `/health`.",
+        "context, slots, threads and server flags, except that speedslurm's job side adds `--fit off`: its plan "
+        "sets the context, layers and split, so llama.cpp's own fitting pass (a trial pass over the model and every "
+        "device, about 0.9 s for this model) has nothing to decide; the hand procedure runs llama-server's default, "
+        "as the lab's command line does. Before each procedure the bench waits until Slurm shows the three nodes "
+        "idle (a node still completing the previous job would delay whichever procedure comes next). A B A B ... so "
+        "drift cancels. A is timed from starting the command to its exit (Python start-up and printing the "
+        "endpoint included); B from the first `srun` to the first 200 from `/health`. A's heterogeneous job is "
+        "started by Slurm's backfill scheduler, the only one that starts heterogeneous jobs (every `bf_interval`: "
+        "1 s on the bed, 30 s by Slurm's default); B's `srun`s are started at once by the main scheduler.",
         "",
         f"- A: {fmt(r['a'])} s, B: {fmt(r['b'])} s, A/B {r['ratio']:.2f}x (per pair: "
         f"{', '.join(f'{x:.2f}' for x in r['ratios'])}).",
