@@ -615,6 +615,7 @@ def bench_p7(bed: Bed, reps: int) -> dict[str, tp.Any]:
     import random
 
     cache = bed.tmp / "p7-cache"            # llama.rpc_cache_dir with {node}: one folder per node, as on a cluster
+    warm_copy = bed.tmp / "p7-warm"         # the cache folder the warm-up filled
     xdg = bed.tmp / "p7-xdg"                # this part's own warm-node record
     record = xdg / "speedslurm" / "warm-nodes.json"
     base = {"SPEEDSLURM_LLAMA__RPC_CACHE": "true", "SPEEDSLURM_LLAMA__RPC_CACHE_DIR": str(cache / "{node}"),
@@ -622,8 +623,8 @@ def bench_p7(bed: Bed, reps: int) -> dict[str, tp.Any]:
     arms = {"with": {**base, "SPEEDSLURM_CLUSTER__WARM_PLACEMENT": "true"},
             "without": {**base, "SPEEDSLURM_CLUSTER__WARM_PLACEMENT": "false"}}
     nodes = sorted(NODES)
-    # every node occupied equally often, in random order
-    order = [n for _ in range(-(-reps // len(nodes))) for n in random.sample(nodes, len(nodes))][:reps]
+    # the warm node: each node in turn (random order); the occupied node: any node, at random
+    warm_nodes = [n for _ in range(-(-reps // len(nodes))) for n in random.sample(nodes, len(nodes))][:reps]
     runs: dict[str, list[dict[str, tp.Any]]] = {"with": [], "without": []}
     other = ""
     try:
@@ -631,7 +632,7 @@ def bench_p7(bed: Bed, reps: int) -> dict[str, tp.Any]:
         model = str(big_model(bed.tmp))
         log("P7: shaping the bed's links to 1gbit")
         testbed_shape(["--shape", "1gbit"])
-        # Warm once, as an earlier deployment would: placement on, no record yet, a random node occupied.
+        # Warm-up, as an earlier deployment of the user's: placement on, no record yet, a random node occupied.
         r0 = random.choice(nodes)
         other = _occupy(bed, r0)
         _wait_states({n: "idle" for n in nodes if n != r0})
@@ -639,14 +640,19 @@ def bench_p7(bed: Bed, reps: int) -> dict[str, tp.Any]:
         ep = endpoint_of(bed, up["id"])
         bed.down(up["id"])
         _release(bed, other)
-        warm, warmup = list(ep["follower_nodes"]), up["wall"]
-        saved = record.read_bytes()
-        log(f"P7 warm-up ({r0} occupied): ready {up['wall']:.2f} s; warm cache on {', '.join(warm)}")
-        for i, occupied in enumerate(order):
+        other = ""
+        (w0,) = ep["follower_nodes"]
+        shutil.move(cache / w0, warm_copy)
+        saved = json.loads(record.read_text())
+        log(f"P7 warm-up ({r0} occupied): ready {up['wall']:.2f} s, follower {w0}; cache "
+            f"{sum(p.stat().st_size for p in warm_copy.rglob('*') if p.is_file()) / 1e6:.0f} MB")
+        for i, warm in enumerate(warm_nodes):
+            occupied = random.choice(nodes)
             for arm in ("with", "without"):
                 for _ in range(5):
                     other = _occupy(bed, occupied, other)    # (again, if someone cancelled it)
-                    row = _p7_up(bed, arms[arm], model, cache, record, saved, warm, occupied, arm == "with")
+                    row = _p7_up(bed, arms[arm], model, cache, warm_copy, record, saved, warm, occupied,
+                                 arm == "with")
                     if _held(other):
                         break
                     log(f"P7: the job holding {occupied} ended during the measurement; measuring again")
@@ -654,8 +660,8 @@ def bench_p7(bed: Bed, reps: int) -> dict[str, tp.Any]:
                 else:
                     raise RuntimeError(f"P7: the job holding {occupied} kept being cancelled by someone else")
                 runs[arm].append(row)
-                log(f"P7 rep {i + 1}/{reps} ({occupied} occupied) {arm} placement: ready {row['wall']:.2f} s, "
-                    f"leader {row['leader']}, follower {', '.join(row['followers'])} "
+                log(f"P7 rep {i + 1}/{reps} (warm {warm}, {occupied} occupied) {arm} placement: ready "
+                    f"{row['wall']:.2f} s, leader {row['leader']}, follower {', '.join(row['followers'])} "
                     f"({'warm' if row['warm_hit'] else 'cold'})" + (f"; plan: {row['note']}" if row["note"] else "")
                     + (f"; other jobs on the bed: {row['foreign']}" if row["foreign"] else ""))
             _release(bed, other)
@@ -666,11 +672,12 @@ def bench_p7(bed: Bed, reps: int) -> dict[str, tp.Any]:
         log("P7: unshaping the bed's links")
         testbed_shape(["--no-shape"])
         shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(warm_copy, ignore_errors=True)
         for p in bed.tmp.glob("big-f16*.gguf"):
             p.unlink()
     a = [r["wall"] for r in runs["with"]]
     b = [r["wall"] for r in runs["without"]]
-    return {"warm": warm, "warmup_occupied": r0, "warmup_wall": warmup, "with": a, "without": b,
+    return {"warmup_occupied": r0, "warmup_follower": w0, "warmup_wall": up["wall"], "with": a, "without": b,
             "ratio": med(a) / med(b), "runs": runs, "nodes": P7_NODES}
 
 
@@ -689,14 +696,18 @@ def _foreign_jobs(bed: Bed) -> list[str]:
     return [j for j in ids if j.split("+")[0].split("_")[0] not in ours]
 
 
-def _p7_up(bed: Bed, env: dict[str, str], model: str, cache: Path, record: Path, saved: bytes, warm: list[str],
-           occupied: str, placement: bool) -> dict[str, tp.Any]:
-    """One measured ``up``/``down`` from the same start: the cache warm on the warm-up's follower node(s) only, the
-    record as after the warm-up, every node but the occupied one idle."""
+def _p7_up(bed: Bed, env: dict[str, str], model: str, cache: Path, warm_copy: Path, record: Path,
+           saved: dict[str, tp.Any], warm: str, occupied: str, placement: bool) -> dict[str, tp.Any]:
+    """One measured ``up``/``down`` from the same start: the warm-up's cache folder on node ``warm`` only, the record
+    naming ``warm`` as the warm-up's deployment would have, every node but the occupied one idle."""
     for d in cache.iterdir() if cache.exists() else ():
-        if d.name not in warm:
-            shutil.rmtree(d, ignore_errors=True)
-    record.write_bytes(saved)
+        if d.name != warm:
+            shutil.rmtree(d)
+    if not (cache / warm).exists():
+        shutil.copytree(warm_copy, cache / warm)
+    for entry in saved["models"].values():
+        entry["nodes"] = {warm: time.time()}
+    record.write_text(json.dumps(saved))
     _wait_states({n: "idle" for n in NODES if n != occupied})
     note = ""
     if placement:
@@ -707,8 +718,8 @@ def _p7_up(bed: Bed, env: dict[str, str], model: str, cache: Path, record: Path,
     foreign += [j for j in _foreign_jobs(bed) if j not in foreign]
     ep = endpoint_of(bed, up["id"])
     bed.down(up["id"])
-    return {**up, "occupied": occupied, "leader": ep["leader_node"], "followers": ep["follower_nodes"],
-            "warm_hit": all(f in warm for f in ep["follower_nodes"]), "note": note, "foreign": foreign,
+    return {**up, "warm": warm, "occupied": occupied, "leader": ep["leader_node"], "followers": ep["follower_nodes"],
+            "warm_hit": ep["follower_nodes"] == [warm], "note": note, "foreign": foreign,
             "load": up["ready"] - up["server_started"]}
 
 
@@ -1139,31 +1150,36 @@ def p7_detail(r: dict[str, tp.Any]) -> list[str]:
     runs = r["runs"]
     hits = {arm: sum(u["warm_hit"] for u in runs[arm]) for arm in runs}
     n = len(runs["with"])
+    could = sum(u["occupied"] != u["warm"] for u in runs["with"])
     lines = [
         "## P7 warm-cache placement",
         "",
         *P7_DESIGN,
         "",
-        f"- Warm-up ({r['warmup_occupied']} occupied): follower on {', '.join(r['warm'])}, which holds the warm "
-        "cache from then on.",
-        f"- With placement: {fmt(r['with'])} s, follower on the warm node {hits['with']} of {n} times; without: "
-        f"{fmt(r['without'])} s, warm {hits['without']} of {n} times; ratio {r['ratio']:.2f}x (goal <= 0.5x).",
+        f"- Warm-up ({r['warmup_occupied']} occupied, placement on, no record yet): follower on "
+        f"{r['warmup_follower']}, ready in {r['warmup_wall']:.2f} s (cold).",
+        f"- With placement: {fmt(r['with'])} s, the follower on the warm node {hits['with']} of {n} times (the warm "
+        f"node was free {could} times); without: {fmt(r['without'])} s, on the warm node {hits['without']} of {n} "
+        f"times. Ratio of the medians {r['ratio']:.2f}x (goal <= 0.5x).",
         "",
-        "| rep | occupied | with placement: nodes (leader, follower) | ready (s) | without: nodes | ready (s) |",
-        "|---|---|---|---|---|---|",
+        "| rep | warm node | occupied | with placement: leader, follower | ready (s) | without: leader, follower "
+        "| ready (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for i, (a, b) in enumerate(zip(runs["with"], runs["without"], strict=True)):
-        def nodes(u: dict[str, tp.Any]) -> str:
-            return f"{u['leader']}, {', '.join(u['followers'])} ({'warm' if u['warm_hit'] else 'cold'})"
 
-        lines.append(f"| {i + 1} | {a['occupied']} | {nodes(a)} | {a['wall']:.2f} | {nodes(b)} | {b['wall']:.2f} |")
+    def where(u: dict[str, tp.Any]) -> str:
+        return f"{u['leader']}, {', '.join(u['followers'])} ({'warm' if u['warm_hit'] else 'cold'})"
+
+    for i, (a, b) in enumerate(zip(runs["with"], runs["without"], strict=True)):
+        lines.append(f"| {i + 1} | {a['warm']} | {a['occupied']} | {where(a)} | {a['wall']:.2f} | {where(b)} "
+                     f"| {b['wall']:.2f} |")
     busy = [u for arm in runs for u in runs[arm] if u["foreign"]]
     if busy:
         lines += ["", f"Other users' jobs were on the bed during {len(busy)} of {2 * n} measured `up`s (jobs "
                   f"{', '.join(sorted({j for u in busy for j in u['foreign']}))})."]
-    notes = sorted({u["note"] for u in runs["with"] if u["note"]})
+    notes = sorted({re.sub(r"\bn\d\b", "NODE", u["note"]) for u in runs["with"] if u["note"]})
     if notes:
-        lines += ["", "`speedslurm plan` before the runs with placement said:", "",
+        lines += ["", "`speedslurm plan` before each `up` with placement said one of:", "",
                   *(f"- `placement  {note}`" for note in notes)]
     lines.append("")
     return lines
@@ -1171,19 +1187,26 @@ def p7_detail(r: dict[str, tp.Any]) -> list[str]:
 
 P7_DESIGN = [
     "Links shaped with `scripts/testbed up --shape 1gbit` and unshaped afterwards. The ~1 GB f16 random-weight "
-    "llama of P4 on 2 nodes (a leader and one follower, hetjob), `llama.rpc_cache_dir` set to a folder with "
-    "`{node}` in it, so each node has its own cache folder although the bed's nodes share one `/tmp`. "
-    "Warm-up: another job holds a random node, `speedslurm up` with placement on and no record yet (Slurm's "
-    "choice), `down`: its follower node holds the warm cache and the record names it. Then per repetition "
-    "another job (`sbatch --exclusive -w NODE`, sleep) holds a node, each node once in random order, and "
-    "`up`/`down` runs with `cluster.warm_placement` on, then off, each from the same start (the cache folders of "
-    "all other nodes emptied, the record as after the warm-up, every free node idle). Ready time = the `up` "
-    "command from start to exit.",
+    "llama of P4 on 2 nodes (a leader and one follower, one heterogeneous job), with `llama.rpc_cache_dir` set to a "
+    "folder with `{node}` in it, so that each node keeps its own cache although the bed's nodes share one `/tmp`. "
+    "Warm-up: another job holds a random node and `speedslurm up` runs once with placement on and no record "
+    "(Slurm's choice), then `down`; the follower's cache folder it filled is kept. Per repetition one node is the "
+    "warm one (each node in turn, random order): it alone gets that cache folder, and the warm-node record "
+    "(`warm-nodes.json`, written by the warm-up's `up`) names it, as if the earlier deployment's follower had run "
+    "there; every other node's cache folder is emptied. Another job (`sbatch --exclusive -w NODE`, a sleep) holds "
+    "a node drawn at random, and `up`/`down` runs with `cluster.warm_placement` on, then off, each from that same "
+    "start (cache folders, record, every free node idle). Ready time: the `up` command from start to exit.",
     "",
-    "Why 2 nodes: with one of 4 nodes occupied a 3-node model has no choice (it takes all three free nodes, one "
-    "of them the warm one); on 2 nodes the follower can land on any of the three. The figure is honest about the "
-    "bed's small size: Slurm's own choice (lowest free nodes first) lands on the warm node whenever the occupied "
-    "node does not push it away, and placement cannot help when the occupied node is the warm one.",
+    "Why 2 nodes: with one of the 4 nodes occupied, a 3-node replica takes all three free nodes and has no choice; "
+    "on 2 nodes its follower can land on any of the three. Why the warm node rotates: on an otherwise idle bed "
+    "Slurm's own choice is much the same each time, so a warm node left where Slurm put the warm-up's follower is "
+    "also where Slurm tends to put the next one. A run on 2026-11-30 that kept the warm-up's node (n3) warm "
+    "throughout measured 5.97 s with placement against 10.50 s without, 0.57x: without placement Slurm landed on "
+    "n3 in 2 of 4 repetitions. On a cluster of many nodes and changing jobs that is much rarer. Placement cannot help in a "
+    "repetition whose occupied node is the warm one: both runs load cold. With 4 repetitions the ratio of the "
+    "medians moves with how often Slurm lands on the warm node by itself (counted below): a warm load takes about "
+    "a third of a cold one, so 2 of 4 puts the median without placement halfway between the two, 1 of 4 near the "
+    "cold one.",
 ]
 
 

@@ -141,6 +141,15 @@ class Child:
         return any(marker in text for marker in _BIND_ERRORS)
 
 
+def rpc_cache_folder(setting: str | None, node: str, environ: tp.Mapping[str, str] | None = None) -> str:
+    """``llama.rpc_cache_dir`` on this node: ``{node}`` becomes the node's Slurm name (one folder per node where the
+    nodes share a file system), ``~`` is expanded; unset: ``$TMPDIR/speedslurm-rpc-cache-<uid>``."""
+    environ = os.environ if environ is None else environ
+    if not setting:
+        return os.path.join(environ.get("TMPDIR", "/tmp"), f"speedslurm-rpc-cache-{os.getuid()}")
+    return os.path.expanduser(setting.replace("{node}", node))
+
+
 def private_dir(path: str, node: str, setting: str) -> str:
     """Create ``path`` mode 0700, or accept it only when it is a real folder of this user that nobody else can
     write: rpc-server loads cached tensors from it, so a folder another user controls could feed it weights."""

@@ -4,7 +4,8 @@ rpc-server's tensor cache (``llama.rpc_cache``, ``rpc-server -c``) lies on node-
 read only on the nodes that loaded the model before. The client records, per user, which nodes held the followers of
 a deployment that became ready, for which model: ``$XDG_CACHE_HOME/speedslurm/warm-nodes.json``
 (``~/.cache/speedslurm/warm-nodes.json``, mode 0600), keyed by the model's files (path, size, modification time) and
-``llama.rpc_cache_dir``. A file replaced or touched is a new model: its old records are not used.
+``llama.rpc_cache_dir`` as set (a ``{node}`` in it stays unexpanded: the job side makes it one folder per node).
+A file replaced or touched is a new model: its old records are not used.
 
 At ``up``, ``submit`` and ``plan`` (:func:`place`), when ``cluster.warm_placement`` is on, the replica is a
 heterogeneous job (one replica of more than one node) and records exist for the model, Slurm is asked once for the

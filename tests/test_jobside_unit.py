@@ -68,6 +68,21 @@ def test_rpc_cache_folder_is_private_and_foreign_ones_are_refused(tmp_path: Path
             private_dir(str(foreign), "n1", "llama.rpc_cache_dir")
 
 
+def test_rpc_cache_folder_setting_names_one_folder_per_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``{node}`` in llama.rpc_cache_dir: nodes that share a file system each get their own cache folder."""
+    from speedslurm.jobprocs import private_dir, rpc_cache_folder
+
+    setting = str(tmp_path / "rpc-cache" / "{node}")
+    made = [private_dir(rpc_cache_folder(setting, node), node, "llama.rpc_cache_dir") for node in ("n2", "n3")]
+    assert made == [str(tmp_path / "rpc-cache" / "n2"), str(tmp_path / "rpc-cache" / "n3")]
+    assert sorted(p.name for p in (tmp_path / "rpc-cache").iterdir()) == ["n2", "n3"]
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert rpc_cache_folder("~/c-{node}-x", "gpu07") == str(tmp_path / "c-gpu07-x")
+    assert rpc_cache_folder("/scratch/same", "gpu07") == "/scratch/same"      # no placeholder: as given
+    assert rpc_cache_folder(None, "gpu07", {"TMPDIR": "/local"}) == f"/local/speedslurm-rpc-cache-{os.getuid()}"
+
+
 def test_a_server_whose_role_is_already_gone_does_not_run_on() -> None:
     """The fork/prctl race: when the role died before the child armed its death signal, the child exits."""
     import subprocess
