@@ -201,3 +201,10 @@ def test_a_command_loads_only_its_own_module() -> None:
                "try:\n    main(['up', '--help'])\nexcept SystemExit:\n    pass\n"
                "print(sorted(m for m in sys.modules if m.startswith('speedslurm.cli.')))")
     assert out[-2] == "['speedslurm.cli.common', 'speedslurm.cli.deploy_cmds']"
+
+
+def test_the_api_names_are_the_lazy_table() -> None:
+    import speedslurm.api as api
+
+    assert sorted(api.__all__) == sorted(api._WHERE)
+    assert all(getattr(api, name) is not None for name in api.__all__)

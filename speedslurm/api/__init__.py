@@ -17,21 +17,43 @@ config file); :func:`load_settings` gives them with a profile, a config file or 
 
 from __future__ import annotations
 
-from .batches import batch_options, prepare_prompts, run_batch
-from .builds import Built, build_llama
-from .deployments import (
-           Deployment,
-           Stopped,
-           connect,
-           connect_running,
-           deployment_source,
-           list_deployments,
-           load_settings,
-           start,
-           submit,
-           up,
-)
+import importlib
+import typing as tp
+
+if tp.TYPE_CHECKING:
+    from .batches import batch_options, prepare_prompts, run_batch
+    from .builds import Built, build_llama
+    from .deployments import (
+        Deployment,
+        Stopped,
+        connect,
+        connect_running,
+        deployment_source,
+        list_deployments,
+        load_settings,
+        start,
+        submit,
+        up,
+    )
+
+# name -> submodule: each is imported when first used (``speedslurm up`` needs neither batches nor builds)
+_WHERE = {"batch_options": "batches", "prepare_prompts": "batches", "run_batch": "batches",
+          "Built": "builds", "build_llama": "builds",
+          **{n: "deployments" for n in ("Deployment", "Stopped", "connect", "connect_running", "deployment_source",
+                                         "list_deployments", "load_settings", "start", "submit", "up")}}
 
 __all__ = ["Built", "Deployment", "Stopped", "batch_options", "build_llama", "connect", "connect_running",
-           "deployment_source",
-           "list_deployments", "load_settings", "prepare_prompts", "run_batch", "start", "submit", "up"]
+           "deployment_source", "list_deployments", "load_settings", "prepare_prompts", "run_batch", "start",
+           "submit", "up"]
+
+
+def __getattr__(name: str) -> tp.Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))
