@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import tempfile
 import typing as tp
 from pathlib import Path
 
@@ -315,6 +314,8 @@ class DeploymentRecord(Record):
 def write_json_atomic(path: Path, data: tp.Any, mode: int = 0o600) -> None:
     """Write JSON to ``path`` so that readers see either nothing or the whole file (temp + rename)."""
     path = Path(path)
+    import tempfile  # here: the job side's start does not pay for it
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, mode)
