@@ -97,8 +97,33 @@ def die_with_parent(parent: int | None = None) -> tp.Callable[[], None]:
     return preexec
 
 
+def adopt_orphans() -> bool:
+    """Make this role the parent of whatever its servers leave behind (PR_SET_CHILD_SUBREAPER); True when set.
+
+    A process whose parent exits goes to the nearest such ancestor instead of init. A server's helper (see
+    :class:`Child`) then stays in the step's process tree, where Slurm's proctrack/linuxproc finds it and kills
+    it with the step even when the role itself is killed before it could end the helper's group. The adopted
+    processes are only ever children of this role: none of them is reaped here, and they end with the step.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(36, 1, 0, 0, 0)) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
 class Child:
-    """One supervised child process whose output goes to a log file."""
+    """One supervised child process whose output goes to a log file.
+
+    The server runs in a session of its own, so its process group is everything it started: llama.cpp forks
+    when it aborts (ggml's backtrace, a fork of llama-server that then runs gdb), and such a fork has neither
+    the server's death signal (fork clears it) nor, once the server has exited, a place in the step's process
+    tree (its parent is then init), so neither Slurm nor the role would ever stop it. Whenever the server is
+    seen to have exited, whatever is left of its group is killed before the server is reaped: until then its
+    pid stays the group's id and cannot name another process.
+    """
 
     def __init__(self, argv: list[str], log_path: Path, env: dict[str, str], redact: tp.Sequence[str] = ()) -> None:
         self.argv = argv
@@ -116,20 +141,40 @@ class Child:
     def pid(self) -> int:
         return self.proc.pid
 
+    def _exited(self) -> bool:
+        """Whether the server has exited, without reaping it (its pid keeps naming its group meanwhile)."""
+        if self.proc.returncode is not None:
+            return True
+        if not hasattr(os, "waitid"):  # not on every platform: reaped at once, its group then goes unsignalled
+            return self.proc.poll() is not None
+        try:
+            return os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return True
+
+    def _signal_group(self, sig: int) -> None:
+        if self.proc.returncode is None:  # not reaped yet: the group id is still the server's
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, sig)
+
+    def _reap(self, timeout: float) -> int | None:
+        """Kill what is left of the server's group (its helpers), then reap the server."""
+        self._signal_group(signal.SIGKILL)
+        return self.proc.wait(timeout)
+
     def poll(self) -> int | None:
-        return self.proc.poll()
+        if self.proc.returncode is None and self._exited():
+            self._reap(5)
+        return self.proc.returncode
 
     def stop(self, timeout: float = 3) -> int | None:
         # Shorter than Slurm's KillWait, so that the role still runs when the grace period ends.
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        if self.proc.returncode is None:
+            self._signal_group(signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while not self._exited() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            self._reap(5)  # SIGKILL: the server if it is still shutting down, and any helper of its group
         self._log.close()
         return self.proc.returncode
 

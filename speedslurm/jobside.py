@@ -40,6 +40,7 @@ from .jobprocs import (
     Child,
     RoleFailed,
     Stop,
+    adopt_orphans,
     die_with_parent,
     log_tail,
     node_name,
@@ -325,6 +326,7 @@ def serve(run_dir: str, replica: int = 0, rank: int | None = None, rank_offset: 
 
     signal.signal(signal.SIGUSR2, time_limit_warning)
     release_time_limit_warning()  # before any child starts: children inherit the signal mask
+    adopt_orphans()  # what a server forks stays in the step's process tree after the server exits
     try:
         if rank == 0:
             run_leader(dep, rd, replica, stop)

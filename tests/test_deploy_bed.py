@@ -74,6 +74,42 @@ def _speedslurm_processes(deployment: str = "") -> list[str]:
     return found
 
 
+def _server_groups(run_dir: Path) -> set[int]:
+    """The pids the roles recorded for their servers (llama-server in loading.json and endpoint.json, each
+    rpc-server in its follower file). Each server leads a session of its own, so its pid is also the id of the
+    process group that holds it and everything it started."""
+    pids = set()
+    for path in [*run_dir.glob("r*/follower-*.json"), *run_dir.glob("r*/loading.json"),
+                 *run_dir.glob("r*/endpoint.json")]:
+        pids.add(int(json.loads(path.read_text())["pid"]))
+    return pids
+
+
+def _left_in_groups(groups: set[int]) -> list[str]:
+    """Processes still running in those groups: a server, or anything it started (llama.cpp forks a copy of
+    llama-server when it aborts, to print a backtrace) and that outlived it. rpc-server's command line names no
+    deployment; its recorded pid does."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        state, ppid, pgid = stat[stat.rfind(")") + 2:].split()[:3]
+        if state not in ("Z", "X") and int(pgid) in groups:
+            found.append(f"{proc.name} (parent {ppid}, group {pgid}) {stat[stat.find('(') + 1:stat.rfind(')')]}")
+    return found
+
+
+def _gone_within(groups: set[int], seconds: float) -> list[str]:
+    deadline = time.monotonic() + seconds
+    while _left_in_groups(groups) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return _left_in_groups(groups)
+
+
 @bed
 def test_up_three_nodes_ready_key_sockets_and_down(ss, tiny_gguf: Path) -> None:
     t0 = time.monotonic()
@@ -108,6 +144,8 @@ def test_up_three_nodes_ready_key_sockets_and_down(ss, tiny_gguf: Path) -> None:
     status = json.loads(ss("status", dep["deployment"], "--json").stdout)[0]
     assert status["state"] == "READY" and "secret" not in json.dumps(status)
     assert key not in ss("status", dep["deployment"], "--json").stdout
+    groups = _server_groups(Path(status["run_dir"]))
+    assert len(groups) == 3 and len(_left_in_groups(groups)) >= 3   # llama-server and two rpc-servers
 
     down = ss("down", dep["deployment"])
     assert "cancelled" in down.stdout
@@ -115,8 +153,49 @@ def test_up_three_nodes_ready_key_sockets_and_down(ss, tiny_gguf: Path) -> None:
     while _speedslurm_processes(dep["deployment"]) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _speedslurm_processes(dep["deployment"]) == []
+    assert _gone_within(groups, 5) == []
     status = json.loads(ss("status", dep["deployment"], "--json").stdout)[0]
     assert status["state"] == "ENDED"
+
+
+@bed
+def test_down_under_load_leaves_no_process_of_any_server(ss, tiny_gguf: Path) -> None:
+    """``down`` while requests run: Slurm's SIGTERM stops the rpc-servers first, llama-server aborts on its lost
+    peers (ggml then forks a copy of itself to print a backtrace) while the leader stops it. Nothing of any
+    server may outlive the job: not llama-server, not an rpc-server, not such a copy (an orphaned one, parent
+    pid 1, was seen on this bed)."""
+    import threading
+
+    res = ss("up", "--model", str(tiny_gguf), "--nodes", "3", "--executor", "slurm", "--timeout", "120", "--json")
+    dep = json.loads(res.stdout)["deployment"]
+    full = json.loads(ss("endpoint", dep, "--json", "--show-key").stdout)[0]
+    groups = _server_groups(Path(json.loads(ss("status", dep, "--json").stdout)[0]["run_dir"]))
+    assert len(groups) == 3
+    stop = threading.Event()
+    answered = []
+
+    def requests() -> None:
+        client = openai.OpenAI(base_url=full["url"] + "/v1", api_key=full["api_key"], max_retries=0, timeout=30)
+        while not stop.is_set():
+            try:
+                client.completions.create(model="x", prompt="Count to 100:", max_tokens=48)
+                answered.append(1)
+            except openai.OpenAIError:
+                time.sleep(0.05)
+
+    workers = [threading.Thread(target=requests, daemon=True) for _ in range(4)]
+    for w in workers:
+        w.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(answered) < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert answered, "no request was answered before down"
+        assert "cancelled" in ss("down", dep).stdout
+    finally:
+        stop.set()
+    # The job's own end (KillWait is 5 s on the bed) plus a margin: whatever runs after that was left behind.
+    assert _gone_within(groups, 20) == []
 
 
 @bed
