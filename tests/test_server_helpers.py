@@ -12,9 +12,11 @@ stand in for llama-server with a program that forks such a helper.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
+import typing as tp
 from pathlib import Path
 
 from speedslurm.jobprocs import Child
@@ -62,38 +64,39 @@ def _gone_soon(pid: int, within: float = 5) -> bool:
     return not _running(pid)
 
 
-def test_stopping_a_server_ends_the_helpers_it_forked(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _server_with_helper(tmp_path: Path, mode: str) -> tp.Iterator[tuple[Child, int]]:
+    """The stand-in server (``serve`` or ``crash``) and the pid of the helper it forked; the helper is killed
+    afterwards whatever the test found."""
     pid_file = tmp_path / "helper.pid"
-    child = Child([sys.executable, "-c", _SERVER, str(pid_file), "serve"], tmp_path / "server.log",
+    child = Child([sys.executable, "-c", _SERVER, str(pid_file), mode], tmp_path / "server.log",
                   env=dict(os.environ))
     helper = _helper_of(child, pid_file)
     try:
+        yield child, helper
+    finally:
+        if _running(helper):
+            os.kill(helper, 9)
+        child.stop()
+
+
+def test_stopping_a_server_ends_the_helpers_it_forked(tmp_path: Path) -> None:
+    with _server_with_helper(tmp_path, "serve") as (child, helper):
         assert _running(helper)
         t0 = time.monotonic()
         assert child.stop() == 1                 # the server itself ended on the SIGTERM, at once
         assert time.monotonic() - t0 < 2.5       # no waiting out the grace period for a helper
         assert _gone_soon(helper), "the server's helper outlived the stop"
-    finally:
-        if _running(helper):
-            os.kill(helper, 9)
 
 
 def test_a_server_that_exits_on_its_own_takes_its_helpers_along(tmp_path: Path) -> None:
-    pid_file = tmp_path / "helper.pid"
-    child = Child([sys.executable, "-c", _SERVER, str(pid_file), "crash"], tmp_path / "server.log",
-                  env=dict(os.environ))
-    helper = _helper_of(child, pid_file)
-    try:
+    with _server_with_helper(tmp_path, "crash") as (child, helper):
         deadline = time.monotonic() + 10
         while child.poll() is None:
             assert time.monotonic() < deadline, "the server did not exit"
             time.sleep(0.01)
         assert child.poll() == 134               # the exit is reported as before, once
         assert _gone_soon(helper), "the helper of a server that exited runs on"
-    finally:
-        if _running(helper):
-            os.kill(helper, 9)
-        child.stop()
 
 
 # A role: adopts orphans, starts the "server" above, which crashes; reports the helper's parent once the server
