@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -232,6 +233,46 @@ def shared_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base folder is private (mode 0700) and lies under a sticky /tmp.
     """
     return tmp_path_factory.mktemp("shared")
+
+
+class SpeedslurmCli(tp.Protocol):
+    env: dict[str, str]
+    runs: Path
+
+    def __call__(self, *args: str, timeout: float | None = None,
+                 check: bool = True) -> subprocess.CompletedProcess[str]: ...
+
+
+@pytest.fixture
+def speedslurm_cli(shared_tmp: Path) -> tp.Iterator[tp.Callable[..., SpeedslurmCli]]:
+    """Makes runners of the speedslurm CLI as a user runs it (its own process, no stdin), with the test bed profile
+    and a private runs folder; a failed command raises with its output unless ``check=False``. Deployments that
+    ``up ... --json`` started are taken down afterwards."""
+    env = {**os.environ, "SPEEDSLURM_PROFILE": "testbed", "SPEEDSLURM_RUN__DIR": str(shared_tmp / "runs")}
+    env.pop("OPENAI_API_KEY", None)
+    started: list[str] = []
+
+    def make(timeout: float = 180) -> SpeedslurmCli:
+        default_timeout = timeout
+
+        def run(*args: str, timeout: float | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+            res = subprocess.run([sys.executable, "-m", "speedslurm", *args], capture_output=True, text=True,
+                                 env=env, timeout=default_timeout if timeout is None else timeout,
+                                 stdin=subprocess.DEVNULL)
+            if "up" in args and "--json" in args and res.returncode == 0:
+                started.append(json.loads(res.stdout)["deployment"])
+            if check and res.returncode != 0:
+                raise AssertionError(f"speedslurm {' '.join(args)} exited {res.returncode}\n{res.stdout}\n{res.stderr}")
+            return res
+
+        run.env = env  # type: ignore[attr-defined]
+        run.runs = shared_tmp / "runs"  # type: ignore[attr-defined]
+        return tp.cast(SpeedslurmCli, run)
+
+    yield make
+    for dep in started:
+        subprocess.run([sys.executable, "-m", "speedslurm", "down", dep], env=env, capture_output=True, timeout=120,
+                       stdin=subprocess.DEVNULL)
 
 
 @pytest.fixture

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
+import typing as tp
 from pathlib import Path
 
 import openai
@@ -17,25 +16,8 @@ bed = pytest.mark.slurm
 
 
 @pytest.fixture
-def ss(shared_tmp: Path):
-    """Run the speedslurm CLI as a user would, against the test bed profile and a private runs folder."""
-    env = {**os.environ, "SPEEDSLURM_PROFILE": "testbed", "SPEEDSLURM_RUN__DIR": str(shared_tmp / "runs")}
-    env.pop("OPENAI_API_KEY", None)
-    started: list[str] = []
-
-    def run(*args: str, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run([sys.executable, "-m", "speedslurm", *args], capture_output=True, text=True,
-                             env=env, timeout=timeout, stdin=subprocess.DEVNULL)
-        if "up" in args and res.returncode == 0 and "--json" in args:
-            started.append(json.loads(res.stdout)["deployment"])
-        if check and res.returncode != 0:
-            raise AssertionError(f"speedslurm {' '.join(args)} exited {res.returncode}\n{res.stdout}\n{res.stderr}")
-        return res
-
-    run.env = env  # type: ignore[attr-defined]
-    yield run
-    for dep in started:
-        run("down", dep, check=False)
+def ss(speedslurm_cli: tp.Callable[..., tp.Any]) -> tp.Any:
+    return speedslurm_cli(timeout=180)
 
 
 def _chat(base_url: str, key: str) -> str:

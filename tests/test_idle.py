@@ -3,7 +3,6 @@ follower's supervision ending cleanly, the client's check of the setting and ``s
 
 from __future__ import annotations
 
-import http.server
 import json
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import time
 import typing as tp
 from pathlib import Path
 
+import localhttp
 import pytest
 import records
 
@@ -145,30 +145,22 @@ def test_timeout_zero_never_reads_metrics() -> None:
 # ------------------------------------------------------------------------------------------ supervision
 
 
-class Metrics(http.server.BaseHTTPRequestHandler):
+class Metrics(localhttp.Handler):
     pages: tp.ClassVar[list[str]] = []
     keys: tp.ClassVar[list[str]] = []
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         self.keys.append(self.headers.get("Authorization", ""))
         body = (self.pages[0] if self.path == "/metrics" and self.pages else "").encode()
-        self.send_response(200 if self.path == "/metrics" else 404)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: tp.Any) -> None:
-        pass
+        self.reply(200 if self.path == "/metrics" else 404, body)
 
 
 @pytest.fixture
 def metrics_server() -> tp.Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     Metrics.pages[:] = [page(prompt=3)]
     Metrics.keys.clear()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with localhttp.serving(Metrics) as url:
+        yield url
 
 
 def test_the_leader_stops_its_server_and_records_idle_then_a_follower_ends_cleanly(

@@ -5,9 +5,7 @@ requests is not ended while they come, and ends once they stop."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 import typing as tp
 from pathlib import Path
@@ -19,23 +17,8 @@ pytestmark = [pytest.mark.llama, pytest.mark.slurm]
 
 
 @pytest.fixture
-def ss(shared_tmp: Path) -> tp.Iterator[tp.Callable[..., subprocess.CompletedProcess[str]]]:
-    env = {**os.environ, "SPEEDSLURM_PROFILE": "testbed", "SPEEDSLURM_RUN__DIR": str(shared_tmp / "runs")}
-    env.pop("OPENAI_API_KEY", None)
-    started: list[str] = []
-
-    def run(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run([sys.executable, "-m", "speedslurm", *args], capture_output=True, text=True,
-                             env=env, timeout=timeout, stdin=subprocess.DEVNULL)
-        if args[0] == "up" and res.returncode == 0:
-            started.append(json.loads(res.stdout)["deployment"])
-        if check and res.returncode != 0:
-            raise AssertionError(f"speedslurm {' '.join(args)} exited {res.returncode}\n{res.stdout}\n{res.stderr}")
-        return res
-
-    yield run
-    for dep in started:
-        run("down", dep, check=False)
+def ss(speedslurm_cli: tp.Callable[..., tp.Any]) -> tp.Any:
+    return speedslurm_cli(timeout=120)
 
 
 def _status(ss: tp.Callable[..., subprocess.CompletedProcess[str]], dep: str) -> dict[str, tp.Any]:

@@ -3,7 +3,6 @@ requests ran and two waited), the batch progress files, the choice of deployment
 
 from __future__ import annotations
 
-import http.server
 import io
 import json
 import os
@@ -13,6 +12,7 @@ import time
 import typing as tp
 from pathlib import Path
 
+import localhttp
 import pytest
 from rich.console import Console
 
@@ -58,31 +58,20 @@ def test_kv_ratio_from_a_build_that_exports_it_wins() -> None:
     assert (m.kv_cache_used, m.kv_cache_source) == (0.25, "metrics")
 
 
-class _Server(http.server.BaseHTTPRequestHandler):
+class _Server(localhttp.Handler):
     key = "sekret"
 
     def do_GET(self) -> None:  # noqa: N802
         if self.headers.get("Authorization") != f"Bearer {self.key}":
-            self.send_response(401)
-            self.end_headers()
+            self.reply(401)
             return
-        body = METRICS.encode() if self.path == "/metrics" else json.dumps(SLOTS).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: tp.Any) -> None:
-        pass
+        self.reply(200, METRICS.encode() if self.path == "/metrics" else json.dumps(SLOTS).encode())
 
 
 @pytest.fixture
 def server() -> tp.Iterator[str]:
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Server)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
+    with localhttp.serving(_Server) as url:
+        yield url
 
 
 class _Endpoint(tp.NamedTuple):

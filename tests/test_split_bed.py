@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
+import typing as tp
 from pathlib import Path
 
 import pytest
@@ -15,23 +13,8 @@ pytestmark = [pytest.mark.llama, pytest.mark.slurm]
 
 
 @pytest.fixture
-def ss(shared_tmp: Path):
-    """The speedslurm CLI as a user runs it, with the test bed profile and a private runs folder."""
-    env = {**os.environ, "SPEEDSLURM_PROFILE": "testbed", "SPEEDSLURM_RUN__DIR": str(shared_tmp / "runs")}
-    started: list[str] = []
-
-    def run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run([sys.executable, "-m", "speedslurm", *args], capture_output=True, text=True,
-                             env=env, timeout=timeout, stdin=subprocess.DEVNULL)
-        if "up" in args and res.returncode == 0:
-            started.append(json.loads(res.stdout)["deployment"])
-        assert res.returncode == 0, f"speedslurm {' '.join(args)} exited {res.returncode}\n{res.stdout}\n{res.stderr}"
-        return res
-
-    run.runs = shared_tmp / "runs"  # type: ignore[attr-defined]
-    yield run
-    for dep in started:
-        subprocess.run([sys.executable, "-m", "speedslurm", "down", dep], env=env, capture_output=True, timeout=120)
+def ss(speedslurm_cli: tp.Callable[..., tp.Any]) -> tp.Any:
+    return speedslurm_cli(timeout=180)
 
 
 def test_llama_server_gets_the_planned_split_and_its_devices_follow_it(ss, tiny_gguf: Path) -> None:

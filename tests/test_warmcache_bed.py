@@ -4,10 +4,9 @@ when that node is idle, and takes another node at once when it is not."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
+import typing as tp
 from pathlib import Path
 
 import pytest
@@ -16,17 +15,8 @@ pytestmark = [pytest.mark.llama, pytest.mark.slurm]
 
 
 @pytest.fixture
-def ss(shared_tmp: Path):
-    env = {**os.environ, "SPEEDSLURM_PROFILE": "testbed", "SPEEDSLURM_RUN__DIR": str(shared_tmp / "runs")}
-
-    def run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run([sys.executable, "-m", "speedslurm", *args], capture_output=True, text=True,
-                             env=env, timeout=timeout, stdin=subprocess.DEVNULL)
-        if res.returncode != 0:
-            raise AssertionError(f"speedslurm {' '.join(args)} exited {res.returncode}\n{res.stdout}\n{res.stderr}")
-        return res
-
-    return run
+def ss(speedslurm_cli: tp.Callable[..., tp.Any]) -> tp.Any:
+    return speedslurm_cli(timeout=180)
 
 
 def _node_state(node: str) -> str:
