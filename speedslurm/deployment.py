@@ -73,13 +73,9 @@ class Deployment:
 
 def binaries_record(binaries: tp.Any) -> dict[str, tp.Any]:
     """The binaries as deployment.json records them for the job side."""
-    from .binaries import env_for, fit_flag, kv_unified
+    from .binaries import job_record
 
-    env = env_for(binaries)
-    return {"llama_server": str(binaries.llama_server), "rpc_server": str(binaries.rpc_server),
-            "version": binaries.version, "source": binaries.source, "env": env,
-            "kv_unified": kv_unified(binaries.llama_server, env),
-            "fit": fit_flag(binaries.llama_server, env)}
+    return job_record(binaries)
 
 
 def deployment_record(settings: Settings, plan: Plan, binaries: dict[str, tp.Any], deployment_id: str, *,

@@ -99,15 +99,10 @@ def default_run_dir(name: str, base_job: str) -> Path:
 
 
 def find_binaries(bin_dir: str) -> dict[str, tp.Any]:
-    """deployment.json's ``binaries``: paths, the environment they need, version and --kv-unified, probed here."""
-    from .binaries import env_for, find_llama_binaries, fit_flag, kv_unified
+    """deployment.json's ``binaries`` for the binaries found here (``bin_dir``, else PATH or the package)."""
+    from .binaries import find_llama_binaries, job_record
 
-    found = find_llama_binaries(bin_dir or None)
-    env = env_for(found)
-    return {"llama_server": str(found.llama_server), "rpc_server": str(found.rpc_server),
-            "version": found.version, "source": found.source, "env": env,
-            "kv_unified": kv_unified(found.llama_server, env),
-            "fit": fit_flag(found.llama_server, env)}
+    return job_record(find_llama_binaries(bin_dir or None))
 
 
 def prepare(args: argparse.Namespace, replica: int, job_ids: list[str], nodes: int,
