@@ -266,18 +266,14 @@ def hand_procedure(bed: Bed, model_path: str, threads: int | None, parallel: int
 def wait_nodes_idle(nodes: tp.Sequence[str] = ("n1", "n2", "n3"), timeout: float = 60) -> None:
     """Until Slurm shows ``nodes`` idle: a node still completing the previous procedure's job would make the next
     one wait for Slurm's next scheduling pass, a second of noise in whichever procedure comes next."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        proc = subprocess.run(["sinfo", "-h", "-N", "-n", ",".join(nodes), "-o", "%T"], capture_output=True,
-                              text=True)
-        states = proc.stdout.split()
-        if len(states) == len(nodes) and all(s == "idle" for s in states):
-            # Nodes turn idle in step with slurmctld's own cycles; a procedure started right then would always
-            # meet the backfill pass at the same point. A user's command comes at any moment: start at a random one.
-            time.sleep(random.uniform(0, 1))
-            return
-        time.sleep(0.2)
-    log(f"nodes {','.join(nodes)} not idle after {timeout:.0f} s; measuring anyway")
+    try:
+        _wait_states({n: "idle" for n in nodes}, timeout)
+    except RuntimeError:
+        log(f"nodes {','.join(nodes)} not idle after {timeout:.0f} s; measuring anyway")
+        return
+    # Nodes turn idle in step with slurmctld's own cycles; a procedure started right then would always meet the
+    # backfill pass at the same point. A user's command comes at any moment: start at a random one.
+    time.sleep(random.uniform(0, 1))
 
 
 def bench_p1(bed: Bed, reps: int) -> dict[str, tp.Any]:
@@ -593,7 +589,7 @@ def _wait_states(want: dict[str, str], timeout: float = 300, job: str = "") -> b
                                       timeout=30).stdout.strip():
             return False
         if time.monotonic() > deadline:
-            raise RuntimeError(f"P7: nodes not in state {want} after {timeout:.0f} s: {now}")
+            raise RuntimeError(f"nodes not in state {want} after {timeout:.0f} s: {now}")
         time.sleep(0.2)
 
 
