@@ -6,6 +6,7 @@ Standard library only (the job side runs it on the nodes).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import stat
@@ -191,31 +192,104 @@ def rpc_cache_folder(setting: str | None, node: str, environ: tp.Mapping[str, st
     nodes share a file system), ``~`` is expanded; unset: ``$TMPDIR/speedslurm-rpc-cache-<uid>``."""
     environ = os.environ if environ is None else environ
     if not setting:
-        return os.path.join(environ.get("TMPDIR", "/tmp"), f"speedslurm-rpc-cache-{os.getuid()}")
+        return os.path.join(_tmpdir(environ), f"speedslurm-rpc-cache-{os.getuid()}")
     return os.path.expanduser(setting.replace("{node}", node))
 
 
-def private_dir(path: str, node: str, setting: str) -> str:
-    """Create ``path`` mode 0700, or accept it only when it is a real folder of this user that nobody else can
-    write: rpc-server loads cached tensors from it, so a folder another user controls could feed it weights."""
+def _tmpdir(environ: tp.Mapping[str, str]) -> str:
+    return environ.get("TMPDIR") or "/tmp"
+
+
+def private_dir_problem(path: str) -> str:
+    """Create ``path`` mode 0700, or check the one already there: "" when it is a real folder of this user that
+    nobody else can write (then made mode 0700), else what is wrong with it. rpc-server loads cached tensors from
+    it, so a folder another user controls (made before ours: /tmp is shared) could feed it weights."""
+    parent = os.path.dirname(path) or "."
     try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        os.makedirs(parent, exist_ok=True)
+    except FileExistsError:  # what makedirs says of a file in the way
+        return f"cannot be created ({parent} is not a folder)"
+    except OSError as exc:
+        return f"cannot be created ({exc.strerror})"
+    try:
         os.mkdir(path, 0o700)
     except FileExistsError:
         pass
     except OSError as exc:
-        raise RoleFailed(f"cannot create the rpc-server cache folder {path} on {node}: {exc.strerror}; "
-                         f"set {setting} to a folder of yours on local disk") from None
-    st = os.lstat(path)
-    problem = ("is not a folder (a link or a file)" if not stat.S_ISDIR(st.st_mode)
-               else f"belongs to uid {st.st_uid}, not to you (uid {os.getuid()})" if st.st_uid != os.getuid()
-               else f"is writable by others (mode {stat.S_IMODE(st.st_mode):04o})" if st.st_mode & 0o022
-               else "")
-    if problem:
-        raise RoleFailed(f"refusing the rpc-server cache folder {path} on {node}: it {problem}; remove it, or set "
-                         f"{setting} to a private folder of yours on local disk")
-    if st.st_mode & 0o077:
-        os.chmod(path, 0o700)   # ours and not writable by others: just make it private
-    return path
+        return f"cannot be created ({exc.strerror})"
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            return "is not a folder (a link or a file)"
+        if st.st_uid != os.getuid():
+            return f"belongs to uid {st.st_uid}, not to you (uid {os.getuid()})"
+        if st.st_mode & 0o022:
+            return f"is writable by others (mode {stat.S_IMODE(st.st_mode):04o})"
+        # The folder itself, not whatever the name points to by now (O_NOFOLLOW): checked again through the fd.
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:
+        return "is not a folder (a link or a file)" if exc.errno in (errno.ELOOP, errno.ENOTDIR) \
+            else f"cannot be opened ({exc.strerror})"
+    try:
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino, now.st_uid) != (st.st_dev, st.st_ino, st.st_uid) or now.st_mode & 0o022:
+            return "changed while it was checked"
+        if stat.S_IMODE(now.st_mode) != 0o700:
+            os.fchmod(fd, 0o700)  # ours and not writable by others: just make it private (and writable by us)
+    except OSError as exc:
+        return f"cannot be made private ({exc.strerror})"
+    finally:
+        os.close(fd)
+    return ""
+
+
+def rpc_cache_dir(setting: str | None, node: str,
+                  environ: tp.Mapping[str, str] | None = None) -> tuple[str | None, str]:
+    """The folder rpc-server caches tensors in on this node, and a line for the role's log when it is not the one
+    the settings name ("" when it is). A folder that cannot be used or is not safely ours (see
+    :func:`private_dir_problem`) is never used, and never fails the job either: instead, the default folder (when
+    ``llama.rpc_cache_dir`` was the problem), else a private folder of ours beside it, kept for the next
+    deployments (``$TMPDIR/speedslurm-rpc-cache-<uid>-XXXXXXXX``), else no cache (None: rpc-server without -c)."""
+    environ = os.environ if environ is None else environ
+    wanted = rpc_cache_folder(setting, node, environ)
+    problem = private_dir_problem(wanted)
+    if not problem:
+        return wanted, ""
+    chosen = _fallback_cache_dir(environ, wanted)
+    fix = ("set llama.rpc_cache_dir to a private folder of yours on local disk, or unset it" if setting
+           else "remove it, or set llama.rpc_cache_dir to a private folder of yours on local disk")
+    instead = f"caching in {chosen} instead" if chosen else "rpc-server runs without its tensor cache"
+    return chosen, (f"the rpc-server cache folder {wanted} is not used: it {problem}; {instead} "
+                    f"(to use a folder of your choice: {fix})")
+
+
+def _fallback_cache_dir(environ: tp.Mapping[str, str], refused: str) -> str | None:
+    tmp = _tmpdir(environ)
+    default = rpc_cache_folder(None, "", environ)
+    if default != refused and not private_dir_problem(default):
+        return default
+    prefix = f"speedslurm-rpc-cache-{os.getuid()}-"
+    try:
+        earlier = sorted(name for name in os.listdir(tmp) if name.startswith(prefix))
+    except OSError:
+        earlier = []
+    for name in earlier:  # an earlier job's fallback: only this user can have made a folder that passes the checks
+        path = os.path.join(tmp, name)
+        if path != refused and not private_dir_problem(path):
+            return path
+    import tempfile  # only here: the job side starts without it
+
+    try:
+        return tempfile.mkdtemp(prefix=prefix, dir=tmp)  # mode 0700, a name nobody could have taken before
+    except OSError:
+        return None
+
+
+def log_line(log_path: Path, text: str) -> None:
+    """One ``[speedslurm]`` line in a role's log (made mode 0600 when it is not there yet, as :class:`Child` does)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a") as fh:
+        fh.write(f"[speedslurm] {time.strftime('%Y-%m-%d %H:%M:%S')} on {node_name()}: {text}\n")
 
 

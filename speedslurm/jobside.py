@@ -42,10 +42,10 @@ from .jobprocs import (
     Stop,
     adopt_orphans,
     die_with_parent,
+    log_line,
     log_tail,
     node_name,
-    private_dir,
-    rpc_cache_folder,
+    rpc_cache_dir,
 )
 from .nodenet import (
     HEARTBEAT_MISSES,
@@ -60,7 +60,7 @@ from .nodenet import (
 from .rundir import RunDir
 
 __all__ = ["HEARTBEAT_MISSES", "Child", "HeartbeatProbe", "RoleFailed", "cluster_address", "current_epoch",
-           "current_job_id", "die_with_parent", "log_tail", "private_dir", "run_follower", "run_leader", "serve",
+           "current_job_id", "die_with_parent", "log_tail", "rpc_cache_dir", "run_follower", "run_leader", "serve",
            "start_heartbeat", "usable_address"]
 
 _Stop = Stop
@@ -164,9 +164,12 @@ def run_follower(dep: DeploymentRecord, rd: RunDir, replica: int, rank: int, sto
     version = binary_build(bins["rpc_server"])
     cache_args: list[str] = []
     if llama.get("rpc_cache"):
-        cache_dir = private_dir(rpc_cache_folder(llama.get("rpc_cache_dir"), node), node, "llama.rpc_cache_dir")
-        env["LLAMA_CACHE"] = cache_dir
-        cache_args = ["-c"]
+        cache_dir, note = rpc_cache_dir(llama.get("rpc_cache_dir"), node)
+        if note:  # a folder another user made first, say: never used, and no reason to fail the job
+            log_line(rd.log_path(replica, "follower", rank), note)
+        if cache_dir is not None:
+            env["LLAMA_CACHE"] = cache_dir
+            cache_args = ["-c"]
     threads = ["-t", str(llama["threads"])] if llama.get("threads") else []
 
     def argv(port: int) -> list[str]:

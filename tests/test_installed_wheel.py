@@ -307,17 +307,38 @@ def test_a_second_user_cannot_reach_the_first_ones_deployment(lab: dict[str, tp.
         as_user(USER1, speedslurm_cmd("down", dep_id), check=False)
 
 
-def test_a_planted_rpc_cache_folder_is_refused(lab: dict[str, tp.Any]) -> None:
-    planted = Path("/tmp/speedslurm-test-planted-cache")
-    shutil.rmtree(planted, ignore_errors=True)
-    as_user(USER2, f"mkdir -m 0777 {planted} && chmod 0777 {planted}")
+def test_a_planted_rpc_cache_folder_is_never_used(lab: dict[str, tp.Any]) -> None:
+    """labuser2 makes labuser1's rpc-server cache folder first (mode 0777): the default one, then the one
+    llama.rpc_cache_dir names. labuser1's deployments come up and serve all the same, caching in a folder of
+    labuser1's own; the follower's log says why, and nothing is written into the planted folder."""
+    uid1, uid2 = pwd.getpwnam(USER1).pw_uid, pwd.getpwnam(USER2).pw_uid
+    default = Path(f"/tmp/speedslurm-rpc-cache-{uid1}")
+    setting = Path("/tmp/speedslurm-test-planted-cache")
+    aside = Path(f"/tmp/speedslurm-test-cache-aside-{uid1}")  # labuser1's real cache, kept out of the way meanwhile
+    for p in (setting, aside):
+        shutil.rmtree(p, ignore_errors=True)
+    if default.exists():
+        default.rename(aside)
     try:
-        res = up(USER1, "--set", f"llama.rpc_cache_dir={planted}", check=False)
-        assert res.returncode == 1, res.stdout + res.stderr
-        assert f"refusing the rpc-server cache folder {planted}" in res.stderr, res.stderr
-        assert "belongs to uid" in res.stderr and "llama.rpc_cache_dir" in res.stderr, res.stderr
+        for planted, opts in ((default, ()), (setting, ("--set", f"llama.rpc_cache_dir={setting}"))):
+            as_user(USER2, f"mkdir -m 0777 {planted} && chmod 0777 {planted}")
+            dep_id = json.loads(up(USER1, *opts).stdout)["deployment"]
+            try:
+                log = " ".join(as_user(USER1, speedslurm_cmd("logs", dep_id, "--role", "follower", "-n", "100000"))
+                               .stdout.split())
+                assert (f"the rpc-server cache folder {planted} is not used: it belongs to uid {uid2}, not to you "
+                        f"(uid {uid1}); caching in ") in log, log
+                assert int(chat(USER1, dep_id)) > 0
+                assert list(planted.iterdir()) == []
+            finally:
+                as_user(USER1, speedslurm_cmd("down", dep_id), check=False)
+            shutil.rmtree(planted)
     finally:
-        shutil.rmtree(planted, ignore_errors=True)
+        for p in (setting, *Path("/tmp").glob(f"speedslurm-rpc-cache-{uid1}-*")):
+            shutil.rmtree(p, ignore_errors=True)
+        if aside.exists():
+            shutil.rmtree(default, ignore_errors=True)
+            aside.rename(default)
 
 
 def test_zz_report_times() -> None:

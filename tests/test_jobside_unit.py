@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import socket
+import stat
+import typing as tp
 from pathlib import Path
 
 import pytest
@@ -43,38 +47,80 @@ def test_peers_without_a_heartbeat_are_not_probed() -> None:
     HeartbeatProbe([_follower(node="n2", host="10.77.0.12", port=1, heartbeat_port=0)]).check()
 
 
-def test_rpc_cache_folder_is_private_and_foreign_ones_are_refused(tmp_path: Path) -> None:
-    from speedslurm.jobside import RoleFailed, private_dir
+def test_rpc_cache_folder_is_private_and_foreign_ones_are_never_used(tmp_path: Path) -> None:
+    """A default cache folder someone else made first (another uid, a link, writable by others) is never used and
+    fails nothing: a private folder of ours beside it is, and the note for the role's log says why."""
+    from speedslurm.jobprocs import rpc_cache_dir
 
-    made = private_dir(str(tmp_path / "cache"), "n1", "llama.rpc_cache_dir")
+    tmp = tmp_path / "tmp"
+    env = {"TMPDIR": str(tmp)}
+    default = tmp / f"speedslurm-rpc-cache-{os.getuid()}"
+    made, note = rpc_cache_dir(None, "n1", env)
+    assert (made, note) == (str(default), "")
+    assert os.stat(made).st_mode & 0o777 == 0o700
+    os.chmod(made, 0o750)  # ours, only readable by the group: used, and made private again
+    assert rpc_cache_dir(None, "n1", env) == (str(default), "")
     assert os.stat(made).st_mode & 0o777 == 0o700
 
+    def planted(make: tp.Callable[[Path], None]) -> tuple[str | None, str]:
+        for p in tmp.iterdir():
+            p.unlink() if p.is_symlink() or p.is_file() else shutil.rmtree(p)
+        make(default)
+        return rpc_cache_dir(None, "n1", env)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    cases: list[tuple[tp.Callable[[Path], None], str]] = [
+        (lambda p: (p.mkdir(), os.chmod(p, 0o777)), r"it is writable by others \(mode 0777\)"),
+        (lambda p: (p.mkdir(), os.chmod(p, 0o1773)), r"it is writable by others \(mode 1773\)"),
+        (lambda p: p.symlink_to(elsewhere), r"it is not a folder \(a link or a file\)"),
+        (lambda p: p.write_text("x"), r"it is not a folder \(a link or a file\)"),
+    ]
+    if os.getuid() == 0:  # a folder that belongs to another account
+        cases.append((lambda p: (p.mkdir(mode=0o700), os.chown(p, 65534, 65534)),
+                      rf"it belongs to uid 65534, not to you \(uid {os.getuid()}\)"))
+    for make, why in cases:
+        chosen, note = planted(make)
+        assert chosen is not None and chosen != str(default), why
+        assert Path(chosen).parent == tmp and Path(chosen).name.startswith(default.name + "-")
+        st = os.lstat(chosen)
+        assert stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and st.st_mode & 0o777 == 0o700
+        assert re.fullmatch(rf"the rpc-server cache folder {re.escape(str(default))} is not used: {why}; "
+                            rf"caching in {re.escape(chosen)} instead \(to use a folder of your choice: remove it, "
+                            r"or set llama.rpc_cache_dir to a private folder of yours on local disk\)", note), note
+        assert "\n" not in note
+        # The next deployment's follower on this node finds the same fallback: its cache stays warm.
+        assert rpc_cache_dir(None, "n1", env)[0] == chosen
+    assert list(elsewhere.iterdir()) == []  # nothing was written through the link
+
+
+def test_an_unusable_rpc_cache_dir_setting_falls_back_and_then_runs_without_cache(tmp_path: Path) -> None:
+    from speedslurm.jobprocs import rpc_cache_dir
+
+    env = {"TMPDIR": str(tmp_path / "tmp")}
     loose = tmp_path / "loose"
     loose.mkdir()
     os.chmod(loose, 0o777)
-    with pytest.raises(RoleFailed, match=r"loose on n1: it is writable by others \(mode 0777\).*llama.rpc_cache_dir"):
-        private_dir(str(loose), "n1", "llama.rpc_cache_dir")
-
-    link = tmp_path / "link"
-    link.symlink_to(made)
-    with pytest.raises(RoleFailed, match="is not a folder"):
-        private_dir(str(link), "n1", "llama.rpc_cache_dir")
-
-    if os.getuid() == 0:  # a folder that belongs to another account
-        foreign = tmp_path / "foreign"
-        foreign.mkdir(mode=0o700)
-        os.chown(foreign, 65534, 65534)
-        with pytest.raises(RoleFailed, match="belongs to uid 65534, not to you"):
-            private_dir(str(foreign), "n1", "llama.rpc_cache_dir")
+    chosen, note = rpc_cache_dir(str(loose), "n1", env)
+    assert chosen == str(tmp_path / "tmp" / f"speedslurm-rpc-cache-{os.getuid()}")
+    assert note == (f"the rpc-server cache folder {loose} is not used: it is writable by others (mode 0777); "
+                    f"caching in {chosen} instead (to use a folder of your choice: set llama.rpc_cache_dir to a "
+                    "private folder of yours on local disk, or unset it)")
+    # A setting that names a file's child cannot be made, and a TMPDIR where nothing can be made: no cache at all.
+    (tmp_path / "file").write_text("x")
+    chosen, note = rpc_cache_dir(str(tmp_path / "file" / "{node}"), "n1", {"TMPDIR": str(tmp_path / "file")})
+    assert chosen is None
+    assert note.startswith(f"the rpc-server cache folder {tmp_path / 'file' / 'n1'} is not used: it cannot be "
+                           f"created ({tmp_path / 'file'} is not a folder); rpc-server runs without its tensor cache")
 
 
 def test_rpc_cache_folder_setting_names_one_folder_per_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``{node}`` in llama.rpc_cache_dir: nodes that share a file system each get their own cache folder."""
-    from speedslurm.jobprocs import private_dir, rpc_cache_folder
+    from speedslurm.jobprocs import rpc_cache_dir, rpc_cache_folder
 
     setting = str(tmp_path / "rpc-cache" / "{node}")
-    made = [private_dir(rpc_cache_folder(setting, node), node, "llama.rpc_cache_dir") for node in ("n2", "n3")]
-    assert made == [str(tmp_path / "rpc-cache" / "n2"), str(tmp_path / "rpc-cache" / "n3")]
+    made = [rpc_cache_dir(setting, node) for node in ("n2", "n3")]
+    assert made == [(str(tmp_path / "rpc-cache" / "n2"), ""), (str(tmp_path / "rpc-cache" / "n3"), "")]
     assert sorted(p.name for p in (tmp_path / "rpc-cache").iterdir()) == ["n2", "n3"]
 
     monkeypatch.setenv("HOME", str(tmp_path))

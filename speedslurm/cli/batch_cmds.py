@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import typing as tp
 from pathlib import Path
 
@@ -81,14 +83,18 @@ def options_from(kw: dict[str, tp.Any]) -> BatchOptions:
               help="An endpoint.json written by a deployment's leader (repeat for several replicas).")
 @click.option("--base-url", default=None, metavar="URL", help="Any OpenAI-compatible server, e.g. http://host:8080.")
 @click.option("--api-key", envvar="SPEEDSLURM_API_KEY", default=None,
-              help="API key for --base-url (a deployment's key comes from its endpoint file). Env: SPEEDSLURM_API_KEY.")
+              help="API key for --base-url (a deployment's key comes from its endpoint file). On a command line "
+                   "every user of the machine can read it: prefer SPEEDSLURM_API_KEY or --api-key-file.")
+@click.option("--api-key-file", type=click.Path(path_type=Path), default=None, metavar="PATH",
+              help="Read the API key for --base-url from this file (mode 0600; the key alone, a final newline is "
+                   "ignored).")
 @click.option("--handover", is_flag=True,
               help="With --deployment: run.handover_before_s before its time limit, start a successor deployment "
                    "and move the batch onto it (the old one drains and is cancelled; the successor keeps running).")
 @batch_options
 @click.pass_context
 def run_cmd(ctx: click.Context, deployment_id: str | None, endpoint_files: tuple[Path, ...], base_url: str | None,
-            api_key: str | None, handover: bool, **kw: tp.Any) -> None:
+            api_key: str | None, api_key_file: Path | None, handover: bool, **kw: tp.Any) -> None:
     """Send a prompts file through a deployment or server; append one result line per prompt.
 
     \b
@@ -104,6 +110,7 @@ def run_cmd(ctx: click.Context, deployment_id: str | None, endpoint_files: tuple
     if handover and not deployment_id:
         raise UsageError("--handover needs --deployment: only a deployment can be handed over to a successor",
                          fix="e.g. speedslurm run --deployment ID --handover --prompts P.jsonl")
+    api_key = _api_key(ctx, api_key, api_key_file, base_url)
     from ..batch.runner import prepare_batch
 
     options = options_from(kw)
@@ -130,6 +137,50 @@ def run_cmd(ctx: click.Context, deployment_id: str | None, endpoint_files: tuple
         execute(source, prepared, options, kw["json_mode"])
     finally:
         prepared.close()
+
+
+def _api_key(ctx: click.Context, api_key: str | None, api_key_file: Path | None, base_url: str | None) -> str | None:
+    """The key for --base-url: from --api-key-file, else --api-key or SPEEDSLURM_API_KEY. A key typed on the command
+    line is used, with a warning: any user of a shared login node sees it in the process list."""
+    on_command_line = ctx.get_parameter_source("api_key") == click.core.ParameterSource.COMMANDLINE
+    if api_key_file is None:
+        if on_command_line and api_key:
+            _console().print("Warning: --api-key puts the key on the command line, where every user of this machine "
+                             "can read it (ps, /proc/PID/cmdline); put it in SPEEDSLURM_API_KEY, or in a file of mode "
+                             "0600 given with --api-key-file, instead", style="yellow", highlight=False,
+                             soft_wrap=True, markup=False)
+        return api_key
+    if on_command_line:
+        raise UsageError("--api-key and --api-key-file both give the key", fix="give only --api-key-file")
+    if not base_url:
+        raise UsageError("--api-key-file is the key of a --base-url server (a deployment's key comes from its "
+                         "endpoint file)", fix="drop --api-key-file, or use it with --base-url URL")
+    try:
+        fd = os.open(api_key_file, os.O_RDONLY)
+        try:
+            mode = os.fstat(fd).st_mode
+            raw = os.read(fd, 64 * 1024 + 1) if stat.S_ISREG(mode) or stat.S_ISFIFO(mode) else None
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise UsageError(f"--api-key-file {api_key_file}: cannot read it ({exc.strerror})",
+                         fix="check the path, and that the file is readable by you") from None
+    if raw is None:  # a pipe is fine: --api-key-file <(pass show my-key)
+        raise UsageError(f"--api-key-file {api_key_file} is not a file", fix="give the path of a file that holds the key")
+    try:
+        key = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        key = None
+    if key is None or len(raw) > 64 * 1024 or "\n" in key or not key.isprintable():
+        raise UsageError(f"--api-key-file {api_key_file} does not hold one key (one line of text)",
+                         fix="put the key alone in the file, e.g. printf %s \"$KEY\" > FILE")
+    if not key:
+        raise UsageError(f"--api-key-file {api_key_file} is empty", fix="put the key in the file")
+    if stat.S_ISREG(mode) and mode & 0o077:
+        _console().print(f"Warning: --api-key-file {api_key_file} is not private (mode {stat.S_IMODE(mode):04o}): "
+                         f"other users may read the key; make it yours alone: chmod 600 {api_key_file}",
+                         style="yellow", highlight=False, soft_wrap=True, markup=False)
+    return key
 
 
 def execute(source: EndpointSource, prepared: tp.Any, options: BatchOptions, json_mode: bool) -> Summary:
