@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
 import typing as tp
 
@@ -106,9 +107,110 @@ def settings_keys(cls: type) -> list[str]:
 def build(cls: type[_T], data: dict[str, tp.Any], origins: tp.Mapping[str, str]) -> _T:
     """``data`` (the merged layers) as a ``cls`` instance; any problem is a ConfigError naming its source."""
     try:
-        return tp.cast(_T, _validator(tp.cast(type, cls)).validate_python(data))
+        value = tp.cast(_T, _validator(tp.cast(type, cls)).validate_python(data))
     except ValidationError as exc:
         raise _explain(cls, exc, origins) from None
+    check_ranges(value, origins)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a number setting takes: ``low`` (included, or excluded with ``open_low``) to ``high``."""
+
+    low: float = 0
+    high: float | None = None
+    open_low: bool = False
+    note: str = ""  # what a special value means, e.g. "0: pick a free port"
+
+    def holds(self, value: float) -> bool:
+        above = value > self.low if self.open_low else value >= self.low
+        return above and (self.high is None or value <= self.high)
+
+    def text(self, whole: bool) -> str:
+        kind = "an integer" if whole else "a number"
+        if self.high is not None:
+            span = f"{kind} from {self.low:g} to {self.high:g}"
+        elif self.open_low:
+            span = f"{kind} greater than {self.low:g}"
+        else:
+            span = f"{kind} of at least {self.low:g}"
+        return f"{span} ({self.note})" if self.note else span
+
+
+_PORT = Range(0, 65535, note="0: pick a free port")
+_POSITIVE = Range(1)
+_ABOVE_ZERO = Range(0, open_low=True)
+# A number setting's range, by its dataclass and field name; one not listed here takes 0 or more (a count, a
+# size or a number of seconds). Every float must be finite whatever its range (YAML reads .nan and .inf).
+RANGES: dict[tuple[str, str], Range] = {
+    ("LlamaSettings", "server_port"): _PORT,
+    ("LlamaSettings", "rpc_port"): _PORT,
+    ("LlamaSettings", "parallel"): _POSITIVE,
+    ("LlamaSettings", "max_parallel"): _POSITIVE,
+    ("LlamaSettings", "min_ctx_per_slot"): _POSITIVE,
+    ("LlamaSettings", "threads"): _POSITIVE,
+    ("LlamaSettings", "batch_size"): _POSITIVE,
+    ("LlamaSettings", "ubatch_size"): _POSITIVE,
+    ("LlamaSettings", "kv_bytes_per_element"): _ABOVE_ZERO,
+    ("ClusterSettings", "cpus_per_node"): _POSITIVE,
+    ("ClusterSettings", "usable_gib"): _ABOVE_ZERO,
+    ("RunSettings", "follower_timeout_s"): _ABOVE_ZERO,
+    ("RunSettings", "health_timeout_s"): _ABOVE_ZERO,
+    ("RunSettings", "poll_interval_s"): _ABOVE_ZERO,
+    ("RunSettings", "outage_s"): _ABOVE_ZERO,
+    ("ModelEntry", "ctx"): _POSITIVE,
+    ("ModelArch", "n_layer"): _POSITIVE,
+    ("ModelArch", "n_head_kv"): _POSITIVE,
+    ("ModelArch", "head_dim"): _POSITIVE,
+}
+_AT_LEAST_ZERO = Range(0)
+
+
+def check_ranges(value: tp.Any, origins: tp.Mapping[str, str], prefix: str = "") -> None:
+    """Every number in the typed settings ``value`` lies in its :data:`RANGES` entry and is finite, and all text
+    is UTF-8; else a :class:`ConfigError` naming the key, where its value came from and the values it takes."""
+    if isinstance(value, str):
+        _check_text(value, prefix.rstrip("."), origins)
+    elif isinstance(value, list):
+        for item in value:
+            check_ranges(item, origins, prefix)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            if f.metadata == NOT_A_SETTING:
+                continue
+            item, dotted = getattr(value, f.name), f"{prefix}{f.name}"
+            if isinstance(item, (int, float)) and not isinstance(item, bool):
+                _check_number(item, dotted, RANGES.get((type(value).__name__, f.name), _AT_LEAST_ZERO), origins)
+            else:
+                check_ranges(item, origins, dotted + ".")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(str(key), f"{prefix}{key}", origins)
+            check_ranges(item, origins, f"{prefix}{key}.")
+
+
+def _check_text(text: str, dotted: str, origins: tp.Mapping[str, str]) -> None:
+    """A byte that is not UTF-8 (from a command line or a variable) arrives as a lone surrogate: refused here,
+    not when a job script or a record is written."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        what = f"the byte 0x{code - 0xdc00:02x}" if 0xdc80 <= code <= 0xdcff else f"the code point U+{code:04X}"
+        raise ConfigError(f"{_source(origins, dotted)}: {dotted.encode('utf-8', 'replace').decode()} holds {what}, "
+                          "which is not UTF-8 text",
+                          fix="write it as UTF-8 text (check the encoding of the file, terminal or script)") from None
+
+
+def _check_number(value: float, dotted: str, allowed: Range, origins: tp.Mapping[str, str]) -> None:
+    whole = isinstance(value, int)
+    if not whole and not math.isfinite(value):
+        raise ConfigError(f"{_source(origins, dotted)}: {dotted} must be a finite number, not {shown(value)}",
+                          fix=f"set {dotted} to {allowed.text(whole)}")
+    if not allowed.holds(value):
+        raise ConfigError(f"{_source(origins, dotted)}: {dotted} must be {allowed.text(whole)}, not {shown(value)}",
+                          fix=f"set {dotted} to {allowed.text(whole)}")
 
 
 def _source(origins: tp.Mapping[str, str], dotted: str) -> str:
@@ -153,6 +255,15 @@ def _walk(cls: type, loc: tuple[str | int, ...]) -> tuple[str, str, type, tp.Any
     return ".".join(parts), section, section_cls, hint
 
 
+def shown(value: tp.Any, most: int = 60) -> str:
+    """``repr(value)``, cut to about ``most`` characters (a value may be a whole file's worth of text)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more digits than Python converts to text
+        return "a number too long to show"
+    return text if len(text) <= most else f"{text[:most - 10]}...{text[-6:]} ({len(text)} characters)"
+
+
 def _explain(cls: type, exc: ValidationError, origins: tp.Mapping[str, str]) -> ConfigError:
     errors = exc.errors()
     first = errors[0]
@@ -167,14 +278,14 @@ def _explain(cls: type, exc: ValidationError, origins: tp.Mapping[str, str]) -> 
                            fix=f"add {', '.join(missing)} to that entry")
     src, value = _source(origins, dotted), first["input"]
     if hint == "[key]":
-        return ConfigError(f"{_source(origins, f'{dotted}.{value}')}: {dotted} has a name that is not text: {value!r}",
+        return ConfigError(f"{_source(origins, f'{dotted}.{value}')}: {dotted} has a name that is not text: {shown(value)}",
                            fix=f"quote the name, e.g. \"{value}\": ...")
     if tp.get_origin(hint) is dict or (dataclasses.is_dataclass(hint) and isinstance(hint, type)):
         entries = tp.get_origin(hint) is dict and dataclasses.is_dataclass(tp.get_args(hint)[1])
         return ConfigError(f"{src}: {dotted} must be a mapping{' of names to entries' if entries else ''}, "
-                           f"not {value!r}",
+                           f"not {shown(value)}",
                            fix=f"write `{dotted.rpartition('.')[2]}:` followed by `name: {{...}}` lines" if entries
                            else "write it as `key: value` lines")
     expected = type_name(hint)
-    return ConfigError(f"{src}: {dotted} must be {expected}, not {value!r}",
+    return ConfigError(f"{src}: {dotted} must be {expected}, not {shown(value)}",
                        fix=f"set {dotted} to a value of type {expected}")

@@ -8,6 +8,7 @@ Each layer is a nested mapping and the source it came from (a file path, ``env N
 from __future__ import annotations
 
 import os
+import sys
 import typing as tp
 from pathlib import Path
 
@@ -105,12 +106,40 @@ def load_yaml(path: Path, required: bool) -> dict[str, tp.Any]:
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"YAML syntax error in {where}: {problem}",
                           fix=f"correct the YAML at {where}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} is nested too deep (max {MAX_DEPTH} levels)",
+                          fix="no setting is nested more than a few levels: correct the file") from None
+    except ValueError:  # an integer of more digits than Python converts
+        raise ConfigError(f"config file {path} holds a number of more than {_MAX_DIGITS()} digits",
+                          fix="correct the number, or quote it if it is meant as text") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}",
                           fix="start the file with a section such as `llama:` or `cluster:`")
+    check_depth(data, str(path))
     return data
+
+
+# No setting is nested deeper than a few levels (models.NAME.arch.n_layer); a layer nested deeper than this is
+# refused before it is merged (the merge and the checks recurse into it).
+MAX_DEPTH = 32
+_MAX_DIGITS: tp.Callable[[], int] = getattr(sys, "get_int_max_str_digits", lambda: 4300)
+
+
+def check_depth(layer: tp.Any, source: str) -> None:
+    """A :class:`ConfigError` naming ``source`` when mappings and lists in ``layer`` nest deeper than MAX_DEPTH."""
+    todo: list[tuple[tp.Any, int]] = [(layer, 0)]
+    seen: set[int] = set()  # YAML anchors can make a value hold itself (&a [*a])
+    while todo:
+        value, depth = todo.pop()
+        if not isinstance(value, (dict, list)) or id(value) in seen:
+            continue
+        if depth >= MAX_DEPTH:
+            raise ConfigError(f"{source}: the value is nested too deep (max {MAX_DEPTH} levels)",
+                              fix="no setting is nested more than a few levels: write a plain value, list or mapping")
+        seen.add(id(value))
+        todo.extend((item, depth + 1) for item in (value.values() if isinstance(value, dict) else value))
 
 
 def merge(base: dict[str, tp.Any], new: dict[str, tp.Any], origins: dict[str, str], source: str,
@@ -150,8 +179,18 @@ def set_dotted(dotted: str, value: tp.Any) -> dict[str, tp.Any]:
 def _parse_scalar(text: str) -> tp.Any:
     try:
         return _yaml(text) if text != "" else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # not YAML, or a number Python will not convert: text
         return text
+
+
+def _layer(dotted: str, text: str, source: str) -> tuple[dict[str, tp.Any], str]:
+    if dotted.count(".") >= MAX_DEPTH:
+        shown = source if len(source) <= 80 else f"{source[:70]}..."
+        raise ConfigError(f"{shown}: no setting is nested {dotted.count('.') + 1} levels deep",
+                          fix="name a setting such as llama.parallel (`speedslurm config show` lists them)")
+    layer = set_dotted(dotted, _parse_scalar(text))
+    check_depth(layer, source)
+    return layer, source
 
 
 def env_layer(environ: tp.Mapping[str, str]) -> list[tuple[dict[str, tp.Any], str]]:
@@ -161,7 +200,7 @@ def env_layer(environ: tp.Mapping[str, str]) -> list[tuple[dict[str, tp.Any], st
         if not name.startswith(ENV_PREFIX) or name in _ENV_RESERVED:
             continue
         dotted = name[len(ENV_PREFIX):].lower().replace("__", ".")
-        layers.append((set_dotted(dotted, _parse_scalar(environ[name])), f"env {name}"))
+        layers.append(_layer(dotted, environ[name], f"env {name}"))
     return layers
 
 
@@ -171,5 +210,5 @@ def parse_overrides(overrides: tp.Iterable[str]) -> list[tuple[dict[str, tp.Any]
         if "=" not in item:
             raise ConfigError(f"--set {item!r} is not KEY=VALUE", fix="write e.g. --set llama.parallel=8")
         key, _, value = item.partition("=")
-        layers.append((set_dotted(key.strip(), _parse_scalar(value)), f"--set {key.strip()}"))
+        layers.append(_layer(key.strip(), value, f"--set {key.strip()}"))
     return layers

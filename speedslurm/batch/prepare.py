@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import stat
@@ -94,8 +95,16 @@ def prepare_batch(prompts: str | Path, out: str | Path | None, options: BatchOpt
         raise UsageError(f"unknown client {options.client!r}", fix=f"use one of: {', '.join(CLIENTS)}")
     if options.concurrency is not None and options.concurrency < 1:
         raise UsageError(f"--concurrency must be at least 1, got {options.concurrency}", fix="e.g. --concurrency 16")
-    if options.timeout <= 0:
-        raise UsageError(f"--timeout must be positive, got {options.timeout:g}", fix="e.g. --timeout 600")
+    if not (math.isfinite(options.timeout) and options.timeout > 0):
+        raise UsageError(f"--timeout must be a positive number of seconds, got {options.timeout:g}",
+                         fix="e.g. --timeout 600")
+    if options.max_tokens is not None and (isinstance(options.max_tokens, bool) or
+                                           not isinstance(options.max_tokens, int) or options.max_tokens < 1):
+        raise UsageError(f"--max-tokens must be a whole number of at least 1, got {options.max_tokens!r}",
+                         fix="e.g. --max-tokens 256")
+    if options.temperature is not None and not (math.isfinite(options.temperature) and options.temperature >= 0):
+        raise UsageError(f"--temperature must be a finite number >= 0, got {options.temperature:g}",
+                         fix="e.g. --temperature 0.7")
     if options.retries < 0:
         raise UsageError(f"--retries must be >= 0, got {options.retries}", fix="e.g. --retries 5")
     _check_text_flag("--system", options.system)

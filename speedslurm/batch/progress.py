@@ -6,6 +6,7 @@ import typing as tp
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 
 class BatchProgress:
@@ -19,7 +20,7 @@ class BatchProgress:
             self._progress = Progress(
                 TextColumn("[bold]batch"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("[red]{task.fields[failed]} failed"), TextColumn("{task.fields[tok_s]:.0f} tok/s"),
-                TextColumn("{task.fields[replicas]}"), TextColumn("ETA"), TimeRemainingColumn(),
+                TextColumn("{task.fields[replicas]}", markup=False), TextColumn("ETA"), TimeRemainingColumn(),
                 console=console, transient=False, refresh_per_second=4)
             self._task = self._progress.add_task("batch", total=total, failed=0, tok_s=0.0, replicas="")
 
@@ -36,7 +37,7 @@ class BatchProgress:
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, completed=done, failed=failed, tok_s=tok_s, replicas=replicas)
 
-    def log(self, console: Console, message: str, **kw: tp.Any) -> None:
+    def log(self, console: Console, message: str | Text, **kw: tp.Any) -> None:
         """Print a line above the bar (or plainly when there is no bar)."""
         if self._progress is not None:
             self._progress.console.print(message, **kw)

@@ -13,14 +13,22 @@ that has none.
 
 Everything a line makes the runner send must be encodable as UTF-8: a JSON escape of half a surrogate pair
 (``"\\ud800"``), which ``json.loads`` accepts, is a validation error here, not a failure when the request is sent.
+
+A line must also be JSON that every server reads: ``NaN``, ``Infinity`` and ``-Infinity`` (which ``json.loads``
+accepts but JSON does not have), a number too large for a double (``1e999``, which Python reads as infinity), an
+integer of more digits than Python converts, and nesting deeper than :data:`MAX_DEPTH` levels are errors naming
+the problem and the fix, never a traceback.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
+import math
 import re
+import sys
 import typing as tp
 
 CHAT = "/v1/chat/completions"
@@ -31,6 +39,9 @@ ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function
 
 _INT_FIELDS = ("max_tokens", "max_completion_tokens", "seed", "n", "top_k", "n_probs")
 _NUM_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repeat_penalty")
+_INT64 = (-(2**63), 2**63 - 1)  # what a server reads an integer field into
+
+MAX_DEPTH = 100  # objects and lists inside each other (a chat with tool schemas needs a few dozen at most)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +89,9 @@ def _check_fields(body: dict[str, tp.Any], where: str) -> None:
         if key in body and body[key] is not None and not _is_int(body[key]):
             raise LineError(f"{where}'{key}' must be an integer, got {json.dumps(body[key])}",
                             f"write {key} as a whole number, e.g. \"{key}\": 64")
+        if _is_int(body.get(key)) and not _INT64[0] <= body[key] <= _INT64[1]:
+            raise LineError(f"{where}'{key}' is out of range ({_short(body[key])}): a server reads it as a 64-bit "
+                            "integer", f"write {key} between {_INT64[0]} and {_INT64[1]}")
     for key in ("max_tokens", "max_completion_tokens", "n"):
         if _is_int(body.get(key)) and body[key] < 1:
             raise LineError(f"{where}'{key}' must be at least 1, got {body[key]}", f"use a positive {key}")
@@ -85,6 +99,10 @@ def _check_fields(body: dict[str, tp.Any], where: str) -> None:
         if key in body and body[key] is not None and not _is_num(body[key]):
             raise LineError(f"{where}'{key}' must be a number, got {json.dumps(body[key])}",
                             f"write {key} as a number, e.g. \"{key}\": 0.7")
+    for key in _NUM_FIELDS:
+        if _is_int(body.get(key)) and abs(body[key]) > sys.float_info.max:
+            raise LineError(f"{where}'{key}' is too large for a double ({_short(body[key])})",
+                            f"write {key} as a number between -1.7e308 and 1.7e308")
     if _is_num(body.get("temperature")) and body["temperature"] < 0:
         raise LineError(f"{where}'temperature' must be >= 0, got {body['temperature']}", "use a temperature >= 0")
     stop = body.get("stop")
@@ -139,6 +157,62 @@ def _apply_defaults(url: str, body: dict[str, tp.Any], defaults: RequestDefaults
     return body
 
 
+def _short(number: int) -> str:
+    text = str(number)
+    return text if len(text) <= 24 else f"{text[:10]}...{text[-4:]}, {len(text)} digits"
+
+
+# A JSON string, escapes included: what the depth count skips (brackets inside text do not nest).
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_BRACKET = re.compile(r"[\[\]{}]")
+_NESTING = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def _depth(text: str) -> int:
+    """How deeply the objects and lists of a valid JSON text nest (its strings skipped); 0 when it cannot be more
+    than :data:`MAX_DEPTH`."""
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return 0  # cannot be deeper: the common case costs two counts
+    outside = _JSON_STRING.sub("", text)
+    return max(itertools.accumulate(_NESTING[c] for c in _BRACKET.findall(outside)), default=0)
+
+
+def _no_constant(name: str) -> tp.NoReturn:
+    raise LineError(f"the line holds {name}, which is not JSON (a server cannot read it)",
+                    f"write a finite number, or null, or quote it as text (\"{name}\")")
+
+
+def _finite(literal: str) -> float:
+    value = float(literal)
+    if math.isinf(value):
+        shown = literal if len(literal) <= 24 else f"{literal[:20]}..."
+        raise LineError(f"the number {shown} is too large for a double (it would be sent as Infinity)",
+                        "write a number between -1.7e308 and 1.7e308")
+    return value
+
+
+def load_json(text: str) -> tp.Any:
+    """``json.loads`` for one prompts line: every way the text is not JSON a server reads is a :class:`LineError`."""
+    try:
+        obj = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+    except json.JSONDecodeError as exc:
+        raise LineError(f"malformed JSON ({exc.msg} at column {exc.colno})",
+                        "write one complete JSON object per line (check quotes, commas and braces)") from None
+    except RecursionError:  # the decoder's own limit (about 1000 levels)
+        obj = _TOO_DEEP
+    except ValueError:  # an integer of more digits than Python converts
+        raise LineError(f"a number in the line has more than {_MAX_DIGITS()} digits",
+                        "write numbers of at most 20 digits, or quote a long one as text") from None
+    if obj is _TOO_DEEP or _depth(text) > MAX_DEPTH:
+        raise LineError(f"nested too deep (max {MAX_DEPTH} levels of objects and lists)",
+                        f"flatten the line: at most {MAX_DEPTH} objects or lists inside each other")
+    return obj
+
+
+_TOO_DEEP = object()
+_MAX_DIGITS: tp.Callable[[], int] = getattr(sys, "get_int_max_str_digits", lambda: 4300)
+
+
 def parse_line(text: str, lineno: int, defaults: RequestDefaults,
                known: tp.Mapping[str, str] | None = None) -> Request:
     """Parse one non-blank line into a :class:`Request`; raise :class:`LineError` naming the problem.
@@ -146,11 +220,7 @@ def parse_line(text: str, lineno: int, defaults: RequestDefaults,
     ``known`` maps custom_ids to the fingerprints a first pass over the same bytes computed (and so checked):
     the second pass takes them from there instead of hashing every request again.
     """
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise LineError(f"malformed JSON ({exc.msg} at column {exc.colno})",
-                        "write one complete JSON object per line (check quotes, commas and braces)") from None
+    obj = load_json(text)
     if not isinstance(obj, dict):
         raise LineError(f"expected a JSON object, got {type(obj).__name__}",
                         "write each line as {\"prompt\": \"...\"}, {\"messages\": [...]} or an OpenAI Batch request")

@@ -7,6 +7,8 @@ import dataclasses
 import json
 import time
 
+from rich.text import Text
+
 from ..errors import SpeedslurmError
 from ..rundir import Endpoint
 from .inputs import Request
@@ -74,8 +76,8 @@ class ReplicaPool(WorkQueue):
                 task.cancel()  # their in-flight requests go back to the queue
         others = [r for r in self.replicas.values() if not r.failed]
         where = "the other replicas" if others else "the queue until a replica is ready"
-        self.say(f"[red]replica r{rep.endpoint.replica} failed:[/red] {reason}; its in-flight requests go to {where}"
-                 if busy else f"[red]replica r{rep.endpoint.replica} failed:[/red] {reason}")
+        self.say(Text.assemble((f"replica r{rep.endpoint.replica} failed:", "red"), f" {reason}",
+                               f"; its in-flight requests go to {where}" if busy else ""))
 
     async def _worker(self, rep: Replica) -> None:
         try:
@@ -207,7 +209,7 @@ class ReplicaPool(WorkQueue):
                 if rep is None:
                     if r not in self.source_failed:
                         self.source_failed[r] = why
-                        self.say(f"[red]replica r{r} failed:[/red] {why}")
+                        self.say(Text.assemble((f"replica r{r} failed:", "red"), f" {why}"))
                 elif not rep.failed:
                     self._fail_replica(rep, why, confirmed=True)
                 elif not rep.confirmed:

@@ -34,6 +34,7 @@ import threading
 import time
 
 from rich.console import Console
+from rich.text import Text
 
 from ..errors import SpeedslurmError
 from .prepare import BatchOptions, PreparedBatch, prepare_batch
@@ -73,8 +74,9 @@ class _Runner(ReplicaPool):
             return
         self.stopping = True
         with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone; stopping must not fail
-            self.console.print(f"[yellow]Stopping:[/yellow] nothing new is sent; {self.inflight} requests in flight "
-                               f"get up to {self.opts.grace:g} s to finish (Ctrl-C again to stop now)",
+            self.console.print(Text.assemble(("Stopping:", "yellow"),
+                                             f" nothing new is sent; {self.inflight} requests in flight get up to "
+                                             f"{self.opts.grace:g} s to finish (Ctrl-C again to stop now)"),
                                highlight=False)
         self.grace_handle = asyncio.get_running_loop().call_later(self.opts.grace, self._cancel_all)
         self._wake()
@@ -127,10 +129,15 @@ class _Runner(ReplicaPool):
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+def quiet_console() -> Console:
+    """stderr, printing what it is given as it is: no markup, emoji codes or highlighting in answers or reasons."""
+    return Console(stderr=True, markup=False, emoji=False, highlight=False)
+
+
 async def run_batch_async(source: EndpointSource, prepared: PreparedBatch, options: BatchOptions,
                           console: Console | None = None) -> Summary:
     """Run the batch inside a running event loop (no signal handling; cancel the task to stop)."""
-    runner = _Runner(source, prepared, options, console or Console(stderr=True))
+    runner = _Runner(source, prepared, options, console or quiet_console())
     return await runner.run()
 
 
@@ -143,7 +150,7 @@ def run_batch(source: EndpointSource, prepared: PreparedBatch, options: BatchOpt
     """
 
     async def main() -> Summary:
-        runner = _Runner(source, prepared, options, console or Console(stderr=True))
+        runner = _Runner(source, prepared, options, console or quiet_console())
         loop = asyncio.get_running_loop()
         handled = threading.current_thread() is threading.main_thread()
         # SIGTERM and SIGHUP (`timeout`, a dropped ssh session, an outer job's time limit) stop like Ctrl-C.

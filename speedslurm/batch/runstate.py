@@ -8,6 +8,7 @@ import typing as tp
 from collections import deque
 
 from rich.console import Console
+from rich.text import Text
 
 from ..errors import SpeedslurmError
 from ..live import write_progress
@@ -59,9 +60,10 @@ class RunState:
         self.started_at = time.time()
         self._published_at = -float("inf")
 
-    def say(self, message: str) -> None:
+    def say(self, message: str | Text) -> None:
+        """Print a line for the user; a str is printed as it is (a reason from a server or a node is no markup)."""
         if not self.opts.quiet:
-            self.progress.log(self.console, message, highlight=False)
+            self.progress.log(self.console, message, highlight=False, markup=False, emoji=False)
 
     def _cancel_all(self) -> None:
         for rep in [*self.retired, *self.replicas.values()]:

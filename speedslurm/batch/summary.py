@@ -9,6 +9,7 @@ from array import array
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 
 def percentile(values: tp.Sequence[float], q: float) -> float | None:
@@ -99,26 +100,30 @@ class Summary:
         table = Table(title=f"Batch {self.status}", show_header=False, box=None, pad_edge=False)
         table.add_column(style="bold")
         table.add_column()
-        table.add_row("requests", f"{self.ok} ok, {self.failed} failed, {self.skipped} skipped (done earlier)"
-                      + (f", {self.invalid} invalid lines" if self.invalid else "") + f" of {self.total}")
-        table.add_row("tokens", f"{self.prompt_tokens} prompt, {self.completion_tokens} completion")
-        table.add_row("throughput", f"{self.completion_tok_s:.1f} completion tok/s, {self.requests_s:.1f} requests/s")
-        table.add_row("latency", "-" if p50 is None else f"p50 {p50:.3f} s, p95 {tp.cast(float, p95):.3f} s")
-        table.add_row("wall time", f"{self.wall_s:.1f} s")
+
+        def add(*cells: str | Text) -> None:  # Text cells: nothing in them (a path, a reason) is read as markup
+            table.add_row(*(c if isinstance(c, Text) else Text(c) for c in cells))
+
+        add("requests", f"{self.ok} ok, {self.failed} failed, {self.skipped} skipped (done earlier)"
+            + (f", {self.invalid} invalid lines" if self.invalid else "") + f" of {self.total}")
+        add("tokens", f"{self.prompt_tokens} prompt, {self.completion_tokens} completion")
+        add("throughput", f"{self.completion_tok_s:.1f} completion tok/s, {self.requests_s:.1f} requests/s")
+        add("latency", "-" if p50 is None else f"p50 {p50:.3f} s, p95 {tp.cast(float, p95):.3f} s")
+        add("wall time", f"{self.wall_s:.1f} s")
         if self.per_replica:
-            table.add_row("replicas", ", ".join(f"r{r}: {n}" for r, n in sorted(self.per_replica.items())))
+            add("replicas", ", ".join(f"r{r}: {n}" for r, n in sorted(self.per_replica.items())))
         for d in self.deployments:
-            table.add_row(f"deployment {d['id']}", _deployment_line(d, self.served_by(d)))
+            add(f"deployment {d['id']}", _deployment_line(d, self.served_by(d)))
         for r, why in sorted(self.failed_replicas.items()):
-            table.add_row(f"replica r{r}", f"[red]failed[/red]: {why}")
+            add(f"replica r{r}", Text.assemble(("failed", "red"), f": {why}"))
         if self.errors:
-            table.add_row("errors", ", ".join(f"{code}: {n}" for code, n in sorted(self.errors.items())))
+            add("errors", ", ".join(f"{code}: {n}" for code, n in sorted(self.errors.items())))
         if self.usage:
             gpu = self.usage["gpu_hours"]
-            table.add_row("node-hours", f"{self.usage['node_hours']:.3f}"
-                          + (f" ({gpu:.3f} GPU-hours)" if gpu is not None else "")
-                          + f", from {self.usage['node_hours_source']}")
-        table.add_row("results", self.results_path)
+            add("node-hours", f"{self.usage['node_hours']:.3f}"
+                + (f" ({gpu:.3f} GPU-hours)" if gpu is not None else "")
+                + f", from {self.usage['node_hours_source']}")
+        add("results", self.results_path)
         console.print(table)
 
 

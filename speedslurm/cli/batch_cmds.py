@@ -15,7 +15,7 @@ if tp.TYPE_CHECKING:
 
 from ..errors import RequestsFailed, UsageError
 from . import cli
-from .common import resume_command, settings_from
+from .common import console, resume_command, settings_from, styled
 
 if tp.TYPE_CHECKING:
     from ..batch.runner import BatchOptions
@@ -190,20 +190,19 @@ def execute(source: EndpointSource, prepared: tp.Any, options: BatchOptions, jso
     ``finally`` still runs); :class:`BatchFailed` propagates (exit 1) after the summary is printed, and so
     does :class:`RequestsFailed` (exit 3) when the batch ended with error lines.
     """
-    from rich.console import Console
-
     from ..batch.runner import BatchFailed, BatchInterrupted, run_batch
 
-    err = Console(stderr=True)
+    err = console(stderr=True)
     for notice in prepared.results.previous.notices:
-        err.print(f"[yellow]Notice:[/yellow] {notice}", highlight=False)
+        err.print(styled(("Notice:", "yellow"), f" {notice}"))
     try:
         summary = run_batch(source, prepared, options, err)
     except BatchInterrupted as exc:
         _print_summary(exc.summary, err, json_mode)
         again = resume_command()
-        err.print(f"[yellow]Interrupted:[/yellow] {exc.message}\nTo resume, run the same command again: {again}"
-                  + (" (with the same prompts on stdin)" if prepared.spooled else ""), highlight=False, soft_wrap=True)
+        err.print(styled(("Interrupted:", "yellow"), f" {exc.message}\nTo resume, run the same command again: "
+                         f"{again}" + (" (with the same prompts on stdin)" if prepared.spooled else "")),
+                  soft_wrap=True)
         raise SystemExit(130) from None
     except BatchFailed as exc:
         _print_summary(exc.summary, err, json_mode)
@@ -242,9 +241,7 @@ def _endpoint_file_source(paths: tp.Sequence[Path]) -> EndpointSource:
 
 
 def _console() -> tp.Any:
-    from rich.console import Console
-
-    return Console(stderr=True)
+    return console(stderr=True)
 
 
 def _handover_source(ctx: click.Context, deployment_id: str) -> tp.Any:

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from . import cli
-from .common import err_console, is_tty, json_option, out_console, print_json, settings_from
+from .common import err_console, is_tty, json_option, out_console, print_json, settings_from, styled
 from .deploy_cmds import models_group
 
 # ----------------------------------------------------------------------------------------------------------
@@ -144,10 +144,10 @@ def _print_build_report(report: tp.Any, written: Path | None) -> None:
         con.print(f"rpc-server   {report.rpc_server}", markup=False)
         con.print(f"same build   {'yes' if report.same_build else 'NO'} ({report.server_build})", markup=False)
     for problem in report.problems:
-        con.print(f"[red]FAIL[/red] {problem}")
+        con.print(styled(("FAIL", "red"), f" {problem}"))
     for n in report.nodes:
-        mark = "[green]ok[/green]  " if n.ok else "[red]FAIL[/red]"
-        con.print(f"{mark} {n.node}: {n.version if n.ok else n.error}")
+        mark = ("ok  ", "green") if n.ok else ("FAIL", "red")
+        con.print(styled(mark, f" {n.node}: {n.version if n.ok else n.error}"))
     if report.ok:
         if written:
             con.print(f"Wrote llama.bin_dir: {report.bin_dir} to {written}", markup=False)
@@ -180,8 +180,8 @@ def doctor_cmd(ctx: click.Context, no_nodes: bool, as_json: bool) -> None:
     else:
         con = out_console()
         for c in checks:
-            mark = "[green]PASS[/green]" if c.ok else "[red]FAIL[/red]"
-            con.print(f"{mark} {c.name}: {c.detail}", highlight=False)
+            mark = ("PASS", "green") if c.ok else ("FAIL", "red")
+            con.print(styled(mark, f" {c.name}: {c.detail}"))
             if not c.ok and c.fix:
                 con.print(f"     fix: {c.fix}", markup=False)
         failed = [c.name for c in checks if not c.ok]

@@ -15,7 +15,7 @@ from ..errors import UsageError
 from ..plan import describe_plan
 from ..settings import describe
 from . import cli
-from .common import err_console, is_tty, json_option, out_console, print_json, settings_from
+from .common import err_console, is_tty, json_option, out_console, print_json, settings_from, styled
 
 # ----------------------------------------------------------------------------------------------------------
 # config / models / plan
@@ -39,7 +39,7 @@ def config_show(ctx: click.Context, as_json: bool) -> None:
     con = out_console()
     width = max(len(k) for k, _v, _o in rows)
     for key, value, origin in rows:
-        con.print(f"{key:<{width}}  {value!r:<40}  [dim]{origin}[/dim]")
+        con.print(styled(f"{key:<{width}}  {value!r:<40}  ", (origin, "dim")))
 
 
 @cli.group("models", invoke_without_command=True)
@@ -69,13 +69,13 @@ def models_group(ctx: click.Context, as_json: bool) -> None:
         size = f"{row['size_bytes'] / 1e9:.1f} GB" if row["size_bytes"] else "?"
         where = "present" if row["present"] else (f"on {row['host']}" if row["host"] else "MISSING")
         nodes = row["nodes"] if row["nodes"] is not None else "-"
-        con.print(f"[bold]{row['name']}[/bold]  {size}  {nodes} node(s) at ctx {row['ctx']}  ({where})")
+        con.print(styled((row["name"], "bold"), f"  {size}  {nodes} node(s) at ctx {row['ctx']}  ({where})"))
         if row.get("description"):
             con.print(f"  {row['description']}")
         for f in row["files"]:
             con.print(f"  {f}")
         if row.get("problem"):
-            con.print(f"  [red]{row['problem']}[/red]")
+            con.print(styled("  ", (row["problem"], "red")))
 
 
 def idle_timeout_option(f: tp.Callable[..., tp.Any]) -> tp.Callable[..., tp.Any]:
@@ -120,13 +120,13 @@ def plan_cmd(ctx: click.Context, model: str, executor: str | None, nodes: int | 
     for line in describe_plan(plan):
         con.print(line, markup=False)
     if script:
-        con.print("\n[bold]job script[/bold] (submitted through submitit by `speedslurm up`):")
+        con.print(styled("\n", ("job script", "bold"), " (submitted through submitit by `speedslurm up`):"))
         con.print(script, markup=False)
     else:
         con.print(f"\nexecutor local: {plan.nodes} process(es) on 127.0.0.1 per replica")
     if binaries is None:
-        con.print("[yellow]warning: llama.cpp binaries not found; `up` would stop here "
-                  "(set llama.bin_dir or run `make install`)[/yellow]")
+        con.print(styled(("warning: llama.cpp binaries not found; `up` would stop here "
+                          "(set llama.bin_dir or run `make install`)", "yellow")))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -297,7 +297,7 @@ def _print_status(rows: list[dict[str, tp.Any]]) -> None:
             ep = rep["endpoint"]["url"] + "/v1" if rep["endpoint"] and state == "READY" else "-"
             nodes = rep["nodes"] or str(row["nodes"])
             table.add_row(row["id"] if rep["replica"] == 0 else f"  replica {rep['replica']}", row["model"] or "?",
-                          f"[{colors.get(state, 'white')}]{state}[/]", rep["job_id"] or "-", nodes, ep,
+                          Text(state, style=colors.get(state, "white")), rep["job_id"] or "-", nodes, ep,
                           _age(row["age_s"]), _node_hours(rep), Text(rep["why"] or "-"))
             if rep.get("metrics"):
                 from .top_cmd import replica_load
@@ -306,9 +306,9 @@ def _print_status(rows: list[dict[str, tp.Any]]) -> None:
     con.print(table)
     walls = any(rep["node_hours_source"] == "client wall time" and rep["node_hours"]
                 for row in rows for rep in row["replicas"])
-    con.print("[dim]NODE-H: node-hours held, from Slurm's figures"
-              f"{'; * from the wall time the client saw (Slurm gave none)' if walls else ''}"
-              f"{'; GPU-hours in --json' if any(r['gpu_hours'] for r in rows) else ''}[/dim]")
+    con.print(styled(("NODE-H: node-hours held, from Slurm's figures"
+                      f"{'; * from the wall time the client saw (Slurm gave none)' if walls else ''}"
+                      f"{'; GPU-hours in --json' if any(r['gpu_hours'] for r in rows) else ''}", "dim")))
 
 
 def _node_hours(rep: dict[str, tp.Any]) -> str:

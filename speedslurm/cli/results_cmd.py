@@ -9,7 +9,7 @@ import click
 
 from ..errors import UsageError
 from . import cli
-from .common import out_console, print_json
+from .common import out_console, print_json, styled
 
 
 def answer_text(record: dict[str, tp.Any]) -> str:
@@ -50,9 +50,9 @@ def show_cmd(results: Path, limit: int | None, ids: tuple[str, ...], width: int,
         text = " ".join(answer_text(rec).split())
         if len(text) > width:
             text = text[: width - 1] + "…"
-        con.print(f"[bold]{cid}[/bold]: {text}", highlight=False)
+        con.print(styled((cid, "bold"), f": {text}"))  # the model's text as it is, never markup
     shown = len(items)
-    con.print(f"[dim]{shown} of {len(view)} result(s) in {results}[/dim]")
+    con.print(styled((f"{shown} of {len(view)} result(s) in {results}", "dim")))
 
 
 __all__ = ["show_cmd", "answer_text"]
