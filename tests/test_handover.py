@@ -8,6 +8,7 @@ import time
 import typing as tp
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from devtools.stubserver import StubServer
@@ -146,3 +147,53 @@ def test_run_handover_needs_a_deployment(tmp_path: Path, capsys: tp.Any) -> None
     err = capsys.readouterr().err
     assert code == 2, err
     assert "--handover needs --deployment" in err
+
+
+def test_the_summary_names_the_one_deployment_that_served_when_none_handed_over(tmp_path: Path) -> None:
+    """A batch that ends long before its job's limit: no successor, and the summary still says which deployment
+    served it (its JSON and its table), from a handing-over source and from a deployment's run directory alike;
+    a server given by URL names none."""
+    import dataclasses
+
+    from test_batch_runner import endpoint, write_endpoint
+
+    from speedslurm.batch.sources import RunDirSource, StaticSource
+    from speedslurm.rundir import RunDir
+
+    n = 20
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"custom_id": f"q{i}", "prompt": f"question {i}"}) + "\n"
+                               for i in range(n)))
+    stub = StubServer(api_key=KEY, slots=2).start()
+    first = FakeDeployment(0, stub.url)
+    rd = RunDir(tmp_path / "dep")
+    write_endpoint(rd, dataclasses.replace(endpoint(stub.url, 0), deployment_id="d-7", job_id="77", ready_at=5.0))
+    no_successor = lambda: pytest.fail("no successor is needed")  # noqa: E731
+    sources: dict[str, tp.Any] = {
+        "handover": HandoverSource(tp.cast(tp.Any, first), no_successor, before_s=1.0, cancel=lambda d: None,
+                                   source_of=lambda d: FakeSource(tp.cast(tp.Any, d), 0, 3600)),
+        "run dir": RunDirSource(rd, 1),
+        "url": StaticSource(dataclasses.replace(endpoint(stub.url, 0), deployment_id=""))}
+    summaries = {}
+    try:
+        for name, source in sources.items():
+            options = BatchOptions(poll_interval=0.05, quiet=True, timeout=5.0, settle=0.3)
+            prepared = prepare_batch(prompts, tmp_path / f"{name}.results.jsonl", options)
+            try:
+                summaries[name] = run_batch(source, prepared, options, Console(stderr=True, quiet=True))
+            finally:
+                prepared.close()
+    finally:
+        stub.stop()
+
+    for name, dep_id, job in (("handover", "dep0", "100"), ("run dir", "d-7", "77")):
+        s = summaries[name]
+        (d,) = s.to_json()["deployments"]
+        assert (d["id"], d["job_ids"], d["replicas"], d["served"]) == (dep_id, [job], [0], n), name
+        assert d["drained_at"] is None and d["cancelled_at"] is None, name
+        text = Console(record=True, width=200)
+        s.render(text)
+        shown = text.export_text()
+        assert f"deployment {dep_id}" in shown and f"r0: {n} served" in shown, name
+    assert summaries["run dir"].deployments[0]["ready_at"] == 5.0
+    assert summaries["url"].to_json()["deployments"] == [] and summaries["url"].ok == n

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import stat
 import threading
 import time
@@ -237,3 +238,35 @@ def test_a_batch_publishes_its_progress_in_the_run_directory(tmp_path: Path) -> 
     (path,) = live.progress_dir(rd.root).glob("*.json")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert s.usage is not None and s.to_json()["node_hours"] == pytest.approx(2 * s.wall_s / 3600, rel=0.2)
+
+
+@pytest.mark.parametrize("term", ["dumb", "xterm-256color"])
+def test_top_on_a_terminal_shows_every_view(tmp_path: Path, term: str) -> None:
+    """``top --count 3`` on a terminal shows three views: redrawn in place where the terminal moves the cursor,
+    one after another on a dumb one (TERM=dumb), where a live display would show only the last."""
+    import sys
+
+    import records
+    from terminal import on_a_terminal
+
+    from speedslurm.rundir import RunDir, make_private_dir
+
+    bin_dir = tmp_path / "bin"  # Slurm, as squeue answers for a job waiting in the queue
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text("#!/bin/sh\necho '42|PENDING|Resources|(null)|0|0:00|2|10:00'\n")
+    (bin_dir / "squeue").chmod(0o755)
+    rd = RunDir(make_private_dir(tmp_path / "runs" / "d-top"))
+    records.deployment(rd.root, replicas=1, job_ids=["42"], nodes=2)
+    make_private_dir(rd.replica_dir(0))
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path), "TERM": term, "LANG": "C.UTF-8",
+           "SPEEDSLURM_RUN__DIR": str(tmp_path / "runs"), "SPEEDSLURM_PROFILE": "testbed"}
+    code, screen = on_a_terminal([sys.executable, "-m", "speedslurm", "top", "d-top", "--count", "3",
+                                  "--interval", "0.2"], env)
+    assert code == 0, screen
+    rows = re.findall(r"^0\s+PENDING\s+42\s+Resources", re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen), re.M)
+    if term == "dumb":
+        assert screen.count("REPLICA") == 3 and len(rows) == 3, screen
+    else:  # the live display draws the last view once more as it ends
+        assert screen.count("REPLICA") >= 3 and len(rows) >= 3, screen
+    moves = re.search(r"\x1b\[\d*A", screen)  # cursor up: the view is redrawn over the last one
+    assert bool(moves) == (term != "dumb"), screen

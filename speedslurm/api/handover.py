@@ -178,9 +178,7 @@ class HandoverSource:
         return out
 
     def deployments(self) -> list[dict[str, tp.Any]]:
-        """Each deployment of the batch for its summary (when one handed over; else none)."""
-        if len(self.generations) < 2:
-            return []
+        """Each deployment of the batch for its summary (the one that served, when none handed over)."""
         return [{"id": g.deployment.id, "job_ids": list(g.deployment.job_ids),
                  "replicas": list(range(g.offset, g.offset + g.replicas)),
                  "submitted_at": g.submitted_at, "ready_at": g.ready_at, "drained_at": g.drained_at,

@@ -40,7 +40,7 @@ from ..errors import SpeedslurmError
 from .prepare import BatchOptions, PreparedBatch, prepare_batch
 from .replicas import ReplicaPool
 from .sources import EndpointSource
-from .summary import Summary
+from .summary import Summary, deployments_of
 
 __all__ = ["BatchFailed", "BatchInterrupted", "BatchOptions", "PreparedBatch", "prepare_batch", "run_batch",
            "run_batch_async"]
@@ -111,6 +111,8 @@ class _Runner(ReplicaPool):
                 generations = getattr(self.source, "deployments", None)
                 if callable(generations):
                     s.deployments = generations()
+                else:
+                    s.deployments = deployments_of(r.endpoint for r in [*self.retired, *self.replicas.values()])
                 usage = getattr(self.source, "usage", None)
                 if usage is not None:
                     with contextlib.suppress(Exception):  # a figure for the summary never fails the batch

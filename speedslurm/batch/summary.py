@@ -11,6 +11,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+if tp.TYPE_CHECKING:
+    from ..rundir import Endpoint
+
 
 def percentile(values: tp.Sequence[float], q: float) -> float | None:
     """The q-th percentile (0-100) with linear interpolation between closest ranks (numpy's default)."""
@@ -46,9 +49,10 @@ class Summary:
     errors: dict[str, int] = dataclasses.field(default_factory=dict)  # error code -> count
     # The node-hours (GPU-hours) its deployment held over the run, and their source (speedslurm.nodehours).
     usage: dict[str, tp.Any] | None = None
-    # The deployments that served it, when one handed over to a successor before its time limit: per deployment
-    # its id, job ids, replicas (as the run numbers them), requests served, and when it was submitted, ready,
-    # drained and cancelled (epoch seconds, None: not reached).
+    # The deployments that served it (one, or several when one handed over to a successor before its time
+    # limit): per deployment its id, job ids, replicas (as the run numbers them), requests served, and when it was
+    # submitted, ready, drained and cancelled (epoch seconds, None: not reached or not known). Empty for servers
+    # given by URL.
     deployments: list[dict[str, tp.Any]] = dataclasses.field(default_factory=list)
 
     @property
@@ -127,8 +131,30 @@ class Summary:
         console.print(table)
 
 
+def deployments_of(endpoints: tp.Iterable[Endpoint]) -> list[dict[str, tp.Any]]:
+    """:attr:`Summary.deployments` from the endpoints of the replicas a run used, for a source that does not
+    name its deployments itself: one entry per deployment id, in the order first seen (none for a server given
+    by URL, whose endpoint names no deployment)."""
+    out: dict[str, dict[str, tp.Any]] = {}
+    for ep in endpoints:
+        if not ep.deployment_id:
+            continue
+        d = out.setdefault(ep.deployment_id, {"id": ep.deployment_id, "job_ids": [], "replicas": [],
+                                              "submitted_at": None, "ready_at": None, "drained_at": None,
+                                              "cancelled_at": None})
+        if ep.job_id and ep.job_id not in d["job_ids"]:
+            d["job_ids"].append(ep.job_id)
+        if ep.replica not in d["replicas"]:
+            d["replicas"].append(ep.replica)
+        if ep.ready_at and (d["ready_at"] is None or ep.ready_at < d["ready_at"]):
+            d["ready_at"] = ep.ready_at
+    for d in out.values():
+        d["replicas"].sort()
+    return list(out.values())
+
+
 def _deployment_line(d: dict[str, tp.Any], served: int) -> str:
-    """One deployment of a handover: its replicas, what it served, and when each step happened (local time)."""
+    """One deployment of the run: its replicas, what it served, and when each step happened (local time)."""
     import time
 
     steps = [f"{word} {time.strftime('%H:%M:%S', time.localtime(d[key]))}"

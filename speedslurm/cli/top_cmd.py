@@ -95,7 +95,9 @@ def top_cmd(ctx: click.Context, ident: str | None, interval: float, count: int |
         return
     con = out_console()
     shown = 0
-    if con.is_terminal:
+    # Redrawn in place where the terminal can move the cursor. A dumb one (TERM=dumb: an editor's shell, a CI
+    # log) cannot: rich's live display would show nothing there until the end, so it gets one view after another.
+    if con.is_terminal and not con.is_dumb_terminal:
         from rich.live import Live
 
         with Live(render_snapshot(look()), console=con, auto_refresh=False) as live:
@@ -105,7 +107,7 @@ def top_cmd(ctx: click.Context, ident: str | None, interval: float, count: int |
                 live.update(render_snapshot(look()), refresh=True)
                 shown += 1
         return
-    while count is None or shown < count:  # not a terminal: one view after another
+    while count is None or shown < count:  # not a terminal, or a dumb one: one view after another
         if shown:
             time.sleep(interval)
             con.print()
