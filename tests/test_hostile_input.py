@@ -112,6 +112,33 @@ def test_submit_refuses_a_hostile_line_before_queuing(tmp_path: Path, capsys: py
     assert code == 2 and err.startswith(f"Error: {p}:1: the line holds NaN"), err
 
 
+HOSTILE_RESULTS = [
+    '{"custom_id": "deep", "x": ' + DEEP + "}",
+    '{"custom_id": ["a", "list"], "response": {"status_code": 200}}',
+    '{"custom_id": "text-error", "error": "oops"}',
+    '{"custom_id": "text-response", "response": "200"}',
+    '{"custom_id": "text-choices", "response": {"status_code": 200, "body": {"choices": "zz"}}}',
+    "[1, 2]",
+]
+
+
+def test_show_and_resume_read_a_results_file_of_hostile_lines(tmp_path: Path, stub: StubServer,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "r.jsonl"
+    out.write_text("".join(x + "\n" for x in HOSTILE_RESULTS))
+    code, shown, err = speedslurm(["show", str(out)], capsys)
+    assert code == 0, err
+    assert shown.splitlines() == ["text-error: [error] oops", "text-response: ", "text-choices: ",
+                                  f"3 of 3 result(s) in {out}"]
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"custom_id": "text-error", "prompt": "again"}\n')
+    code, _, err = speedslurm(["run", "--base-url", stub.url, "--prompts", str(p), "--out", str(out)], capsys)
+    assert code == 0, err
+    said = " ".join(err.split())  # the notices fold at the terminal's width
+    assert f"{out}:1: not a results line; ignored" in said and f"{out}:2: not a results line; ignored" in said
+    assert stub.stats.completions == 1
+
+
 # -- flags -----------------------------------------------------------------------------------------------
 
 

@@ -198,7 +198,9 @@ def _read_previous(fd: int, path: Path) -> Previous:
             try:
                 rec = json.loads(raw)
                 cid = rec["custom_id"]
-            except (ValueError, KeyError, TypeError):
+                if not isinstance(cid, str):
+                    raise TypeError("custom_id is not text")
+            except (ValueError, KeyError, TypeError, RecursionError):
                 notices.append(f"{path}:{lineno}: not a results line; ignored")
                 continue
             if _is_success(rec):
@@ -228,7 +230,9 @@ def final_view(path: Path) -> dict[str, dict[str, tp.Any]]:
             try:
                 rec = json.loads(raw)
                 cid = rec["custom_id"]
-            except (ValueError, KeyError, TypeError):
+                if not isinstance(cid, str):
+                    raise TypeError("custom_id is not text")
+            except (ValueError, KeyError, TypeError, RecursionError):  # not a results line (or nested too deep)
                 continue
             old = view.get(cid)
             if old is None or not _is_success(old):

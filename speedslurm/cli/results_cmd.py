@@ -13,15 +13,19 @@ from .common import out_console, print_json, styled
 
 
 def answer_text(record: dict[str, tp.Any]) -> str:
-    """The generated text of one OpenAI Batch output line (chat or completion), or its error."""
-    if record.get("error"):
-        err = record["error"]
-        return f"[error {err.get('code')}] {err.get('message')}"
-    body = (record.get("response") or {}).get("body") or {}
-    choices = body.get("choices") or [{}]
-    choice = choices[0]
-    message = choice.get("message") or {}
-    return str(message.get("content") if message else choice.get("text", ""))
+    """The generated text of one OpenAI Batch output line (chat or completion), or its error; a line of another
+    shape (a file written by something else) gives what it has, never an exception."""
+    err = record.get("error")
+    if err:
+        return f"[error {err.get('code')}] {err.get('message')}" if isinstance(err, dict) else f"[error] {err}"
+    resp = record.get("response")
+    body = resp.get("body") if isinstance(resp, dict) else None
+    choices = body.get("choices") if isinstance(body, dict) else None
+    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    message = choice.get("message")
+    if isinstance(message, dict) and message:
+        return str(message.get("content"))
+    return str(choice.get("text", ""))
 
 
 @cli.command("show")
