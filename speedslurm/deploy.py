@@ -15,6 +15,7 @@ import time
 import typing as tp
 
 from . import executors, slurm
+from .contract import ContractError
 from .deployment import (
     Deployment,
     binaries_record,
@@ -35,6 +36,7 @@ from .models import resolve_model
 from .plan import Plan, make_plan
 from .rundir import check_parent_not_world_writable, make_private_dir
 from .status import (
+    ENDED_CAUSES,
     ENDED_WHY,
     FAILED_WHY,
     GONE_WHY,
@@ -118,33 +120,75 @@ def prepare(settings: Settings, model: str, *, nodes: int | None = None, replica
 
 
 def launch(settings: Settings, plan: Plan, binaries: tp.Any) -> Deployment:
-    """Create the run directory, write deployment.json and the API key, submit. Returns at once."""
+    """Create the run directory, write deployment.json and the API key, submit. Returns at once.
+
+    A job that sbatch refuses (a feature, qos, account, reservation or partition the cluster rejects) leaves
+    nothing behind: its run directory is removed, and :class:`~speedslurm.launch.SbatchRefused` (exit 2) says
+    sbatch's own words and the setting to change.
+    """
     from . import jobside
+    from .launch import SbatchRefused
 
     root = make_private_dir(runs_root(settings))
     deployment_id = new_deployment_id(plan.model.name)
     rd = create_run_dir(root / deployment_id, deployment_record(settings, plan, binaries_record(binaries),
                                                                 deployment_id), plan.replicas)
     info = rd.deployment() or {}
-    info.update(executors.get(plan.executor).submit(plan, rd, jobside.serve))
+    try:
+        info.update(executors.get(plan.executor).submit(plan, rd, jobside.serve))
+    except SbatchRefused:
+        remove_run_dir(rd)  # nothing was queued: no deployment to list, nothing to submit by hand
+        raise
     info["submitted_at"] = time.time()
     rd.write_deployment(info)
     return Deployment(rd, info)
 
 
-def down(dep: Deployment) -> list[str]:
+def remove_run_dir(rd: tp.Any) -> None:
+    """Remove a run directory that no job was queued for (only one this process has just made)."""
+    import shutil
+
+    shutil.rmtree(rd.root, ignore_errors=True)
+
+
+def down(dep: Deployment, before: list[ReplicaStatus] | None = None) -> list[str]:
     """Cancel the deployment's job(s); returns the ids cancelled.
 
+    Nothing cuts it short (:mod:`speedslurm.cleanup`): SIGINT, SIGTERM and SIGHUP are held until the cancel
+    has been issued, and a signal during the look at the jobs before it (squeue, sacct) ends the look at once.
+
     Replicas that had failed already are recorded: the servers that the cancellation kills may write failures
-    of their own, which must not be taken for the reason the deployment ended.
+    of their own, which must not be taken for the reason the deployment ended. They come from ``before`` (the
+    statuses the caller has just looked at), else from a look of its own, else (a signal cut the look short)
+    from the failure files in the run directory.
     """
-    ids = dep.job_ids
-    failed = [s.replica for s in replica_statuses(dep) if s.state == "FAILED"]
-    if not executor_for(dep).cancel(dep):
-        return ids  # nothing ran: it ended by itself, and status keeps saying so (not "cancelled")
-    info = dict(dep.reload().info)
-    info["cancelled_at"] = time.time()
-    info["failed_before_cancel"] = failed
-    dep.run_dir.write_deployment(info)
-    dep.info = info
+    from .cleanup import held_signals, look
+
+    with held_signals():
+        if needs_job_ids(dep) and not dep.info.get("cancelled_at"):
+            find_submitted_job(dep)  # a rendered script's job: its id is what to cancel
+        if before is None:
+            before = look(lambda: replica_statuses(dep))
+        failed = [s.replica for s in before if s.state == "FAILED"] if before is not None else failed_on_file(dep)
+        ids = dep.job_ids
+        if not executor_for(dep).cancel(dep):
+            return ids  # nothing ran: it ended by itself, and status keeps saying so (not "cancelled")
+        info = dict(dep.reload().info)
+        info["cancelled_at"] = time.time()
+        info["failed_before_cancel"] = failed
+        dep.run_dir.write_deployment(info)
+        dep.info = info
     return ids
+
+
+def failed_on_file(dep: Deployment) -> list[int]:
+    """Replicas whose run directory holds a failure of their current job (not an end the job side chose)."""
+    out = []
+    for r in range(dep.replicas):
+        try:
+            failure = dep.run_dir.failure(r)
+        except (OSError, ValueError, ContractError):
+            continue
+        if failure is not None and failure.cause not in ENDED_CAUSES and failure_is_current(dep, r, failure):
+            out.append(r)
+    return out

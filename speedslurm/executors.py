@@ -159,7 +159,10 @@ class SlurmExecutor(Executor):
         return out
 
     def cancel(self, dep: Deployment) -> bool:
-        slurm.scancel([JobId.base_of(j) for j in dep.job_ids if j])  # an array task: its whole array
+        ids = [JobId.base_of(j) for j in dep.job_ids if j]  # an array task: its whole array
+        if not ids:
+            return False  # rendered, never submitted: nothing to cancel
+        slurm.scancel(ids)
         return True
 
 

@@ -23,6 +23,7 @@ import socket
 import sys
 import typing as tp
 
+from .errors import CommandError, UsageError
 from .localproc import ProcessIdentity, boot_id, identify
 from .plan import Plan, check_script_values
 from .rundir import RunDir
@@ -35,7 +36,8 @@ from .submitit_adapter import (
     sbatch_text,
 )
 
-__all__ = ["entry_command", "render_job_script", "slurm_parameters", "submit_local", "submit_slurm"]
+__all__ = ["SbatchRefused", "entry_command", "refusal", "refused_settings", "render_job_script", "slurm_parameters",
+           "submit_local", "submit_slurm"]
 
 # Slurm's SIGUSR2 warning before the time limit; the job side treats it like SIGTERM.
 SIGNAL_DELAY_S = 60
@@ -148,8 +150,125 @@ def render_job_script(plan: Plan, run_dir: RunDir, command: str) -> str:
     return "\n".join(lines)
 
 
+class SbatchRefused(UsageError):
+    """sbatch refused the job (exit code 2): nothing was queued. ``setting`` names what to change."""
+
+    def __init__(self, message: str, fix: str, setting: str | None) -> None:
+        super().__init__(message, fix)
+        self.setting = setting
+
+
+# What sbatch says when it refuses a job -> the settings that asked for it (first match wins: "Invalid account
+# or account/partition combination" is the account's, "QOS not permitted to use this partition" the qos's).
+# ``cluster.sbatch.X`` stands for the option X of cluster.sbatch.
+REFUSALS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (r"feature|constraint", ("cluster.sbatch.constraint",)),
+    (r"\bqos\b|quality of service", ("cluster.qos",)),
+    (r"reservation", ("cluster.sbatch.reservation",)),
+    (r"account", ("cluster.account",)),
+    (r"partition", ("cluster.partition",)),
+    (r"\bgres\b|generic resource", ("cluster.gres_per_node",)),
+    (r"memory|\bmem\b", ("cluster.mem_per_node",)),
+    (r"time limit", ("cluster.time",)),
+    (r"node name|nodelist", ("cluster.exclude", "the model's host")),
+    (r"node configuration|cpu count|cpus", ("cluster.cpus_per_node", "cluster.gres_per_node",
+                                             "cluster.mem_per_node", "cluster.sbatch.constraint")),
+    (r"licen[cs]e", ("cluster.sbatch.licenses",)),
+    (r"cluster", ("cluster.sbatch.clusters",)),
+)
+UNKNOWN_REFUSAL = ("cluster.partition", "cluster.account", "cluster.qos", "cluster.sbatch")
+
+
+def refused_settings(message: str) -> tuple[str, ...]:
+    """The settings to change for sbatch's refusal ``message`` (its stderr)."""
+    for pattern, settings in REFUSALS:
+        if re.search(pattern, message, re.IGNORECASE):
+            return settings
+    return UNKNOWN_REFUSAL
+
+
+def _origin(plan: Plan, setting: str) -> str:
+    """Where ``setting`` of the plan was set ("" when it was not: sbatch or the cluster chose)."""
+    origins = plan.origins
+    if setting.startswith("cluster.sbatch."):
+        option = setting.removeprefix("cluster.sbatch.")
+        if not any(name == option.replace("-", "_") for name, _ in plan.sbatch):
+            return ""
+        for key, where in origins.items():  # written as the user wrote it: constraint, C, mail_type, ...
+            if key.startswith("cluster.sbatch."):
+                from .sbatchopts import sbatch_options
+
+                try:
+                    names = [n for n, _ in sbatch_options({key.removeprefix("cluster.sbatch."): "x"})]
+                except UsageError:
+                    continue
+                if names == [option.replace("-", "_")]:
+                    return where
+        return origins.get("cluster.sbatch", "")
+    if setting == "the model's host":
+        return plan.leader_host or ""
+    value = {"cluster.partition": plan.partition, "cluster.account": plan.account, "cluster.qos": plan.qos,
+             "cluster.gres_per_node": plan.gres, "cluster.mem_per_node": plan.mem_per_node,
+             "cluster.cpus_per_node": plan.cpus_per_node, "cluster.exclude": plan.exclude,
+             "cluster.time": plan.time_minutes}.get(setting, True)
+    return origins.get(setting, "default") if value else ""
+
+
+def refusal(plan: Plan, stderr: str) -> SbatchRefused:
+    """The error for sbatch's refusal of ``plan``'s job: sbatch's own words and the setting(s) to change,
+    with where each was set (the file, variable or flag), those the plan sets first."""
+    words = " ".join(line.strip() for line in stderr.strip().splitlines() if line.strip()) or "(no message)"
+    settings = refused_settings(words)
+    where = {s: _origin(plan, s) for s in settings}
+    ordered = sorted(settings, key=lambda s: not where[s])  # stable: the table's order among the set ones
+    parts = []
+    for s in ordered:
+        if s == "the model's host":
+            parts.append(f"the model's host ({where[s]}) in the registry" if where[s] else "")
+        else:
+            parts.append(f"{s} (not set)" if not where[s] else f"{s} (its default)" if where[s] == "default"
+                         else f"{s} (set in {where[s]})")
+    parts = [p for p in parts if p]
+    fix = ("check " + ", or ".join(parts) + "; `speedslurm plan` prints the job's #SBATCH lines") if parts else \
+        "check the job's #SBATCH lines (`speedslurm plan` prints them) against what the cluster allows"
+    return SbatchRefused(f"sbatch refused the job: {words}", fix, ordered[0] if ordered else None)
+
+
+def _refused(exc: BaseException) -> str | None:
+    """sbatch's stderr when ``exc`` is sbatch's refusal (it exited non-zero: nothing was queued), else None."""
+    import subprocess
+
+    from submitit.core.utils import FailedJobError
+
+    if isinstance(exc, FailedJobError) and isinstance(exc.__cause__, subprocess.CalledProcessError):
+        cause = exc.__cause__
+        if cause.cmd and str(cause.cmd[0]).endswith("sbatch"):
+            return str(cause.stderr or exc)
+    if isinstance(exc, CommandError) and exc.argv and exc.argv[0].endswith("sbatch") \
+            and exc.returncode not in (124, 127):  # not a timeout (the job may be queued), not a missing sbatch
+        return exc.stderr or exc.stdout
+    return None
+
+
 def submit_slurm(plan: Plan, run_dir: RunDir, fn: tp.Callable[..., tp.Any]) -> list[str]:
-    """Submit ``fn(run_dir, replica)`` for every replica; returns the Slurm job id(s) per replica."""
+    """Submit ``fn(run_dir, replica)`` for every replica; returns the Slurm job id(s) per replica.
+
+    :class:`SbatchRefused` (exit 2) when sbatch refuses the job, with its message and the setting to change."""
+    import contextlib
+    import io
+
+    try:
+        # submitit prints sbatch's stderr itself when it fails: it is said once, in the error below.
+        with contextlib.redirect_stderr(io.StringIO()):
+            return _submit_slurm(plan, run_dir, fn)
+    except Exception as exc:
+        stderr = _refused(exc)
+        if stderr is None:
+            raise
+        raise refusal(plan, stderr) from None
+
+
+def _submit_slurm(plan: Plan, run_dir: RunDir, fn: tp.Callable[..., tp.Any]) -> list[str]:
     if plan.replicas == 1:
         ex = ScriptSlurmExecutor(run_dir.submitit_dir, lambda command: render_job_script(plan, run_dir, command),
                                  ntasks=plan.nodes)

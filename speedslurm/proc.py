@@ -9,11 +9,14 @@ from .errors import CommandError
 
 
 def call(argv: tp.Sequence[str], *, timeout: float = 60, check: bool = True,
-         input: str | None = None, env: tp.Mapping[str, str] | None = None) -> str:
-    """Run ``argv`` and return its stdout; raise :class:`CommandError` on a non-zero exit."""
+         input: str | None = None, env: tp.Mapping[str, str] | None = None, new_session: bool = False) -> str:
+    """Run ``argv`` and return its stdout; raise :class:`CommandError` on a non-zero exit.
+
+    ``new_session``: in a session of its own, out of the terminal's reach (a Ctrl-C there does not kill it)."""
     try:
         res = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                             input=input, env=dict(env) if env is not None else None)
+                             input=input, env=dict(env) if env is not None else None,
+                             start_new_session=new_session)
     except FileNotFoundError as exc:
         raise CommandError(list(argv), 127, "", f"{argv[0]}: command not found") from exc
     except subprocess.TimeoutExpired as exc:

@@ -301,4 +301,6 @@ def _script_candidates(submit_line: str, spaced: bool) -> set[str]:
 def scancel(job_ids: tp.Iterable[str]) -> None:
     ids = [str(j) for j in job_ids]
     if ids:
-        call(["scancel", *ids], timeout=30)
+        # Its own session: the terminal's Ctrl-C reaches the whole foreground process group, and a clean-up's
+        # scancel must not die of the very signal it runs after.
+        call(["scancel", *ids], timeout=30, new_session=True)

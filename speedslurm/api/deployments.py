@@ -174,12 +174,18 @@ class Deployment:
         ``cancelled`` leaves out the jobs that had ended already (``ended_before``); a deployment rendered but
         never submitted has nothing to cancel (state UNSUBMITTED)."""
         from .. import deploy as dp
+        from ..cleanup import held_signals, look
 
-        before = dp.replica_statuses(self.record)
-        if all(s.state == "UNSUBMITTED" for s in before):
-            return Stopped(self.id, [], "UNSUBMITTED", dp.deployment_why(before))
-        over = sorted({s.job_id for s in before if s.state in ("ENDED", "FAILED")})
-        ids = [j for j in dp.down(self.record) if j not in over]
+        # From here on the cancel happens whatever arrives (Ctrl-C, SIGTERM, SIGHUP): a signal ends the look
+        # before it (what the report says had ended already), and once the cancel is issued it skips the wait.
+        with held_signals():
+            if dp.needs_job_ids(self.record) and not self.record.info.get("cancelled_at"):
+                dp.find_submitted_job(self.record)  # a rendered script's job: its id is what to cancel
+            before = look(lambda: dp.replica_statuses(self.record))
+            if before is not None and all(s.state == "UNSUBMITTED" for s in before):
+                return Stopped(self.id, [], "UNSUBMITTED", dp.deployment_why(before))
+            over = sorted({s.job_id for s in before or [] if s.state in ("ENDED", "FAILED")})
+            ids = [j for j in dp.down(self.record, before) if j not in over]
         statuses = dp.wait_ended(self.record, timeout=wait)
         return Stopped(self.id, ids, dp.deployment_state(statuses), dp.deployment_why(statuses), over)
 
@@ -220,20 +226,23 @@ def up(model: str, *, nodes: int | None = None, replicas: int = 1, ctx: int | No
     A deployment that cannot become ready is stopped (it must not keep nodes busy), and so is one whose wait
     is interrupted (Ctrl-C), unless ``keep_on_interrupt``. ``on_message`` hears what happens to it in one line.
     """
+    from ..cleanup import held_signals
+
     say = on_message or (lambda _text: None)
     plan, dep = _start(model, nodes=nodes, replicas=replicas, ctx=ctx, time_limit=time_limit, executor=executor,
                        settings=settings)
-    say(f"deployment {dep.id}: {plan.model.name} on {plan.nodes} node(s) x {plan.replicas} replica(s), "
-        f"job(s) {', '.join(dep.job_ids)}")
-    if plan.warm_nodes:
-        say(f"placement: {plan.placement_note}")
     try:
+        say(f"deployment {dep.id}: {plan.model.name} on {plan.nodes} node(s) x {plan.replicas} replica(s), "
+            f"job(s) {', '.join(dep.job_ids)}")
+        if plan.warm_nodes:
+            say(f"placement: {plan.placement_note}")
         statuses = dep.wait_ready(timeout, until=until, on_update=on_update)
     except KeyboardInterrupt:
         if keep_on_interrupt:
             say(f"Interrupted: deployment {dep.id} keeps starting (`speedslurm down {dep.id}` stops it).")
         else:
-            _cancel(dep)
+            with held_signals():  # a further Ctrl-C must not stop the cancel
+                _cancel(dep)
             say(f"Interrupted: cancelled deployment {dep.id}.")
         raise
     except BaseException:
@@ -309,6 +318,7 @@ def submit(model: str, prompts: Prompts, out: str | os.PathLike[str] | None = No
     """
     from ..batch.runner import run_batch
     from ..batch.sources import StaticSource
+    from ..cleanup import held_signals
 
     say = on_message or (lambda _text: None)
     options = options if options is not None else batch_options(quiet=True)
@@ -331,9 +341,10 @@ def submit(model: str, prompts: Prompts, out: str | os.PathLike[str] | None = No
         try:
             return runner(source, batch, options)
         finally:
-            ended = chain.stop(keep) if chain is not None else [] if keep else [dep]
-            if chain is None and not keep:
-                _cancel(dep)
+            with held_signals():  # once the clean-up starts, the cancel happens whatever arrives
+                ended = chain.stop(keep) if chain is not None else [] if keep else [dep]
+                if chain is None and not keep:
+                    _cancel(dep)
             last = chain.deployment if chain is not None else dep
             if keep:
                 say(f"Deployment {last.id} kept running. Send more with: speedslurm run --deployment {last.id} "

@@ -387,7 +387,18 @@ def logs_cmd(ctx: click.Context, ident: str, role: str, replica: int | None, lin
 @click.pass_context
 def down_cmd(ctx: click.Context, ident: str, as_json: bool) -> None:
     """Cancel a deployment's job(s) and report what ended."""
-    stopped = api.connect(ident, settings_from(ctx)).stop(wait=30)
+    dep = api.connect(ident, settings_from(ctx))
+    before = dep.record.info.get("cancelled_at")
+    try:
+        stopped = dep.stop(wait=30)
+    except KeyboardInterrupt:
+        # Ctrl-C (SIGTERM, SIGHUP) during the clean-up: the cancel was issued all the same; only the wait for
+        # the jobs to end, and its report, are skipped.
+        if dep.record.info.get("cancelled_at") != before:
+            click.echo(f"Interrupted: deployment {dep.id}: cancelled job(s) {', '.join(dep.job_ids)}; did not wait "
+                       f"for them to end (`speedslurm status {dep.id}` shows it).", err=True)
+            raise SystemExit(130) from None
+        raise
     if as_json:
         print_json({"deployment": stopped.deployment, "cancelled": stopped.cancelled, "state": stopped.state,
                     "why": stopped.why})
