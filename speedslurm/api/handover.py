@@ -163,14 +163,28 @@ class HandoverSource:
 
     # -- the end -----------------------------------------------------------------------------------
     def stop(self, keep: bool = False) -> list[Deployment]:
-        """Cancel every deployment not cancelled yet (``keep``: all but the newest); returns those cancelled."""
+        """Cancel every deployment not cancelled yet (``keep``: all but the newest); returns those cancelled.
+
+        Signals are held until every cancel is issued (:mod:`speedslurm.cleanup`): a Ctrl-C in the wait for a
+        successor being submitted, or in a cancel, leaves no job behind. Without ``keep`` the deployments
+        started already are cancelled before that wait."""
+        from ..cleanup import held_signals
+
+        out: list[Deployment] = []
+        with held_signals():
+            if not keep:
+                out += self._end_all()
+            if self._starting is not None:  # a successor being submitted: it must not be left running
+                self._starting.join(120)
+                started = self._starting.result
+                self._starting = None
+                if started is not None and not isinstance(started, BaseException):
+                    self._add(tp.cast("Deployment", started))
+            out += self._end_all(keep)
+        return out
+
+    def _end_all(self, keep: bool = False) -> list[Deployment]:
         out = []
-        if self._starting is not None:  # a successor being submitted: it must not be left running
-            self._starting.join(120)
-            started = self._starting.result
-            self._starting = None
-            if started is not None and not isinstance(started, BaseException):
-                self._add(tp.cast("Deployment", started))
         for gen in self.generations:
             if gen.cancelled_at is None and not (keep and gen is self.generations[-1]):
                 self._end(gen, drained=False)
