@@ -56,6 +56,8 @@ class _Stats:
         self.received = 0  # completion requests received (any outcome)
         self.rejected = 0
         self.attempts: dict[int, int] = {}
+        self.active = 0  # completion requests being answered now (latency > 0)
+        self.peak = 0  # the most answered at once
 
 
 class _Conn(asyncio.Protocol):
@@ -209,8 +211,14 @@ class _App:
     async def delayed(self, conn: _Conn, answer: dict[str, tp.Any], close: bool) -> None:
         if self.sem is None:
             self.sem = asyncio.Semaphore(max(1, self.config.slots))
+        st = self.stats
         async with self.sem:  # beyond its slots llama-server queues requests; so do we
-            await asyncio.sleep(self.config.latency)
+            st.active += 1
+            st.peak = max(st.peak, st.active)
+            try:
+                await asyncio.sleep(self.config.latency)
+            finally:
+                st.active -= 1
         if conn.transport is None:
             return
         self.stats.completions += 1

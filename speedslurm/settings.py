@@ -114,6 +114,7 @@ class RunSettings:
     health_timeout_s: float = 1800
     poll_interval_s: float = 0.1
     handover_before_s: float = 600
+    outage_s: float = 300  # a batch gives up a replica that answers no request or probe for this long
 
     @property
     def root(self) -> Path:

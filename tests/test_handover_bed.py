@@ -56,6 +56,9 @@ def test_submit_hands_over_before_the_time_limit(shared_tmp: Path, tiny_gguf: Pa
     err_lines: list[str] = []
     reader = threading.Thread(target=lambda: err_lines.extend(tp_lines(proc.stderr)), daemon=True)
     reader.start()
+    out_lines: list[str] = []
+    out_reader = threading.Thread(target=lambda: out_lines.extend(tp_lines(proc.stdout)), daemon=True)
+    out_reader.start()
     try:
         # The event under test: the first deployment drained and was cancelled, and its successor answered after.
         end = time.monotonic() + GUARD_S
@@ -69,12 +72,15 @@ def test_submit_hands_over_before_the_time_limit(shared_tmp: Path, tiny_gguf: Pa
         assert proc.poll() is None, "".join(err_lines)  # the batch was still going: it did not end before that
         assert written_at_drain is not None and lines(out) > written_at_drain, "".join(err_lines)
         proc.send_signal(signal.SIGINT)  # stop it as a user would: in-flight requests finish, the jobs are cancelled
-        stdout, _ = proc.communicate(timeout=300)
+        # the threads own the pipes: communicate() would read stderr too and take its last lines from the test
+        proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     reader.join(timeout=60)
+    out_reader.join(timeout=60)
+    stdout = "".join(out_lines)
     stderr = "".join(err_lines)
     assert proc.returncode == 130, stderr
     summary = json.loads(stdout)

@@ -344,3 +344,22 @@ def test_property_a_setting_is_valid_or_a_config_error_naming_its_origin(key: st
         if isinstance(v, float):
             assert math.isfinite(v)
     assert 0 <= s.llama.server_port <= 65535 and 0 <= s.llama.rpc_port <= 65535
+
+
+def test_a_base_url_server_whose_pages_are_nested_too_deep_gets_the_defaults() -> None:
+    """``run --base-url``: a /props or /v1/models answer nested 100,000 levels deep is no traceback; the run
+    takes the defaults (4 slots, no model name) as for a server that offers no such page."""
+    from localhttp import Handler, serving
+
+    from speedslurm.batch import StaticSource
+
+    deep = b"[" * 100_000 + b"]" * 100_000
+
+    class Deep(Handler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.reply(200, deep)
+
+    with serving(Deep) as url:
+        source = StaticSource.probe(url, None, timeout=5)
+    (ep,) = source.endpoints
+    assert ep.parallel == 4 and ep.url == url

@@ -26,7 +26,8 @@ Prompts = tp.Union[str, "os.PathLike[str]", tp.Iterable[tp.Mapping[str, tp.Any]]
 
 def batch_options(**flags: tp.Any) -> BatchOptions:
     """:class:`~speedslurm.batch.runner.BatchOptions` from keyword flags (max_tokens, temperature, system,
-    concurrency, timeout, retries, skip_invalid, quiet, client, lock); an unknown name is a UsageError."""
+    concurrency, timeout, retries, skip_invalid, quiet, client, lock, outage, retry_suspected); an unknown name
+    is a UsageError."""
     from ..batch.runner import BatchOptions
 
     names = {f.name for f in dataclasses.fields(BatchOptions)}
@@ -78,8 +79,12 @@ def run_batch(source: EndpointSource | Deployment, prompts: Prompts, out: str | 
     Results are OpenAI Batch output lines appended to ``out`` (default: ``<prompts>.results.jsonl``); prompts
     with a successful line there already are skipped. ``flags`` (or ``options``) shape the run: max_tokens,
     temperature, system, concurrency, timeout, retries, skip_invalid, client, lock, quiet (default True: no
-    progress bar). Requests that failed are counted in ``summary.failed`` (their error lines are in ``out``);
-    a run that cannot go on raises ``BatchFailed``, Ctrl-C ``BatchInterrupted`` (both carry ``.summary``).
+    progress bar), outage (seconds an unreachable replica is probed before it is given up, default 300),
+    retry_suspected. Requests that failed are counted in ``summary.failed`` (their error lines are in ``out``);
+    a run that cannot go on raises ``BatchFailed``, Ctrl-C ``BatchInterrupted`` (both carry ``.summary``). A
+    request in flight on two replicas that died is suspected of crashing its server: it gets a
+    ``suspected_crash`` error line, is not sent again, and later runs into the same ``out`` skip it
+    (``summary.suspected``, ``summary.suspected_skipped``) unless ``retry_suspected=True``.
     """
     from ..batch.runner import run_batch as run
 

@@ -39,7 +39,11 @@ class BatchOptions:
     backoff_base: float = 0.5
     backoff_max: float = 15.0
     grace: float = 5.0  # seconds in-flight requests get after Ctrl-C
-    down_after: int = 3  # consecutive connection errors that mark a replica failed
+    down_after: int = 1  # consecutive connection errors after which a replica is unreachable (and probed)
+    outage: float = 300.0  # seconds an unreachable replica is probed before it is given up (run.outage_s)
+    probe_base: float = 0.5  # first wait between probes of an unreachable replica; doubles up to probe_max
+    probe_max: float = 10.0
+    retry_suspected: bool = False  # send the requests an earlier run suspected of crashing their server
     settle: float = 3.0  # seconds a locally seen failure waits for the source's own reason before stopping
     lock: bool = True  # lock the results file (--no-lock: the user makes sure of one writer)
 
@@ -60,6 +64,7 @@ class PreparedBatch:
     results: ResultsFile
     spooled: bool = False  # the prompts came from stdin: resuming needs the same prompts on stdin again
     spool: Spool | None = None  # the bytes validated; None: read ``prompts`` (callers that built one by hand)
+    skip_suspected: bool = True  # requests an earlier run suspected of crashing their server are not sent
 
     @property
     def out(self) -> Path:
@@ -67,10 +72,19 @@ class PreparedBatch:
 
     @property
     def remaining(self) -> int:
-        """Valid requests without a successful line yet (0: nothing to send, no deployment needed)."""
+        """Valid requests without a successful line yet, less those suspected of crashing their server unless
+        they are retried (0: nothing to send, no deployment needed)."""
         done = self.results.previous.done
         valid_done = sum(1 for cid in done if cid in self.scan.ids and cid not in self.scan.invalid_ids)
-        return self.scan.requests - valid_done
+        return self.scan.requests - valid_done - len(self.suspected)
+
+    @property
+    def suspected(self) -> list[str]:
+        """The requests an earlier run suspected of crashing their server, which this run does not send."""
+        if not self.skip_suspected:
+            return []
+        return [cid for cid in self.results.previous.suspected
+                if cid in self.scan.ids and cid not in self.scan.invalid_ids]
 
     def reader(self) -> tp.BinaryIO:
         """The prompts as validated, from the first line."""
@@ -107,6 +121,9 @@ def prepare_batch(prompts: str | Path, out: str | Path | None, options: BatchOpt
                          fix="e.g. --temperature 0.7")
     if options.retries < 0:
         raise UsageError(f"--retries must be >= 0, got {options.retries}", fix="e.g. --retries 5")
+    if not (math.isfinite(options.outage) and options.outage > 0):
+        raise UsageError(f"outage must be a positive number of seconds, got {options.outage:g}",
+                         fix="e.g. outage=300 (run.outage_s)")
     _check_text_flag("--system", options.system)
     from_stdin = str(prompts) == "-"
     source: str | Path | tp.BinaryIO
@@ -149,7 +166,7 @@ def prepare_batch(prompts: str | Path, out: str | Path | None, options: BatchOpt
     except BaseException:
         spool.close()
         raise
-    return PreparedBatch(path, display, scan, results, from_stdin, spool)
+    return PreparedBatch(path, display, scan, results, from_stdin, spool, skip_suspected=not options.retry_suspected)
 
 
 def _check_text_flag(flag: str, value: str | None) -> None:

@@ -12,13 +12,14 @@ from rich.text import Text
 from ..errors import SpeedslurmError
 from ..rundir import Endpoint
 from .inputs import Request
-from .results import INVALID_INPUT, success_line
+from .results import INVALID_INPUT, SUSPECT_AFTER, success_line
 from .sources import SourceState
 from .summary import percentile
 from .transport import CLIENTS, Reply, Transport, TransportError
 from .workqueue import WorkQueue
 
 RETRY_STATUSES = frozenset({408, 409, 429})
+PROBE_TIMEOUT = 10.0  # seconds one probe of an unreachable replica may take (at most the request timeout)
 
 
 @dataclasses.dataclass(eq=False)
@@ -37,6 +38,14 @@ class Replica:
     confirmed: bool = False  # the source itself reported the failure (its reason is the real one)
     draining: bool = False  # gets no new requests; its requests in flight finish (its deployment hands over)
     retired: bool = False  # drained: nothing in flight, its source was told (and may cancel its job)
+    # Unreachable (connection errors in a row): gets no new requests and is probed with backoff until it answers
+    # (it serves again) or its source says it failed, or run.outage_s passes (then it is failed).
+    probing: bool = False
+    down_since: float = 0.0
+    back: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # set when it stops probing
+    # Requests whose connection to it broke since it last served one sent after (id -> (when, request)): should
+    # it turn out dead, they were in flight when it died.
+    lost: dict[str, tuple[float, Request]] = dataclasses.field(default_factory=dict)
 
 
 class ReplicaPool(WorkQueue):
@@ -50,6 +59,11 @@ class ReplicaPool(WorkQueue):
         rep = Replica(ep, make(ep, self.opts.timeout))
         before = self.replicas.get(ep.replica)
         if before is not None:  # the replica's job started again: the old transport is closed at the end
+            if not before.failed:  # it was unreachable: that start is over
+                before.failed, before.probing, before.reason, before.confirmed = True, False, "started again", True
+                before.back.set()
+                for task in list(before.workers):
+                    task.cancel()
             self.retired.append(before)
             rep.served = before.served
             self.source_failed.pop(ep.replica, None)
@@ -63,9 +77,14 @@ class ReplicaPool(WorkQueue):
         again = f" again (start {ep.epoch + 1} of job {ep.job_id})" if before is not None else ""
         self.say(f"replica r{ep.replica} ready{again} at {ep.url} ({ep.parallel} slots)")
 
-    def _fail_replica(self, rep: Replica, reason: str, confirmed: bool) -> None:
+    def _fail_replica(self, rep: Replica, reason: str, confirmed: bool, died: bool = True) -> None:
+        """Give ``rep`` up: its source said it failed (``confirmed``) or it stayed unreachable for run.outage_s.
+        ``died``: its server died (not its job moved elsewhere), so the requests that were in flight on it are
+        charged with the death."""
         rep.failed, rep.reason, rep.confirmed = True, reason, confirmed
         rep.failed_at = time.monotonic()
+        rep.probing = False
+        rep.back.set()
         hurry = getattr(self.source, "hurry", None)
         if not confirmed and callable(hurry):
             hurry()  # seen here first: the source's slower checks (Slurm) may soon say why
@@ -73,20 +92,93 @@ class ReplicaPool(WorkQueue):
         busy = rep.inflight
         for task in list(rep.workers):
             if task is not me:
-                task.cancel()  # their in-flight requests go back to the queue
+                task.cancel()  # their in-flight requests go back to the queue (the prober ends)
+        self.changed.set()  # the requests held while its fate was unknown may go
         others = [r for r in self.replicas.values() if not r.failed]
         where = "the other replicas" if others else "the queue until a replica is ready"
         self.say(Text.assemble((f"replica r{rep.endpoint.replica} failed:", "red"), f" {reason}",
                                f"; its in-flight requests go to {where}" if busy else ""))
+        if died:
+            self._count_deaths(rep)  # its cancelled workers' requests are still in ``sending``
+        rep.lost.clear()
+
+    def _count_deaths(self, rep: Replica) -> None:
+        """``rep`` died: each request in flight on it (or whose connection to it broke before it was seen dead)
+        was in flight on one more replica that died; at SUSPECT_AFTER it is suspected of crashing them."""
+        victims = dict(rep.lost)
+        victims.update({cid: (0.0, item) for cid, (r, item) in self.sending.items() if r is rep})
+        rep.lost.clear()
+        for cid, (_, item) in victims.items():
+            if cid in self.suspects:
+                continue
+            n = self.deaths[cid] = self.deaths.get(cid, 0) + 1
+            self.died_on.setdefault(cid, []).append(f"r{rep.endpoint.replica}: {rep.reason}")
+            if n >= SUSPECT_AFTER:
+                self._suspect(item)
+
+    def _unreachable(self, rep: Replica, why: str) -> None:
+        """Connection errors in a row: no new requests for ``rep`` until a probe gets an answer."""
+        rep.probing, rep.down_since = True, time.monotonic()
+        rep.reason = f"unreachable at {rep.endpoint.url}: {why}"
+        rep.back.clear()
+        hurry = getattr(self.source, "hurry", None)
+        if callable(hurry):
+            hurry()  # the source's slower checks (Slurm) may know that its job ended
+        self.say(Text.assemble((f"replica r{rep.endpoint.replica} unreachable", "yellow"),
+                               f" at {rep.endpoint.url}: {why}; probing it (it serves again once it answers; "
+                               f"given up after {self.opts.outage:g} s)"))
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.opts.settle, self.changed.set)  # the requests it held may go then (see _may_send)
+        task = loop.create_task(self._probe(rep))
+        rep.workers.add(task)
+        task.add_done_callback(rep.workers.discard)
+        self.changed.set()  # its idle workers stop waiting for work
+
+    async def _probe(self, rep: Replica) -> None:
+        """Probe ``rep`` at once, then after probe_base seconds, doubling up to probe_max, until it answers
+        (it serves again) or run.outage_s has passed since it became unreachable (it is failed)."""
+        delay = self.opts.probe_base
+        probe = getattr(rep.transport, "probe", None)
+        limit = min(PROBE_TIMEOUT, self.opts.timeout)
+        try:
+            while rep.probing and not rep.failed:
+                try:
+                    why = await asyncio.wait_for(probe(), limit) if callable(probe) else await _connects(rep)
+                except asyncio.TimeoutError:
+                    why = f"no answer within {limit:g} s"
+                if not rep.probing or rep.failed:
+                    return
+                down = time.monotonic() - rep.down_since
+                if why is None:
+                    rep.probing, rep.conn_errors = False, 0
+                    rep.lost.clear()  # it is alive: what broke on the way was no death
+                    rep.back.set()
+                    self.say(f"replica r{rep.endpoint.replica} answers again after {down:.1f} s: it serves again")
+                    self.changed.set()
+                    return
+                if down >= self.opts.outage:
+                    self._fail_replica(rep, f"unreachable at {rep.endpoint.url} for {self.opts.outage:g} s "
+                                       f"(run.outage_s): {why}", confirmed=False)
+                    self._wake()
+                    return
+                await asyncio.sleep(min(delay, self.opts.outage - down))
+                delay = min(delay * 2, self.opts.probe_max)
+        except asyncio.CancelledError:
+            pass
 
     async def _worker(self, rep: Replica) -> None:
         try:
             while not rep.failed and not rep.draining:
+                if rep.probing:
+                    await rep.back.wait()
+                    continue
                 if self.sem is not None:
                     await self.sem.acquire()
                 try:
                     item = await self._next_item(rep)
                     if item is None:
+                        if rep.probing:
+                            continue  # wait until it answers again
                         return
                     await self._handle(rep, item)
                 finally:
@@ -106,14 +198,21 @@ class ReplicaPool(WorkQueue):
         body = item.body
         if "model" not in body and rep.endpoint.model:
             body["model"] = rep.endpoint.model
+        if rep.probing:  # it became unreachable while this worker waited for work
+            self.pending.appendleft(item)
+            return
+        cid = item.custom_id
         self.inflight += 1
         rep.inflight += 1
+        self.sending[cid] = (rep, item)
         t0 = time.perf_counter()
+        sent_at = time.monotonic()
         try:
             reply = await rep.transport.send(item.url, body)
         except asyncio.CancelledError:
             self.inflight -= 1
             rep.inflight -= 1
+            self.sending.pop(cid, None)
             self._requeue(item)  # the replica failed or the run stops: not this request's fault
             self._check_done()
             raise
@@ -121,6 +220,7 @@ class ReplicaPool(WorkQueue):
             # Validation rejects text UTF-8 cannot encode; should any reach here, it fails this request only.
             self.inflight -= 1
             rep.inflight -= 1
+            self.sending.pop(cid, None)
             self._write_error(item, INVALID_INPUT, f"{self.prepared.display}:{item.line}: the request cannot be "
                               f"encoded as UTF-8: {exc}")
             self._wake()
@@ -128,12 +228,16 @@ class ReplicaPool(WorkQueue):
         except TransportError as exc:
             self.inflight -= 1
             rep.inflight -= 1
+            self.sending.pop(cid, None)
             if exc.kind == "connect" and not rep.failed:
-                rep.conn_errors += 1
-                if rep.conn_errors >= self.opts.down_after:
-                    self._fail_replica(rep, f"unreachable at {rep.endpoint.url}: {exc}", confirmed=False)
-            if rep.failed:
-                self._requeue(item)
+                if exc.sent:
+                    rep.lost[cid] = (time.monotonic(), item)  # should the server have died, this was in flight
+                if not rep.probing:
+                    rep.conn_errors += 1
+                    if rep.conn_errors >= self.opts.down_after:
+                        self._unreachable(rep, str(exc))
+            if rep.failed or rep.probing:
+                self._requeue(item)  # the replica is down: not this request's fault, as far as is known
             else:
                 self._retry(item, "timeout" if exc.kind == "timeout" else "connection_error",
                             f"replica r{rep.endpoint.replica}: {exc}")
@@ -141,7 +245,10 @@ class ReplicaPool(WorkQueue):
             return
         self.inflight -= 1
         rep.inflight -= 1
+        self.sending.pop(cid, None)
         rep.conn_errors = 0
+        if rep.lost:  # it answered a request sent after those broke: it was alive then
+            rep.lost = {c: v for c, v in rep.lost.items() if v[0] > sent_at}
         self._on_reply(rep, item, reply, time.perf_counter() - t0)
         self._wake()
 
@@ -160,6 +267,7 @@ class ReplicaPool(WorkQueue):
                             "that is not a JSON object")
                 return
             self.results.write(success_line(item.custom_id, request_id, reply.body, item.fingerprint))
+            self._forget(item.custom_id)
             s.ok += 1
             s.prompt_tokens += prompt_tokens
             s.completion_tokens += completion_tokens
@@ -194,14 +302,15 @@ class ReplicaPool(WorkQueue):
             if not self.stopping:
                 for ep in state.ready:
                     rep = self.replicas.get(ep.replica)
-                    if rep is None or (rep.failed and ep.replica not in state.failed and _new_start(rep.endpoint, ep)):
+                    if rep is None or ((rep.failed or rep.probing) and ep.replica not in state.failed
+                                       and _new_start(rep.endpoint, ep)):
                         self._add_replica(ep)  # new, or started again (requeued): its new endpoint
             listed = {ep.replica for ep in state.ready}
             for r, rep in list(self.replicas.items()):
                 if not rep.failed and not rep.retired and r not in listed and r not in state.failed:
                     # The source stopped offering it, without a failure: its job was requeued or preempted.
                     self._fail_replica(rep, "its job left its nodes (requeued or preempted); waiting for it to "
-                                       "start again", confirmed=True)
+                                       "start again", confirmed=True, died=False)
             for r, why in state.failed.items():
                 rep = self.replicas.get(r)
                 if rep is not None and rep.retired:
@@ -264,6 +373,8 @@ class ReplicaPool(WorkQueue):
         for r, rep in self.replicas.items():
             if rep.draining and not rep.retired and not rep.failed and rep.inflight == 0:
                 rep.retired = True
+                rep.probing = False
+                rep.back.set()
                 for task in list(rep.workers):
                     task.cancel()  # idle: waiting for work it will not take
                 self.say(f"replica r{r} drained ({rep.served} served)")
@@ -273,6 +384,8 @@ class ReplicaPool(WorkQueue):
     def failed_replicas(self) -> dict[int, str]:
         out = dict(self.source_failed)
         out.update({r: rep.reason for r, rep in self.replicas.items() if rep.failed})
+        out.update({r: f"{rep.reason} (still probed when the run ended)" for r, rep in self.replicas.items()
+                    if rep.probing})
         return out
 
 
@@ -294,3 +407,17 @@ def _error_message(reply: Reply) -> str:
         pass
     text = reply.body.decode("utf-8", "replace").strip()
     return text[:300] or "(empty body)"
+
+
+async def _connects(rep: Replica) -> str | None:
+    """A probe for a transport without its own: does the replica's host accept a TCP connection?"""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(rep.endpoint.url)
+    try:
+        _, writer = await asyncio.open_connection(parts.hostname or "127.0.0.1",
+                                                  parts.port or (443 if parts.scheme == "https" else 80))
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__
+    writer.close()
+    return None

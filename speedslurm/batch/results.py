@@ -28,6 +28,12 @@ from .writelock import WriteLock
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 INVALID_INPUT = "invalid_input"
+# A request that was in flight on replicas that died: one line per death (the run ended before it was answered)...
+REPLICA_DIED = "replica_died"
+# ...and, once it was in flight on SUSPECT_AFTER of them, the line that marks it suspected of crashing its server:
+# it is not sent again unless asked (--retry-suspected).
+SUSPECTED_CRASH = "suspected_crash"
+SUSPECT_AFTER = 2
 
 
 def new_id(prefix: str) -> str:
@@ -92,6 +98,10 @@ class Previous:
     # done ids -> (request_fingerprint, line number) of their successful line; ids whose line has no fingerprint
     # (written by an older version) are missing
     fingerprints: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
+    # ids not done whose last lines are REPLICA_DIED: how many replicas died with them in flight (in a row)
+    died: dict[str, int] = dataclasses.field(default_factory=dict)
+    # ids not done whose last line is SUSPECTED_CRASH -> its message
+    suspected: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class ResultsFile:
@@ -187,6 +197,8 @@ def _read_previous(fd: int, path: Path) -> Previous:
     done: set[str] = set()
     failed: dict[str, str] = {}
     fingerprints: dict[str, tuple[str, int]] = {}
+    died: dict[str, int] = {}
+    suspected: dict[str, str] = {}
     notices: list[str] = []
     lines = 0
     with os.fdopen(os.dup(fd), "rb") as fh:
@@ -206,13 +218,21 @@ def _read_previous(fd: int, path: Path) -> Previous:
             if _is_success(rec):
                 done.add(cid)
                 failed.pop(cid, None)
+                died.pop(cid, None)
+                suspected.pop(cid, None)
                 fp = rec.get("request_fingerprint")
                 if isinstance(fp, str) and cid not in fingerprints:
                     fingerprints[cid] = (fp, lineno)
             elif cid not in done:
                 err = rec.get("error") or {}
-                failed[cid] = str(err.get("code", "error")) if isinstance(err, dict) else "error"
-    return Previous(done, failed, lines, notices, fingerprints)
+                code = failed[cid] = str(err.get("code", "error")) if isinstance(err, dict) else "error"
+                died[cid] = died.get(cid, 0) + 1 if code == REPLICA_DIED else 0
+                if code == SUSPECTED_CRASH:
+                    suspected[cid] = str(err.get("message", ""))
+                else:
+                    suspected.pop(cid, None)
+    died = {cid: n for cid, n in died.items() if n and cid not in done}
+    return Previous(done, failed, lines, notices, fingerprints, died, suspected)
 
 
 def _is_success(rec: dict[str, tp.Any]) -> bool:

@@ -17,8 +17,16 @@ Behaviour:
 * a transient error (no connection, timeout, 408/409/429, 5xx) is retried with bounded exponential backoff, on
   any replica, at most ``options.retries`` times; any other 4xx (e.g. a prompt longer than the context) gets its
   error line at once; a 401 stops the run (wrong API key: every request would fail);
-* a replica that fails (its failed.json, the job ended, or ``down_after`` connection errors in a row) stops
-  getting requests, and its in-flight requests go back to the queue for the others, without costing a retry;
+* a replica with ``down_after`` connection errors in a row is unreachable: it gets no new requests and is probed
+  (``/health``) at once, then with backoff (``probe_base`` doubling to ``probe_max`` seconds); it serves again
+  once it answers. Only its source's word (failed.json, its job ended) or ``outage`` seconds without an answer
+  (run.outage_s) fail it; a failed replica's in-flight requests go back to the queue for the others, without
+  costing a retry;
+* a request in flight on ``SUSPECT_AFTER`` (2) replicas that died (failed, not moved by a requeue) is suspected
+  of crashing its server: it gets a ``suspected_crash`` error line and is not sent again; resuming the results
+  file names it and skips it unless ``options.retry_suspected``. Until it is cleared, such a request is sent only
+  to a replica with no other suspicious request in flight. A run that ends before it resent a request a replica
+  died with writes a ``replica_died`` line for it, so that the next run counts that death;
 * when every replica has failed and none can come, :class:`BatchFailed` (exit 1) names each replica and why;
 * Ctrl-C (SIGINT), SIGTERM and SIGHUP: nothing new is sent, in-flight requests get ``options.grace`` seconds to finish and be written
   (a second Ctrl-C cancels them at once), the file is flushed, and :class:`BatchInterrupted` (exit 130) says how
@@ -87,6 +95,13 @@ class _Runner(ReplicaPool):
         s = self.summary
         loop = asyncio.get_running_loop()
         reader = loop.create_task(self._read_prompts())
+        suspected = self.prepared.suspected if self.prev_suspected else []
+        if suspected:
+            n = len(suspected)
+            self.say(f"{n} request{'s' if n > 1 else ''} suspected of crashing {'their' if n > 1 else 'its'} server "
+                     f"in an earlier run (in flight on 2 replicas that died) {'are' if n > 1 else 'is'} not sent: "
+                     + ", ".join(suspected[:10]) + (f" and {n - 10} more" if n > 10 else "")
+                     + " (--retry-suspected sends them)")
         if self.prepared.remaining == 0:
             await self._next_item()  # everything was done earlier: count the skips, need no replica
         with self.progress:
@@ -102,6 +117,8 @@ class _Runner(ReplicaPool):
                 self._cancel_all()
                 tasks = [t for rep in [*self.retired, *self.replicas.values()] for t in rep.workers]
                 await asyncio.gather(monitor, *tasks, return_exceptions=True)
+                with contextlib.suppress(OSError):  # a full disk was reported already
+                    self._write_deaths_left()
                 for rep in [*self.retired, *self.replicas.values()]:
                     await rep.transport.aclose()
                 s.wall_s = time.perf_counter() - self.t0

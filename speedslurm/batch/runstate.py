@@ -47,6 +47,15 @@ class RunState:
         self.replicas: dict[int, Replica] = {}
         self.retired: list[Replica] = []  # replicas replaced by their job's next start (requeue)
         self.source_failed: dict[int, str] = {}  # failed replicas we never used
+        previous = prepared.results.previous
+        # Requests in flight on replicas that died (:mod:`.results`, REPLICA_DIED): id -> how many (earlier runs'
+        # too), and this run's ("r0: why"); at SUSPECT_AFTER one is suspected of crashing its server (``suspects``,
+        # its error line written, never sent again in this run).
+        self.deaths: dict[str, int] = dict(previous.died)
+        self.died_on: dict[str, list[str]] = {}
+        self.suspects: set[str] = set()
+        self.prev_suspected = {} if options.retry_suspected else previous.suspected  # not sent unless asked
+        self.sending: dict[str, tuple[Replica, Request]] = {}  # requests in flight: id -> (replica, request)
         self.sem = asyncio.Semaphore(options.concurrency) if options.concurrency else None
         self.stopping = False
         self.fatal: SpeedslurmError | None = None
@@ -90,9 +99,10 @@ class RunState:
     def _update_progress(self) -> None:
         s = self.summary
         elapsed = time.perf_counter() - self.t0
-        live = sum(1 for r in self.replicas.values() if not r.failed)
+        live = sum(1 for r in self.replicas.values() if not r.failed and not r.probing)
+        down = sum(1 for r in self.replicas.values() if r.probing)
         self.progress.update(s.ok + s.failed + s.skipped, s.failed, s.completion_tokens / elapsed if elapsed else 0.0,
-                             f"{live} replica{'s' if live != 1 else ''}")
+                             f"{live} replica{'s' if live != 1 else ''}" + (f" ({down} unreachable)" if down else ""))
         self._publish()
 
     def _publish(self, status: str = "running") -> None:

@@ -67,7 +67,8 @@ class StaticSource:
         """Build the source for ``--base-url``: slots from ``/props`` ``total_slots`` (else 4), model from ``/v1/models``.
 
         Raises :class:`UsageError` for a malformed URL or a rejected API key, :class:`SpeedslurmError` when the
-        server cannot be reached.
+        server cannot be reached: a refused or dropped connection is tried again with backoff for up to
+        ``min(timeout, 5)`` seconds (a server that drops a few connections is no reason to stop).
         """
         url = base_url.rstrip("/")
         if url.endswith("/v1"):
@@ -98,23 +99,31 @@ class StaticSource:
         return SourceState(list(self.endpoints), {}, True)
 
 
-def _get_json(url: str, key: str, timeout: float, shown: str) -> dict[str, tp.Any] | None:
+def _get_json(url: str, key: str, timeout: float, shown: str,
+              sleep: tp.Callable[[float], None] = time.sleep) -> dict[str, tp.Any] | None:
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - http(s) checked above
-            data = json.loads(resp.read())
-            return data if isinstance(data, dict) else None
-    except urllib.error.HTTPError as exc:
-        if exc.code == 401:
-            raise UsageError(f"the server at {shown} rejected the API key (401 Unauthorized)",
-                             fix="pass the server's key with --api-key K") from None
-        return None  # endpoint not offered by this server: fall back to defaults
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise SpeedslurmError(f"cannot reach the server at {shown}: {reason}",
-                              fix="check the URL and that the server is running") from None
-    except ValueError:
-        return None
+    tries_for = min(timeout, 5.0)
+    start, delay = time.monotonic(), 0.25
+    while True:
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - http(s) checked above
+                data = json.loads(resp.read())
+                return data if isinstance(data, dict) else None
+        except urllib.error.HTTPError as exc:
+            if exc.code == 401:
+                raise UsageError(f"the server at {shown} rejected the API key (401 Unauthorized)",
+                                 fix="pass the server's key with --api-key K") from None
+            return None  # endpoint not offered by this server: fall back to defaults
+        except (urllib.error.URLError, OSError) as exc:
+            spent = time.monotonic() - start
+            if spent + delay > tries_for:
+                reason = getattr(exc, "reason", exc)
+                raise SpeedslurmError(f"cannot reach the server at {shown}: {reason} (tried for {spent:.0f} s)",
+                                      fix="check the URL and that the server is running") from None
+            sleep(delay)  # refused or dropped: a server restarting, or a short network blip
+            delay = min(delay * 2, 2.0)
+        except (ValueError, RecursionError):  # not JSON, or nested too deep to read: use the defaults
+            return None
 
 
 class RunDirSource:

@@ -47,6 +47,10 @@ class Summary:
     per_replica: dict[int, int] = dataclasses.field(default_factory=dict)
     failed_replicas: dict[int, str] = dataclasses.field(default_factory=dict)
     errors: dict[str, int] = dataclasses.field(default_factory=dict)  # error code -> count
+    # Requests suspected of crashing their server (in flight on two replicas that died): marked in this run
+    # (counted in ``failed``) or by an earlier one and not sent (``suspected_skipped``; --retry-suspected sends them).
+    suspected: list[str] = dataclasses.field(default_factory=list)
+    suspected_skipped: int = 0
     # The node-hours (GPU-hours) its deployment held over the run, and their source (speedslurm.nodehours).
     usage: dict[str, tp.Any] | None = None
     # The deployments that served it (one, or several when one handed over to a successor before its time
@@ -86,6 +90,7 @@ class Summary:
             "wall_s": round(self.wall_s, 3),
             "retries": self.retries,
             "errors": dict(sorted(self.errors.items())),
+            "suspected": {"ids": list(self.suspected), "skipped": self.suspected_skipped},
             "replicas": {str(r): n for r, n in sorted(self.per_replica.items())},
             "failed_replicas": {str(r): why for r, why in sorted(self.failed_replicas.items())},
             "node_hours": self.usage["node_hours"] if self.usage else None,
@@ -93,6 +98,13 @@ class Summary:
             "node_hours_source": self.usage["node_hours_source"] if self.usage else None,
             "deployments": [{**d, "served": self.served_by(d)} for d in self.deployments],
         }
+
+    def suspected_line(self) -> str:
+        """The requests suspected of crashing their server, and what becomes of them."""
+        n = len(self.suspected)
+        shown = ", ".join(self.suspected[:10]) + (f" and {n - 10} more" if n > 10 else "")
+        return (f"{shown}: {'each was' if n > 1 else 'it was'} in flight on 2 replicas that died; not sent again "
+                "(--retry-suspected sends them)")
 
     def served_by(self, deployment: dict[str, tp.Any]) -> int:
         """Requests answered by one of :attr:`deployments`."""
@@ -122,6 +134,8 @@ class Summary:
             add(f"replica r{r}", Text.assemble(("failed", "red"), f": {why}"))
         if self.errors:
             add("errors", ", ".join(f"{code}: {n}" for code, n in sorted(self.errors.items())))
+        if self.suspected:
+            add("suspected", self.suspected_line())
         if self.usage:
             gpu = self.usage["gpu_hours"]
             add("node-hours", f"{self.usage['node_hours']:.3f}"

@@ -38,17 +38,28 @@ class Reply:
 
 
 class TransportError(Exception):
-    """No HTTP answer. ``kind`` is ``connect`` (refused, reset, closed) or ``timeout``."""
+    """No HTTP answer. ``kind`` is ``connect`` (refused, reset, closed) or ``timeout``; ``sent``: the request may
+    have reached the server (False: no connection was made, e.g. refused)."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, sent: bool = True) -> None:
         super().__init__(message)
         self.kind = kind
+        self.sent = sent
 
 
 class Transport(tp.Protocol):
     async def send(self, url: str, body: dict[str, tp.Any]) -> Reply: ...
 
     async def aclose(self) -> None: ...
+
+
+PROBE_PATH = "/health"  # llama-server's (and vLLM's) liveness page; any other server answers it too, if only 404
+
+
+def probe_verdict(status: int) -> str | None:
+    """What an HTTP answer to a probe says: None (the server answers: it serves again), or why not yet (5xx: e.g.
+    llama-server's 503 while it loads a model)."""
+    return None if status < 500 else f"{PROBE_PATH} answered {status}"
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -103,13 +114,19 @@ class RawTransport:
             str(len(data)).encode() + b"\r\n\r\n" + data
         try:
             async with _timeout(self.timeout):
+                written = False  # on a kept-alive connection that then closed: the server may have read it
                 while self._idle:
                     conn = self._idle.pop()
                     try:
                         return await self._exchange(conn, request)
                     except _StaleConnection:
+                        written = True
                         continue  # the server closed an idle connection: use another
-                conn = await asyncio.open_connection(self.host, self.port)
+                try:
+                    conn = await asyncio.open_connection(self.host, self.port)
+                except OSError as exc:
+                    raise TransportError("connect", exc.strerror or str(exc) or type(exc).__name__,
+                                         sent=written) from None
                 try:
                     return await self._exchange(conn, request)
                 except _StaleConnection as exc:
@@ -186,6 +203,29 @@ class RawTransport:
             _, writer = self._idle.pop()
             writer.close()
 
+    async def probe(self) -> str | None:
+        """One GET of :data:`PROBE_PATH` on a new connection: None when the server answers, else why not."""
+        request = (b"GET " + (self.prefix + PROBE_PATH).encode() + b" HTTP/1.1\r\n" +
+                   self._head.split(b"Content-Type:")[0] + b"Connection: close\r\n\r\n")
+        writer = None
+        try:
+            async with _timeout(self.timeout):
+                reader, writer = await asyncio.open_connection(self.host, self.port)
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                return probe_verdict(int(head.split(b" ", 2)[1]))
+        except TimeoutError:
+            return f"no answer within {self.timeout:g} s"
+        except asyncio.IncompleteReadError:
+            return "the server closed the connection without answering"
+        except OSError as exc:
+            return exc.strerror or str(exc) or type(exc).__name__
+        except (ValueError, IndexError, asyncio.LimitOverrunError):
+            return "malformed HTTP reply"
+        finally:
+            if writer is not None:
+                writer.close()
+
 
 class _StaleConnection(Exception):
     pass
@@ -205,6 +245,7 @@ class OpenAITransport:
         self.client = openai.AsyncOpenAI(base_url=endpoint.openai_base_url, api_key=endpoint.api_key or "none",
                                          max_retries=0, timeout=timeout)
         self.timeout = timeout
+        self._root = endpoint.url.rstrip("/")  # an absolute URL: the probe's page is not under /v1
 
     async def send(self, url: str, body: dict[str, tp.Any]) -> Reply:
         openai = self._openai
@@ -219,8 +260,23 @@ class OpenAITransport:
             raise TransportError("timeout", f"no answer within {self.timeout:g} s") from None
         except openai.APIConnectionError as exc:
             cause = exc.__cause__
-            raise TransportError("connect", str(cause) if cause else str(exc)) from None
+            raise TransportError("connect", str(cause) if cause else str(exc),
+                                 sent=not isinstance(cause, self._httpx.ConnectError)) from None
         return Reply(resp.status_code, resp.content, resp.headers.get("x-request-id"))
+
+    async def probe(self) -> str | None:
+        """One GET of :data:`PROBE_PATH`: None when the server answers, else why not."""
+        openai = self._openai
+        try:
+            resp = await self.client.get(self._root + PROBE_PATH, cast_to=self._httpx.Response)
+        except openai.APIStatusError as exc:
+            return probe_verdict(exc.response.status_code)
+        except openai.APITimeoutError:
+            return f"no answer within {self.timeout:g} s"
+        except openai.APIConnectionError as exc:
+            cause = exc.__cause__
+            return str(cause) if cause else str(exc)
+        return probe_verdict(resp.status_code)
 
     async def aclose(self) -> None:
         await self.client.close()

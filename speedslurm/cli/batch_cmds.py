@@ -54,6 +54,9 @@ def batch_options(fn: tp.Callable[..., tp.Any]) -> tp.Callable[..., tp.Any]:
         click.option("--retries", type=click.IntRange(min=0), default=5, show_default=True,
                      help="Retries per request for transient errors (connection, timeout, 429, 5xx)."),
         click.option("--skip-invalid", is_flag=True, help="Write an error line for each invalid prompt line and go on."),
+        click.option("--retry-suspected", is_flag=True,
+                     help="Send again the requests an earlier run suspected of crashing their server (in flight on "
+                          "2 replicas that died); without it they are skipped."),
         click.option("--client", type=click.Choice(["raw", "openai"]), default="raw", show_default=True,
                      help="HTTP client: lean keep-alive HTTP/1.1, or the openai package's AsyncOpenAI."),
         click.option("--no-lock", is_flag=True,
@@ -67,13 +70,16 @@ def batch_options(fn: tp.Callable[..., tp.Any]) -> tp.Callable[..., tp.Any]:
     return fn
 
 
-def options_from(kw: dict[str, tp.Any]) -> BatchOptions:
+def options_from(kw: dict[str, tp.Any], outage: float | None = None) -> BatchOptions:
+    """The batch's options from the shared flags; ``outage``: run.outage_s (else BatchOptions' default)."""
     from ..batch.runner import BatchOptions
 
+    extra: dict[str, tp.Any] = {} if outage is None else {"outage": outage}
     return BatchOptions(max_tokens=kw["max_tokens"], temperature=kw["temperature"], system=kw["system"],
                         concurrency=kw["concurrency"], timeout=kw["timeout"], retries=kw["retries"],
                         skip_invalid=kw["skip_invalid"], quiet=kw["quiet"] or kw["json_mode"], client=kw["client"],
-                        lock=not kw.get("no_lock", False))
+                        lock=not kw.get("no_lock", False), retry_suspected=kw.get("retry_suspected", False),
+                        **extra)
 
 
 @cli.command("run", epilog=BATCH_EXIT_STATUSES)
@@ -113,7 +119,7 @@ def run_cmd(ctx: click.Context, deployment_id: str | None, endpoint_files: tuple
     api_key = _api_key(ctx, api_key, api_key_file, base_url)
     from ..batch.runner import prepare_batch
 
-    options = options_from(kw)
+    options = options_from(kw, settings_from(ctx).run.outage_s)
     prepared = prepare_batch(kw["prompts"], kw["out"], options)
     try:
         if base_url:
@@ -212,7 +218,15 @@ def execute(source: EndpointSource, prepared: tp.Any, options: BatchOptions, jso
         # Exit 3, not 0: a script must be able to tell a batch with error lines from a complete one.
         raise RequestsFailed(f"the batch finished, but {summary.failed} of {summary.ok + summary.failed} "
                              f"request(s) failed (error lines in {summary.results_path})",
-                             fix="run the same command again to retry them")
+                             fix="run the same command again to retry them"
+                             + (" (add --retry-suspected to send those suspected of crashing their server too)"
+                                if summary.suspected else ""))
+    if summary.suspected_skipped:
+        n = summary.suspected_skipped
+        raise RequestsFailed(f"the batch finished, but {n} request(s) suspected of crashing their server in an "
+                             f"earlier run were not sent: {summary.suspected_line()}",
+                             fix="once the server is fixed (or to try them anyway), run the same command again with "
+                                 "--retry-suspected")
     return summary
 
 

@@ -42,7 +42,7 @@ def submit_cmd(ctx: click.Context, model: str, executor: str | None, nodes: int 
     """
     from .. import api
 
-    options = options_from(kw)
+    options = options_from(kw, settings_from(ctx).run.outage_s)
     json_mode = bool(kw["json_mode"])
     err = err_console()
     again = resume_command()

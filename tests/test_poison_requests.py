@@ -1,0 +1,212 @@
+"""A request that crashes its server: after two replicas died with it in flight it gets an error line and is not
+sent again; a later run into the same results file names it and skips it unless asked (--retry-suspected)."""
+
+from __future__ import annotations
+
+import json
+import typing as tp
+from pathlib import Path
+
+import pytest
+import records
+from rich.console import Console
+
+from devtools.stubserver import StubServer, _App
+from speedslurm.batch import (
+    BatchFailed,
+    BatchOptions,
+    RunDirSource,
+    StaticSource,
+    Summary,
+    final_view,
+    prepare_batch,
+    run_batch,
+)
+from speedslurm.rundir import Endpoint, RunDir, write_json_atomic
+
+KEY = "poison-key"
+FAST: dict[str, tp.Any] = dict(poll_interval=0.02, backoff_base=0.01, backoff_max=0.05, settle=0.3, quiet=True,
+                               timeout=20.0, probe_base=0.01, probe_max=0.05)
+POISON = "POISON"
+
+
+class CrashingServer(StubServer):
+    """The stand-in for a llama-server that crashes on one request: on a completion request whose body holds
+    POISON it stops listening and resets every connection (what a crashed server looks like), then its job side
+    writes the replica's failed.json, as the leader role does when llama-server exits."""
+
+    def __init__(self, run_dir: RunDir, replica: int, **config: tp.Any) -> None:
+        super().__init__(api_key=KEY, **config)
+        self.poisoned = 0
+        server = self
+        rd = run_dir
+
+        class App(_App):
+            def handle(self, conn: tp.Any, method: str, path: str, auth: bytes, body: bytes, close: bool) -> None:
+                if method == "POST" and POISON.encode() in body:
+                    server.poisoned += 1
+                    server.close_now()
+                    write_json_atomic(rd.failed_path(replica), records.failed(
+                        role="leader", node=f"n{replica}", exit_code=-11, reason="llama-server crashed (SIGSEGV)"))
+                    return
+                super().handle(conn, method, path, auth, body, close)
+
+        self.app = App(self.config)
+
+
+def endpoint(url: str, replica: int, job: str = "1") -> Endpoint:
+    return Endpoint(url=url, api_key=KEY, model="stub-model", deployment_id="d", replica=replica, job_id=job,
+                    leader_node="127.0.0.1", follower_nodes=[], rpc_servers=[], llama_version="stub", parallel=2,
+                    ctx=4096, started_at=0.0, ready_at=0.0)
+
+
+def deploy(folder: Path, replicas: int, **config: tp.Any) -> tuple[RunDir, list[CrashingServer]]:
+    """A run directory whose replicas are crashing stand-ins, each READY (its endpoint.json written)."""
+    rd = RunDir(folder)
+    servers = [CrashingServer(rd, r, **config).start() for r in range(replicas)]
+    for r, srv in enumerate(servers):
+        rd.replica_dir(r).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(rd.endpoint_path(r), endpoint(srv.url, r).to_json())
+    return rd, servers
+
+
+def prompts_file(tmp_path: Path, n: int, poison: tp.Iterable[int]) -> Path:
+    bad = set(poison)
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"custom_id": f"q{i}", "prompt": f"{POISON} {i}" if i in bad else f"q {i}"})
+                            + "\n" for i in range(n)))
+    return path
+
+
+def run(source: tp.Any, prompts: Path, out: Path, **kw: tp.Any) -> Summary:
+    options = BatchOptions(**{**FAST, **kw})
+    prepared = prepare_batch(prompts, out, options)
+    try:
+        return run_batch(source, prepared, options, Console(stderr=True, quiet=True))
+    finally:
+        prepared.close()
+
+
+def lines(path: Path) -> list[dict[str, tp.Any]]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def ok_ids(path: Path) -> list[str]:
+    return [r["custom_id"] for r in lines(path) if r["response"] and r["response"]["status_code"] == 200]
+
+
+def test_a_request_that_kills_two_replicas_gets_an_error_line_and_the_third_serves_the_rest(tmp_path: Path) -> None:
+    n = 60
+    prompts = prompts_file(tmp_path, n, poison=[7])
+    out = tmp_path / "out.jsonl"
+    rd, servers = deploy(tmp_path / "dep", 3, latency=0.01)
+    try:
+        s = run(RunDirSource(rd, 3), prompts, out)
+    finally:
+        for srv in servers:
+            srv.stop()
+    # it crashed two servers and was never sent to the third
+    assert sum(srv.poisoned for srv in servers) == 2
+    assert sorted(srv.poisoned for srv in servers) == [0, 1, 1]
+    assert len(s.failed_replicas) == 2 and all("crashed (SIGSEGV)" in w for w in s.failed_replicas.values())
+    assert (s.ok, s.failed, s.errors, s.suspected, s.status) == (n - 1, 1, {"suspected_crash": 1}, ["q7"],
+                                                                 "completed")
+    ok = ok_ids(out)
+    assert sorted(ok) == sorted(f"q{i}" for i in range(n) if i != 7) and len(ok) == len(set(ok))
+    err = final_view(out)["q7"]["error"]
+    assert err["code"] == "suspected_crash"
+    assert "in flight on 2 replicas that died" in err["message"] and "SIGSEGV" in err["message"]
+    assert "--retry-suspected" in err["message"]
+    assert [r["custom_id"] for r in lines(out) if r["error"]] == ["q7"]  # one error line, for it alone
+
+
+def test_a_rerun_names_the_suspect_skips_it_and_sends_it_only_when_asked(tmp_path: Path) -> None:
+    n = 12
+    prompts = prompts_file(tmp_path, n, poison=[3])
+    out = tmp_path / "out.jsonl"
+    rd, servers = deploy(tmp_path / "dep", 2)
+    try:
+        with pytest.raises(BatchFailed, match="every replica failed"):
+            run(RunDirSource(rd, 2), prompts, out)
+    finally:
+        for srv in servers:
+            srv.stop()
+    assert final_view(out)["q3"]["error"]["code"] == "suspected_crash"
+    with StubServer(api_key=KEY) as stub:  # a new server: the suspect is not sent to it
+        again = run(StaticSource(endpoint(stub.url, 0)), prompts, out)
+        received = stub.stats.received
+    assert again.suspected == ["q3"] and again.suspected_skipped == 1 and received == n - 1 - again.skipped
+    assert again.ok + again.skipped == n - 1 and again.failed == 0 and again.remaining == 1
+    assert again.to_json()["suspected"] == {"ids": ["q3"], "skipped": 1}
+    with StubServer(api_key=KEY) as stub:  # asked: it is sent (this server does not crash on it)
+        asked = run(StaticSource(endpoint(stub.url, 0)), prompts, out, retry_suspected=True)
+        assert stub.stats.received == 1
+    assert (asked.ok, asked.skipped, asked.suspected, asked.remaining) == (1, n - 1, [], 0)
+    assert final_view(out)["q3"]["response"]["status_code"] == 200
+
+
+def test_one_replica_two_runs_a_death_each_then_the_third_run_skips_it(tmp_path: Path) -> None:
+    """With one replica every crash fails the run; the death is written down (replica_died), so the second
+    crash, in the next run, makes it a suspect, and the run after that completes without it."""
+    n = 10
+    prompts = prompts_file(tmp_path, n, poison=[4])
+    out = tmp_path / "out.jsonl"
+    for attempt in (1, 2):
+        rd, servers = deploy(tmp_path / f"dep{attempt}", 1)
+        try:
+            with pytest.raises(BatchFailed, match="every replica failed"):
+                run(RunDirSource(rd, 1), prompts, out)
+        finally:
+            servers[0].stop()
+        assert servers[0].poisoned == 1
+        last = final_view(out)["q4"]["error"]
+        if attempt == 1:
+            assert last["code"] == "replica_died" and "in flight on 1 replica that died" in last["message"]
+        else:
+            assert last["code"] == "suspected_crash"
+            assert "in flight on 2 replicas that died" in last["message"] and "1 in an earlier run" in last["message"]
+    with StubServer(api_key=KEY) as stub:
+        s = run(StaticSource(endpoint(stub.url, 0)), prompts, out)
+    assert s.suspected == ["q4"] and s.suspected_skipped == 1 and s.ok + s.skipped == n - 1
+    assert sorted(set(ok_ids(out))) == sorted(f"q{i}" for i in range(n) if i != 4)
+
+
+def test_cli_rerun_lists_the_suspect_and_exits_3_and_retry_suspected_sends_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from speedslurm.cli import main
+
+    prompts = prompts_file(tmp_path, 5, poison=[1])
+    out = tmp_path / "out.jsonl"
+    rd, servers = deploy(tmp_path / "dep", 2)
+    try:
+        with pytest.raises(BatchFailed):
+            run(RunDirSource(rd, 2), prompts, out)
+    finally:
+        for srv in servers:
+            srv.stop()
+
+    def cli(*args: str) -> tuple[int, str, str]:
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        o, e = capsys.readouterr()
+        return code, o, e
+
+    done_before = len(ok_ids(out))
+    with StubServer() as stub:
+        code, _, err = cli("run", "--base-url", stub.url, "--prompts", str(prompts), "--out", str(out))
+        assert code == 3, err
+        assert stub.stats.received == 5 - 1 - done_before  # all but the suspect and those done
+        flat = " ".join(err.split())
+        assert "1 request suspected of crashing its server in an earlier run" in flat and "q1" in flat
+        assert "--retry-suspected" in flat
+        code, out_json, err = cli("run", "--base-url", stub.url, "--prompts", str(prompts), "--out", str(out),
+                                  "--json")
+        assert code == 3 and json.loads(out_json)["suspected"] == {"ids": ["q1"], "skipped": 1}
+        before = stub.stats.received
+        code, _, err = cli("run", "--base-url", stub.url, "--prompts", str(prompts), "--out", str(out),
+                           "--retry-suspected")
+        assert code == 0, err
+        assert stub.stats.received == before + 1
