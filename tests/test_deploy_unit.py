@@ -6,9 +6,9 @@ from pathlib import Path
 
 import records
 
-from speedslurm.deploy import Deployment, deployment_state, replica_statuses
-from speedslurm.rundir import Endpoint, RunDir, make_private_dir, write_json_atomic
-from speedslurm.slurm import JobState
+from speedslurm.cluster.slurm import JobState
+from speedslurm.deployments.lifecycle import Deployment, deployment_state, replica_statuses
+from speedslurm.rundir.layout import Endpoint, RunDir, make_private_dir, write_json_atomic
 
 
 def _dep(tmp_path: Path, job_ids: list[str], replicas: int = 1) -> Deployment:
@@ -68,7 +68,7 @@ def test_array_replicas_and_pending_array(tmp_path: Path) -> None:
 
 
 def test_status_probe_asks_slurm_at_most_once_a_second(tmp_path: Path, monkeypatch) -> None:
-    from speedslurm import deploy
+    from speedslurm.deployments import lifecycle as deploy
 
     dep = _dep(tmp_path, ["7"])
     calls = []
@@ -96,7 +96,7 @@ def test_a_completing_job_no_longer_serves(tmp_path: Path) -> None:
 
 
 def test_a_job_gone_from_the_queue_has_ended_even_without_accounting(monkeypatch) -> None:
-    from speedslurm import slurm
+    from speedslurm.cluster import slurm
     from speedslurm.errors import CommandError
 
     def fake_call(argv, **kw):
@@ -115,7 +115,7 @@ def test_a_job_gone_from_the_queue_has_ended_even_without_accounting(monkeypatch
 
 
 def test_an_unreachable_controller_is_not_taken_for_an_ended_job(monkeypatch) -> None:
-    from speedslurm import slurm
+    from speedslurm.cluster import slurm
     from speedslurm.errors import CommandError
 
     def fake_call(argv, **kw):

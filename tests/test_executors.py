@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import records
 
-from speedslurm import executors, slurm
-from speedslurm.deploy import Deployment, down, replica_statuses
+from speedslurm.cluster import executor as executors
+from speedslurm.cluster import slurm
+from speedslurm.deployments.lifecycle import Deployment, down, replica_statuses
 from speedslurm.errors import UsageError
-from speedslurm.rundir import RunDir, make_private_dir
+from speedslurm.rundir.layout import RunDir, make_private_dir
 
-PACKAGE = Path(executors.__file__).parent
+PACKAGE = Path(executors.__file__).parent.parent
 
 
 def _dep(tmp_path: Path, executor: str, job_ids: list[str], replicas: int = 1, **info: object) -> Deployment:
@@ -45,8 +46,9 @@ def test_an_unknown_executor_is_refused_with_the_choices() -> None:
 
 def test_no_client_module_branches_on_the_executors_name() -> None:
     """deploy, status, waiting and the API ask the executor; only executors.py knows the names."""
-    for module in ("deploy.py", "deployment.py", "status.py", "waiting.py", "api/deployments.py", "cli/deploy_cmds.py",
-                   "cli/submit_cmd.py", "cli/batch_cmds.py"):
+    for module in ("deployments/lifecycle.py", "deployments/record.py", "deployments/status.py",
+                   "deployments/waiting.py", "api/deployments.py", "cli/deploy_cmds.py", "cli/submit_cmd.py",
+                   "cli/batch_cmds.py"):
         text = (PACKAGE / module).read_text()
         found = re.findall(r"""executor\s*[!=]=\s*["'](?:local|slurm)["']""", text)
         assert found == [], f"{module} branches on the executor's name: {found}"

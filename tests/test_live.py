@@ -17,7 +17,7 @@ import localhttp
 import pytest
 from rich.console import Console
 
-from speedslurm import live
+from speedslurm.deployments import live
 from speedslurm.errors import UsageError
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -152,8 +152,9 @@ def test_a_refreshing_view_asks_slurm_less_and_less_while_nothing_changes(tmp_pa
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import records
 
-    from speedslurm import deploy, slurm
-    from speedslurm.rundir import RunDir, make_private_dir
+    from speedslurm.cluster import slurm
+    from speedslurm.deployments import lifecycle as deploy
+    from speedslurm.rundir.layout import RunDir, make_private_dir
 
     calls: list[str] = []
 
@@ -178,9 +179,10 @@ def test_status_watch_refreshes_without_asking_slurm_each_time(tmp_path: Path, m
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     import records
 
-    from speedslurm import deploy, slurm
     from speedslurm.cli import main
-    from speedslurm.rundir import RunDir, make_private_dir
+    from speedslurm.cluster import slurm
+    from speedslurm.deployments import lifecycle as deploy
+    from speedslurm.rundir.layout import RunDir, make_private_dir
 
     calls: list[str] = []
 
@@ -209,7 +211,7 @@ def test_a_batch_publishes_its_progress_in_the_run_directory(tmp_path: Path) -> 
 
     from devtools.stubserver import StubServer
     from speedslurm.batch.sources import RunDirSource
-    from speedslurm.rundir import RunDir
+    from speedslurm.rundir.layout import RunDir
 
     prompts = prompts_file(tmp_path, 60)
     rd = RunDir(tmp_path / "dep")
@@ -249,7 +251,7 @@ def test_top_on_a_terminal_shows_every_view(tmp_path: Path, term: str) -> None:
     import records
     from terminal import on_a_terminal
 
-    from speedslurm.rundir import RunDir, make_private_dir
+    from speedslurm.rundir.layout import RunDir, make_private_dir
 
     bin_dir = tmp_path / "bin"  # Slurm, as squeue answers for a job waiting in the queue
     bin_dir.mkdir()

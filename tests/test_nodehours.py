@@ -14,10 +14,12 @@ import pytest
 import records
 from rich.console import Console
 
-from speedslurm import deploy, nodehours, slurm
 from speedslurm.batch.summary import Summary
-from speedslurm.contract import Endpoint
-from speedslurm.rundir import RunDir, make_private_dir
+from speedslurm.cluster import slurm
+from speedslurm.deployments import lifecycle as deploy
+from speedslurm.deployments import nodehours
+from speedslurm.rundir.layout import RunDir, make_private_dir
+from speedslurm.rundir.records import Endpoint
 
 # What the bed's sacct printed for a hetjob (1 leader node + 2 follower nodes) cancelled after 45 s, and what a
 # GPU cluster's AllocTRES looks like.

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import records
 
-from speedslurm import deploy, slurm
 from speedslurm.batch.sources import RunDirSource
+from speedslurm.cluster import slurm
+from speedslurm.deployments import lifecycle as deploy
 from speedslurm.errors import CommandError
 from speedslurm.polling import Backoff
-from speedslurm.rundir import RunDir, make_private_dir
+from speedslurm.rundir.layout import RunDir, make_private_dir
 
 
 class Clock:

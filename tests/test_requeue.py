@@ -15,12 +15,13 @@ from test_batch_runner import KEY, assert_exactly_once_ok, endpoint, prompts_fil
 from test_deploy_unit import _dep, _endpoint
 
 from devtools.stubserver import StubServer
-from speedslurm import jobside, slurm
 from speedslurm.batch import RunDirSource
-from speedslurm.contract import Failed
-from speedslurm.deploy import replica_statuses
-from speedslurm.rundir import RunDir, write_json_atomic
-from speedslurm.slurm import JobState
+from speedslurm.cluster import slurm
+from speedslurm.cluster.slurm import JobState
+from speedslurm.deployments.lifecycle import replica_statuses
+from speedslurm.node import roles as jobside
+from speedslurm.rundir.layout import RunDir, write_json_atomic
+from speedslurm.rundir.records import Failed
 
 
 def test_the_job_side_takes_only_files_of_its_own_start(monkeypatch: pytest.MonkeyPatch) -> None:

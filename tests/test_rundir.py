@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from speedslurm.errors import UsageError
-from speedslurm.rundir import (
+from speedslurm.rundir.layout import (
     Endpoint,
     RunDir,
     check_parent_not_world_writable,

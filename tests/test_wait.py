@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from speedslurm.deploy import ReplicaStatus, wait_ready
+from speedslurm.deployments.lifecycle import ReplicaStatus, wait_ready
 from speedslurm.errors import DeploymentFailed
 
 

@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 if tp.TYPE_CHECKING:
-    from ..rundir import Endpoint
+    from ..rundir.layout import Endpoint
 
 
 def percentile(values: tp.Sequence[float], q: float) -> float | None:
@@ -47,7 +47,7 @@ class Summary:
     per_replica: dict[int, int] = dataclasses.field(default_factory=dict)
     failed_replicas: dict[int, str] = dataclasses.field(default_factory=dict)
     errors: dict[str, int] = dataclasses.field(default_factory=dict)  # error code -> count
-    # The node-hours (GPU-hours) its deployment held over the run, and their source (speedslurm.nodehours).
+    # The node-hours (GPU-hours) its deployment held over the run, and their source (speedslurm.deployments.nodehours).
     usage: dict[str, tp.Any] | None = None
     # The deployments that served it (one, or several when one handed over to a successor before its time
     # limit): per deployment its id, job ids, replicas (as the run numbers them), requests served, and when it was

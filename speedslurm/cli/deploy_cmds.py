@@ -10,10 +10,10 @@ import typing as tp
 import click
 
 from .. import api
-from .. import deploy as dp
+from ..deployments import lifecycle as dp
 from ..errors import UsageError
-from ..plan import describe_plan
-from ..settings import describe
+from ..planning.plan import describe_plan
+from ..settings.settings import describe
 from . import cli
 from .common import err_console, is_tty, json_option, out_console, print_json, settings_from, styled
 
@@ -49,8 +49,8 @@ def models_group(ctx: click.Context, as_json: bool) -> None:
     """List the model registry: name, files, size on disk, nodes needed at the default context."""
     if ctx.invoked_subcommand is not None:
         return
-    from ..models import model_rows, resolve_model
-    from ..plan import make_plan
+    from ..model.registry import model_rows, resolve_model
+    from ..planning.plan import make_plan
 
     settings = settings_from(ctx)
     rows = model_rows(settings)
@@ -103,8 +103,8 @@ def _model_options(f: tp.Callable[..., tp.Any]) -> tp.Callable[..., tp.Any]:
 def plan_cmd(ctx: click.Context, model: str, executor: str | None, nodes: int | None, replicas: int,
              ctx_size: int | None, time_limit: str | None, as_json: bool) -> None:
     """Print the plan and the exact job it would submit; submits nothing."""
-    from ..executors import get
-    from ..rundir import RunDir
+    from ..cluster.executor import get
+    from ..rundir.layout import RunDir
 
     settings = settings_from(ctx)
     plan, binaries = dp.prepare(settings, model, nodes=nodes, replicas=replicas, ctx=ctx_size,
@@ -214,7 +214,7 @@ def _age(seconds: float) -> str:
 def _status_rows(settings: tp.Any, ident: str | None, show_all: bool,
                  probe: tp.Callable[[list[dp.Deployment]], list[list[dp.ReplicaStatus]]] | None = None,
                  with_metrics: bool = False) -> list[dict[str, tp.Any]]:
-    from ..nodehours import deployment_usage, replica_usage
+    from ..deployments.nodehours import deployment_usage, replica_usage
 
     deps = [dp.find_deployment(settings, ident)] if ident else dp.list_deployments(settings)
     rows = []
@@ -238,7 +238,7 @@ def _status_rows(settings: tp.Any, ident: str | None, show_all: bool,
             rep.update(node_hours=round(held["node_hours"], 4), gpu_hours=held["gpu_hours"],
                        node_hours_source=held["source"])
         if with_metrics and state == "READY":
-            from ..live import snapshot
+            from ..deployments.live import snapshot
 
             load = {r["replica"]: r["metrics"] for r in snapshot(dep, statuses)["replicas"]}
             for rep in rows[-1]["replicas"]:
@@ -264,7 +264,7 @@ def status_cmd(ctx: click.Context, ident: str | None, watch: bool, interval: flo
         rows = _status_rows(settings, ident, show_all)
         print_json(rows) if as_json else _print_status(rows)
         return
-    from ..live import StatusesProbe
+    from ..deployments.live import StatusesProbe
 
     probe = StatusesProbe()
     shown = 0
@@ -352,7 +352,7 @@ def endpoint_cmd(ctx: click.Context, ident: str, as_env: bool, show_key: bool, r
 @click.pass_context
 def logs_cmd(ctx: click.Context, ident: str, role: str, replica: int | None, lines: int, follow: bool) -> None:
     """Print the logs of a deployment's llama-server (leader) and rpc-servers (followers)."""
-    from ..jobside import log_tail
+    from ..node.roles import log_tail
 
     settings = settings_from(ctx)
     dep = dp.find_deployment(settings, ident)
