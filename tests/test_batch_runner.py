@@ -25,7 +25,8 @@ from speedslurm.batch import (
 )
 from speedslurm.batch.sources import describe_failure
 from speedslurm.errors import SpeedslurmError, UsageError
-from speedslurm.rundir.layout import Endpoint, RunDir, write_json_atomic
+from speedslurm.rundir.layout import RunDir
+from speedslurm.rundir.records import Endpoint, write_json_atomic
 
 KEY = "test-key"
 FAST: dict[str, tp.Any] = dict(poll_interval=0.05, backoff_base=0.01, backoff_max=0.05, settle=0.3, quiet=True,

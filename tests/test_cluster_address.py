@@ -23,7 +23,8 @@ import pytest
 from speedslurm.errors import ConfigError
 from speedslurm.model.registry import ModelSpec
 from speedslurm.node import roles as jobside
-from speedslurm.node.roles import RoleFailed, cluster_address
+from speedslurm.node.children import RoleFailed
+from speedslurm.node.net import cluster_address
 from speedslurm.planning.plan import make_plan
 from speedslurm.rundir.records import SCHEMA, DeploymentRecord
 from speedslurm.settings.settings import load_settings

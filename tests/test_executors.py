@@ -13,9 +13,11 @@ import records
 
 from speedslurm.cluster import executor as executors
 from speedslurm.cluster import slurm
-from speedslurm.deployments.lifecycle import Deployment, down, replica_statuses
+from speedslurm.cluster.registry import NAMES, executor_for, get, live_job_ids
+from speedslurm.deployments.lifecycle import down
+from speedslurm.deployments.status import replica_statuses
 from speedslurm.errors import UsageError
-from speedslurm.rundir.layout import RunDir, make_private_dir
+from speedslurm.rundir.layout import Deployment, RunDir, make_private_dir
 
 PACKAGE = Path(executors.__file__).parent.parent
 
@@ -32,14 +34,14 @@ def test_both_executors_implement_the_whole_interface() -> None:
     abstract = {name for name, member in inspect.getmembers(executors.Executor)
                 if getattr(member, "__isabstractmethod__", False)}
     assert abstract == {"nodes_available", "submit", "live_job_ids", "job_states", "views", "cancel"}
-    for name in executors.NAMES:
-        ex = executors.get(name)
+    for name in NAMES:
+        ex = get(name)
         assert ex.name == name and not inspect.isabstract(type(ex))
 
 
 def test_an_unknown_executor_is_refused_with_the_choices() -> None:
     with pytest.raises(UsageError) as err:
-        executors.get("kubernetes")
+        get("kubernetes")
     assert err.value.message == "unknown executor 'kubernetes'"
     assert err.value.fix == "use --executor slurm or --executor local"
 
@@ -62,11 +64,11 @@ def test_local_replica_whose_processes_are_gone_has_ended_and_costs_slurm_nothin
     monkeypatch.setattr(slurm, "job_states", no_slurm)
     dead = os.getpid() + 10_000_000  # no such process
     dep = _dep(tmp_path, "local", [str(dead)])
-    view = executors.executor_for(dep).views(dep)[0]
+    view = executor_for(dep).views(dep)[0]
     assert (view.job_state, view.final, view.gone, view.nodes) == ("ENDED", True, "gone", "localhost")
     st = replica_statuses(dep)[0]
     assert (st.state, st.why, st.restarts) == ("ENDED", "its processes are gone", None)
-    assert executors.live_job_ids(dep) == []
+    assert live_job_ids(dep) == []
     # Nothing ran: down cancels nothing and the deployment is not marked cancelled.
     assert down(dep) == [str(dead)] and "cancelled_at" not in dep.reload().info
 
@@ -78,5 +80,5 @@ def test_slurm_cancel_names_each_job_once_by_its_base_id(tmp_path: Path, monkeyp
     dep = _dep(tmp_path, "slurm", ["41_0", "41_1"], replicas=2)
     assert down(dep) == ["41_0", "41_1"]
     assert cancelled == [["41", "41"]] and dep.reload().info["cancelled_at"]
-    views = executors.executor_for(dep).views(dep, {})
+    views = executor_for(dep).views(dep, {})
     assert [(v.job_id, v.unsubmitted) for v in views] == [("41_0", False), ("41_1", False)]

@@ -16,7 +16,7 @@ from speedslurm.api.handover import HandoverSource
 from speedslurm.batch import BatchOptions, prepare_batch, run_batch
 from speedslurm.batch.sources import SourceState
 from speedslurm.cluster import slurm
-from speedslurm.rundir.layout import Endpoint
+from speedslurm.rundir.records import Endpoint
 
 KEY = "test-key"
 

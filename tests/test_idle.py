@@ -16,7 +16,7 @@ import pytest
 import records
 
 from speedslurm.cluster import slurm
-from speedslurm.deployments import lifecycle as deploy
+from speedslurm.deployments.status import statuses_of
 from speedslurm.errors import CommandError
 from speedslurm.node.children import Child, Stop
 from speedslurm.node.idle import (
@@ -27,7 +27,7 @@ from speedslurm.node.idle import (
     parse_duration,
     parse_metrics,
 )
-from speedslurm.rundir.layout import RunDir, make_private_dir
+from speedslurm.rundir.layout import Deployment, RunDir, make_private_dir
 from speedslurm.rundir.records import Failed
 
 # ------------------------------------------------------------------------------------------------ durations
@@ -258,12 +258,12 @@ def test_status_says_a_replica_ended_because_idle(tmp_path: Path, monkeypatch: p
         rd = RunDir(make_private_dir(tmp_path / name))
         info = records.deployment(rd.root, job_ids=[job], nodes=2)
         make_private_dir(rd.replica_dir(0))
-        deps.append(deploy.Deployment(rd, info))
+        deps.append(Deployment(rd, info))
     rd = deps[0].run_dir
     rd.failed_path(0).write_text(json.dumps(records.failed(
         job_id="300", cause="idle", reason="no request for 20s (llama.idle_timeout): llama-server and its "
         "rpc-servers stopped, the job ends and frees its nodes")))
-    rows = deploy.statuses_of(deps)
+    rows = statuses_of(deps)
     assert (rows[0][0].state, rows[0][0].why) == ("ENDED", "idle")
     assert rows[0][0].to_json()["failure"]["cause"] == "idle"
     assert (rows[1][0].state, rows[1][0].why) == ("ENDED", "completed")

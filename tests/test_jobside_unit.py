@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from speedslurm.node.roles import HEARTBEAT_MISSES, HeartbeatProbe, RoleFailed, start_heartbeat
+from speedslurm.node.children import RoleFailed
+from speedslurm.node.net import HEARTBEAT_MISSES, HeartbeatProbe, start_heartbeat
 from speedslurm.rundir.records import Follower
 
 
@@ -133,7 +134,7 @@ def test_a_server_whose_role_is_already_gone_does_not_run_on() -> None:
     """The fork/prctl race: when the role died before the child armed its death signal, the child exits."""
     import subprocess
 
-    from speedslurm.node.roles import die_with_parent
+    from speedslurm.node.children import die_with_parent
 
     orphan = subprocess.Popen(["sleep", "30"], preexec_fn=die_with_parent(parent=1), start_new_session=True)
     assert orphan.wait(10) == 1          # parent 1 is not the child's parent: it exits before exec

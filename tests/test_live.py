@@ -153,8 +153,7 @@ def test_a_refreshing_view_asks_slurm_less_and_less_while_nothing_changes(tmp_pa
     import records
 
     from speedslurm.cluster import slurm
-    from speedslurm.deployments import lifecycle as deploy
-    from speedslurm.rundir.layout import RunDir, make_private_dir
+    from speedslurm.rundir.layout import Deployment, RunDir, make_private_dir
 
     calls: list[str] = []
 
@@ -164,7 +163,7 @@ def test_a_refreshing_view_asks_slurm_less_and_less_while_nothing_changes(tmp_pa
 
     monkeypatch.setattr(slurm, "call", fake)
     rd = RunDir(make_private_dir(tmp_path / "d"))
-    dep = deploy.Deployment(rd, records.deployment(rd.root, replicas=1, job_ids=["42"], nodes=2))
+    dep = Deployment(rd, records.deployment(rd.root, replicas=1, job_ids=["42"], nodes=2))
     make_private_dir(rd.replica_dir(0))
     now = [0.0]
     probe = live.StatusesProbe(clock=lambda: now[0])
@@ -181,8 +180,7 @@ def test_status_watch_refreshes_without_asking_slurm_each_time(tmp_path: Path, m
 
     from speedslurm.cli import main
     from speedslurm.cluster import slurm
-    from speedslurm.deployments import lifecycle as deploy
-    from speedslurm.rundir.layout import RunDir, make_private_dir
+    from speedslurm.rundir.layout import Deployment, RunDir, make_private_dir
 
     calls: list[str] = []
 
@@ -194,7 +192,7 @@ def test_status_watch_refreshes_without_asking_slurm_each_time(tmp_path: Path, m
     monkeypatch.setenv("SPEEDSLURM_RUN__DIR", str(tmp_path))
     monkeypatch.setenv("SPEEDSLURM_PROFILE", "testbed")
     rd = RunDir(make_private_dir(tmp_path / "d"))
-    dep = deploy.Deployment(rd, records.deployment(rd.root, replicas=1, job_ids=["42"], nodes=2))
+    dep = Deployment(rd, records.deployment(rd.root, replicas=1, job_ids=["42"], nodes=2))
     make_private_dir(rd.replica_dir(0))
     try:
         main(["status", dep.id, "--watch", "--count", "3", "--interval", "0.2", "--json"])

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from speedslurm.cluster.local_executor import local_environment
 from speedslurm.cluster.localproc import ProcessIdentity, check, identify, signal_process
-from speedslurm.cluster.script import local_environment
 
 
 def _ss(env: dict[str, str], *args: str, timeout: float = 120, cwd: Path | None = None,

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from speedslurm.cluster.script import entry_command, render_job_script
+from speedslurm.cluster.script import render_job_script
+from speedslurm.cluster.submitit_adapter import entry_command
 from speedslurm.errors import UsageError
 from speedslurm.model.registry import ModelSpec, resolve_model
 from speedslurm.planning.plan import make_plan, parse_time_minutes

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from speedslurm.rundir.layout import Endpoint
+from speedslurm.rundir.records import Endpoint
 
 pytestmark = [pytest.mark.slurm, pytest.mark.llama]
 

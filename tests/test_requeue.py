@@ -18,10 +18,10 @@ from devtools.stubserver import StubServer
 from speedslurm.batch import RunDirSource
 from speedslurm.cluster import slurm
 from speedslurm.cluster.slurm import JobState
-from speedslurm.deployments.lifecycle import replica_statuses
+from speedslurm.deployments.status import replica_statuses
 from speedslurm.node import roles as jobside
-from speedslurm.rundir.layout import RunDir, write_json_atomic
-from speedslurm.rundir.records import Failed
+from speedslurm.rundir.layout import RunDir
+from speedslurm.rundir.records import Failed, current_epoch, write_json_atomic
 
 
 def test_the_job_side_takes_only_files_of_its_own_start(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -29,13 +29,13 @@ def test_the_job_side_takes_only_files_of_its_own_start(monkeypatch: pytest.Monk
     monkeypatch.delenv("SPEEDSLURM_JOB_ID", raising=False)
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
-    assert jobside.current_epoch() == 0
+    assert current_epoch() == 0
     def f(**kw: tp.Any) -> Failed:
         return Failed.from_json(records.failed(**kw))
 
     assert jobside._ours(f(job_id="7")) and jobside._ours(f(job_id="7", epoch=0))
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
-    assert jobside.current_epoch() == 2
+    assert current_epoch() == 2
     assert not jobside._ours(f(job_id="7"))  # the first start's follower file: a dead port now
     assert not jobside._ours(f(job_id="7", epoch=1))
     assert jobside._ours(f(job_id="7", epoch=2))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from speedslurm.settings.settings import configs_dir, package_defaults_path
+from speedslurm.settings.layers import configs_dir, package_defaults_path
 
 
 def _run(code: str, *args: str) -> list[str]:

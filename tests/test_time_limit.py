@@ -16,12 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from speedslurm.cluster.script import (
-    SLURM_CHECK_PERIOD_S,
-    DetachedLocalExecutor,
-    EntrySlurmExecutor,
-    signal_delay_s,
-)
+from speedslurm.cluster.script import SLURM_CHECK_PERIOD_S, signal_delay_s
+from speedslurm.cluster.submitit_adapter import DetachedLocalExecutor, EntrySlurmExecutor
 
 
 def _delay(minutes: int) -> int:
@@ -112,7 +108,7 @@ def test_servers_survive_the_warning_sent_to_the_whole_step(tmp_path: Path) -> N
     import signal
     import time
 
-    from speedslurm.node.roles import Child
+    from speedslurm.node.children import Child
 
     child = Child(["sleep", "30"], tmp_path / "server.log", env={"PATH": "/usr/bin:/bin"})
     try:

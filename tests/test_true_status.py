@@ -145,7 +145,7 @@ def _deployment(tmp_path: Path, name: str, job_ids: list[str], replicas: int = 1
 def _failed(rd: Path, job_id: str, replica: int = 0, **extra: tp.Any) -> None:
     import records
 
-    from speedslurm.rundir.layout import write_json_atomic
+    from speedslurm.rundir.records import write_json_atomic
 
     fields = {"job_id": job_id, "role": "leader", "rank": 0, "node": "n1", "exit_code": 1,
               "reason": "llama-server on n1 exited with code 1", "log_tail": "", "time": 1_700_000_100.0, **extra}
@@ -260,7 +260,7 @@ def test_a_rendered_array_knows_every_task_once_one_has_started(
 @pytest.mark.parametrize("ident", ["76", "76_1", "76_[0-1]", "dep-arr"])
 def test_every_command_takes_a_slurm_job_id(tmp_path: Path, fake_slurm: FakeSlurm,
                                             capsys: pytest.CaptureFixture[str], ident: str) -> None:
-    from speedslurm.deployments.lifecycle import find_deployment
+    from speedslurm.deployments.record import find_deployment
     from speedslurm.settings.settings import load_settings
 
     _deployment(tmp_path, "dep-arr", ["76_0", "76_1"], replicas=2)

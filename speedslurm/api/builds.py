@@ -46,7 +46,7 @@ def build_llama(options: tp.Any, *, timeout: float | None = None, node_check: bo
     not usable everywhere is returned (``.report.ok`` False; :meth:`Built.check` raises)."""
     from ..errors import SpeedslurmError
     from ..ops import buildllama as bl
-    from ..settings.settings import user_config_path
+    from ..settings.layers import user_config_path
 
     say = on_message or (lambda _text: None)
     if options.source is not None and not (options.source / "CMakeLists.txt").is_file():
@@ -63,7 +63,7 @@ def build_llama(options: tp.Any, *, timeout: float | None = None, node_check: bo
                           on_state=lambda state, elapsed: state_of(job_id, state, elapsed), timeout=timeout)
     build_s = time.monotonic() - started
     if final.state != "COMPLETED":
-        from ..node.roles import log_tail
+        from ..node.children import log_tail
 
         raise SpeedslurmError(f"build job {job_id} ended {final.state} after {build_s:.0f}s"
                               + (f" ({final.reason})" if final.reason else "")

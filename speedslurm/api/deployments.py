@@ -18,10 +18,10 @@ if tp.TYPE_CHECKING:
     from ..batch.runner import BatchOptions, PreparedBatch
     from ..batch.sources import EndpointSource
     from ..batch.summary import Summary
-    from ..deployments.lifecycle import Deployment as DeploymentRecord
-    from ..deployments.lifecycle import ReplicaStatus
+    from ..deployments.status import ReplicaStatus
     from ..planning.plan import Plan
-    from ..rundir.layout import Endpoint
+    from ..rundir.layout import Deployment as DeploymentRecord
+    from ..rundir.records import Endpoint
     from ..settings.settings import Settings
 
 OnUpdate = tp.Callable[["list[ReplicaStatus]", float], None]
@@ -84,16 +84,16 @@ class Deployment:
 
     def status(self) -> list[ReplicaStatus]:
         """Each replica's state (PENDING, STARTING, LOADING, READY, FAILED, ENDED, UNSUBMITTED) and why."""
-        from ..deployments import lifecycle as dp
+        from ..deployments.status import replica_statuses
 
-        return dp.replica_statuses(self.record)
+        return replica_statuses(self.record)
 
     @property
     def state(self) -> str:
         """The deployment's state: the best any replica reached (FAILED only when every replica failed)."""
-        from ..deployments import lifecycle as dp
+        from ..deployments.status import deployment_state
 
-        return dp.deployment_state(self.status())
+        return deployment_state(self.status())
 
     def wait_ready(self, timeout: float | None = None, *, until: str = "all",
                    on_update: OnUpdate | None = None) -> list[ReplicaStatus]:
@@ -103,14 +103,15 @@ class Deployment:
         (None: as long as the job waits in the queue). ``on_update(statuses, elapsed_s)`` is called at each look.
         The deployment keeps running either way: stop it, or leave the ``with`` block.
         """
-        from ..deployments import lifecycle as dp
+        from ..deployments.status import StatusProbe, failure_text
+        from ..deployments.waiting import wait_ready
 
         if until not in ("all", "first"):
             raise UsageError(f"until must be 'all' or 'first', got {until!r}", fix='use until="all" or until="first"')
-        statuses = dp.wait_ready(dp.StatusProbe(self.record), until=until, timeout=timeout,
+        statuses = wait_ready(StatusProbe(self.record), until=until, timeout=timeout,
                                  interval=min(self.settings.run.poll_interval_s, 0.05),  # a look costs ~1 ms
                                  on_update=on_update,
-                                 describe_failure=lambda s: dp.failure_text(self.record, s))
+                                 describe_failure=lambda s: failure_text(self.record, s))
         self._record_warm(statuses)
         return statuses
 
@@ -141,13 +142,13 @@ class Deployment:
 
     def endpoint(self, replica: int | None = None) -> Endpoint:
         """A ready replica's endpoint (``replica``, else the first ready one); :class:`UsageError` if none is."""
-        from ..deployments import lifecycle as dp
+        from ..deployments.status import deployment_state, deployment_why
 
         statuses = self.status()
         ready = [s for s in statuses if s.state == "READY" and s.endpoint
                  and (replica is None or s.replica == replica)]
         if not ready:
-            state, why = dp.deployment_state(statuses), dp.deployment_why(statuses)
+            state, why = deployment_state(statuses), deployment_why(statuses)
             raise UsageError(f"deployment {self.id} has no ready endpoint"
                              f"{'' if replica is None else f' for replica {replica}'}"
                              f" (state {state}{': ' + why if why else ''})",
@@ -173,21 +174,24 @@ class Deployment:
         """Cancel the deployment's jobs (or local processes) and wait up to ``wait`` seconds for them to end.
         ``cancelled`` leaves out the jobs that had ended already (``ended_before``); a deployment rendered but
         never submitted has nothing to cancel (state UNSUBMITTED)."""
+        from ..cluster.slurm_executor import find_submitted_job, needs_job_ids
         from ..deployments import lifecycle as dp
         from ..deployments.cleanup import held_signals, look
+        from ..deployments.status import deployment_state, deployment_why, replica_statuses
+        from ..deployments.waiting import wait_ended
 
         # From here on the cancel happens whatever arrives (Ctrl-C, SIGTERM, SIGHUP): a signal ends the look
         # before it (what the report says had ended already), and once the cancel is issued it skips the wait.
         with held_signals():
-            if dp.needs_job_ids(self.record) and not self.record.info.get("cancelled_at"):
-                dp.find_submitted_job(self.record)  # a rendered script's job: its id is what to cancel
-            before = look(lambda: dp.replica_statuses(self.record))
+            if needs_job_ids(self.record) and not self.record.info.get("cancelled_at"):
+                find_submitted_job(self.record)  # a rendered script's job: its id is what to cancel
+            before = look(lambda: replica_statuses(self.record))
             if before is not None and all(s.state == "UNSUBMITTED" for s in before):
-                return Stopped(self.id, [], "UNSUBMITTED", dp.deployment_why(before))
+                return Stopped(self.id, [], "UNSUBMITTED", deployment_why(before))
             over = sorted({s.job_id for s in before or [] if s.state in ("ENDED", "FAILED")})
             ids = [j for j in dp.down(self.record, before) if j not in over]
-        statuses = dp.wait_ended(self.record, timeout=wait)
-        return Stopped(self.id, ids, dp.deployment_state(statuses), dp.deployment_why(statuses), over)
+        statuses = wait_ended(self.record, timeout=wait)
+        return Stopped(self.id, ids, deployment_state(statuses), deployment_why(statuses), over)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -260,29 +264,30 @@ def _cancel(dep: Deployment) -> None:
 def connect(ident: str, settings: Settings | None = None) -> Deployment:
     """A deployment by its id, a unique prefix of it, or a Slurm job id (123, 123_4); :class:`UsageError`
     naming recent ones when none matches."""
-    from ..deployments import lifecycle as dp
+    from ..deployments.record import find_deployment
 
     s = _settings(settings)
-    return Deployment(dp.find_deployment(s, ident), s)
+    return Deployment(find_deployment(s, ident), s)
 
 
 def connect_running(settings: Settings | None = None) -> Deployment:
     """The one deployment that is not over (pending, starting, loading or ready); :class:`UsageError` naming
     them when there are several, or saying so when there is none."""
-    from ..deployments import lifecycle as dp
     from ..deployments.live import pick_live
+    from ..deployments.record import list_deployments
+    from ..deployments.status import statuses_of
 
     s = _settings(settings)
-    deps = dp.list_deployments(s)
-    return Deployment(pick_live(deps, dp.statuses_of(deps)), s)
+    deps = list_deployments(s)
+    return Deployment(pick_live(deps, statuses_of(deps)), s)
 
 
 def list_deployments(settings: Settings | None = None) -> list[Deployment]:
     """Every deployment in the run directory, oldest first."""
-    from ..deployments import lifecycle as dp
+    from ..deployments.record import list_deployments
 
     s = _settings(settings)
-    return [Deployment(d, s) for d in dp.list_deployments(s)]
+    return [Deployment(d, s) for d in list_deployments(s)]
 
 
 def deployment_source(dep: Deployment | DeploymentRecord) -> EndpointSource:

@@ -17,8 +17,8 @@ import urllib.request
 
 from ..errors import SpeedslurmError, UsageError
 from ..polling import Backoff
-from ..rundir.layout import Endpoint, RunDir
-from ..rundir.records import ContractError, Failed
+from ..rundir.layout import RunDir
+from ..rundir.records import ContractError, Endpoint, Failed
 
 DEFAULT_SLOTS = 4
 

@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 if tp.TYPE_CHECKING:
-    from ..rundir.layout import Endpoint
+    from ..rundir.records import Endpoint
 
 
 def percentile(values: tp.Sequence[float], q: float) -> float | None:

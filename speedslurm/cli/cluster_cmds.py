@@ -40,6 +40,7 @@ def render_cmd(ctx: click.Context, model: str, nodes: int | None, replicas: int,
     """
     from ..deployments import lifecycle as dp
     from ..deployments import render as rn
+    from ..deployments.record import binaries_record
     from ..rundir.layout import RunDir
 
     settings = settings_from(ctx)
@@ -51,7 +52,7 @@ def render_cmd(ctx: click.Context, model: str, nodes: int | None, replicas: int,
     rn.render_script(plan, RunDir(root), python)
     path = output or root / "job.sbatch"
     # status names the script to submit while no job of it is found, and finds a job by it in accounting.
-    record = {**rn.deployment_record(settings, plan, rn.binaries_record(binaries), root.name),
+    record = {**rn.deployment_record(settings, plan, binaries_record(binaries), root.name),
               "script": str(path.absolute())}
     rd = rn.create_run_dir(root, record, plan.replicas)
     script = rn.render_script(plan, rd, python)

@@ -16,28 +16,18 @@ submitit beyond its public surface lives in :mod:`speedslurm.cluster.submitit_ad
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
-import socket
 import sys
 import typing as tp
 
-from ..errors import CommandError, UsageError
+from ..errors import UsageError
 from ..planning.plan import Plan, check_script_values
 from ..planning.sbatchopts import as_parameters, sbatch_line
 from ..rundir.layout import RunDir
-from .localproc import ProcessIdentity, boot_id, identify
 from .submitit_adapter import (
-    DetachedLocalExecutor,
-    EntrySlurmExecutor,
-    ScriptSlurmExecutor,
-    entry_command,
     sbatch_text,
 )
-
-__all__ = ["SbatchRefused", "entry_command", "refusal", "refused_settings", "render_job_script", "slurm_parameters",
-           "submit_local", "submit_slurm"]
 
 # Slurm's SIGUSR2 warning before the time limit; the job side treats it like SIGTERM.
 SIGNAL_DELAY_S = 60
@@ -232,84 +222,6 @@ def refusal(plan: Plan, stderr: str) -> SbatchRefused:
     fix = ("check " + ", or ".join(parts) + "; `speedslurm plan` prints the job's #SBATCH lines") if parts else \
         "check the job's #SBATCH lines (`speedslurm plan` prints them) against what the cluster allows"
     return SbatchRefused(f"sbatch refused the job: {words}", fix, ordered[0] if ordered else None)
-
-
-def _refused(exc: BaseException) -> str | None:
-    """sbatch's stderr when ``exc`` is sbatch's refusal (it exited non-zero: nothing was queued), else None."""
-    import subprocess
-
-    from submitit.core.utils import FailedJobError
-
-    if isinstance(exc, FailedJobError) and isinstance(exc.__cause__, subprocess.CalledProcessError):
-        cause = exc.__cause__
-        if cause.cmd and str(cause.cmd[0]).endswith("sbatch"):
-            return str(cause.stderr or exc)
-    if isinstance(exc, CommandError) and exc.argv and exc.argv[0].endswith("sbatch") \
-            and exc.returncode not in (124, 127):  # not a timeout (the job may be queued), not a missing sbatch
-        return exc.stderr or exc.stdout
-    return None
-
-
-def submit_slurm(plan: Plan, run_dir: RunDir, fn: tp.Callable[..., tp.Any]) -> list[str]:
-    """Submit ``fn(run_dir, replica)`` for every replica; returns the Slurm job id(s) per replica.
-
-    :class:`SbatchRefused` (exit 2) when sbatch refuses the job, with its message and the setting to change."""
-    import contextlib
-    import io
-
-    try:
-        # submitit prints sbatch's stderr itself when it fails: it is said once, in the error below.
-        with contextlib.redirect_stderr(io.StringIO()):
-            return _submit_slurm(plan, run_dir, fn)
-    except Exception as exc:
-        stderr = _refused(exc)
-        if stderr is None:
-            raise
-        raise refusal(plan, stderr) from None
-
-
-def _submit_slurm(plan: Plan, run_dir: RunDir, fn: tp.Callable[..., tp.Any]) -> list[str]:
-    if plan.replicas == 1:
-        ex = ScriptSlurmExecutor(run_dir.submitit_dir, lambda command: render_job_script(plan, run_dir, command),
-                                 ntasks=plan.nodes)
-        job = ex.submit(fn, str(run_dir.root), 0)
-        return [str(job.job_id)]
-    # Arrays: submitit's own array path renders the same script as render_job_script (map_count = R).
-    ex_arr = EntrySlurmExecutor(folder=run_dir.submitit_dir, max_num_timeout=0)
-    ex_arr.update_parameters(**slurm_parameters(plan, run_dir), array_parallelism=plan.replicas)
-    jobs = ex_arr.map_array(fn, [str(run_dir.root)] * plan.replicas, list(range(plan.replicas)))
-    return [str(j.job_id) for j in jobs]
-
-
-def local_environment(environ: tp.Mapping[str, str]) -> dict[str, str]:
-    """The environment of local roles: ``environ`` without the variables of a Slurm job.
-
-    ``speedslurm up --executor local`` run inside an allocation (``salloc``, a batch script, ``srun``) would
-    hand its local roles SLURM_JOB_ID and the like; the job side would take that id for its own and write it
-    into every handshake file, which the client (expecting the controller's pid) would never accept, and
-    SLURMD_NODENAME would name a node instead of this machine. SLURM_CONF, the client configuration, stays.
-    """
-    return {k: v for k, v in environ.items()
-            if not ((k.startswith("SLURM_") and k != "SLURM_CONF") or k.startswith("SLURMD_")
-                    or k == "SPEEDSLURM_JOB_ID")}
-
-
-def submit_local(plan: Plan, run_dir: RunDir, fn: tp.Callable[..., tp.Any]) -> list[ProcessIdentity]:
-    """Run the same job side as local processes: one submitit local job of N tasks per replica.
-
-    Returns each replica's controller process by its identity (its pid is the replica's job id), read while
-    the process is still this one's unreaped child, so its pid cannot have passed to another process yet.
-    """
-    controllers = []
-    for replica in range(plan.replicas):
-        ex = DetachedLocalExecutor(run_dir.submitit_dir / f"r{replica}", lambda: local_environment(os.environ))
-        ex.update_parameters(tasks_per_node=plan.nodes, timeout_min=plan.time_minutes,
-                             signal_delay_s=signal_delay_s(plan))
-        job = ex.submit(fn, str(run_dir.root), replica)
-        pid = int(job.job_id)
-        # No /proc entry: never matches a process (start time -1), so the replica shows as ended.
-        controllers.append(identify(pid) or ProcessIdentity(pid, -1, boot_id(), socket.gethostname()))
-    return controllers
 
 
 def python_command() -> str:

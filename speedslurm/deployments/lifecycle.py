@@ -1,11 +1,8 @@
 """A deployment's life from the client: prepare (validate, plan), launch, stop.
 
-The pieces live in modules named for what they own; the names of all of them are importable from here:
-
-* :mod:`speedslurm.deployments.record`: the run directory's record of a deployment; create, list, find one;
-* :mod:`speedslurm.cluster.executor`: where the roles run (Slurm, local processes): submit, job states, cancel;
-* :mod:`speedslurm.deployments.status`: each replica's state and why, from the handshake files and the executor;
-* :mod:`speedslurm.deployments.waiting`: until ready, until ended.
+Beside it: :mod:`speedslurm.deployments.record` (a deployment's run directory: create, list, find one),
+:mod:`speedslurm.cluster.registry` (where the roles run: submit, job states, cancel), :mod:`speedslurm.deployments.status`
+(each replica's state and why), :mod:`speedslurm.deployments.waiting` (until ready, until ended).
 """
 
 from __future__ import annotations
@@ -14,68 +11,30 @@ import re
 import time
 import typing as tp
 
-from ..cluster import executor as executors
-from ..cluster import slurm
-from ..cluster.executor import (
-    controller_check,
-    controller_identity,
-    executor_for,
-    live_job_ids,
-    recorded_ends,
-)
+from ..cluster.registry import choose, executor_for, get
+from ..cluster.slurm_executor import find_submitted_job, needs_job_ids
 from ..errors import UsageError
 from ..model.registry import resolve_model
 from ..planning.plan import Plan, make_plan
-from ..rundir.layout import check_parent_not_world_writable, make_private_dir
+from ..rundir.layout import Deployment, check_parent_not_world_writable, make_private_dir
 from ..rundir.records import ContractError
 from .record import (
-    Deployment,
     binaries_record,
     create_run_dir,
     deployment_record,
-    find_deployment,
-    find_submitted_job,
-    list_deployments,
-    needs_job_ids,
     new_deployment_id,
-    resolve_run_dir,
     runs_root,
-    script_path,
 )
 from .status import (
     ENDED_CAUSES,
-    ENDED_WHY,
-    FAILED_WHY,
-    GONE_WHY,
-    QUEUED_STATES,
-    SLURM_FIRST_S,
-    SLURM_MOST_S,
-    STATES,
     ReplicaStatus,
-    StatusProbe,
-    deployment_state,
-    deployment_why,
-    endpoint_is_current,
     failure_is_current,
-    failure_text,
     replica_statuses,
-    statuses_of,
 )
-from .waiting import wait_ended, wait_ready
 
 if tp.TYPE_CHECKING:
     from ..settings.settings import Settings
 
-__all__ = [
-    "ENDED_WHY", "FAILED_WHY", "GONE_WHY", "QUEUED_STATES", "SLURM_FIRST_S", "SLURM_MOST_S", "STATES", "Deployment",
-    "ReplicaStatus", "StatusProbe", "binaries_record", "choose_executor", "controller_check", "controller_identity",
-    "create_run_dir", "deployment_record", "deployment_state", "deployment_why", "down", "endpoint_is_current",
-    "failure_is_current", "failure_text", "find_deployment", "find_submitted_job", "launch", "list_deployments",
-    "live_job_ids", "needs_job_ids", "new_deployment_id", "prepare", "recorded_ends", "replica_statuses",
-    "resolve_run_dir", "runs_root", "script_path", "slurm", "statuses_of", "wait_ended", "wait_ready",
-]
-
-choose_executor = executors.choose
 
 
 def check_idle_timeout(settings: Settings) -> float:
@@ -102,11 +61,11 @@ def prepare(settings: Settings, model: str, *, nodes: int | None = None, replica
     from ..cluster import warmcache
     from ..node.binaries import find_llama_binaries
 
-    chosen = executors.choose(settings, executor)
+    chosen = choose(settings, executor)
     check_idle_timeout(settings)
     spec = resolve_model(settings, model)
     plan = make_plan(settings, spec, ctx=ctx, nodes=nodes, replicas=replicas, time=time_limit, executor=chosen,
-                     partition_size=executors.get(chosen).nodes_available(settings))
+                     partition_size=get(chosen).nodes_available(settings))
     if place:
         plan = warmcache.place(settings, plan)
     try:
@@ -142,7 +101,7 @@ def launch(settings: Settings, plan: Plan, binaries: tp.Any) -> Deployment:
                                                                 deployment_id), plan.replicas)
     info = rd.deployment() or {}
     try:
-        info.update(executors.get(plan.executor).submit(plan, rd, jobside.serve))
+        info.update(get(plan.executor).submit(plan, rd, jobside.serve))
     except SbatchRefused:
         remove_run_dir(rd)  # nothing was queued: no deployment to list, nothing to submit by hand
         raise

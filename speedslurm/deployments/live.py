@@ -28,8 +28,8 @@ from pathlib import Path
 from ..rundir.records import read_json, write_json_atomic
 
 if tp.TYPE_CHECKING:
-    from ..rundir.layout import Endpoint
-    from .record import Deployment as DeploymentRecord
+    from ..rundir.layout import Deployment as DeploymentRecord
+    from ..rundir.records import Endpoint
     from .status import ReplicaStatus
 
 __all__ = ["BatchProgressInfo", "ReplicaMetrics", "metrics_from", "parse_metrics", "progress_dir", "read_progress",
@@ -287,7 +287,8 @@ class StatusesProbe:
         self._live: list[str] = []
 
     def __call__(self, deps: tp.Sequence[DeploymentRecord]) -> list[list[ReplicaStatus]]:
-        from ..cluster.executor import SlurmExecutor, live_job_ids
+        from ..cluster.registry import live_job_ids
+        from ..cluster.slurm_executor import SlurmExecutor
         from .status import replica_statuses
 
         live: list[str] = []

@@ -10,34 +10,21 @@ accounting record), from the wall time the client saw: the job's first handshake
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import typing as tp
 
+from ..cluster.executor import SQUEUE
 from ..errors import UsageError
 from ..rundir.records import read_json
 
 if tp.TYPE_CHECKING:
-    from .record import Deployment
+    from ..rundir.layout import Deployment
     from .status import ReplicaStatus
 
 T = tp.TypeVar("T")
 
-__all__ = ["ACCOUNTING", "SQUEUE", "WALL", "Usage", "batch_usage", "deployment_usage", "replica_usage"]
-
-ACCOUNTING = "slurm accounting"
-SQUEUE = "slurm (running)"
+# Where Slurm has no figure (cluster.executor.ACCOUNTING and SQUEUE are its two sources).
 WALL = "client wall time"
-
-
-@dataclasses.dataclass(frozen=True)
-class Usage:
-    """What one job held, as Slurm counts it: seconds, node-seconds, GPU-seconds (None: GPUs not counted)."""
-
-    elapsed_s: float
-    node_s: float
-    gpu_s: float | None
-    source: str  # ACCOUNTING or SQUEUE
 
 
 def _held_since(dep: Deployment, status: ReplicaStatus) -> float | None:

@@ -16,9 +16,10 @@ import typing as tp
 from pathlib import Path
 
 from ..cluster import slurm
+from ..cluster.slurm_executor import find_submitted_job, needs_job_ids
 from ..errors import UsageError
-from ..rundir.layout import RunDir, check_parent_not_world_writable, make_private_dir
-from ..rundir.records import ContractError, JobId
+from ..rundir.layout import Deployment, RunDir, check_parent_not_world_writable, make_private_dir
+from ..rundir.records import ContractError
 
 if tp.TYPE_CHECKING:
     from ..planning.plan import Plan
@@ -34,41 +35,6 @@ def runs_root(settings: Settings) -> Path:
 def new_deployment_id(model_name: str) -> str:
     safe = _ID_SAFE.sub("-", model_name).strip("-").lower()[:32] or "model"
     return f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-
-
-@dataclasses.dataclass
-class Deployment:
-    """A deployment as its run directory records it (``deployment.json``)."""
-
-    run_dir: RunDir
-    info: dict[str, tp.Any]
-
-    @property
-    def id(self) -> str:
-        return self.run_dir.deployment_id
-
-    @property
-    def replicas(self) -> int:
-        return int(self.info.get("replicas", 1))
-
-    @property
-    def executor(self) -> str:
-        return str(self.info.get("executor", "slurm"))
-
-    @property
-    def job_ids(self) -> list[str]:
-        return [str(j) for j in self.info.get("job_ids", [])]
-
-    def replica_job_id(self, replica: int) -> str:
-        """The job id of ``replica`` ("" before it is known): one per replica, or one for all."""
-        ids = self.job_ids
-        if not ids:
-            return ""
-        return ids[replica] if replica < len(ids) else ids[0]
-
-    def reload(self) -> Deployment:
-        self.info = self.run_dir.deployment() or self.info
-        return self
 
 
 def binaries_record(binaries: tp.Any) -> dict[str, tp.Any]:
@@ -164,44 +130,6 @@ def _by_job_id(deps: tp.Sequence[Deployment], ident: str) -> list[Deployment]:
         if any(k and k[0] == base and (not task or k[1] == task) for k in keys):
             found.append(dep)
     return found
-
-
-def needs_job_ids(dep: Deployment) -> bool:
-    """A deployment rendered for plain sbatch that has not recorded the job id of every replica yet."""
-    if not str(dep.info.get("submitted_by", "")).startswith("sbatch"):  # `up` records every id itself
-        return False
-    ids = dep.job_ids
-    return len(ids) < dep.replicas or not all(ids[:dep.replicas])
-
-
-def script_path(dep: Deployment) -> Path:
-    """The job script ``render`` wrote for the deployment."""
-    return Path(dep.info.get("script") or dep.run_dir.root / "job.sbatch")
-
-
-def find_submitted_job(dep: Deployment) -> bool:
-    """Find and record the job id(s) of a rendered deployment that plain sbatch submitted.
-
-    The script records its id when it starts; until then (or when it never ran), the job is found in the queue
-    by its output folder (the run directory's ``submitit/``), else in accounting by the script it was submitted
-    from. An array's other tasks follow from one recorded task. True when every replica has its id.
-    """
-    from .render import record_job
-
-    ids = dep.job_ids + [""] * max(0, dep.replicas - len(dep.job_ids))
-    base = next((k[0] for k in map(slurm.job_key, ids) if k and k[1]), None) if dep.replicas > 1 else None
-    if base is None:
-        found = slurm.queued_jobs_writing_to(dep.run_dir.submitit_dir) or slurm.accounted_jobs_submitted_from(
-            script_path(dep), float(dep.info.get("created_at", 0)))
-        bases = sorted({k[0] for k in map(slurm.job_key, found) if k}, key=int)
-        if not bases:
-            return False
-        base = bases[-1]  # submitted twice: the latest submission is the one meant
-    for replica, job_id in enumerate(ids[:dep.replicas]):
-        if not job_id:
-            record_job(dep.run_dir.root, str(JobId(base, str(replica))) if dep.replicas > 1 else base, replica)
-    dep.reload()
-    return not needs_job_ids(dep)
 
 
 def resolve_run_dir(settings: Settings, deployment_id: str) -> RunDir:

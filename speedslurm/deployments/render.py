@@ -29,7 +29,7 @@ from ..planning.sbatchopts import refuse_control
 from ..rundir.layout import RunDir, make_private_dir
 from ..rundir.records import JobId
 from ..settings.settings import Settings
-from . import lifecycle as deploy
+from . import record
 
 RECORD_MARK = "# record this job's id in deployment.json (speedslurm status and down find the job by it)"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -77,25 +77,20 @@ def render_script(plan: Plan, run_dir: RunDir, python: str) -> str:
 def deployment_record(settings: Settings, plan: Plan, binaries: dict[str, tp.Any], deployment_id: str,
                       *, now: float | None = None) -> dict[str, tp.Any]:
     """``deployment.json`` as ``up`` writes it, marked as submitted by hand."""
-    return deploy.deployment_record(settings, plan, binaries, deployment_id, now=now,
+    return record.deployment_record(settings, plan, binaries, deployment_id, now=now,
                                     submitted_by="sbatch (speedslurm render)")
 
 
-binaries_record = deploy.binaries_record
-
-
-def create_run_dir(root: Path, record: dict[str, tp.Any], replicas: int) -> RunDir:
+def create_run_dir(root: Path, info: dict[str, tp.Any], replicas: int) -> RunDir:
     """The run directory of a rendered script: as ``up`` makes it, refusing control characters in its path."""
     _refuse_control("run directory", str(root))
-    return deploy.create_run_dir(root, record, replicas)
+    return record.create_run_dir(root, info, replicas)
 
 
 def default_run_dir(settings: Settings, model_name: str) -> Path:
-    from .lifecycle import new_deployment_id
-
     root = settings.run.root
     make_private_dir(root)
-    return root / new_deployment_id(model_name)
+    return root / record.new_deployment_id(model_name)
 
 
 # ----------------------------------------------------------------------------------------------------------

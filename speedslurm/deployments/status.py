@@ -13,19 +13,19 @@ import time
 import typing as tp
 
 from ..cluster import slurm
-from ..cluster.executor import SLURM_FIRST_S, SLURM_MOST_S, SlurmExecutor, executor_for, live_job_ids
+from ..cluster.executor import SLURM_FIRST_S, SLURM_MOST_S, Usage
+from ..cluster.registry import executor_for, live_job_ids
+from ..cluster.slurm_executor import SlurmExecutor
 from ..errors import UsageError
 from ..polling import Backoff
-from ..rundir.layout import Endpoint
-from ..rundir.records import Failed, JobId
-from .nodehours import Usage
-from .record import Deployment, script_path
+from ..rundir.layout import Deployment, script_path
+from ..rundir.records import Endpoint, Failed, JobId
 
 if tp.TYPE_CHECKING:
     from ..batch.sources import EndpointSource
 
-__all__ = ["ENDED_CAUSES", "ENDED_WHY", "FAILED_WHY", "GONE_WHY", "QUEUED_STATES", "SLURM_FIRST_S", "SLURM_MOST_S",
-           "STATES", "ReplicaStatus", "StatusProbe", "deployment_state", "deployment_source", "deployment_why", "endpoint_is_current",
+__all__ = ["ENDED_CAUSES", "ENDED_WHY", "FAILED_WHY", "GONE_WHY", "QUEUED_STATES", "ReplicaStatus", "STATES",
+           "StatusProbe", "deployment_source", "deployment_state", "deployment_why", "endpoint_is_current",
            "failure_is_current", "failure_text", "replica_statuses", "statuses_of"]
 
 # Causes in failed.json that are ends, not failures: the leader saw the time limit coming, or llama-server had
@@ -257,14 +257,14 @@ def failure_text(dep: Deployment, status: ReplicaStatus) -> tuple[str, str]:
     if not tail:
         rd = dep.run_dir
         path = rd.log_path(status.replica, f.role if f else "leader", f.rank if f else 0)
-        from ..node.roles import log_tail
+        from ..node.children import log_tail
 
         tail = log_tail(path) or _submitit_tail(dep, status)
     return reason, tail
 
 
 def _submitit_tail(dep: Deployment, status: ReplicaStatus) -> str:
-    from ..node.roles import log_tail
+    from ..node.children import log_tail
 
     folder = dep.run_dir.submitit_dir
     if not folder.is_dir():

@@ -7,7 +7,7 @@ import time
 import typing as tp
 
 from ..errors import DeploymentFailed
-from .record import Deployment
+from ..rundir.layout import Deployment
 from .status import ReplicaStatus, replica_statuses
 
 

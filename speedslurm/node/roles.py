@@ -40,28 +40,22 @@ from .children import (
     RoleFailed,
     Stop,
     adopt_orphans,
-    die_with_parent,
     log_line,
-    log_tail,
     node_name,
     rpc_cache_dir,
 )
 from .entry import hold_time_limit_warning, release_time_limit_warning
 from .idle import IdleWatch, format_duration, parse_duration, read_metrics
 from .net import (
-    HEARTBEAT_MISSES,
     HeartbeatProbe,
     PeerWatch,
     cluster_address,
     health,
     start_heartbeat,
     start_listening,
-    usable_address,
 )
 
-__all__ = ["HEARTBEAT_MISSES", "Child", "HeartbeatProbe", "RoleFailed", "cluster_address", "current_epoch",
-           "current_job_id", "die_with_parent", "log_tail", "rpc_cache_dir", "run_follower", "run_leader", "serve",
-           "start_heartbeat", "usable_address"]
+__all__ = ["current_job_id", "run_follower", "run_leader", "serve"]
 
 _Stop = Stop
 

@@ -34,14 +34,12 @@ from .records import (
     Failed,
     Follower,
     Loading,
-    read_json,
     read_record,
-    write_json_atomic,
     write_record,
 )
 
-__all__ = ["DEPLOYMENT", "ENDPOINT", "FAILED", "JOBS_ENDED", "LOADING", "Endpoint", "RunDir",
-           "check_parent_not_world_writable", "make_private_dir", "read_json", "write_json_atomic"]
+__all__ = ["DEPLOYMENT", "ENDPOINT", "FAILED", "JOBS_ENDED", "LOADING", "RunDir",
+           "check_parent_not_world_writable", "make_private_dir"]
 
 ENDPOINT = "endpoint.json"
 FAILED = "failed.json"
@@ -172,3 +170,47 @@ class RunDir:
 
     def endpoints(self, replicas: int) -> list[Endpoint]:
         return [ep for r in range(replicas) if (ep := self.endpoint(r)) is not None]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A deployment, as the client reads it
+
+
+@dataclasses.dataclass
+class Deployment:
+    """A deployment as its run directory records it (``deployment.json``)."""
+
+    run_dir: RunDir
+    info: dict[str, tp.Any]
+
+    @property
+    def id(self) -> str:
+        return self.run_dir.deployment_id
+
+    @property
+    def replicas(self) -> int:
+        return int(self.info.get("replicas", 1))
+
+    @property
+    def executor(self) -> str:
+        return str(self.info.get("executor", "slurm"))
+
+    @property
+    def job_ids(self) -> list[str]:
+        return [str(j) for j in self.info.get("job_ids", [])]
+
+    def replica_job_id(self, replica: int) -> str:
+        """The job id of ``replica`` ("" before it is known): one per replica, or one for all."""
+        ids = self.job_ids
+        if not ids:
+            return ""
+        return ids[replica] if replica < len(ids) else ids[0]
+
+    def reload(self) -> Deployment:
+        self.info = self.run_dir.deployment() or self.info
+        return self
+
+
+def script_path(dep: Deployment) -> Path:
+    """The job script ``render`` wrote for the deployment."""
+    return Path(dep.info.get("script") or dep.run_dir.root / "job.sbatch")

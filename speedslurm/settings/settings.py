@@ -38,8 +38,8 @@ from .layers import (
     user_config_path,
 )
 
-__all__ = ["NodeSettings", "ClusterSettings", "LlamaSettings", "RunSettings", "ModelArch", "ModelEntry",
-           "Settings", "load_settings", "describe", "user_config_path", "user_config_dir", "configs_dir"]
+__all__ = ["ClusterSettings", "LlamaSettings", "ModelArch", "ModelEntry", "NodeSettings", "RunSettings",
+           "Settings", "describe", "load_settings"]
 
 # Metadata of a dataclass field that is not a setting (Settings.origins): never read from the layers.
 NOT_A_SETTING = {"setting": False}
