@@ -19,6 +19,14 @@ from rich.console import Console
 
 from speedslurm.deployments import live
 from speedslurm.errors import UsageError
+from speedslurm.rundir.batches import (
+    PROGRESS_KEEP_S,
+    PROGRESS_STALE_S,
+    BatchProgressInfo,
+    progress_dir,
+    read_progress,
+    write_progress,
+)
 
 GOLDEN = Path(__file__).parent / "golden"
 METRICS = (GOLDEN / "llama-metrics-busy.txt").read_text()
@@ -92,19 +100,19 @@ def test_a_wrong_key_is_named_not_shown_as_zero_load(server: str) -> None:
 
 
 def test_progress_is_private_and_read_back(tmp_path: Path) -> None:
-    live.write_progress(tmp_path, results="r.jsonl", total=10, done=4, failed=1, completion_tok_s=12.5,
+    write_progress(tmp_path, results="r.jsonl", total=10, done=4, failed=1, completion_tok_s=12.5,
                         started_at=time.time() - 3)
-    files = list(live.progress_dir(tmp_path).glob("*.json"))
+    files = list(progress_dir(tmp_path).glob("*.json"))
     assert len(files) == 1 and stat.S_IMODE(files[0].stat().st_mode) == 0o600
-    (info,) = live.read_progress(tmp_path)
+    (info,) = read_progress(tmp_path)
     assert (info.done, info.total, info.failed, info.status, info.pid) == (4, 10, 1, "running", os.getpid())
 
 
 def test_progress_not_renewed_is_marked_and_old_ones_dropped(tmp_path: Path) -> None:
-    live.write_progress(tmp_path, results="r", total=10, done=4, failed=0, completion_tok_s=0, started_at=0)
+    write_progress(tmp_path, results="r", total=10, done=4, failed=0, completion_tok_s=0, started_at=0)
     now = time.time()
-    assert live.read_progress(tmp_path, now + live.PROGRESS_STALE_S + 1)[0].status == "stopped (no news)"
-    assert live.read_progress(tmp_path, now + live.PROGRESS_KEEP_S + 1) == []
+    assert read_progress(tmp_path, now + PROGRESS_STALE_S + 1)[0].status == "stopped (no news)"
+    assert read_progress(tmp_path, now + PROGRESS_KEEP_S + 1) == []
 
 
 class _Dep(tp.NamedTuple):
@@ -215,11 +223,11 @@ def test_a_batch_publishes_its_progress_in_the_run_directory(tmp_path: Path) -> 
     rd = RunDir(tmp_path / "dep")
     server = StubServer(api_key=KEY, latency=0.05, slots=2).start()
     write_endpoint(rd, endpoint(server.url, 0))
-    seen: list[live.BatchProgressInfo] = []
+    seen: list[BatchProgressInfo] = []
 
     def watch() -> None:
         while not seen or seen[-1].status == "running":
-            seen.extend(live.read_progress(rd.root))
+            seen.extend(read_progress(rd.root))
             time.sleep(0.05)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -235,7 +243,7 @@ def test_a_batch_publishes_its_progress_in_the_run_directory(tmp_path: Path) -> 
     running = [p for p in seen if p.status == "running"]
     assert running and any(0 < p.done < 60 for p in running) and all(p.total == 60 for p in seen)
     assert seen[-1].status == "completed" and seen[-1].done == 60
-    (path,) = live.progress_dir(rd.root).glob("*.json")
+    (path,) = progress_dir(rd.root).glob("*.json")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert s.usage is not None and s.to_json()["node_hours"] == pytest.approx(2 * s.wall_s / 3600, rel=0.2)
 

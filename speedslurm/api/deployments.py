@@ -291,8 +291,8 @@ def list_deployments(settings: Settings | None = None) -> list[Deployment]:
 
 
 def deployment_source(dep: Deployment | DeploymentRecord) -> EndpointSource:
-    """The replicas of a deployment as a batch's endpoint source (:func:`speedslurm.deployments.status.deployment_source`)."""
-    from ..deployments.status import deployment_source as source
+    """The replicas of a deployment as a batch's endpoint source (:func:`speedslurm.deployments.source.deployment_source`)."""
+    from ..deployments.source import deployment_source as source
 
     return source(dep.record if isinstance(dep, Deployment) else dep)
 

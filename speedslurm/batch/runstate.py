@@ -10,8 +10,8 @@ from collections import deque
 from rich.console import Console
 from rich.text import Text
 
-from ..deployments.live import write_progress
 from ..errors import SpeedslurmError
+from ..rundir.batches import write_progress
 from .inputs import InvalidLine, Request
 from .prepare import BatchOptions, PreparedBatch
 from .progress import BatchProgress

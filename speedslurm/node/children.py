@@ -1,4 +1,5 @@
-"""The job side's children: starting a server on a free port, supervising it, stopping it, its log.
+"""The job side's children: starting a server on a free port, supervising it, stopping it, its log; and Slurm's
+time-limit warning, held from the task's first moment until the role's handler takes it, ignored by the children.
 
 Standard library only (the job side runs it on the nodes).
 """
@@ -15,7 +16,19 @@ import time
 import typing as tp
 from pathlib import Path
 
-from .entry import TIME_LIMIT_SIGNAL
+# Slurm's warning before the time limit (``--signal=USR2@S``); the job side treats it like SIGTERM.
+TIME_LIMIT_SIGNAL = signal.SIGUSR2
+
+
+def hold_time_limit_warning() -> None:
+    """Block the warning signal: until it is released, a warning waits instead of killing the process."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {TIME_LIMIT_SIGNAL})
+
+
+def release_time_limit_warning() -> None:
+    """Unblock the warning signal (after its handler is installed): one that came meanwhile is delivered now."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {TIME_LIMIT_SIGNAL})
+
 
 LOG_TAIL_LINES = 20
 # What rpc-server ("Failed to create server socket") and llama-server ("couldn't bind HTTP server socket")

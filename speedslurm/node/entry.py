@@ -8,7 +8,8 @@ any other job goes to submitit's own entry. Before that it does two things:
 * **Holds Slurm's time-limit warning.** SIGUSR2's default action kills the process, and importing submitit
   and unpickling the job took 0.3-0.6 s, and reading the job still takes a moment, during which the warning of a short job can come (Slurm checks time
   limits only every 30 s). So SIGUSR2 is blocked first, before any slow import; a warning that comes meanwhile
-  stays pending and reaches the job side's handler once :func:`release_time_limit_warning` unblocks it.
+  stays pending and reaches the job side's handler once
+  :func:`~speedslurm.node.children.release_time_limit_warning` unblocks it.
 * **One job id for every component.** In a hetjob every component has a job id of its own, so the
   followers' tasks would look for a pickle named after their component's id. The batch script exports the
   leader's id as SPEEDSLURM_JOB_ID; this entry puts it back in SLURM_JOB_ID, so all tasks run the one job.
@@ -18,24 +19,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import typing as tp
 from pathlib import Path
 
-# Slurm's warning before the time limit (``--signal=USR2@S``); the job side treats it like SIGTERM.
-TIME_LIMIT_SIGNAL = signal.SIGUSR2
-
-
-def hold_time_limit_warning() -> None:
-    """Block the warning signal: until it is released, a warning waits instead of killing the process."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {TIME_LIMIT_SIGNAL})
-
-
-def release_time_limit_warning() -> None:
-    """Unblock the warning signal (after its handler is installed): one that came meanwhile is delivered now."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {TIME_LIMIT_SIGNAL})
-
+from .children import hold_time_limit_warning
 
 COMMANDS = {
     "serve": "serve RUN_DIR [REPLICA] [--rank-offset N]   run this task's role (rank = SLURM_PROCID + N)",

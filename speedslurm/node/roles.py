@@ -40,11 +40,12 @@ from .children import (
     RoleFailed,
     Stop,
     adopt_orphans,
+    hold_time_limit_warning,
     log_line,
     node_name,
+    release_time_limit_warning,
     rpc_cache_dir,
 )
-from .entry import hold_time_limit_warning, release_time_limit_warning
 from .idle import IdleWatch, format_duration, parse_duration, read_metrics
 from .net import (
     HeartbeatProbe,
