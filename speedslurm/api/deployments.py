@@ -117,9 +117,10 @@ class Deployment:
 
     def _record_warm(self, statuses: list[ReplicaStatus]) -> None:
         """The ready replicas' follower nodes now hold a warm rpc cache of the model (warm-cache placement)."""
+        from ..cluster.registry import executor_for
         from ..cluster.warmcache import record_ready
 
-        if self.record.info.get("executor") != "slurm":
+        if not executor_for(self.record).places_followers:
             return
         model = self.record.info.get("model") or {}
         for s in statuses:

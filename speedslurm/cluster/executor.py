@@ -62,6 +62,14 @@ class Executor(abc.ABC):
     name: tp.ClassVar[str]
     # How often at most a batch asks whether the replicas' jobs still live (each question may cost slurmctld).
     alive_most_s: tp.ClassVar[float]
+    # What differs between executors, asked instead of their names: whether the followers' nodes can be chosen
+    # by their warm rpc cache (cluster/warmcache.py).
+    places_followers: tp.ClassVar[bool]
+
+    def check_available(self) -> None:
+        """:class:`~speedslurm.errors.UsageError` when this executor cannot submit from here (every one can,
+        unless it says otherwise)."""
+        return None
 
     @abc.abstractmethod
     def nodes_available(self, settings: Settings) -> int | None:

@@ -10,7 +10,6 @@ import signal
 import socket
 import time
 import typing as tp
-from pathlib import Path
 
 from ..errors import UsageError
 from ..rundir.layout import Deployment
@@ -31,6 +30,7 @@ LOCAL_STOP_S = 15.0
 class LocalExecutor(Executor):
     name = "local"
     alive_most_s = SLURM_FIRST_S  # asking costs Slurm nothing: every second
+    places_followers = False
 
     def nodes_available(self, settings: Settings) -> int | None:
         return None  # every role is a process on this machine
@@ -82,9 +82,7 @@ class LocalExecutor(Executor):
 
 
 def controller_identity(dep: Deployment, replica: int) -> ProcessIdentity | None:
-    """The recorded identity of ``replica``'s local controller process; for a deployment recorded without one
-    (older versions), the process now holding its pid if that is submitit's controller for this run directory's
-    replica, else None."""
+    """The recorded identity of ``replica``'s local controller process (None: none recorded)."""
     job_id = dep.replica_job_id(replica)
     if not job_id.isdigit():
         return None
@@ -94,19 +92,7 @@ def controller_identity(dep: Deployment, replica: int) -> ProcessIdentity | None
                 return ProcessIdentity.from_json(record)
             except (KeyError, TypeError, ValueError):
                 break
-    return _legacy_controller(dep, replica, int(job_id))
-
-
-def _legacy_controller(dep: Deployment, replica: int, pid: int) -> ProcessIdentity | None:
-    """The process holding ``pid``, if its command line is ``python -m submitit.local._local <run
-    dir>/submitit/r<R>``: nothing else starts so, so a reused pid is told apart without a recorded identity."""
-    before = localproc.identify(pid)
-    words = localproc.command_line(pid)
-    folder = (dep.run_dir.submitit_dir / f"r{replica}").resolve()
-    ours = "submitit.local._local" in words and any(w.startswith("/") and Path(w).resolve() == folder
-                                                   for w in words)
-    # The same start time before and after reading the command line: it was this process's.
-    return before if ours and before is not None and localproc.identify(pid) == before else None
+    return None
 
 
 def controller_check(dep: Deployment, replica: int) -> tuple[str, ProcessIdentity | None]:

@@ -10,6 +10,7 @@ import dataclasses
 import time
 import typing as tp
 
+from ..errors import UsageError
 from ..rundir.layout import Deployment, script_path
 from ..rundir.records import JobId, read_json, write_json_atomic
 from . import slurm
@@ -24,6 +25,12 @@ if tp.TYPE_CHECKING:
 class SlurmExecutor(Executor):
     name = "slurm"
     alive_most_s = SLURM_MOST_S
+    places_followers = True
+
+    def check_available(self) -> None:
+        if not slurm.have_slurm():
+            raise UsageError("sbatch is not on PATH, so the Slurm executor cannot submit",
+                             fix="run on a Slurm login node, or use --executor local to run on this machine")
 
     def nodes_available(self, settings: Settings) -> int | None:
         part = slurm.partition_info(settings.cluster.partition)

@@ -163,8 +163,10 @@ def place(settings: Settings, plan: Plan,
     def skip(why: str) -> Plan:
         return with_placement(plan, (), why)
 
-    if plan.executor != "slurm":
-        return skip("not used: local executor")
+    from .registry import get
+
+    if not get(plan.executor).places_followers:
+        return skip(f"not used: {plan.executor} executor")
     if not settings.cluster.warm_placement:
         return skip("off (cluster.warm_placement: false)")
     if not settings.llama.rpc_cache:

@@ -204,22 +204,20 @@ class StatusesProbe:
 
         self.backoff = Backoff(SLURM_FIRST_S, SLURM_MOST_S, clock)
         self._states: dict[str, tp.Any] | None = None
-        self._live: list[str] = []
+        self._live: dict[str, list[str]] = {}
 
     def __call__(self, deps: tp.Sequence[DeploymentRecord]) -> list[list[ReplicaStatus]]:
-        from ..cluster.registry import live_job_ids
-        from ..cluster.slurm_executor import SlurmExecutor
+        from ..cluster.registry import job_states, live_jobs
         from .status import replica_statuses
 
-        live: list[str] = []
         for dep in deps:
             dep.reload()
-            live += live_job_ids(dep)
+        live = live_jobs(deps)
         asked = False
         if not live:
             self._states = {}
         elif self._states is None or live != self._live or self.backoff.due():
-            self._states = SlurmExecutor().job_states(live)
+            self._states = job_states(live)
             asked = True
         self._live = live
         out = [replica_statuses(dep, self._states or {}) for dep in deps]

@@ -130,7 +130,3 @@ def _by_job_id(deps: tp.Sequence[Deployment], ident: str) -> list[Deployment]:
         if any(k and k[0] == base and (not task or k[1] == task) for k in keys):
             found.append(dep)
     return found
-
-
-def resolve_run_dir(settings: Settings, deployment_id: str) -> RunDir:
-    return find_deployment(settings, deployment_id).run_dir

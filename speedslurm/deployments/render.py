@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import re
 import shlex
-import sys
 import typing as tp
 from pathlib import Path
 
@@ -108,14 +107,3 @@ def record_job(run_dir: Path, job_id: str, replica: int) -> None:
     """Put ``job_id`` at index ``replica`` of deployment.json's job_ids (array tasks do this concurrently)."""
     RunDir(Path(run_dir)).record_job(job_id, replica)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m speedslurm.deployments.render record-job RUN_DIR``, as scripts rendered by earlier versions call it: the
-    job side's ``record-job`` (:func:`speedslurm.node.entry.node_main`)."""
-    from ..node.entry import node_main
-
-    return node_main(sys.argv[1:] if argv is None else argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -14,8 +14,7 @@ import typing as tp
 
 from ..cluster import slurm
 from ..cluster.executor import SLURM_FIRST_S, SLURM_MOST_S, Usage
-from ..cluster.registry import executor_for, live_job_ids
-from ..cluster.slurm_executor import SlurmExecutor
+from ..cluster.registry import executor_for, job_states, live_jobs
 from ..polling import Backoff
 from ..rundir.layout import Deployment, script_path
 from ..rundir.records import Endpoint, Failed, JobId
@@ -165,11 +164,9 @@ def replica_statuses(dep: Deployment, states: dict[str, slurm.JobState] | None =
 
 def statuses_of(deps: tp.Sequence[Deployment]) -> list[list[ReplicaStatus]]:
     """:func:`replica_statuses` of several deployments, with one question to Slurm for all their live jobs."""
-    ids: list[str] = []
     for dep in deps:
         dep.reload()
-        ids += live_job_ids(dep)
-    states = SlurmExecutor().job_states(ids)  # only Slurm jobs are live ones
+    states = job_states(live_jobs(deps))  # one question per executor that has live jobs
     return [replica_statuses(dep, states) for dep in deps]
 
 

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import typing as tp
 from pathlib import Path
 
 from ..errors import UsageError
 from ..settings.settings import ModelEntry, Settings
-
-_SHARD_RE = re.compile(r"-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,9 +125,3 @@ def model_rows(settings: Settings) -> list[dict[str, tp.Any]]:
             "host": entry.host,
         })
     return rows
-
-
-def shard_index(path: Path) -> tuple[int, int] | None:
-    """(shard number, shard count) from a ``-0000K-of-0000N.gguf`` name, else None."""
-    m = _SHARD_RE.search(path.name)
-    return (int(m["no"]), int(m["count"])) if m else None

@@ -63,7 +63,7 @@ def cluster_address(deployment: DeploymentRecord | None, node: str,
                     addresses: tp.Mapping[str, str] | None = None) -> str:
     """This node's cluster address: settings (the deployment's, or ``addresses``), else Slurm's NodeAddr, else
     DNS; checked to be usable here."""
-    if deployment is not None and deployment.executor == "local":
+    if deployment is not None and deployment.on_this_machine:
         return "127.0.0.1"  # the local executor's address, not a cluster address: every role is on this machine
     addr = (deployment.node_addresses if deployment is not None else addresses or {}).get(node)
     source = f"the setting cluster.nodes.{node}.address"

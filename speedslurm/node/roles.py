@@ -309,7 +309,7 @@ def serve(run_dir: str, replica: int = 0, rank: int | None = None, rank_offset: 
     dep = rd.deployment_record()
     if dep is None:
         raise RuntimeError(f"{run_dir} holds no deployment.json")
-    if dep.executor == "local":
+    if dep.on_this_machine:
         # Local processes are never requeued; a SLURM_RESTART_COUNT here is inherited from an enclosing job.
         os.environ.pop("SLURM_RESTART_COUNT", None)
     rank = (task_rank() if rank is None else rank) + rank_offset
@@ -348,17 +348,6 @@ def serve(run_dir: str, replica: int = 0, rank: int | None = None, rank_offset: 
         _fail(rd, replica, role, rank, RoleFailed(f"{type(exc).__name__}: {exc}"))
         raise
     return 0
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m speedslurm.node.roles RUN_DIR [REPLICA]``: ``serve`` of :func:`speedslurm.node.entry.node_main`."""
-    from .entry import node_main
-
-    raise SystemExit(node_main(["serve", *(sys.argv[1:] if argv is None else argv)]))
-
-
-if __name__ == "__main__":
-    main()
 
 
 def task_rank(environ: tp.Mapping[str, str] | None = None) -> int:

@@ -297,6 +297,12 @@ class DeploymentRecord(Record):
     failed_before_cancel: list[int] = dataclasses.field(default_factory=list)
     script: str = ""  # a rendered script's path
 
+    @property
+    def on_this_machine(self) -> bool:
+        """Every role runs on the machine it was started from (the local executor): all on 127.0.0.1, and never
+        requeued by Slurm. What the job side must know of its executor, said once here."""
+        return self.executor == "local"
+
     def to_json(self) -> dict[str, tp.Any]:
         data = super().to_json()
         for key in ("submitted_at", "cancelled_at"):  # absent until it happened
