@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from devtools import stubserver
 from devtools.stubserver import StubServer
 from speedslurm.cli import main
 
@@ -169,20 +168,21 @@ def test_endpoint_file(tmp_path: Path, stub: StubServer, capsys: pytest.CaptureF
 
 
 def test_sigint_then_resume_is_exactly_once(tmp_path: Path) -> None:
-    n = 60
+    """The stand-in answers in 0.1 s on 4 slots until Ctrl-C (the batch holds 50 s of that, so it still runs when
+    the signal comes, however fast the machine), then at once for the resume."""
+    n = 2000
     p = prompts(tmp_path, n)
     out = tmp_path / "r.jsonl"
-    stub = subprocess.Popen([sys.executable, stubserver.__file__, "--latency", "0.1", "--slots", "4",
-                             "--api-key", KEY], stdout=subprocess.PIPE, text=True)
+    stub = StubServer(api_key=KEY, latency=0.1, slots=4).start()
     try:
-        assert stub.stdout is not None
-        url = stub.stdout.readline().split()[-1]
-        cmd = [sys.executable, "-m", "speedslurm", "run", "--base-url", url, "--api-key", KEY, "--prompts", str(p),
-               "--out", str(out)]
+        cmd = [sys.executable, "-m", "speedslurm", "run", "--base-url", stub.url, "--api-key", KEY, "--prompts",
+               str(p), "--out", str(out)]
         first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 30
-        while (not out.exists() or len(out.read_bytes().splitlines()) < 12) and time.monotonic() < deadline:
+        deadline = time.monotonic() + 60  # a guard against a hang only
+        while (not out.exists() or len(out.read_bytes().splitlines()) < 12) and first.poll() is None:
+            assert time.monotonic() < deadline, "no results"
             time.sleep(0.02)
+        assert first.poll() is None, first.communicate()[1]
         first.send_signal(signal.SIGINT)
         _, err = first.communicate(timeout=30)
         assert first.returncode == 130, err
@@ -190,12 +190,12 @@ def test_sigint_then_resume_is_exactly_once(tmp_path: Path) -> None:
         assert "To resume, run the same command again: speedslurm run --base-url" in err
         done_first = len(out.read_text().splitlines())
         assert 12 <= done_first < n
-        second = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        stub.config.latency = 0.0
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert second.returncode == 0, second.stderr
         assert "skipped (done earlier)" in second.stderr and f"{done_first} skipped" in second.stderr
     finally:
-        stub.terminate()
-        stub.wait()
+        stub.stop()
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     ids = [r["custom_id"] for r in recs if r["response"] and r["response"]["status_code"] == 200]
     assert len(ids) == len(set(ids)) == n

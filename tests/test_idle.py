@@ -91,6 +91,18 @@ class Clock:
         return self.now
 
 
+class Ticks(Clock):
+    """A clock that moves on by ``step`` each time it is read."""
+
+    def __init__(self, step: float) -> None:
+        super().__init__()
+        self.step = step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
 def run_watch(timeout_s: float, pages: tp.Callable[[float], dict[str, float]], until: float,
               step: float = 0.5) -> tuple[float | None, int]:
     """Drive an IdleWatch as the supervision loop does (a check every ``step`` s) with the metrics ``pages(t)``
@@ -176,13 +188,12 @@ def test_the_leader_stops_its_server_and_records_idle_then_a_follower_ends_clean
     make_private_dir(rd.replica_dir(0))
     server = Child([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "server.log", {})
     follower = Child([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "rpc.log", {})
-    watch = IdleWatch(2.0, lambda: read_metrics(metrics_server, "sekrit"))
-    start = time.monotonic()
+    clock = Ticks(0.25)  # the watch's clock: a quarter of a second more at each look, whatever the machine
+    watch = IdleWatch(2.0, lambda: read_metrics(metrics_server, "sekrit"), clock)
     with pytest.raises(jobside.Ended) as ended:
         jobside._supervise(server, rd, 0, Stop(), "llama-server", 0.05, idle=watch)
-    took = time.monotonic() - start
     assert ended.value.cause == "idle" and "no request for 2s" in ended.value.reason
-    assert 2.0 <= took < 4.5, took
+    assert 2.0 <= clock.now <= 2.0 + check_interval(2.0) + clock.step, clock.now
     assert server.poll() is not None  # llama-server stopped
     assert Metrics.keys and set(Metrics.keys) == {"Bearer sekrit"}  # read with the API key
     jobside._fail(rd, 0, "leader", 0, ended.value, cause=ended.value.cause)
@@ -204,24 +215,38 @@ def test_requests_keep_the_leader_serving(tmp_path: Path, metrics_server: str, m
     server = Child([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "server.log", {})
     stop = Stop()
     done: list[BaseException | None] = []
+    clock = Clock()  # the watch's clock, moved by the test: one second per request
+    reads = Metrics.keys  # one entry per page read
 
     def supervise() -> None:
         try:
             jobside._supervise(server, rd, 0, stop, "llama-server", 0.05,
-                               idle=IdleWatch(1.5, lambda: read_metrics(metrics_server, "k")))
+                               idle=IdleWatch(1.5, lambda: read_metrics(metrics_server, "k"), clock))
             done.append(None)
         except BaseException as exc:  # noqa: BLE001 - handed to the test
             done.append(exc)
 
     thread = threading.Thread(target=supervise)
     thread.start()
-    for n in range(1, 9):  # 4 s of requests, each counted by llama-server's token counter
+    _wait_reads(reads, 1, done)
+    assert check_interval(1.5) == 1.0  # so that the watch samples the page at each second
+    for n in range(1, 9):  # 8 s of requests, each counted by llama-server's token counter
         Metrics.pages[:] = [page(prompt=3 + n)]
-        time.sleep(0.5)
+        clock.now = float(n)
+        _wait_reads(reads, 1 + n, done)  # the watch saw it
     assert not done and server.poll() is None  # still serving, well past the 1.5 s timeout
     stop(15, None)
     thread.join(5)
     assert done == [None]
+
+
+def _wait_reads(reads: list[str], n: int, done: list[BaseException | None]) -> None:
+    """Until the watch has read the metrics page ``n`` times (a guard against a hang only)."""
+    deadline = time.monotonic() + 30
+    while len(reads) < n:
+        assert not done, done
+        assert time.monotonic() < deadline, f"the watch read the page {len(reads)} times, not {n}"
+        time.sleep(0.01)
 
 
 # ------------------------------------------------------------------------------------------ client side

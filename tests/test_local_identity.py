@@ -85,7 +85,7 @@ def test_an_identity_names_one_process_until_it_ends() -> None:
     assert check(ProcessIdentity(proc.pid, ident.start_ticks, "another-boot", ident.host)) == "rebooted"
     assert check(ProcessIdentity(proc.pid, ident.start_ticks, ident.boot_id, "another-host")) == "other host"
     proc.kill()
-    time.sleep(0.2)
+    os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # until it has exited, leaving it unreaped
     assert check(ident) == "gone"  # a zombie, not yet reaped: it holds the pid but runs nothing
     assert not signal_process(ident, signal.SIGTERM)
     proc.wait()

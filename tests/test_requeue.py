@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 import typing as tp
 from pathlib import Path
 
 import pytest
 import records
+from longbatch import wait_until
 from test_batch_runner import KEY, assert_exactly_once_ok, endpoint, prompts_file, run
 from test_deploy_unit import _dep, _endpoint
 
@@ -21,7 +21,7 @@ from speedslurm.cluster.slurm import JobState
 from speedslurm.deployments.status import replica_statuses
 from speedslurm.node import roles as jobside
 from speedslurm.rundir.layout import RunDir
-from speedslurm.rundir.records import Failed, current_epoch, write_json_atomic
+from speedslurm.rundir.records import Endpoint, Failed, current_epoch, write_json_atomic
 
 
 def test_the_job_side_takes_only_files_of_its_own_start(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -80,20 +80,30 @@ def test_status_of_a_requeued_job_follows_its_current_start(tmp_path: Path) -> N
 
 def test_a_batch_waits_through_a_requeue_and_goes_on_at_the_new_endpoint(tmp_path: Path) -> None:
     """The replica's endpoint stops counting (Slurm says restart 1) and its server goes; later the next start
-    writes its endpoint: the batch goes on there, every prompt once."""
-    prompts = prompts_file(tmp_path, 60)
+    writes its endpoint: the batch goes on there, every prompt once.
+
+    The first start's stand-in answers in 0.02 s on 2 slots: the batch holds 10 s of its work, so it still runs
+    when the test requeues it after 10 answers, however fast the machine. The second start's answers at once."""
+    n = 1000
+    prompts = prompts_file(tmp_path, n)
     out = tmp_path / "p.results.jsonl"
     rd = RunDir(tmp_path / "dep")
     rd.replica_dir(0).mkdir(parents=True)
     restarts: dict[int, int] = {0: 0}
+    rejected: list[int] = []  # the epochs of the endpoints the source looked at and did not take
 
     def job_failures() -> dict[int, str]:
         return {}
 
-    source = RunDirSource(rd, 1, job_failures=job_failures, alive_every=0.05,
-                          accept=lambda ep: ep.epoch == restarts[0])
+    def accept(ep: Endpoint) -> bool:
+        if ep.epoch != restarts[0]:
+            rejected.append(ep.epoch)
+            return False
+        return True
+
+    source = RunDirSource(rd, 1, job_failures=job_failures, alive_every=0.05, accept=accept)
     first = StubServer(api_key=KEY, slots=2, latency=0.02)
-    second = StubServer(api_key=KEY, slots=2, latency=0.01)
+    second = StubServer(api_key=KEY, slots=2)
     first.start()
     write_json_atomic(rd.endpoint_path(0), endpoint(first.url).to_json())
     result: dict[str, tp.Any] = {}
@@ -104,13 +114,14 @@ def test_a_batch_waits_through_a_requeue_and_goes_on_at_the_new_endpoint(tmp_pat
     thread = threading.Thread(target=batch)
     thread.start()
     try:
-        deadline = time.monotonic() + 20
-        while first.stats.completions < 10 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until("10 answers", lambda: first.stats.completions >= 10, guard=30, every=0.01)
         restarts[0] = 1  # scontrol requeue: Slurm now says restart 1
         first.close_now()
-        time.sleep(1.0)  # queued, starting: the batch waits instead of failing
-        assert thread.is_alive()
+        # queued, starting: the batch looks at the run directory again and again (the first start's endpoint is
+        # not taken) and waits instead of failing
+        wait_until("the batch waiting for the next start", lambda: len(rejected) >= 20 or not thread.is_alive(),
+                   guard=30, every=0.01)
+        assert thread.is_alive() and set(rejected) == {0}
         second.start()
         write_json_atomic(rd.endpoint_path(0), dataclasses.replace(endpoint(second.url), epoch=1).to_json())
         thread.join(30)
@@ -119,6 +130,6 @@ def test_a_batch_waits_through_a_requeue_and_goes_on_at_the_new_endpoint(tmp_pat
         second.stop()
     assert not thread.is_alive()
     s = result["summary"]
-    assert s.status == "completed" and s.ok + s.skipped == 60
-    assert second.stats.completions > 0
-    assert_exactly_once_ok(out, 60)
+    assert s.status == "completed" and s.ok + s.skipped == n
+    assert first.stats.completions < n and second.stats.completions > 0
+    assert_exactly_once_ok(out, n)

@@ -125,10 +125,16 @@ def test_the_cache_keeps_only_the_entries_written_last(tiny_gguf: Path, tmp_path
 
     monkeypatch.setattr(ggufcache, "KEEP", 2)
     models = [tmp_path / f"m{i}.gguf" for i in range(4)]
-    for model in models:
+    written: set[Path] = set()
+    past = time.time_ns() - 100 * 10**9
+    for i, model in enumerate(models):
         shutil.copy(tiny_gguf, model)
         ggufcache.cached_gguf_info(model)
-        time.sleep(0.01)
+        # The entry just written gets a time of its own, one second after the one before and older than any
+        # written next: the order is the order of writing, however many are written within the clock's tick.
+        for entry in set(ggufcache.cache_dir().glob("*.json")) - written:
+            os.utime(entry, ns=(past + i * 10**9, past + i * 10**9))
+            written.add(entry)
     assert len(list(ggufcache.cache_dir().glob("*.json"))) == 2
     ggufcache.cached_gguf_info(models[-1])
     assert len(counted_reads) == 4          # the last model is still cached

@@ -257,9 +257,13 @@ NOFLOCK = textwrap.dedent("""\
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare (UTS)")
 def test_cli_second_login_node_without_flock_is_kept_out(tmp_path: Path) -> None:
-    """Two login nodes, a file system without flock (Lustre noflock): the second run exits 2 naming the first."""
+    """Two login nodes, a file system without flock (Lustre noflock): the second run exits 2 naming the first.
+
+    The stand-in answers in 0.05 s on 2 slots while the second run starts and ends (the first still has 50 s of
+    work then, however fast the machine), then at once, so that the first finishes."""
+    n = 2000
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"custom_id": f"c{i}", "prompt": f"p{i}"}) + "\n" for i in range(40)))
+    prompts.write_text("".join(json.dumps({"custom_id": f"c{i}", "prompt": f"p{i}"}) + "\n" for i in range(n)))
     out = tmp_path / "r.jsonl"
     script = tmp_path / "noflock.py"
     script.write_text(NOFLOCK)
@@ -276,7 +280,9 @@ def test_cli_second_login_node_without_flock_is_kept_out(tmp_path: Path) -> None
             assert (tmp_path / "r.jsonl.lock").exists()
             second = subprocess.run(["unshare", "-u", sys.executable, str(script), "--hostname", "login2", *args],
                                     env=env, capture_output=True, text=True, timeout=60)
-            _, first_err = first.communicate(timeout=60)
+            assert first.poll() is None, "the first run ended before the second did"
+            stub.config.latency = 0.0  # the rest at once
+            _, first_err = first.communicate(timeout=120)
         finally:
             first.kill()
     flat = " ".join(second.stderr.split())
@@ -287,7 +293,7 @@ def test_cli_second_login_node_without_flock_is_kept_out(tmp_path: Path) -> None
     assert first.returncode == 0, first_err
     assert "does not support flock" in " ".join(first_err.split())
     recs = [json.loads(line) for line in out.read_text().splitlines()]
-    assert sorted(r["custom_id"] for r in recs) == sorted(f"c{i}" for i in range(40))  # each once, one writer
+    assert sorted(r["custom_id"] for r in recs) == sorted(f"c{i}" for i in range(n))  # each once, one writer
     assert not (tmp_path / "r.jsonl.lock").exists()
 
 
