@@ -101,7 +101,7 @@ def test_a_wrong_key_is_named_not_shown_as_zero_load(server: str) -> None:
 
 def test_progress_is_private_and_read_back(tmp_path: Path) -> None:
     write_progress(tmp_path, results="r.jsonl", total=10, done=4, failed=1, completion_tok_s=12.5,
-                        started_at=time.time() - 3)
+                   started_at=time.time() - 3)
     files = list(progress_dir(tmp_path).glob("*.json"))
     assert len(files) == 1 and stat.S_IMODE(files[0].stat().st_mode) == 0o600
     (info,) = read_progress(tmp_path)

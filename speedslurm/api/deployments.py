@@ -109,9 +109,9 @@ class Deployment:
         if until not in ("all", "first"):
             raise UsageError(f"until must be 'all' or 'first', got {until!r}", fix='use until="all" or until="first"')
         statuses = wait_ready(StatusProbe(self.record), until=until, timeout=timeout,
-                                 interval=min(self.settings.run.poll_interval_s, 0.05),  # a look costs ~1 ms
-                                 on_update=on_update,
-                                 describe_failure=lambda s: failure_text(self.record, s))
+                              interval=min(self.settings.run.poll_interval_s, 0.05),  # a look costs ~1 ms
+                              on_update=on_update,
+                              describe_failure=lambda s: failure_text(self.record, s))
         self._record_warm(statuses)
         return statuses
 
