@@ -107,7 +107,7 @@ class Bed:
         self.env = {**os.environ, "SPEEDSLURM_PROFILE": "testbed", "SPEEDSLURM_RUN__DIR": str(self.runs)}
         self.deployments: list[str] = []
         self.hand_jobs: list[str] = []
-        from speedslurm.binaries import env_for, find_llama_binaries
+        from speedslurm.node.binaries import env_for, find_llama_binaries
 
         self.binaries = find_llama_binaries(None)
         self.bin_env = {**os.environ, **env_for(self.binaries)}
@@ -277,7 +277,7 @@ def wait_nodes_idle(nodes: tp.Sequence[str] = ("n1", "n2", "n3"), timeout: float
 
 
 def bench_p1(bed: Bed, reps: int) -> dict[str, tp.Any]:
-    from speedslurm.settings import load_settings
+    from speedslurm.settings.settings import load_settings
 
     st = load_settings(profile="testbed")
     model_path = str(Path(st.models[MODEL].files[0]).expanduser())

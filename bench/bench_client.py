@@ -79,7 +79,8 @@ def run_client(args: list[str], library: str | None = None) -> tuple[dict[str, t
 
 
 def endpoint_file(folder: Path, replica: int, url: str, slots: int) -> Path:
-    from speedslurm.rundir import Endpoint, RunDir, write_json_atomic
+    from speedslurm.rundir.layout import RunDir
+    from speedslurm.rundir.records import Endpoint, write_json_atomic
 
     rd = RunDir(folder)
     rd.replica_dir(replica).mkdir(parents=True, exist_ok=True)

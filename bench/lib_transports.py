@@ -18,7 +18,7 @@ import typing as tp
 
 from speedslurm.batch import transport
 from speedslurm.batch.transport import Reply, TransportError, _retry_after
-from speedslurm.rundir import Endpoint
+from speedslurm.rundir.records import Endpoint
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 

@@ -197,7 +197,7 @@ def _write(path: Path, shape: TinyLlamaShape, split_max_tensors: int) -> list[Pa
 
 
 def _cached(path: Path, shape: TinyLlamaShape) -> bool:
-    from speedslurm.ggufinfo import read_gguf_info
+    from speedslurm.model.gguf import read_gguf_info
 
     try:
         info = read_gguf_info(path)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 def patched_rpc_build(src: Path, dst: Path) -> Path:
     """Copy ``src``'s RPC server and ggml libraries to ``dst``, flipping libggml-rpc's GNU build-id."""
-    from speedslurm.binaries import _elf_build_id
+    from speedslurm.node.binaries import _elf_build_id
 
     dst.mkdir()
     for item in src.iterdir():

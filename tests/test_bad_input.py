@@ -55,7 +55,7 @@ def _mixed_bin_dir(d: Path) -> Path:
     """llama-server from one build, the RPC server from a copy whose libggml-rpc has another build-id."""
     from builds import patched_rpc_build
 
-    from speedslurm.binaries import find_llama_binaries
+    from speedslurm.node.binaries import find_llama_binaries
 
     real = Path(find_llama_binaries().rpc_server).resolve().parent
     other = patched_rpc_build(real, d / "other")

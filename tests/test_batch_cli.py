@@ -155,7 +155,7 @@ def test_unreachable_server_exits_1(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_endpoint_file(tmp_path: Path, stub: StubServer, capsys: pytest.CaptureFixture[str]) -> None:
-    from speedslurm.rundir import Endpoint, write_json_atomic
+    from speedslurm.rundir.records import Endpoint, write_json_atomic
 
     ep = Endpoint(url=stub.url, api_key=KEY, model="m", deployment_id="d", replica=0, job_id="1", leader_node="n1",
                   follower_nodes=[], rpc_servers=[], llama_version="x", parallel=3, ctx=1024, started_at=0,
@@ -203,8 +203,9 @@ def test_sigint_then_resume_is_exactly_once(tmp_path: Path) -> None:
 
 
 def test_deployment_by_id(tmp_path: Path, stub: StubServer, capsys: pytest.CaptureFixture[str]) -> None:
-    from speedslurm.localproc import identify
-    from speedslurm.rundir import Endpoint, RunDir, write_json_atomic
+    from speedslurm.cluster.localproc import identify
+    from speedslurm.rundir.layout import RunDir
+    from speedslurm.rundir.records import Endpoint, write_json_atomic
 
     rd = RunDir(tmp_path / "runs" / "tiny-20250101-abcd")
     rd.replica_dir(0).mkdir(parents=True)

@@ -25,7 +25,8 @@ from speedslurm.batch import (
 )
 from speedslurm.batch.sources import describe_failure
 from speedslurm.errors import SpeedslurmError, UsageError
-from speedslurm.rundir import Endpoint, RunDir, write_json_atomic
+from speedslurm.rundir.layout import RunDir
+from speedslurm.rundir.records import Endpoint, write_json_atomic
 
 KEY = "test-key"
 FAST: dict[str, tp.Any] = dict(poll_interval=0.05, backoff_base=0.01, backoff_max=0.05, settle=0.3, quiet=True,
@@ -331,7 +332,7 @@ def test_job_ended_fails_pending_replicas() -> None:
 
 
 def test_describe_failure_reads_the_failed_record_the_job_side_writes() -> None:
-    from speedslurm.contract import Failed
+    from speedslurm.rundir.records import Failed
 
     assert describe_failure(Failed.from_json(records.failed(role="leader", node="n1", exit_code=134))) == \
         "leader on n1 (exit code 134)"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from speedslurm import binaries as B
 from speedslurm.errors import UsageError
+from speedslurm.node import binaries as B
 
 VERSION_OUT = "version: 9.9.9-dev (build 42, commit abc1234)\nbuilt with GNU 12.2.0 for Linux x86_64\n"
 

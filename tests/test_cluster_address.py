@@ -20,13 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from speedslurm import jobside
-from speedslurm.contract import SCHEMA, DeploymentRecord
 from speedslurm.errors import ConfigError
-from speedslurm.jobside import RoleFailed, cluster_address
-from speedslurm.models import ModelSpec
-from speedslurm.plan import make_plan
-from speedslurm.settings import load_settings
+from speedslurm.model.registry import ModelSpec
+from speedslurm.node import roles as jobside
+from speedslurm.node.children import RoleFailed
+from speedslurm.node.net import cluster_address
+from speedslurm.planning.plan import make_plan
+from speedslurm.rundir.records import SCHEMA, DeploymentRecord
+from speedslurm.settings.settings import load_settings
 
 NOT_HERE = "192.0.2.1"  # TEST-NET-1 (RFC 5737): assigned to no interface of any machine
 
@@ -67,7 +68,7 @@ def test_plan_accepts_cluster_addresses_and_host_names(user_config: Path) -> Non
 
 
 def _no_slurm(monkeypatch: pytest.MonkeyPatch, node_addr: str | None) -> None:
-    from speedslurm import nodenet
+    from speedslurm.node import net as nodenet
 
     monkeypatch.setattr(nodenet, "node_address", lambda node: node_addr)
 
@@ -141,7 +142,7 @@ def _own_address() -> str | None:
 
 def test_the_role_fails_with_the_reason_in_failed_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The follower's reason reaches failed.json, which ``up`` and ``status`` read (the bed test shows it end to end)."""
-    from speedslurm.rundir import RunDir
+    from speedslurm.rundir.layout import RunDir
 
     rd = RunDir(tmp_path / "d")
     (rd.root / "r0" / "logs").mkdir(parents=True)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import records
 
-from speedslurm.contract import (
+from speedslurm.rundir.layout import RunDir
+from speedslurm.rundir.records import (
     SCHEMA,
     ContractError,
     DeploymentRecord,
@@ -22,7 +23,6 @@ from speedslurm.contract import (
     read_record,
     write_record,
 )
-from speedslurm.rundir import RunDir
 
 FOLLOWER = Follower(job_id="12_1", epoch=1, rank=1, node="n2", host="10.77.0.12", port=50052, pid=4,
                     version="ggml-rpc build-id 0123", heartbeat_port=40000, started_at=1.5)
@@ -115,7 +115,7 @@ def test_the_job_id_a_task_records_comes_from_its_environment() -> None:
 
 def test_the_job_side_imports_no_front_end_library() -> None:
     """A task starts fast on a node: the job side imports neither submitit nor the front end's libraries."""
-    code = ("import sys; import speedslurm.jobentry, speedslurm.jobside, speedslurm.contract, speedslurm.rundir; "
+    code = ("import sys; import speedslurm.node.entry, speedslurm.node.roles, speedslurm.rundir.records, speedslurm.rundir.layout; "
             "print(sorted(m for m in ('submitit', 'click', 'yaml', 'openai', 'rich', 'pydantic', 'cloudpickle') "
             "if m in sys.modules))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

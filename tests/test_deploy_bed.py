@@ -51,7 +51,7 @@ def _speedslurm_processes(deployment: str = "") -> list[str]:
             continue
         if deployment and not any(deployment in a for a in argv):
             continue
-        if Path(argv[0]).name in ("llama-server", "rpc-server", "ggml-rpc-server") or "speedslurm.jobentry" in argv:
+        if Path(argv[0]).name in ("llama-server", "rpc-server", "ggml-rpc-server") or "speedslurm.node.entry" in argv:
             found.append(f"{proc.name} {' '.join(argv).strip()}")
     return found
 

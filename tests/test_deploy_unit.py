@@ -6,9 +6,10 @@ from pathlib import Path
 
 import records
 
-from speedslurm.deploy import Deployment, deployment_state, replica_statuses
-from speedslurm.rundir import Endpoint, RunDir, make_private_dir, write_json_atomic
-from speedslurm.slurm import JobState
+from speedslurm.cluster.slurm import JobState
+from speedslurm.deployments.status import deployment_state, replica_statuses
+from speedslurm.rundir.layout import Deployment, RunDir, make_private_dir
+from speedslurm.rundir.records import Endpoint, write_json_atomic
 
 
 def _dep(tmp_path: Path, job_ids: list[str], replicas: int = 1) -> Deployment:
@@ -68,14 +69,15 @@ def test_array_replicas_and_pending_array(tmp_path: Path) -> None:
 
 
 def test_status_probe_asks_slurm_at_most_once_a_second(tmp_path: Path, monkeypatch) -> None:
-    from speedslurm import deploy
+    from speedslurm.cluster import slurm
+    from speedslurm.deployments.status import StatusProbe
 
     dep = _dep(tmp_path, ["7"])
     calls = []
-    monkeypatch.setattr(deploy.slurm, "job_states",
+    monkeypatch.setattr(slurm, "job_states",
                         lambda ids: calls.append(ids) or {"7+0": JobState("7+0", "RUNNING")})
     now = [0.0]
-    probe = deploy.StatusProbe(dep, slurm_every=1.0, clock=lambda: now[0])
+    probe = StatusProbe(dep, slurm_every=1.0, clock=lambda: now[0])
     for _ in range(10):
         assert probe()[0].state == "STARTING"
         now[0] += 0.1
@@ -96,7 +98,7 @@ def test_a_completing_job_no_longer_serves(tmp_path: Path) -> None:
 
 
 def test_a_job_gone_from_the_queue_has_ended_even_without_accounting(monkeypatch) -> None:
-    from speedslurm import slurm
+    from speedslurm.cluster import slurm
     from speedslurm.errors import CommandError
 
     def fake_call(argv, **kw):
@@ -115,7 +117,7 @@ def test_a_job_gone_from_the_queue_has_ended_even_without_accounting(monkeypatch
 
 
 def test_an_unreachable_controller_is_not_taken_for_an_ended_job(monkeypatch) -> None:
-    from speedslurm import slurm
+    from speedslurm.cluster import slurm
     from speedslurm.errors import CommandError
 
     def fake_call(argv, **kw):

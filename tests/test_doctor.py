@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from speedslurm import doctor
 from speedslurm.errors import CommandError
-from speedslurm.settings import ClusterSettings, LlamaSettings, ModelEntry, RunSettings, Settings
+from speedslurm.ops import doctor
+from speedslurm.settings.settings import ClusterSettings, LlamaSettings, ModelEntry, RunSettings, Settings
 
 
 def _settings(tmp: Path, **kw: tp.Any) -> Settings:

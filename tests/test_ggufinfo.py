@@ -9,7 +9,7 @@ import pytest
 
 from devtools.testmodels import write_tiny_llama_gguf
 from speedslurm.errors import UsageError
-from speedslurm.ggufinfo import gguf_info_from_fields, read_gguf_info, shard_paths
+from speedslurm.model.gguf import gguf_info_from_fields, read_gguf_info, shard_paths
 
 GiB = 2**30
 

@@ -12,11 +12,11 @@ import pytest
 from rich.console import Console
 
 from devtools.stubserver import StubServer
-from speedslurm import slurm
 from speedslurm.api.handover import HandoverSource
 from speedslurm.batch import BatchOptions, prepare_batch, run_batch
 from speedslurm.batch.sources import SourceState
-from speedslurm.rundir import Endpoint
+from speedslurm.cluster import slurm
+from speedslurm.rundir.records import Endpoint
 
 KEY = "test-key"
 
@@ -115,7 +115,7 @@ def test_squeue_time_left_is_read_for_running_jobs_only(monkeypatch: tp.Any) -> 
 
 
 def _record_dep(time_value: str) -> tp.Any:
-    from speedslurm.settings import load_settings
+    from speedslurm.settings.settings import load_settings
 
     info = {"plan": {"time": time_value}, "model": {"path": "m.gguf"}, "nodes": 1, "ctx": 512, "replicas": 1}
     record = type("Record", (), {"info": info, "replicas": 1, "executor": "slurm"})()
@@ -158,7 +158,7 @@ def test_the_summary_names_the_one_deployment_that_served_when_none_handed_over(
     from test_batch_runner import endpoint, write_endpoint
 
     from speedslurm.batch.sources import RunDirSource, StaticSource
-    from speedslurm.rundir import RunDir
+    from speedslurm.rundir.layout import RunDir
 
     n = 20
     prompts = tmp_path / "p.jsonl"

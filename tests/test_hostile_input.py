@@ -22,8 +22,8 @@ from speedslurm.batch.inputs import scan_prompts
 from speedslurm.batch.promptline import MAX_DEPTH, LineError, Request, RequestDefaults, parse_line
 from speedslurm.cli import cli, main
 from speedslurm.errors import ConfigError, UsageError
-from speedslurm.settings import describe, load_settings
-from speedslurm.settings_layers import _ENV_RESERVED
+from speedslurm.settings.layers import _ENV_RESERVED
+from speedslurm.settings.settings import describe, load_settings
 
 BOUNDED = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -15,10 +15,11 @@ import localhttp
 import pytest
 import records
 
-from speedslurm import deploy, slurm
-from speedslurm.contract import Failed
+from speedslurm.cluster import slurm
+from speedslurm.deployments.status import statuses_of
 from speedslurm.errors import CommandError
-from speedslurm.idle import (
+from speedslurm.node.children import Child, Stop
+from speedslurm.node.idle import (
     IdleWatch,
     check_interval,
     format_duration,
@@ -26,8 +27,8 @@ from speedslurm.idle import (
     parse_duration,
     parse_metrics,
 )
-from speedslurm.jobprocs import Child, Stop
-from speedslurm.rundir import RunDir, make_private_dir
+from speedslurm.rundir.layout import Deployment, RunDir, make_private_dir
+from speedslurm.rundir.records import Failed
 
 # ------------------------------------------------------------------------------------------------ durations
 
@@ -177,8 +178,8 @@ def metrics_server() -> tp.Iterator[str]:
 
 def test_the_leader_stops_its_server_and_records_idle_then_a_follower_ends_cleanly(
         tmp_path: Path, metrics_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from speedslurm import jobside
-    from speedslurm.idle import read_metrics
+    from speedslurm.node import roles as jobside
+    from speedslurm.node.idle import read_metrics
 
     monkeypatch.setenv("SPEEDSLURM_JOB_ID", "77")
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
@@ -205,8 +206,8 @@ def test_the_leader_stops_its_server_and_records_idle_then_a_follower_ends_clean
 
 
 def test_requests_keep_the_leader_serving(tmp_path: Path, metrics_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from speedslurm import jobside
-    from speedslurm.idle import read_metrics
+    from speedslurm.node import roles as jobside
+    from speedslurm.node.idle import read_metrics
 
     monkeypatch.setenv("SPEEDSLURM_JOB_ID", "78")
     rd = RunDir(make_private_dir(tmp_path / "dep"))
@@ -262,7 +263,7 @@ def test_up_refuses_a_bad_idle_timeout_before_anything_is_queued(tmp_path: Path)
 
 
 def test_the_setting_has_a_default_of_30m_on_the_lab_cluster_and_never_elsewhere() -> None:
-    from speedslurm.settings import load_settings
+    from speedslurm.settings.settings import load_settings
 
     assert parse_duration(load_settings(profile="gorgonas").llama.idle_timeout) == 1800
     assert parse_duration(load_settings(profile="testbed").llama.idle_timeout) == 0
@@ -282,12 +283,12 @@ def test_status_says_a_replica_ended_because_idle(tmp_path: Path, monkeypatch: p
         rd = RunDir(make_private_dir(tmp_path / name))
         info = records.deployment(rd.root, job_ids=[job], nodes=2)
         make_private_dir(rd.replica_dir(0))
-        deps.append(deploy.Deployment(rd, info))
+        deps.append(Deployment(rd, info))
     rd = deps[0].run_dir
     rd.failed_path(0).write_text(json.dumps(records.failed(
         job_id="300", cause="idle", reason="no request for 20s (llama.idle_timeout): llama-server and its "
         "rpc-servers stopped, the job ends and frees its nodes")))
-    rows = deploy.statuses_of(deps)
+    rows = statuses_of(deps)
     assert (rows[0][0].state, rows[0][0].why) == ("ENDED", "idle")
     assert rows[0][0].to_json()["failure"]["cause"] == "idle"
     assert (rows[1][0].state, rows[1][0].why) == ("ENDED", "completed")
@@ -295,8 +296,8 @@ def test_status_says_a_replica_ended_because_idle(tmp_path: Path, monkeypatch: p
 
 def test_the_templates_idle_timeout_reaches_the_job_side_and_a_bad_one_is_refused(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from speedslurm.jobside import idle_timeout_s
-    from speedslurm.jobtemplate import parser, prepare
+    from speedslurm.node.roles import idle_timeout_s
+    from speedslurm.node.template import parser, prepare
 
     base = ["hetjob", "--model", str(tmp_path / "m.gguf"), "--run-dir", str(tmp_path / "dep")]
     rd = prepare(parser().parse_args([*base, "--idle-timeout", "30m"]), 0, ["41"], 2, {})

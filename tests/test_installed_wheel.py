@@ -184,7 +184,7 @@ def test_the_readme_install_is_a_wheel_with_everything_it_reads(lab: dict[str, t
     bad = as_user(USER1, "speedslurm --profile testbedd config show", check=False)
     assert bad.returncode == 2 and "unknown profile 'testbedd'" in bad.stderr
     assert "gorgonas, local, testbed" in bad.stderr, bad.stderr
-    templates = as_user(USER1, "python -c 'from speedslurm.buildllama import template_text; "
+    templates = as_user(USER1, "python -c 'from speedslurm.ops.buildllama import template_text; "
                                "print(len(template_text()))'").stdout
     assert int(templates) > 1000
 

@@ -13,7 +13,7 @@ import pytest
 import records
 from submitit.core.utils import DelayedSubmission
 
-from speedslurm import jobside
+from speedslurm.node import roles as jobside
 
 # Runs the entry as a task does, with submitit (and numpy) unimportable unless the job needs them, and a leader
 # that only says it ran.
@@ -29,14 +29,14 @@ class NoSubmitit:
         return None
 
 sys.meta_path.insert(0, NoSubmitit())
-from speedslurm import jobside
+from speedslurm.node import roles as jobside
 
 def leader(dep, rd, replica, stop):
     print(f"leader of replica {replica} ran", flush=True)
 
 jobside.run_leader = leader
-sys.argv = ["speedslurm.jobentry", sys.argv[2]]
-runpy.run_module("speedslurm.jobentry", run_name="__main__", alter_sys=True)
+sys.argv = ["speedslurm.node.entry", sys.argv[2]]
+runpy.run_module("speedslurm.node.entry", run_name="__main__", alter_sys=True)
 """
 
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from speedslurm.contract import Follower
-from speedslurm.jobside import HEARTBEAT_MISSES, HeartbeatProbe, RoleFailed, start_heartbeat
+from speedslurm.node.children import RoleFailed
+from speedslurm.node.net import HEARTBEAT_MISSES, HeartbeatProbe, start_heartbeat
+from speedslurm.rundir.records import Follower
 
 
 def _follower(**fields: object) -> Follower:
@@ -50,7 +51,7 @@ def test_peers_without_a_heartbeat_are_not_probed() -> None:
 def test_rpc_cache_folder_is_private_and_foreign_ones_are_never_used(tmp_path: Path) -> None:
     """A default cache folder someone else made first (another uid, a link, writable by others) is never used and
     fails nothing: a private folder of ours beside it is, and the note for the role's log says why."""
-    from speedslurm.jobprocs import rpc_cache_dir
+    from speedslurm.node.children import rpc_cache_dir
 
     tmp = tmp_path / "tmp"
     env = {"TMPDIR": str(tmp)}
@@ -95,7 +96,7 @@ def test_rpc_cache_folder_is_private_and_foreign_ones_are_never_used(tmp_path: P
 
 
 def test_an_unusable_rpc_cache_dir_setting_falls_back_and_then_runs_without_cache(tmp_path: Path) -> None:
-    from speedslurm.jobprocs import rpc_cache_dir
+    from speedslurm.node.children import rpc_cache_dir
 
     env = {"TMPDIR": str(tmp_path / "tmp")}
     loose = tmp_path / "loose"
@@ -116,7 +117,7 @@ def test_an_unusable_rpc_cache_dir_setting_falls_back_and_then_runs_without_cach
 
 def test_rpc_cache_folder_setting_names_one_folder_per_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``{node}`` in llama.rpc_cache_dir: nodes that share a file system each get their own cache folder."""
-    from speedslurm.jobprocs import rpc_cache_dir, rpc_cache_folder
+    from speedslurm.node.children import rpc_cache_dir, rpc_cache_folder
 
     setting = str(tmp_path / "rpc-cache" / "{node}")
     made = [rpc_cache_dir(setting, node) for node in ("n2", "n3")]
@@ -133,7 +134,7 @@ def test_a_server_whose_role_is_already_gone_does_not_run_on() -> None:
     """The fork/prctl race: when the role died before the child armed its death signal, the child exits."""
     import subprocess
 
-    from speedslurm.jobside import die_with_parent
+    from speedslurm.node.children import die_with_parent
 
     orphan = subprocess.Popen(["sleep", "30"], preexec_fn=die_with_parent(parent=1), start_new_session=True)
     assert orphan.wait(10) == 1          # parent 1 is not the child's parent: it exits before exec
@@ -151,7 +152,7 @@ def _tcp_line(remote: str, timer: str, retransmits: int) -> str:
 
 
 def test_peer_watchdog_reads_the_tcp_table_once_a_second_for_all_peers(monkeypatch: pytest.MonkeyPatch) -> None:
-    from speedslurm import nodenet
+    from speedslurm.node import net as nodenet
 
     # 10.77.0.12:50000 and 10.77.0.13:50001 as /proc/net/tcp writes them (little-endian address, hex port)
     n2, n3 = "0C004D0A:C350", "0D004D0A:C351"
@@ -182,7 +183,7 @@ def test_peer_watchdog_reads_the_tcp_table_once_a_second_for_all_peers(monkeypat
 
 def test_peer_watchdog_ignores_other_connections_and_retransmits_without_a_timer(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from speedslurm import nodenet
+    from speedslurm.node import net as nodenet
 
     table = [_tcp_line("0C004D0A:C351", "01", 9),   # the right host, another port
              _tcp_line("0C004D0A:C350", "00", 9)]   # the peer, but no retransmission timer running

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from speedslurm.jobtemplate import job_shape, parser, prepare
-from speedslurm.rundir import RunDir
+from speedslurm.node.template import job_shape, parser, prepare
+from speedslurm.rundir.layout import RunDir
 
 
 def test_the_shape_comes_from_slurms_environment() -> None:

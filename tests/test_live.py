@@ -17,8 +17,16 @@ import localhttp
 import pytest
 from rich.console import Console
 
-from speedslurm import live
+from speedslurm.deployments import live
 from speedslurm.errors import UsageError
+from speedslurm.rundir.batches import (
+    PROGRESS_KEEP_S,
+    PROGRESS_STALE_S,
+    BatchProgressInfo,
+    progress_dir,
+    read_progress,
+    write_progress,
+)
 
 GOLDEN = Path(__file__).parent / "golden"
 METRICS = (GOLDEN / "llama-metrics-busy.txt").read_text()
@@ -92,19 +100,19 @@ def test_a_wrong_key_is_named_not_shown_as_zero_load(server: str) -> None:
 
 
 def test_progress_is_private_and_read_back(tmp_path: Path) -> None:
-    live.write_progress(tmp_path, results="r.jsonl", total=10, done=4, failed=1, completion_tok_s=12.5,
-                        started_at=time.time() - 3)
-    files = list(live.progress_dir(tmp_path).glob("*.json"))
+    write_progress(tmp_path, results="r.jsonl", total=10, done=4, failed=1, completion_tok_s=12.5,
+                   started_at=time.time() - 3)
+    files = list(progress_dir(tmp_path).glob("*.json"))
     assert len(files) == 1 and stat.S_IMODE(files[0].stat().st_mode) == 0o600
-    (info,) = live.read_progress(tmp_path)
+    (info,) = read_progress(tmp_path)
     assert (info.done, info.total, info.failed, info.status, info.pid) == (4, 10, 1, "running", os.getpid())
 
 
 def test_progress_not_renewed_is_marked_and_old_ones_dropped(tmp_path: Path) -> None:
-    live.write_progress(tmp_path, results="r", total=10, done=4, failed=0, completion_tok_s=0, started_at=0)
+    write_progress(tmp_path, results="r", total=10, done=4, failed=0, completion_tok_s=0, started_at=0)
     now = time.time()
-    assert live.read_progress(tmp_path, now + live.PROGRESS_STALE_S + 1)[0].status == "stopped (no news)"
-    assert live.read_progress(tmp_path, now + live.PROGRESS_KEEP_S + 1) == []
+    assert read_progress(tmp_path, now + PROGRESS_STALE_S + 1)[0].status == "stopped (no news)"
+    assert read_progress(tmp_path, now + PROGRESS_KEEP_S + 1) == []
 
 
 class _Dep(tp.NamedTuple):
@@ -152,8 +160,8 @@ def test_a_refreshing_view_asks_slurm_less_and_less_while_nothing_changes(tmp_pa
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import records
 
-    from speedslurm import deploy, slurm
-    from speedslurm.rundir import RunDir, make_private_dir
+    from speedslurm.cluster import slurm
+    from speedslurm.rundir.layout import Deployment, RunDir, make_private_dir
 
     calls: list[str] = []
 
@@ -163,7 +171,7 @@ def test_a_refreshing_view_asks_slurm_less_and_less_while_nothing_changes(tmp_pa
 
     monkeypatch.setattr(slurm, "call", fake)
     rd = RunDir(make_private_dir(tmp_path / "d"))
-    dep = deploy.Deployment(rd, records.deployment(rd.root, replicas=1, job_ids=["42"], nodes=2))
+    dep = Deployment(rd, records.deployment(rd.root, replicas=1, job_ids=["42"], nodes=2))
     make_private_dir(rd.replica_dir(0))
     now = [0.0]
     probe = live.StatusesProbe(clock=lambda: now[0])
@@ -178,9 +186,9 @@ def test_status_watch_refreshes_without_asking_slurm_each_time(tmp_path: Path, m
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     import records
 
-    from speedslurm import deploy, slurm
     from speedslurm.cli import main
-    from speedslurm.rundir import RunDir, make_private_dir
+    from speedslurm.cluster import slurm
+    from speedslurm.rundir.layout import Deployment, RunDir, make_private_dir
 
     calls: list[str] = []
 
@@ -192,7 +200,7 @@ def test_status_watch_refreshes_without_asking_slurm_each_time(tmp_path: Path, m
     monkeypatch.setenv("SPEEDSLURM_RUN__DIR", str(tmp_path))
     monkeypatch.setenv("SPEEDSLURM_PROFILE", "testbed")
     rd = RunDir(make_private_dir(tmp_path / "d"))
-    dep = deploy.Deployment(rd, records.deployment(rd.root, replicas=1, job_ids=["42"], nodes=2))
+    dep = Deployment(rd, records.deployment(rd.root, replicas=1, job_ids=["42"], nodes=2))
     make_private_dir(rd.replica_dir(0))
     try:
         main(["status", dep.id, "--watch", "--count", "3", "--interval", "0.2", "--json"])
@@ -209,17 +217,17 @@ def test_a_batch_publishes_its_progress_in_the_run_directory(tmp_path: Path) -> 
 
     from devtools.stubserver import StubServer
     from speedslurm.batch.sources import RunDirSource
-    from speedslurm.rundir import RunDir
+    from speedslurm.rundir.layout import RunDir
 
     prompts = prompts_file(tmp_path, 60)
     rd = RunDir(tmp_path / "dep")
     server = StubServer(api_key=KEY, latency=0.05, slots=2).start()
     write_endpoint(rd, endpoint(server.url, 0))
-    seen: list[live.BatchProgressInfo] = []
+    seen: list[BatchProgressInfo] = []
 
     def watch() -> None:
         while not seen or seen[-1].status == "running":
-            seen.extend(live.read_progress(rd.root))
+            seen.extend(read_progress(rd.root))
             time.sleep(0.05)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -235,7 +243,7 @@ def test_a_batch_publishes_its_progress_in_the_run_directory(tmp_path: Path) -> 
     running = [p for p in seen if p.status == "running"]
     assert running and any(0 < p.done < 60 for p in running) and all(p.total == 60 for p in seen)
     assert seen[-1].status == "completed" and seen[-1].done == 60
-    (path,) = live.progress_dir(rd.root).glob("*.json")
+    (path,) = progress_dir(rd.root).glob("*.json")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert s.usage is not None and s.to_json()["node_hours"] == pytest.approx(2 * s.wall_s / 3600, rel=0.2)
 
@@ -249,7 +257,7 @@ def test_top_on_a_terminal_shows_every_view(tmp_path: Path, term: str) -> None:
     import records
     from terminal import on_a_terminal
 
-    from speedslurm.rundir import RunDir, make_private_dir
+    from speedslurm.rundir.layout import RunDir, make_private_dir
 
     bin_dir = tmp_path / "bin"  # Slurm, as squeue answers for a job waiting in the queue
     bin_dir.mkdir()

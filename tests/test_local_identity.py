@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from speedslurm.launch import local_environment
-from speedslurm.localproc import ProcessIdentity, check, identify, signal_process
+from speedslurm.cluster.local_executor import local_environment
+from speedslurm.cluster.localproc import ProcessIdentity, check, identify, signal_process
 
 
 def _ss(env: dict[str, str], *args: str, timeout: float = 120, cwd: Path | None = None,
@@ -54,7 +54,7 @@ def _env(runs: Path) -> dict[str, str]:
 def _local_deployment(runs: Path, name: str, pid: int, identity: dict[str, tp.Any] | None) -> Path:
     import records
 
-    from speedslurm.rundir import make_private_dir
+    from speedslurm.rundir.layout import make_private_dir
 
     rd = make_private_dir(runs / name)
     make_private_dir(rd / "r0")

@@ -14,10 +14,13 @@ import pytest
 import records
 from rich.console import Console
 
-from speedslurm import deploy, nodehours, slurm
 from speedslurm.batch.summary import Summary
-from speedslurm.contract import Endpoint
-from speedslurm.rundir import RunDir, make_private_dir
+from speedslurm.cluster import slurm
+from speedslurm.cluster.executor import ACCOUNTING, SQUEUE, Usage
+from speedslurm.deployments import nodehours
+from speedslurm.deployments.status import replica_statuses
+from speedslurm.rundir.layout import Deployment, RunDir, make_private_dir
+from speedslurm.rundir.records import Endpoint
 
 # What the bed's sacct printed for a hetjob (1 leader node + 2 follower nodes) cancelled after 45 s, and what a
 # GPU cluster's AllocTRES looks like.
@@ -42,12 +45,12 @@ class Slurm:
         return self.sacct
 
 
-def _dep(root: Path, job_ids: list[str], nodes: int = 3) -> deploy.Deployment:
+def _dep(root: Path, job_ids: list[str], nodes: int = 3) -> Deployment:
     rd = RunDir(make_private_dir(root / "d"))
     info = records.deployment(rd.root, replicas=len(job_ids), job_ids=job_ids, nodes=nodes)
     for r in range(len(job_ids)):
         make_private_dir(rd.replica_dir(r))
-    return deploy.Deployment(rd, info)
+    return Deployment(rd, info)
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("0:14", 14), ("12:34", 754), ("1:02:03", 3723),
@@ -66,16 +69,16 @@ def test_an_ended_hetjob_sums_its_components_and_the_end_is_kept(tmp_path: Path,
     fake = Slurm(sacct=SACCT_HETJOB)
     monkeypatch.setattr(slurm, "call", fake)
     dep = _dep(tmp_path, ["307"])
-    (st,) = deploy.replica_statuses(dep)
+    (st,) = replica_statuses(dep)
     assert st.state == "ENDED" and st.usage is not None
-    assert (st.usage.elapsed_s, st.usage.node_s, st.usage.source) == (45, 45 * 3, nodehours.ACCOUNTING)
+    assert (st.usage.elapsed_s, st.usage.node_s, st.usage.source) == (45, 45 * 3, ACCOUNTING)
     assert st.usage.gpu_s is None  # the bed counts no GPUs
     assert nodehours.deployment_usage(dep, [st]) == {"node_hours": round(135 / 3600, 4), "gpu_hours": None,
                                                     "node_hours_source": "slurm accounting"}
     assert [c[0] for c in fake.calls] == ["squeue", "sacct"]
     assert fake.calls[1][-1] == "JobID,State,ExitCode,NodeList,ElapsedRaw,NNodes,AllocTRES"
     # Seen ended: never asked again, and the figures come from jobs-ended.json.
-    (again,) = deploy.replica_statuses(dep)
+    (again,) = replica_statuses(dep)
     assert len(fake.calls) == 2 and again.usage == st.usage
     assert json.loads(dep.run_dir.jobs_ended_path.read_text())["jobs"]["307"]["node_s"] == 135
 
@@ -83,7 +86,7 @@ def test_an_ended_hetjob_sums_its_components_and_the_end_is_kept(tmp_path: Path,
 def test_gpu_hours_where_accounting_counts_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(slurm, "call", Slurm(sacct=SACCT_GPU))
     dep = _dep(tmp_path, ["410_0"], nodes=2)
-    (st,) = deploy.replica_statuses(dep)
+    (st,) = replica_statuses(dep)
     assert nodehours.deployment_usage(dep, [st]) == {"node_hours": 2.0, "gpu_hours": 4.0,
                                                     "node_hours_source": "slurm accounting"}
 
@@ -92,8 +95,8 @@ def test_a_running_job_from_squeue_without_sacct(tmp_path: Path, monkeypatch: py
     fake = Slurm(squeue="309+0|RUNNING|None|n1|0|1:00|1|\n309+1|RUNNING|None|n[2-3]|0|1:00|2|\n")
     monkeypatch.setattr(slurm, "call", fake)
     dep = _dep(tmp_path, ["309"])
-    (st,) = deploy.replica_statuses(dep)
-    assert st.usage == nodehours.Usage(60.0, 180.0, None, nodehours.SQUEUE)
+    (st,) = replica_statuses(dep)
+    assert st.usage == Usage(60.0, 180.0, None, SQUEUE)
     assert [c[0] for c in fake.calls] == ["squeue"]
 
 
@@ -106,7 +109,7 @@ def test_without_slurm_figures_the_client_wall_time_is_used_and_said(tmp_path: P
                   replica=0, leader_node="n1", follower_nodes=["n2", "n3"], rpc_servers=[], llama_version="",
                   parallel=1, ctx=512, started_at=now - 1800, ready_at=now - 1790, pid=1)
     dep.run_dir.write(dep.run_dir.endpoint_path(0), ep)
-    (st,) = deploy.replica_statuses(dep)
+    (st,) = replica_statuses(dep)
     used = nodehours.deployment_usage(dep, [st], now=now)
     assert used["node_hours_source"] == "client wall time"
     assert used["node_hours"] == pytest.approx(1.5, abs=1e-3)  # half an hour on 3 nodes
@@ -115,7 +118,7 @@ def test_without_slurm_figures_the_client_wall_time_is_used_and_said(tmp_path: P
 def test_batch_node_hours_cover_only_the_batch_span(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(slurm, "call", Slurm(squeue="309|RUNNING|None|n[1-3]|0|1:00:00|3\n"))
     dep = _dep(tmp_path, ["309"])
-    statuses = deploy.replica_statuses(dep)
+    statuses = replica_statuses(dep)
     now = time.time()
     used = nodehours.batch_usage(dep, statuses, now - 600, now, seen_at=now)  # a 10-minute batch
     assert used["node_hours"] == pytest.approx(0.5, abs=1e-3) and used["node_hours_source"] == "slurm (running)"

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from test_render_slurm import cancel, job_state, read_logs, sbatch, write_node_templates
 
-from speedslurm.contract import SCHEMA, DeploymentRecord, Endpoint, Failed, Follower, Loading, Record
-from speedslurm.rundir import RunDir
+from speedslurm.rundir.layout import RunDir
+from speedslurm.rundir.records import SCHEMA, DeploymentRecord, Endpoint, Failed, Follower, Loading, Record
 
 pytestmark = [pytest.mark.slurm, pytest.mark.llama]
 TIMEOUT_S = 300

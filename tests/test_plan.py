@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 
+from speedslurm.cluster.script import render_job_script
+from speedslurm.cluster.submitit_adapter import entry_command
 from speedslurm.errors import UsageError
-from speedslurm.launch import entry_command, render_job_script
-from speedslurm.models import ModelSpec, resolve_model
-from speedslurm.plan import make_plan, parse_time_minutes
-from speedslurm.rundir import RunDir
-from speedslurm.settings import load_settings
-from speedslurm.split import GIB, nodes_needed
+from speedslurm.model.registry import ModelSpec, resolve_model
+from speedslurm.planning.plan import make_plan, parse_time_minutes
+from speedslurm.planning.split import GIB, nodes_needed
+from speedslurm.rundir.layout import RunDir
+from speedslurm.settings.settings import load_settings
 
 
 def llama70b(weights_bytes: int, host: str | None = None) -> ModelSpec:
@@ -105,13 +106,13 @@ def test_hetjob_script_pins_leader_and_excludes_it_from_followers(gorgonas, tmp_
     assert "#SBATCH --nodes=2" in followers and "#SBATCH --exclude=gorgona1" in followers
     assert "--het-group=0,1" in text and "--kill-on-bad-exit=1" in text
     assert "#SBATCH --gres=gpu:1" in head and "#SBATCH --gres=gpu:1" in followers
-    assert "speedslurm.jobentry" in text
+    assert "speedslurm.node.entry" in text
 
 
 def test_replicas_render_a_job_array_of_n_node_jobs(gorgonas, tmp_path: Path) -> None:
     plan = make_plan(gorgonas, llama70b(40 * 10**9), replicas=3)
     rd = RunDir(tmp_path / "dep")
-    text = render_job_script(plan, rd, "python3 -m speedslurm.jobside x")
+    text = render_job_script(plan, rd, "python3 -m speedslurm.node.roles x")
     assert "#SBATCH --array=0-2%3" in text and "#SBATCH --nodes=2" in text and "hetjob" not in text
 
 
@@ -150,7 +151,7 @@ def test_hetjob_off_gives_one_plain_n_node_job(tmp_path: Path) -> None:
     plan = make_plan(settings, llama70b(59 * 10**9))
     assert plan.layout == "plain" and not plan.heterogeneous
     rd = RunDir(tmp_path / "dep")
-    text = render_job_script(plan, rd, "python3 -m speedslurm.jobentry x")
+    text = render_job_script(plan, rd, "python3 -m speedslurm.node.entry x")
     assert "#SBATCH hetjob" not in text and "#SBATCH --nodes=3" in text and "--het-group" not in text
     # a model pinned to its host still needs the leader component
     pinned = make_plan(settings, llama70b(59 * 10**9, host="gorgona1"))

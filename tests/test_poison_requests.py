@@ -22,7 +22,8 @@ from speedslurm.batch import (
     prepare_batch,
     run_batch,
 )
-from speedslurm.rundir import Endpoint, RunDir, write_json_atomic
+from speedslurm.rundir.layout import RunDir
+from speedslurm.rundir.records import Endpoint, write_json_atomic
 
 KEY = "poison-key"
 FAST: dict[str, tp.Any] = dict(poll_interval=0.02, backoff_base=0.01, backoff_max=0.05, settle=0.3, quiet=True,

@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 import records
 
-from speedslurm import deploy, slurm
 from speedslurm.batch.sources import RunDirSource
+from speedslurm.cluster import slurm
+from speedslurm.cluster.registry import live_job_ids
+from speedslurm.deployments.status import StatusProbe, replica_statuses, statuses_of
 from speedslurm.errors import CommandError
 from speedslurm.polling import Backoff
-from speedslurm.rundir import RunDir, make_private_dir
+from speedslurm.rundir.layout import Deployment, RunDir, make_private_dir
 
 
 class Clock:
@@ -59,12 +61,12 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Slurm:
     return f
 
 
-def _dep(root: Path, name: str, job_ids: list[str], replicas: int = 1) -> deploy.Deployment:
+def _dep(root: Path, name: str, job_ids: list[str], replicas: int = 1) -> Deployment:
     rd = RunDir(make_private_dir(root / name))
     info = records.deployment(rd.root, replicas=replicas, job_ids=job_ids, nodes=2)
     for r in range(replicas):
         make_private_dir(rd.replica_dir(r))
-    return deploy.Deployment(rd, info)
+    return Deployment(rd, info)
 
 
 def test_backoff_doubles_while_nothing_changes_and_resets_on_a_change() -> None:
@@ -117,29 +119,29 @@ def test_status_asks_once_for_every_live_deployment_and_never_again_about_ended_
     live = _dep(root, "live", ["200"])
     fake.queue = {"200+0": "RUNNING", "200+1": "RUNNING"}
     fake.accounting = {str(100 + i): "CANCELLED by 0" if i % 2 else "COMPLETED" for i in range(6)}
-    rows = deploy.statuses_of([*old, live])
+    rows = statuses_of([*old, live])
     assert [c[0] for c in fake.calls] == ["squeue", "sacct"]  # not 2 per deployment
     assert [r[0].state for r in rows] == ["ENDED"] * 6 + ["STARTING"]
     assert [r[0].why for r in rows[:2]] == ["completed", "cancelled"]
     fake.calls.clear()
-    rows = deploy.statuses_of([*old, live])
+    rows = statuses_of([*old, live])
     assert fake.calls == [["squeue", "-h", "-j", "200", "-O", slurm.SQUEUE_FIELDS]]  # the live one only
     assert [r[0].why for r in rows[:2]] == ["completed", "cancelled"]  # from jobs-ended.json
     assert json.loads(old[1].run_dir.jobs_ended_path.read_text())["jobs"]["101"]["state"] == "CANCELLED"
     fake.calls.clear()
     fake.queue = {}
     fake.accounting["200"] = "TIMEOUT"
-    assert deploy.statuses_of([live])[0][0].why == "time limit"
+    assert statuses_of([live])[0][0].why == "time limit"
     fake.calls.clear()
-    assert deploy.statuses_of([*old, live])[6][0].why == "time limit" and fake.calls == []
-    assert deploy.replica_statuses(live)[0].why == "time limit" and fake.calls == []
+    assert statuses_of([*old, live])[6][0].why == "time limit" and fake.calls == []
+    assert replica_statuses(live)[0].why == "time limit" and fake.calls == []
 
 
 def test_up_waiting_an_hour_in_the_queue_asks_slurm_about_120_times_not_3600(tmp_path: Path, fake: Slurm) -> None:
     dep = _dep(tmp_path / "runs", "dep", ["300"])
     fake.queue = {"300+0": "PENDING", "300+1": "PENDING"}
     clock = Clock()
-    probe = deploy.StatusProbe(dep, clock=clock)
+    probe = StatusProbe(dep, clock=clock)
     while clock.now < 3600:
         assert probe()[0].state == "PENDING"
         clock.now += 0.5  # up polls the run directory more often (run.poll_interval_s); Slurm is what counts
@@ -183,12 +185,12 @@ def test_an_end_is_recorded_only_once_the_job_has_left_the_queue(tmp_path: Path,
     """A final state that squeue still shows may be undone by a requeue (same job id): it is asked about again."""
     dep = _dep(tmp_path / "runs", "dep", ["400"])
     fake.queue = {"400": "PREEMPTED"}
-    assert deploy.replica_statuses(dep)[0].state == "ENDED"
-    assert deploy.live_job_ids(dep) == ["400"] and not dep.run_dir.jobs_ended_path.exists()
+    assert replica_statuses(dep)[0].state == "ENDED"
+    assert live_job_ids(dep) == ["400"] and not dep.run_dir.jobs_ended_path.exists()
     fake.queue = {"400": "PENDING"}  # requeued
-    assert deploy.replica_statuses(dep)[0].state == "PENDING"
+    assert replica_statuses(dep)[0].state == "PENDING"
     fake.queue, fake.accounting = {}, {"400": "CANCELLED by 0"}  # gone from the queue: accounting has the last word
-    assert deploy.replica_statuses(dep)[0].why == "cancelled"
-    assert deploy.live_job_ids(dep) == []
+    assert replica_statuses(dep)[0].why == "cancelled"
+    assert live_job_ids(dep) == []
     fake.calls.clear()
-    assert deploy.replica_statuses(dep)[0].why == "cancelled" and fake.calls == []
+    assert replica_statuses(dep)[0].why == "cancelled" and fake.calls == []

@@ -24,8 +24,8 @@ import pytest
 pytest.importorskip("huggingface_hub")
 
 from speedslurm.errors import SpeedslurmError, UsageError  # noqa: E402
-from speedslurm.pull import plan_pull, pull_model  # noqa: E402
-from speedslurm.settings import ModelEntry, Settings  # noqa: E402
+from speedslurm.model.pull import plan_pull, pull_model  # noqa: E402
+from speedslurm.settings.settings import ModelEntry, Settings  # noqa: E402
 
 REPO = "acme/Tiny-GGUF"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

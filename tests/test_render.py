@@ -18,13 +18,19 @@ from pathlib import Path
 
 import pytest
 
-from speedslurm.buildllama import BuildOptions, render_build_script, template_text
+from speedslurm.deployments.render import (
+    create_run_dir,
+    deployment_record,
+    job_id_from_env,
+    record_job,
+    render_script,
+)
 from speedslurm.errors import UsageError
-from speedslurm.models import ModelSpec
-from speedslurm.plan import make_plan
-from speedslurm.render import create_run_dir, deployment_record, job_id_from_env, record_job, render_script
-from speedslurm.rundir import RunDir
-from speedslurm.settings import ClusterSettings, LlamaSettings, RunSettings, Settings
+from speedslurm.model.registry import ModelSpec
+from speedslurm.ops.buildllama import BuildOptions, render_build_script, template_text
+from speedslurm.planning.plan import make_plan
+from speedslurm.rundir.layout import RunDir
+from speedslurm.settings.settings import ClusterSettings, LlamaSettings, RunSettings, Settings
 
 GOLDEN = Path(__file__).parent / "golden"
 REGEN = os.environ.get("SPEEDSLURM_REGEN_GOLDEN", "") not in ("", "0")
@@ -70,14 +76,14 @@ def test_render_golden(case: str) -> None:
 
 def test_render_is_the_up_script_with_another_entry() -> None:
     """Everything but the task command and the job-id line equals what `up` submits."""
-    from speedslurm.launch import render_job_script
+    from speedslurm.cluster.script import render_job_script
 
     plan = make_plan(settings(), spec(), nodes=2)
     rd = RunDir(Path("/shared/runs/x"))
     ours = render_script(plan, rd, PYTHON).split("\n")
     ups = render_job_script(plan, rd, "ENTRY").split("\n")
     srun = next(i for i, line in enumerate(ours) if line.startswith("srun "))
-    assert ours[srun].endswith(f"{PYTHON} -u -m speedslurm.jobentry serve /shared/runs/x")
+    assert ours[srun].endswith(f"{PYTHON} -u -m speedslurm.node.entry serve /shared/runs/x")
     kept = [line for line in ours if not line.startswith(("srun ", "# record this job", PYTHON))]
     assert [line for line in kept if line] == [line for line in ups if line and not line.startswith("srun ")]
 
@@ -134,7 +140,7 @@ def test_hostile_run_dir_is_quoted_and_nothing_runs(tmp_path: Path) -> None:
     script = render_script(plan, rd, sys.executable)
     argv, seen = _run_sandboxed(script, tmp_path, {"SLURM_JOB_ID": "42"})
     assert not p1.exists() and not p2.exists()
-    assert argv[-6:] == [sys.executable, "-u", "-m", "speedslurm.jobentry", "serve", str(root)]
+    assert argv[-6:] == [sys.executable, "-u", "-m", "speedslurm.node.entry", "serve", str(root)]
     assert argv[argv.index("--output") + 1] == str(root / "submitit" / "%j_%t_log.out")
     assert seen == str(root)
     # The job-id line ran with the same run directory.
@@ -328,8 +334,8 @@ def test_templates_parse_and_run_one_job_side_with_one_body() -> None:
 
 @pytest.mark.parametrize("name, shape", [("llama-rpc-hetjob.sbatch", "hetjob"), ("llama-rpc-array.sbatch", "array")])
 def test_template_settings_map_to_the_job_sides_arguments(tmp_path: Path, name: str, shape: str) -> None:
-    from speedslurm.jobtemplate import parser
-    from speedslurm.nodepyz import build
+    from speedslurm.node.template import parser
+    from speedslurm.ops.nodepyz import build
 
     pyz = build(tmp_path)
     args_file = tmp_path / "args"
@@ -359,11 +365,11 @@ def test_a_template_without_the_job_side_beside_it_says_how_to_get_it(tmp_path: 
 def test_the_node_archive_runs_alone_and_imports_no_front_end_library(tmp_path: Path) -> None:
     """speedslurm-node.pyz carries the whole job side: it runs with no speedslurm installed (-I -S: no
     site-packages, no current folder) and loads only its own modules and the standard library."""
-    from speedslurm.nodepyz import build
+    from speedslurm.ops.nodepyz import build
 
     pyz = build(tmp_path)
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import speedslurm.jobentry, speedslurm.jobside, "
-            "speedslurm.jobtemplate, speedslurm.nodenet; print(speedslurm.__file__); "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import speedslurm.node.entry, speedslurm.node.roles, "
+            "speedslurm.node.template, speedslurm.node.net; print(speedslurm.__file__); "
             "print(sorted(m for m in ('submitit', 'click', 'yaml', 'openai') if m in sys.modules))")
     res = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(pyz)], capture_output=True, text=True,
                          cwd=tmp_path, timeout=60)

@@ -1,6 +1,6 @@
 """Plain `sbatch` on the test bed: a script from `speedslurm render`, and the two templates in sbatch_templates/.
 
-Each reaches READY (endpoint.json appears, mode 0600, with every field of speedslurm.rundir.Endpoint), serves a
+Each reaches READY (endpoint.json appears, mode 0600, with every field of speedslurm.rundir.layout.Endpoint), serves a
 small batch through `speedslurm run`, and is cancelled at the end.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from speedslurm.rundir import Endpoint
+from speedslurm.rundir.records import Endpoint
 
 pytestmark = [pytest.mark.slurm, pytest.mark.llama]
 

@@ -22,7 +22,7 @@ from speedslurm.batch import (
     prepare_batch,
     run_batch,
 )
-from speedslurm.rundir import Endpoint, write_json_atomic
+from speedslurm.rundir.records import Endpoint, write_json_atomic
 
 FAST: dict[str, tp.Any] = dict(poll_interval=0.02, backoff_base=0.01, backoff_max=0.05, settle=0.2, quiet=True,
                                timeout=20.0, probe_base=0.01, probe_max=0.05)

@@ -15,12 +15,13 @@ from test_batch_runner import KEY, assert_exactly_once_ok, endpoint, prompts_fil
 from test_deploy_unit import _dep, _endpoint
 
 from devtools.stubserver import StubServer
-from speedslurm import jobside, slurm
 from speedslurm.batch import RunDirSource
-from speedslurm.contract import Endpoint, Failed
-from speedslurm.deploy import replica_statuses
-from speedslurm.rundir import RunDir, write_json_atomic
-from speedslurm.slurm import JobState
+from speedslurm.cluster import slurm
+from speedslurm.cluster.slurm import JobState
+from speedslurm.deployments.status import replica_statuses
+from speedslurm.node import roles as jobside
+from speedslurm.rundir.layout import RunDir
+from speedslurm.rundir.records import Endpoint, Failed, current_epoch, write_json_atomic
 
 
 def test_the_job_side_takes_only_files_of_its_own_start(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -28,13 +29,13 @@ def test_the_job_side_takes_only_files_of_its_own_start(monkeypatch: pytest.Monk
     monkeypatch.delenv("SPEEDSLURM_JOB_ID", raising=False)
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
-    assert jobside.current_epoch() == 0
+    assert current_epoch() == 0
     def f(**kw: tp.Any) -> Failed:
         return Failed.from_json(records.failed(**kw))
 
     assert jobside._ours(f(job_id="7")) and jobside._ours(f(job_id="7", epoch=0))
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
-    assert jobside.current_epoch() == 2
+    assert current_epoch() == 2
     assert not jobside._ours(f(job_id="7"))  # the first start's follower file: a dead port now
     assert not jobside._ours(f(job_id="7", epoch=1))
     assert jobside._ours(f(job_id="7", epoch=2))

@@ -11,13 +11,8 @@ from pathlib import Path
 import pytest
 
 from speedslurm.errors import UsageError
-from speedslurm.rundir import (
-    Endpoint,
-    RunDir,
-    check_parent_not_world_writable,
-    make_private_dir,
-    write_json_atomic,
-)
+from speedslurm.rundir.layout import RunDir, check_parent_not_world_writable, make_private_dir
+from speedslurm.rundir.records import Endpoint, write_json_atomic
 
 
 def _endpoint(i: int = 0) -> Endpoint:

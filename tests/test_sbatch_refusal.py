@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from speedslurm import deploy as dp
-from speedslurm.launch import SbatchRefused, refusal, refused_settings
-from speedslurm.models import ModelSpec
-from speedslurm.plan import make_plan
-from speedslurm.settings import load_settings
+from speedslurm.cluster.script import SbatchRefused, refusal, refused_settings
+from speedslurm.deployments import lifecycle as dp
+from speedslurm.deployments.record import list_deployments
+from speedslurm.model.registry import ModelSpec
+from speedslurm.planning.plan import make_plan
+from speedslurm.settings.settings import load_settings
 
 # What sbatch (Slurm 22.05 to 24.x) prints when it refuses a job, and the setting that asked for it.
 MESSAGES = [
@@ -115,7 +116,7 @@ def test_a_refused_job_leaves_no_run_directory_and_no_deployment(
     assert err.value.message.endswith("Invalid feature specification")
     assert "Invalid feature" not in capsys.readouterr().err  # said once, in the error (submitit prints it too)
     assert list((clean_env / "runs").iterdir()) == []
-    assert dp.list_deployments(settings) == []
+    assert list_deployments(settings) == []
 
 
 @pytest.mark.parametrize("command", ["up", "submit"])
@@ -124,10 +125,11 @@ def test_up_and_submit_exit_2_with_the_message_and_no_traceback(clean_env: Path,
     bin_dir = fake_sbatch(clean_env / "bin", "sbatch: error: Batch job submission failed: Invalid qos "
                                              "specification")
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    code = ("import sys; from speedslurm import deploy as dp, executors as ex\n"
+    code = ("import sys; from speedslurm.deployments import lifecycle as dp\n"
+            "from speedslurm.cluster import slurm_executor as ex\n"
             "dp.binaries_record = lambda b: {}\n"
             "ex.SlurmExecutor.nodes_available = lambda self, s: 4\n"
-            "import speedslurm.binaries as b; b.find_llama_binaries = lambda d: type('B', (), "
+            "import speedslurm.node.binaries as b; b.find_llama_binaries = lambda d: type('B', (), "
             "{'check_same_build': lambda self: None})()\n"
             "from speedslurm.cli import main; main(sys.argv[1:])\n")
     gguf = clean_env / "m.gguf"

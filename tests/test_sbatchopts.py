@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from speedslurm.cluster.script import render_job_script, slurm_parameters
 from speedslurm.errors import ConfigError, UsageError
-from speedslurm.launch import render_job_script, slurm_parameters
-from speedslurm.models import ModelSpec
-from speedslurm.plan import make_plan
-from speedslurm.rundir import RunDir
-from speedslurm.sbatchopts import MANAGED, option_names, sbatch_options
-from speedslurm.settings import load_settings
+from speedslurm.model.registry import ModelSpec
+from speedslurm.planning.plan import make_plan
+from speedslurm.planning.sbatchopts import MANAGED, option_names, sbatch_options
+from speedslurm.rundir.layout import RunDir
+from speedslurm.settings.settings import load_settings
 
 
 def spec(weights: int = 40_350_000_000) -> ModelSpec:
@@ -124,8 +124,8 @@ def test_golden_scripts_are_unchanged_without_options() -> None:
 def test_plan_prints_the_option_in_its_job_script(user_config: Path, tiny_gguf: Path,
                                                    monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    from speedslurm import slurm
     from speedslurm.cli import main
+    from speedslurm.cluster import slurm
 
     user_config.write_text("")
     monkeypatch.setattr(slurm, "partition_info", lambda partition: {"name": "gorgonas", "nodes": ["n1", "n2"]})

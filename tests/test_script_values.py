@@ -1,8 +1,8 @@
 """Values that reach a job script (issue 11): a line break or control character in any setting the script
 carries is refused, exit 2, before anything is queued, on every path (``plan``, ``up``, ``submit``, ``render``).
 
-One check (:func:`speedslurm.plan.check_script_values`, through :func:`speedslurm.sbatchopts.refuse_control`)
-runs where the job's sbatch parameters are built (:func:`speedslurm.launch.slurm_parameters`), which every job
+One check (:func:`speedslurm.planning.plan.check_script_values`, through :func:`speedslurm.planning.sbatchopts.refuse_control`)
+runs where the job's sbatch parameters are built (:func:`speedslurm.cluster.script.slurm_parameters`), which every job
 script comes from, and already when the plan is made. Before, only ``render`` refused them: ``up``, ``submit``
 and ``plan`` put ``account: "lab\\n#SBATCH --nodelist=n9"`` into the script, where the second line runs as shell.
 """
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from speedslurm.cluster.script import render_job_script, slurm_parameters
 from speedslurm.errors import ConfigError, UsageError
-from speedslurm.launch import render_job_script, slurm_parameters
-from speedslurm.models import ModelSpec
-from speedslurm.plan import make_plan
-from speedslurm.rundir import RunDir
-from speedslurm.settings import load_settings
+from speedslurm.model.registry import ModelSpec
+from speedslurm.planning.plan import make_plan
+from speedslurm.rundir.layout import RunDir
+from speedslurm.settings.settings import load_settings
 
 INJECTED = "\n#SBATCH --nodelist=n9\ntouch PWNED"
 

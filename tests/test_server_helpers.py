@@ -20,7 +20,7 @@ import time
 import typing as tp
 from pathlib import Path
 
-from speedslurm.jobprocs import Child
+from speedslurm.node.children import Child
 
 # A "server" that forks a helper ignoring SIGTERM (it would run for an hour), writes the helper's pid, then exits
 # at once on SIGTERM (llama-server's second interrupt) or, with "crash", on its own.
@@ -110,7 +110,7 @@ def test_a_server_that_exits_on_its_own_takes_its_helpers_along(tmp_path: Path) 
 _ROLE = r"""
 import os, signal, sys, time
 from pathlib import Path
-from speedslurm.jobprocs import Child, adopt_orphans
+from speedslurm.node.children import Child, adopt_orphans
 adopted = adopt_orphans()
 pid_file = Path(sys.argv[2])
 child = Child([sys.executable, "-c", sys.argv[1], str(pid_file), "crash"], pid_file.with_name("server.log"),

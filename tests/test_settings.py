@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from speedslurm.errors import ConfigError
-from speedslurm.settings import describe, load_settings
+from speedslurm.settings.settings import describe, load_settings
 
 
 @pytest.fixture

@@ -69,7 +69,8 @@ def _ended_jobs(n: int) -> list[str]:
 
 
 def _old_deployment(runs: Path, name: str, job_id: str, age_s: float) -> None:
-    from speedslurm.rundir import make_private_dir, write_json_atomic
+    from speedslurm.rundir.layout import make_private_dir
+    from speedslurm.rundir.records import write_json_atomic
 
     rd = make_private_dir(runs / name)
     make_private_dir(rd / "r0")

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from speedslurm.errors import ConfigError, UsageError
-from speedslurm.ggufinfo import read_gguf_info
-from speedslurm.models import resolve_model
-from speedslurm.plan import make_plan
-from speedslurm.settings import load_settings
-from speedslurm.split import GIB, balance_split, llama_placement
+from speedslurm.model.gguf import read_gguf_info
+from speedslurm.model.registry import resolve_model
+from speedslurm.planning.plan import make_plan
+from speedslurm.planning.split import GIB, balance_split, llama_placement
+from speedslurm.settings.settings import load_settings
 
 
 def write_header(path: Path, *, n_layer: int, n_embd: int, n_ff: int, n_head: int, n_head_kv: int,
@@ -225,8 +225,8 @@ def test_the_users_tensor_split_wins(q4: Path) -> None:
 
 def test_plan_json_and_text_show_shares(q4: Path, user_config: Path, monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture[str]) -> None:
-    from speedslurm import slurm
     from speedslurm.cli import main
+    from speedslurm.cluster import slurm
 
     user_config.write_text("")
     monkeypatch.setattr(slurm, "partition_info", lambda partition: {"name": "gorgonas", "nodes": ["g1", "g2"]})

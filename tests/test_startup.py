@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from speedslurm.settings import configs_dir, package_defaults_path
+from speedslurm.settings.layers import configs_dir, package_defaults_path
 
 
 def _run(code: str, *args: str) -> list[str]:
@@ -25,7 +25,7 @@ def _run(code: str, *args: str) -> list[str]:
 
 
 def test_reading_a_header_imports_neither_the_gguf_package_nor_numpy(tiny_gguf: Path) -> None:
-    code = ("import sys; from speedslurm.ggufinfo import read_gguf_info; info = read_gguf_info(sys.argv[1]); "
+    code = ("import sys; from speedslurm.model.gguf import read_gguf_info; info = read_gguf_info(sys.argv[1]); "
             "print(info.file_type); print(sorted(m for m in ('gguf', 'numpy') if m in sys.modules))")
     assert _run(code, str(tiny_gguf))[:2] == ["F16", "[]"]
 
@@ -33,7 +33,7 @@ def test_reading_a_header_imports_neither_the_gguf_package_nor_numpy(tiny_gguf: 
 def test_the_type_tables_are_the_gguf_packages() -> None:
     import gguf.constants
 
-    from speedslurm.ggufinfo import gguf_constants
+    from speedslurm.model.gguf import gguf_constants
 
     mine = gguf_constants()
     assert mine is not gguf.constants   # loaded apart from the package, under its own name
@@ -43,14 +43,14 @@ def test_the_type_tables_are_the_gguf_packages() -> None:
 
 
 def test_loading_the_settings_uses_pydantic_core_without_pydantic() -> None:
-    code = ("import sys; from speedslurm.settings import load_settings; s = load_settings(profile='testbed', "
+    code = ("import sys; from speedslurm.settings.settings import load_settings; s = load_settings(profile='testbed', "
             "environ={}); print(s.cluster.name); print(sorted(m for m in ('pydantic', 'pydantic_core') "
             "if m in sys.modules))")
     assert _run(code)[:2] == ["testbed", "['pydantic_core']"]
 
 
 def test_the_fast_yaml_parser_reads_every_packaged_file_as_safe_load_does() -> None:
-    from speedslurm.settings_layers import load_yaml
+    from speedslurm.settings.layers import load_yaml
 
     cdir = configs_dir()
     assert cdir is not None
@@ -64,8 +64,8 @@ def test_the_fast_yaml_parser_reads_every_packaged_file_as_safe_load_does() -> N
 @pytest.fixture
 def counted_reads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[Path]:
     """Header reads done by the cache (the real reader, counted), with the cache in ``tmp_path/cache``."""
-    from speedslurm import ggufcache
-    from speedslurm.ggufinfo import read_gguf_info
+    from speedslurm.model import cache as ggufcache
+    from speedslurm.model.gguf import read_gguf_info
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     reads: list[Path] = []
@@ -80,8 +80,8 @@ def counted_reads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[Path]
 
 def test_a_header_is_read_once_and_again_when_its_file_changes(tiny_gguf: Path, tmp_path: Path,
                                                                counted_reads: list[Path]) -> None:
-    from speedslurm.ggufcache import cached_gguf_info
-    from speedslurm.ggufinfo import read_gguf_info
+    from speedslurm.model.cache import cached_gguf_info
+    from speedslurm.model.gguf import read_gguf_info
 
     model = tmp_path / "m.gguf"
     shutil.copy(tiny_gguf, model)
@@ -100,7 +100,7 @@ def test_a_header_is_read_once_and_again_when_its_file_changes(tiny_gguf: Path, 
 def test_a_broken_or_unwritable_cache_only_costs_a_read(tiny_gguf: Path, tmp_path: Path,
                                                          counted_reads: list[Path],
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from speedslurm.ggufcache import cache_dir, cached_gguf_info
+    from speedslurm.model.cache import cache_dir, cached_gguf_info
 
     good = cached_gguf_info(tiny_gguf)
     (entry,) = cache_dir().glob("*.json")
@@ -113,7 +113,7 @@ def test_a_broken_or_unwritable_cache_only_costs_a_read(tiny_gguf: Path, tmp_pat
 
 def test_a_missing_model_is_still_the_readers_error(tmp_path: Path, counted_reads: list[Path]) -> None:
     from speedslurm.errors import UsageError
-    from speedslurm.ggufcache import cached_gguf_info
+    from speedslurm.model.cache import cached_gguf_info
 
     with pytest.raises(UsageError, match="does not exist"):
         cached_gguf_info(tmp_path / "absent.gguf")
@@ -121,7 +121,7 @@ def test_a_missing_model_is_still_the_readers_error(tmp_path: Path, counted_read
 
 def test_the_cache_keeps_only_the_entries_written_last(tiny_gguf: Path, tmp_path: Path, counted_reads: list[Path],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from speedslurm import ggufcache
+    from speedslurm.model import cache as ggufcache
 
     monkeypatch.setattr(ggufcache, "KEEP", 2)
     models = [tmp_path / f"m{i}.gguf" for i in range(4)]
@@ -152,7 +152,7 @@ def _counting_binaries(folder: Path, help_text: str = "--kv-unified  one KV cach
 
 
 def test_the_client_asks_each_binary_each_question_once(tmp_path: Path) -> None:
-    from speedslurm.binaries import env_for, find_llama_binaries, kv_unified
+    from speedslurm.node.binaries import env_for, find_llama_binaries, kv_unified
 
     log = _counting_binaries(tmp_path)
     found = find_llama_binaries(tmp_path, path_env="")
@@ -164,7 +164,7 @@ def test_the_client_asks_each_binary_each_question_once(tmp_path: Path) -> None:
 
 
 def test_a_rebuilt_binary_is_asked_again(tmp_path: Path) -> None:
-    from speedslurm.binaries import env_for, find_llama_binaries, kv_unified
+    from speedslurm.node.binaries import env_for, find_llama_binaries, kv_unified
 
     log = _counting_binaries(tmp_path)
     found = find_llama_binaries(tmp_path, path_env="")
@@ -182,7 +182,7 @@ def test_a_rebuilt_binary_is_asked_again(tmp_path: Path) -> None:
 ])
 def test_the_fitting_pass_is_turned_off_only_where_the_build_has_it(tmp_path: Path, help_text: str,
                                                                      takes_fit: bool) -> None:
-    from speedslurm.binaries import env_for, find_llama_binaries, fit_flag
+    from speedslurm.node.binaries import env_for, find_llama_binaries, fit_flag
 
     _counting_binaries(tmp_path, help_text=help_text)
     found = find_llama_binaries(tmp_path, path_env="")

@@ -1,4 +1,4 @@
-"""speedslurm/submitit_adapter.py relies on submitit internals: each assumption holds for the installed submitit,
+"""speedslurm/cluster/submitit_adapter.py relies on submitit internals: each assumption holds for the installed submitit,
 and a broken one fails with a message that names the submitit version, what changed and where the adapter is."""
 
 from __future__ import annotations
@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from speedslurm import submitit_adapter
+from speedslurm.cluster import submitit_adapter
 
 ASSUMPTIONS = submitit_adapter.assumptions()
 
 
 def _explain(what: str) -> str:
     return (f"submitit {submitit_adapter.version()} changed what speedslurm relies on; the adapter in "
-            f"speedslurm/submitit_adapter.py assumes: {what} (tested with submitit{submitit_adapter.TESTED}; "
+            f"speedslurm/cluster/submitit_adapter.py assumes: {what} (tested with submitit{submitit_adapter.TESTED}; "
             "adapt the adapter, or install a submitit in that range)")
 
 
@@ -36,7 +36,7 @@ def test_a_changed_submitit_fails_with_the_message(monkeypatch: pytest.MonkeyPat
     monkeypatch.delattr(submitit_slurm, "_make_sbatch_string")
     what, check = submitit_adapter.assumptions()[0]
     assert not check()
-    assert "submitit 1.5.4 changed what speedslurm relies on; the adapter in speedslurm/submitit_adapter.py " \
+    assert "submitit 1.5.4 changed what speedslurm relies on; the adapter in speedslurm/cluster/submitit_adapter.py " \
            "assumes: submitit.slurm.slurm._make_sbatch_string" in _explain(what)
 
 
@@ -51,9 +51,9 @@ def test_pinned_range_is_the_tested_one() -> None:
 
 def test_only_the_adapter_uses_submitit_internals() -> None:
     """No other module of the package reaches into submitit's private names."""
-    pkg = Path(submitit_adapter.__file__).parent
+    pkg = Path(submitit_adapter.__file__).parent.parent
     private = re.compile(r"_make_sbatch_string|_make_submission_file_text|_submitit_command_str|_num_tasks\b|"
                          r"_submit_command\b|_cancel_at_deletion")
     users = sorted(str(p.relative_to(pkg)) for p in pkg.rglob("*.py")
                    if p.name != "submitit_adapter.py" and private.search(p.read_text()))
-    assert users == [], f"submitit internals used outside speedslurm/submitit_adapter.py: {users}"
+    assert users == [], f"submitit internals used outside speedslurm/cluster/submitit_adapter.py: {users}"

@@ -19,7 +19,7 @@ import pytest
 
 from devtools import testmodels as T
 from speedslurm.errors import UsageError
-from speedslurm.ggufinfo import read_gguf_info
+from speedslurm.model.gguf import read_gguf_info
 
 
 def _sha(path: Path) -> str:
@@ -248,7 +248,7 @@ def _chat(url: str) -> None:
 @pytest.mark.llama
 @pytest.mark.timeout(120)
 def test_tiny_model_chat_completion(llama_bins: tp.Any, tiny_gguf: Path, tmp_path: Path) -> None:
-    from speedslurm.binaries import env_for
+    from speedslurm.node.binaries import env_for
 
     port, log = _free_port(), tmp_path / "llama-server.log"
     proc = _start([str(llama_bins.llama_server), "-m", str(tiny_gguf), "--host", "127.0.0.1", "--port", str(port),
@@ -266,7 +266,7 @@ def test_tiny_model_chat_completion(llama_bins: tp.Any, tiny_gguf: Path, tmp_pat
 @pytest.mark.timeout(120)
 def test_tiny_model_over_two_rpc_servers(llama_bins: tp.Any, tiny_gguf: Path, tmp_path: Path) -> None:
     """Split over two loopback rpc-servers, each receives part of the weights."""
-    from speedslurm.binaries import env_for
+    from speedslurm.node.binaries import env_for
 
     env = env_for(llama_bins)
     procs: list[subprocess.Popen[bytes]] = []

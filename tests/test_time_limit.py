@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from speedslurm.launch import SLURM_CHECK_PERIOD_S, DetachedLocalExecutor, EntrySlurmExecutor, signal_delay_s
+from speedslurm.cluster.script import SLURM_CHECK_PERIOD_S, signal_delay_s
+from speedslurm.cluster.submitit_adapter import DetachedLocalExecutor, EntrySlurmExecutor
 
 
 def _delay(minutes: int) -> int:
@@ -58,7 +59,7 @@ runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
 
 
-@pytest.mark.parametrize("module", ["speedslurm.jobentry"])
+@pytest.mark.parametrize("module", ["speedslurm.node.entry"])
 def test_entry_holds_the_warning_before_importing_submitit(module: str, tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-c", _PROBE, module, str(tmp_path)], capture_output=True, text=True,
                          timeout=60)
@@ -68,8 +69,8 @@ def test_entry_holds_the_warning_before_importing_submitit(module: str, tmp_path
 
 _SERVE = r"""
 import os, signal, sys
-from speedslurm import jobside
-from speedslurm.jobentry import hold_time_limit_warning
+from speedslurm.node import roles as jobside
+from speedslurm.node.entry import hold_time_limit_warning
 
 hold_time_limit_warning()
 os.kill(os.getpid(), signal.SIGUSR2)  # the warning comes before serve() has its handler
@@ -97,7 +98,7 @@ def test_a_held_warning_reaches_the_job_side(tmp_path: Path) -> None:
 
 def test_every_executor_starts_tasks_through_the_entry(tmp_path: Path) -> None:
     for ex in (EntrySlurmExecutor(folder=tmp_path / "s"), DetachedLocalExecutor(folder=tmp_path / "l")):
-        assert " -u -m speedslurm.jobentry " in ex._submitit_command_str
+        assert " -u -m speedslurm.node.entry " in ex._submitit_command_str
 
 
 def test_servers_survive_the_warning_sent_to_the_whole_step(tmp_path: Path) -> None:
@@ -107,7 +108,7 @@ def test_servers_survive_the_warning_sent_to_the_whole_step(tmp_path: Path) -> N
     import signal
     import time
 
-    from speedslurm.jobside import Child
+    from speedslurm.node.children import Child
 
     child = Child(["sleep", "30"], tmp_path / "server.log", env={"PATH": "/usr/bin:/bin"})
     try:

@@ -117,7 +117,7 @@ class FakeSlurm:
 
 @pytest.fixture
 def fake_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeSlurm:
-    from speedslurm import slurm
+    from speedslurm.cluster import slurm
 
     fake = FakeSlurm()
     monkeypatch.setattr(slurm, "call", fake)
@@ -129,7 +129,7 @@ def fake_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeSlurm:
 
 def _deployment(tmp_path: Path, name: str, job_ids: list[str], replicas: int = 1,
                 submitted_by: str = "speedslurm up", **extra: tp.Any) -> Path:
-    from speedslurm.rundir import make_private_dir
+    from speedslurm.rundir.layout import make_private_dir
 
     root = make_private_dir(tmp_path / "runs")
     rd = make_private_dir(root / name)
@@ -145,7 +145,7 @@ def _deployment(tmp_path: Path, name: str, job_ids: list[str], replicas: int = 1
 def _failed(rd: Path, job_id: str, replica: int = 0, **extra: tp.Any) -> None:
     import records
 
-    from speedslurm.rundir import write_json_atomic
+    from speedslurm.rundir.records import write_json_atomic
 
     fields = {"job_id": job_id, "role": "leader", "rank": 0, "node": "n1", "exit_code": 1,
               "reason": "llama-server on n1 exited with code 1", "log_tail": "", "time": 1_700_000_100.0, **extra}
@@ -260,8 +260,8 @@ def test_a_rendered_array_knows_every_task_once_one_has_started(
 @pytest.mark.parametrize("ident", ["76", "76_1", "76_[0-1]", "dep-arr"])
 def test_every_command_takes_a_slurm_job_id(tmp_path: Path, fake_slurm: FakeSlurm,
                                             capsys: pytest.CaptureFixture[str], ident: str) -> None:
-    from speedslurm.deploy import find_deployment
-    from speedslurm.settings import load_settings
+    from speedslurm.deployments.record import find_deployment
+    from speedslurm.settings.settings import load_settings
 
     _deployment(tmp_path, "dep-arr", ["76_0", "76_1"], replicas=2)
     _deployment(tmp_path, "dep-other", ["77"])
@@ -275,7 +275,7 @@ def test_every_command_takes_a_slurm_job_id(tmp_path: Path, fake_slurm: FakeSlur
 
 
 def test_accounting_finds_a_script_whose_name_has_a_space(tmp_path: Path, fake_slurm: FakeSlurm) -> None:
-    from speedslurm import slurm
+    from speedslurm.cluster import slurm
 
     # sacct keeps the submit line without the shell's quotes
     fake_slurm.accounting = [("90+0", "CANCELLED by 0", "sbatch --parsable my job.sbatch", str(tmp_path)),

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from speedslurm.deploy import ReplicaStatus, wait_ready
+from speedslurm.deployments.status import ReplicaStatus
+from speedslurm.deployments.waiting import wait_ready
 from speedslurm.errors import DeploymentFailed
 
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from speedslurm import warmcache
-from speedslurm.launch import render_job_script
-from speedslurm.models import ModelSpec
-from speedslurm.plan import describe_plan, make_plan
-from speedslurm.rundir import RunDir
-from speedslurm.settings import load_settings
+from speedslurm.cluster import warmcache
+from speedslurm.cluster.script import render_job_script
+from speedslurm.model.registry import ModelSpec
+from speedslurm.planning.plan import describe_plan, make_plan
+from speedslurm.rundir.layout import RunDir
+from speedslurm.settings.settings import load_settings
 
 IDLE4 = {"n1": "idle", "n2": "idle", "n3": "idle", "n4": "idle"}
 
@@ -184,7 +184,7 @@ def test_arrays_and_plain_jobs_name_no_node(warm) -> None:
 
 
 def test_sinfo_failing_takes_any_nodes(warm, monkeypatch: pytest.MonkeyPatch) -> None:
-    from speedslurm import slurm
+    from speedslurm.cluster import slurm
     from speedslurm.errors import CommandError
 
     spec, _ = warm

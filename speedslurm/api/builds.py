@@ -19,7 +19,7 @@ class Built:
     state: str
     build_s: float
     log: Path
-    report: tp.Any  # speedslurm.buildllama.BuildReport
+    report: tp.Any  # speedslurm.ops.buildllama.BuildReport
     config_written: Path | None
 
     def check(self) -> None:
@@ -37,16 +37,16 @@ def build_llama(options: tp.Any, *, timeout: float | None = None, node_check: bo
                 write_config: bool = False, on_message: OnMessage | None = None,
                 on_line: OnMessage | None = None,
                 on_state: tp.Callable[[str, str, float], None] | None = None) -> Built:
-    """Build llama.cpp as a Slurm job (``options``: a :class:`speedslurm.buildllama.BuildOptions`), follow it,
+    """Build llama.cpp as a Slurm job (``options``: a :class:`speedslurm.ops.buildllama.BuildOptions`), follow it,
     then check the binaries (on every node of the partition unless ``node_check`` is False); with
     ``write_config`` a usable build's ``llama.bin_dir`` goes into the user's config file. ``on_line`` hears the
     build log's lines, ``on_state(job_id, state, elapsed_s)`` the job's state changes.
 
     A build job that does not complete raises :class:`SpeedslurmError` with its last log lines; a build that is
     not usable everywhere is returned (``.report.ok`` False; :meth:`Built.check` raises)."""
-    from .. import buildllama as bl
     from ..errors import SpeedslurmError
-    from ..settings import user_config_path
+    from ..ops import buildllama as bl
+    from ..settings.layers import user_config_path
 
     say = on_message or (lambda _text: None)
     if options.source is not None and not (options.source / "CMakeLists.txt").is_file():
@@ -63,7 +63,7 @@ def build_llama(options: tp.Any, *, timeout: float | None = None, node_check: bo
                           on_state=lambda state, elapsed: state_of(job_id, state, elapsed), timeout=timeout)
     build_s = time.monotonic() - started
     if final.state != "COMPLETED":
-        from ..jobside import log_tail
+        from ..node.children import log_tail
 
         raise SpeedslurmError(f"build job {job_id} ended {final.state} after {build_s:.0f}s"
                               + (f" ({final.reason})" if final.reason else "")

@@ -18,11 +18,11 @@ if tp.TYPE_CHECKING:
     from ..batch.runner import BatchOptions, PreparedBatch
     from ..batch.sources import EndpointSource
     from ..batch.summary import Summary
-    from ..deploy import Deployment as DeploymentRecord
-    from ..deploy import ReplicaStatus
-    from ..plan import Plan
-    from ..rundir import Endpoint
-    from ..settings import Settings
+    from ..deployments.status import ReplicaStatus
+    from ..planning.plan import Plan
+    from ..rundir.layout import Deployment as DeploymentRecord
+    from ..rundir.records import Endpoint
+    from ..settings.settings import Settings
 
 OnUpdate = tp.Callable[["list[ReplicaStatus]", float], None]
 OnMessage = tp.Callable[[str], None]
@@ -31,7 +31,7 @@ OnMessage = tp.Callable[[str], None]
 def load_settings(profile: str | None = None, config: str | os.PathLike[str] | None = None,
                   overrides: tp.Iterable[str] = ()) -> Settings:
     """The merged settings, as the CLI's ``--profile``, ``--config`` and ``--set KEY=VALUE`` give them."""
-    from ..settings import load_settings as load
+    from ..settings.settings import load_settings as load
 
     return load(profile=profile, config_path=config, overrides=tuple(overrides))
 
@@ -84,16 +84,16 @@ class Deployment:
 
     def status(self) -> list[ReplicaStatus]:
         """Each replica's state (PENDING, STARTING, LOADING, READY, FAILED, ENDED, UNSUBMITTED) and why."""
-        from .. import deploy as dp
+        from ..deployments.status import replica_statuses
 
-        return dp.replica_statuses(self.record)
+        return replica_statuses(self.record)
 
     @property
     def state(self) -> str:
         """The deployment's state: the best any replica reached (FAILED only when every replica failed)."""
-        from .. import deploy as dp
+        from ..deployments.status import deployment_state
 
-        return dp.deployment_state(self.status())
+        return deployment_state(self.status())
 
     def wait_ready(self, timeout: float | None = None, *, until: str = "all",
                    on_update: OnUpdate | None = None) -> list[ReplicaStatus]:
@@ -103,22 +103,24 @@ class Deployment:
         (None: as long as the job waits in the queue). ``on_update(statuses, elapsed_s)`` is called at each look.
         The deployment keeps running either way: stop it, or leave the ``with`` block.
         """
-        from .. import deploy as dp
+        from ..deployments.status import StatusProbe, failure_text
+        from ..deployments.waiting import wait_ready
 
         if until not in ("all", "first"):
             raise UsageError(f"until must be 'all' or 'first', got {until!r}", fix='use until="all" or until="first"')
-        statuses = dp.wait_ready(dp.StatusProbe(self.record), until=until, timeout=timeout,
-                                 interval=min(self.settings.run.poll_interval_s, 0.05),  # a look costs ~1 ms
-                                 on_update=on_update,
-                                 describe_failure=lambda s: dp.failure_text(self.record, s))
+        statuses = wait_ready(StatusProbe(self.record), until=until, timeout=timeout,
+                              interval=min(self.settings.run.poll_interval_s, 0.05),  # a look costs ~1 ms
+                              on_update=on_update,
+                              describe_failure=lambda s: failure_text(self.record, s))
         self._record_warm(statuses)
         return statuses
 
     def _record_warm(self, statuses: list[ReplicaStatus]) -> None:
         """The ready replicas' follower nodes now hold a warm rpc cache of the model (warm-cache placement)."""
-        from ..warmcache import record_ready
+        from ..cluster.registry import executor_for
+        from ..cluster.warmcache import record_ready
 
-        if self.record.info.get("executor") != "slurm":
+        if not executor_for(self.record).places_followers:
             return
         model = self.record.info.get("model") or {}
         for s in statuses:
@@ -130,8 +132,8 @@ class Deployment:
         """What the deployment is doing now (``speedslurm top --json``): per replica the slots busy/total, requests
         waiting, prompt and generation tok/s and KV cache use from llama-server's ``/metrics`` and ``/slots``,
         and the progress of the batches running against it. ``statuses``: from a polling loop's
-        :class:`~speedslurm.status.StatusProbe` (None: ask now)."""
-        from ..live import snapshot
+        :class:`~speedslurm.deployments.status.StatusProbe` (None: ask now)."""
+        from ..deployments.live import snapshot
 
         return snapshot(self.record, self.status() if statuses is None else statuses)
 
@@ -141,13 +143,13 @@ class Deployment:
 
     def endpoint(self, replica: int | None = None) -> Endpoint:
         """A ready replica's endpoint (``replica``, else the first ready one); :class:`UsageError` if none is."""
-        from .. import deploy as dp
+        from ..deployments.status import deployment_state, deployment_why
 
         statuses = self.status()
         ready = [s for s in statuses if s.state == "READY" and s.endpoint
                  and (replica is None or s.replica == replica)]
         if not ready:
-            state, why = dp.deployment_state(statuses), dp.deployment_why(statuses)
+            state, why = deployment_state(statuses), deployment_why(statuses)
             raise UsageError(f"deployment {self.id} has no ready endpoint"
                              f"{'' if replica is None else f' for replica {replica}'}"
                              f" (state {state}{': ' + why if why else ''})",
@@ -173,21 +175,24 @@ class Deployment:
         """Cancel the deployment's jobs (or local processes) and wait up to ``wait`` seconds for them to end.
         ``cancelled`` leaves out the jobs that had ended already (``ended_before``); a deployment rendered but
         never submitted has nothing to cancel (state UNSUBMITTED)."""
-        from .. import deploy as dp
-        from ..cleanup import held_signals, look
+        from ..cluster.slurm_executor import find_submitted_job, needs_job_ids
+        from ..deployments import lifecycle as dp
+        from ..deployments.cleanup import held_signals, look
+        from ..deployments.status import deployment_state, deployment_why, replica_statuses
+        from ..deployments.waiting import wait_ended
 
         # From here on the cancel happens whatever arrives (Ctrl-C, SIGTERM, SIGHUP): a signal ends the look
         # before it (what the report says had ended already), and once the cancel is issued it skips the wait.
         with held_signals():
-            if dp.needs_job_ids(self.record) and not self.record.info.get("cancelled_at"):
-                dp.find_submitted_job(self.record)  # a rendered script's job: its id is what to cancel
-            before = look(lambda: dp.replica_statuses(self.record))
+            if needs_job_ids(self.record) and not self.record.info.get("cancelled_at"):
+                find_submitted_job(self.record)  # a rendered script's job: its id is what to cancel
+            before = look(lambda: replica_statuses(self.record))
             if before is not None and all(s.state == "UNSUBMITTED" for s in before):
-                return Stopped(self.id, [], "UNSUBMITTED", dp.deployment_why(before))
+                return Stopped(self.id, [], "UNSUBMITTED", deployment_why(before))
             over = sorted({s.job_id for s in before or [] if s.state in ("ENDED", "FAILED")})
             ids = [j for j in dp.down(self.record, before) if j not in over]
-        statuses = dp.wait_ended(self.record, timeout=wait)
-        return Stopped(self.id, ids, dp.deployment_state(statuses), dp.deployment_why(statuses), over)
+        statuses = wait_ended(self.record, timeout=wait)
+        return Stopped(self.id, ids, deployment_state(statuses), deployment_why(statuses), over)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -209,7 +214,7 @@ def start(model: str, *, nodes: int | None = None, replicas: int = 1, ctx: int |
 
 def _start(model: str, *, nodes: int | None, replicas: int, ctx: int | None, time_limit: str | None,
            executor: str | None, settings: Settings | None) -> tuple[Plan, Deployment]:
-    from .. import deploy as dp
+    from ..deployments import lifecycle as dp
 
     s = _settings(settings)
     plan, binaries = dp.prepare(s, model, nodes=nodes, replicas=replicas, ctx=ctx, time_limit=time_limit,
@@ -226,7 +231,7 @@ def up(model: str, *, nodes: int | None = None, replicas: int = 1, ctx: int | No
     A deployment that cannot become ready is stopped (it must not keep nodes busy), and so is one whose wait
     is interrupted (Ctrl-C), unless ``keep_on_interrupt``. ``on_message`` hears what happens to it in one line.
     """
-    from ..cleanup import held_signals
+    from ..deployments.cleanup import held_signals
 
     say = on_message or (lambda _text: None)
     plan, dep = _start(model, nodes=nodes, replicas=replicas, ctx=ctx, time_limit=time_limit, executor=executor,
@@ -252,7 +257,7 @@ def up(model: str, *, nodes: int | None = None, replicas: int = 1, ctx: int | No
 
 
 def _cancel(dep: Deployment) -> None:
-    from .. import deploy as dp
+    from ..deployments import lifecycle as dp
 
     dp.down(dep.record)
 
@@ -260,34 +265,35 @@ def _cancel(dep: Deployment) -> None:
 def connect(ident: str, settings: Settings | None = None) -> Deployment:
     """A deployment by its id, a unique prefix of it, or a Slurm job id (123, 123_4); :class:`UsageError`
     naming recent ones when none matches."""
-    from .. import deploy as dp
+    from ..deployments.record import find_deployment
 
     s = _settings(settings)
-    return Deployment(dp.find_deployment(s, ident), s)
+    return Deployment(find_deployment(s, ident), s)
 
 
 def connect_running(settings: Settings | None = None) -> Deployment:
     """The one deployment that is not over (pending, starting, loading or ready); :class:`UsageError` naming
     them when there are several, or saying so when there is none."""
-    from .. import deploy as dp
-    from ..live import pick_live
+    from ..deployments.live import pick_live
+    from ..deployments.record import list_deployments
+    from ..deployments.status import statuses_of
 
     s = _settings(settings)
-    deps = dp.list_deployments(s)
-    return Deployment(pick_live(deps, dp.statuses_of(deps)), s)
+    deps = list_deployments(s)
+    return Deployment(pick_live(deps, statuses_of(deps)), s)
 
 
 def list_deployments(settings: Settings | None = None) -> list[Deployment]:
     """Every deployment in the run directory, oldest first."""
-    from .. import deploy as dp
+    from ..deployments.record import list_deployments
 
     s = _settings(settings)
-    return [Deployment(d, s) for d in dp.list_deployments(s)]
+    return [Deployment(d, s) for d in list_deployments(s)]
 
 
 def deployment_source(dep: Deployment | DeploymentRecord) -> EndpointSource:
-    """The replicas of a deployment as a batch's endpoint source (:func:`speedslurm.status.deployment_source`)."""
-    from ..status import deployment_source as source
+    """The replicas of a deployment as a batch's endpoint source (:func:`speedslurm.deployments.source.deployment_source`)."""
+    from ..deployments.source import deployment_source as source
 
     return source(dep.record if isinstance(dep, Deployment) else dep)
 
@@ -318,7 +324,7 @@ def submit(model: str, prompts: Prompts, out: str | os.PathLike[str] | None = No
     """
     from ..batch.runner import run_batch
     from ..batch.sources import StaticSource
-    from ..cleanup import held_signals
+    from ..deployments.cleanup import held_signals
 
     say = on_message or (lambda _text: None)
     options = options if options is not None else batch_options(quiet=True)

@@ -165,10 +165,10 @@ class HandoverSource:
     def stop(self, keep: bool = False) -> list[Deployment]:
         """Cancel every deployment not cancelled yet (``keep``: all but the newest); returns those cancelled.
 
-        Signals are held until every cancel is issued (:mod:`speedslurm.cleanup`): a Ctrl-C in the wait for a
+        Signals are held until every cancel is issued (:mod:`speedslurm.deployments.cleanup`): a Ctrl-C in the wait for a
         successor being submitted, or in a cancel, leaves no job behind. Without ``keep`` the deployments
         started already are cancelled before that wait."""
-        from ..cleanup import held_signals
+        from ..deployments.cleanup import held_signals
 
         out: list[Deployment] = []
         with held_signals():
@@ -225,8 +225,8 @@ def handover_source(dep: Deployment, *, before_s: float | None = None, say: tp.C
     it, so that each deployment serves a while."""
     import types
 
-    from ..launch import SLURM_CHECK_PERIOD_S, signal_delay_s
-    from ..plan import Plan, parse_time_minutes
+    from ..cluster.script import SLURM_CHECK_PERIOD_S, signal_delay_s
+    from ..planning.plan import Plan, parse_time_minutes
 
     s = dep.settings
     info = dep.record.info
@@ -267,7 +267,7 @@ class _Call(threading.Thread):
 
 
 def _cancel(dep: Deployment) -> None:
-    from .. import deploy as dp
+    from ..deployments import lifecycle as dp
 
     dp.down(dep.record)  # returns at once: Slurm ends the job
 

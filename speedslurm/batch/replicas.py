@@ -10,7 +10,7 @@ import time
 from rich.text import Text
 
 from ..errors import SpeedslurmError
-from ..rundir import Endpoint
+from ..rundir.records import Endpoint
 from .inputs import Request
 from .results import INVALID_INPUT, SUSPECT_AFTER, success_line
 from .sources import SourceState

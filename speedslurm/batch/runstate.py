@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.text import Text
 
 from ..errors import SpeedslurmError
-from ..live import write_progress
+from ..rundir.batches import write_progress
 from .inputs import InvalidLine, Request
 from .prepare import BatchOptions, PreparedBatch
 from .progress import BatchProgress

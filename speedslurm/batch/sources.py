@@ -15,10 +15,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from ..contract import ContractError, Failed
 from ..errors import SpeedslurmError, UsageError
 from ..polling import Backoff
-from ..rundir import Endpoint, RunDir
+from ..rundir.layout import RunDir
+from ..rundir.records import ContractError, Endpoint, Failed
 
 DEFAULT_SLOTS = 4
 

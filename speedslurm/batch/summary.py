@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 if tp.TYPE_CHECKING:
-    from ..rundir import Endpoint
+    from ..rundir.records import Endpoint
 
 
 def percentile(values: tp.Sequence[float], q: float) -> float | None:
@@ -51,7 +51,7 @@ class Summary:
     # (counted in ``failed``) or by an earlier one and not sent (``suspected_skipped``; --retry-suspected sends them).
     suspected: list[str] = dataclasses.field(default_factory=list)
     suspected_skipped: int = 0
-    # The node-hours (GPU-hours) its deployment held over the run, and their source (speedslurm.nodehours).
+    # The node-hours (GPU-hours) its deployment held over the run, and their source (speedslurm.deployments.nodehours).
     usage: dict[str, tp.Any] | None = None
     # The deployments that served it (one, or several when one handed over to a successor before its time
     # limit): per deployment its id, job ids, replicas (as the run numbers them), requests served, and when it was

@@ -24,7 +24,7 @@ import sys
 import typing as tp
 import urllib.parse
 
-from ..rundir import Endpoint
+from ..rundir.records import Endpoint
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 

@@ -239,7 +239,7 @@ def _print_summary(summary: tp.Any, err: Console, json_mode: bool) -> None:
 
 def _endpoint_file_source(paths: tp.Sequence[Path]) -> EndpointSource:
     from ..batch.sources import StaticSource
-    from ..contract import ContractError, Endpoint, read_record
+    from ..rundir.records import ContractError, Endpoint, read_record
 
     endpoints = []
     for path in paths:

@@ -34,13 +34,14 @@ def render_cmd(ctx: click.Context, model: str, nodes: int | None, replicas: int,
     """Write the job script `up` would submit, for plain `sbatch`, and the run directory it needs.
 
     \b
-    The script runs the same job side as `up` (python -m speedslurm.jobentry serve RUN_DIR) with the same
+    The script runs the same job side as `up` (python -m speedslurm.node.entry serve RUN_DIR) with the same
     #SBATCH header. Submit it with `sbatch FILE`; then `speedslurm status ID` and
     `speedslurm run --deployment ID` work as for `up`.
     """
-    from .. import deploy as dp
-    from .. import render as rn
-    from ..rundir import RunDir
+    from ..deployments import lifecycle as dp
+    from ..deployments import render as rn
+    from ..deployments.record import binaries_record
+    from ..rundir.layout import RunDir
 
     settings = settings_from(ctx)
     plan, binaries = dp.prepare(settings, model, nodes=nodes, replicas=replicas, ctx=ctx_size,
@@ -51,7 +52,7 @@ def render_cmd(ctx: click.Context, model: str, nodes: int | None, replicas: int,
     rn.render_script(plan, RunDir(root), python)
     path = output or root / "job.sbatch"
     # status names the script to submit while no job of it is found, and finds a job by it in accounting.
-    record = {**rn.deployment_record(settings, plan, rn.binaries_record(binaries), root.name),
+    record = {**rn.deployment_record(settings, plan, binaries_record(binaries), root.name),
               "script": str(path.absolute())}
     rd = rn.create_run_dir(root, record, plan.replicas)
     script = rn.render_script(plan, rd, python)
@@ -110,7 +111,7 @@ def build_llama_cmd(ctx: click.Context, source: Path | None, git_url: str | None
         --cmake-arg='-DCMAKE_C_FLAGS_RELEASE=-O2 -g' --cmake-arg='-DCMAKE_CXX_FLAGS_RELEASE=-O2 -g'
     """
     from .. import api
-    from .. import buildllama as bl
+    from ..ops import buildllama as bl
 
     partition = partition or settings_from(ctx).cluster.partition
     opts = bl.BuildOptions(prefix=prefix.expanduser().absolute(),
@@ -170,7 +171,7 @@ def doctor_cmd(ctx: click.Context, no_nodes: bool, as_json: bool) -> None:
 
     One pass/fail line per check, with the fix. Exits 0 only when every check passes.
     """
-    from ..doctor import run_checks
+    from ..ops.doctor import run_checks
 
     settings = settings_from(ctx)
     checks = run_checks(settings, on_nodes=not no_nodes)
@@ -209,7 +210,7 @@ def models_pull_cmd(ctx: click.Context, name: str, dest_dir: Path | None, revisi
     \b
     Interrupted? Run the same command again: it resumes. HF_ENDPOINT selects a mirror, HF_TOKEN a token.
     """
-    from ..pull import pull_model
+    from ..model.pull import pull_model
 
     settings = settings_from(ctx)
     con = err_console()

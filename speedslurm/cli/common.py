@@ -14,7 +14,7 @@ if tp.TYPE_CHECKING:
     from rich.console import Console
     from rich.text import Text
 
-from ..settings import Settings, load_settings
+from ..settings.settings import Settings, load_settings
 
 
 def settings_from(ctx: click.Context, **flags: tp.Any) -> Settings:

@@ -10,10 +10,19 @@ import typing as tp
 import click
 
 from .. import api
-from .. import deploy as dp
+from ..deployments import lifecycle as dp
+from ..deployments.record import find_deployment, list_deployments
+from ..deployments.status import (
+    ReplicaStatus,
+    deployment_state,
+    deployment_why,
+    replica_statuses,
+    statuses_of,
+)
 from ..errors import UsageError
-from ..plan import describe_plan
-from ..settings import describe
+from ..planning.plan import describe_plan
+from ..rundir.layout import Deployment
+from ..settings.settings import describe
 from . import cli
 from .common import err_console, is_tty, json_option, out_console, print_json, settings_from, styled
 
@@ -49,8 +58,8 @@ def models_group(ctx: click.Context, as_json: bool) -> None:
     """List the model registry: name, files, size on disk, nodes needed at the default context."""
     if ctx.invoked_subcommand is not None:
         return
-    from ..models import model_rows, resolve_model
-    from ..plan import make_plan
+    from ..model.registry import model_rows, resolve_model
+    from ..planning.plan import make_plan
 
     settings = settings_from(ctx)
     rows = model_rows(settings)
@@ -103,8 +112,8 @@ def _model_options(f: tp.Callable[..., tp.Any]) -> tp.Callable[..., tp.Any]:
 def plan_cmd(ctx: click.Context, model: str, executor: str | None, nodes: int | None, replicas: int,
              ctx_size: int | None, time_limit: str | None, as_json: bool) -> None:
     """Print the plan and the exact job it would submit; submits nothing."""
-    from ..executors import get
-    from ..rundir import RunDir
+    from ..cluster.registry import get
+    from ..rundir.layout import RunDir
 
     settings = settings_from(ctx)
     plan, binaries = dp.prepare(settings, model, nodes=nodes, replicas=replicas, ctx=ctx_size,
@@ -133,11 +142,11 @@ def plan_cmd(ctx: click.Context, model: str, executor: str | None, nodes: int | 
 # up
 
 
-def _progress_printer(as_json: bool) -> tp.Callable[[list[dp.ReplicaStatus], float], None]:
+def _progress_printer(as_json: bool) -> tp.Callable[[list[ReplicaStatus], float], None]:
     con = functools.cache(err_console)  # made at the first line printed: `up --json` on a pipe prints none
     last: dict[int, str] = {}
 
-    def show(statuses: list[dp.ReplicaStatus], elapsed: float) -> None:
+    def show(statuses: list[ReplicaStatus], elapsed: float) -> None:
         if as_json and not is_tty():
             return
         for s in statuses:
@@ -156,7 +165,7 @@ def _progress_printer(as_json: bool) -> tp.Callable[[list[dp.ReplicaStatus], flo
 def do_up(ctx: click.Context, model: str, *, executor: str | None, nodes: int | None, replicas: int,
           ctx_size: int | None, time_limit: str | None, timeout: float | None, until: str,
           as_json: bool, keep_on_interrupt: bool = False,
-          idle_timeout: str | None = None) -> tuple[api.Deployment, list[dp.ReplicaStatus]]:
+          idle_timeout: str | None = None) -> tuple[api.Deployment, list[ReplicaStatus]]:
     """:func:`speedslurm.api.up` with the global flags' settings, its progress and messages on stderr."""
     con = functools.cache(err_console)
 
@@ -212,21 +221,21 @@ def _age(seconds: float) -> str:
 
 
 def _status_rows(settings: tp.Any, ident: str | None, show_all: bool,
-                 probe: tp.Callable[[list[dp.Deployment]], list[list[dp.ReplicaStatus]]] | None = None,
+                 probe: tp.Callable[[list[Deployment]], list[list[ReplicaStatus]]] | None = None,
                  with_metrics: bool = False) -> list[dict[str, tp.Any]]:
-    from ..nodehours import deployment_usage, replica_usage
+    from ..deployments.nodehours import deployment_usage, replica_usage
 
-    deps = [dp.find_deployment(settings, ident)] if ident else dp.list_deployments(settings)
+    deps = [find_deployment(settings, ident)] if ident else list_deployments(settings)
     rows = []
     # One squeue for the live jobs of every deployment; those already seen ended are not asked about again
     # (``probe``: a refreshing view's, which asks less often while nothing changes).
-    for dep, statuses in zip(deps, (probe or dp.statuses_of)(deps), strict=True):
-        state = dp.deployment_state(statuses)
+    for dep, statuses in zip(deps, (probe or statuses_of)(deps), strict=True):
+        state = deployment_state(statuses)
         if not ident and not show_all and state in ("ENDED",) and time.time() - dep.info.get("created_at", 0) > 86400:
             continue
         rows.append({
             "id": dep.id, "model": dep.info.get("model", {}).get("name"), "state": state,
-            "why": dp.deployment_why(statuses),
+            "why": deployment_why(statuses),
             "executor": dep.executor, "job_ids": dep.job_ids, "nodes": dep.info.get("nodes"),
             "replicas": [s.to_json() for s in statuses], "age_s": round(time.time() - dep.info.get("created_at", 0), 1),
             "endpoints": [s.endpoint.openai_base_url for s in statuses if s.endpoint and s.state == "READY"],
@@ -238,7 +247,7 @@ def _status_rows(settings: tp.Any, ident: str | None, show_all: bool,
             rep.update(node_hours=round(held["node_hours"], 4), gpu_hours=held["gpu_hours"],
                        node_hours_source=held["source"])
         if with_metrics and state == "READY":
-            from ..live import snapshot
+            from ..deployments.live import snapshot
 
             load = {r["replica"]: r["metrics"] for r in snapshot(dep, statuses)["replicas"]}
             for rep in rows[-1]["replicas"]:
@@ -264,7 +273,7 @@ def status_cmd(ctx: click.Context, ident: str | None, watch: bool, interval: flo
         rows = _status_rows(settings, ident, show_all)
         print_json(rows) if as_json else _print_status(rows)
         return
-    from ..live import StatusesProbe
+    from ..deployments.live import StatusesProbe
 
     probe = StatusesProbe()
     shown = 0
@@ -352,10 +361,10 @@ def endpoint_cmd(ctx: click.Context, ident: str, as_env: bool, show_key: bool, r
 @click.pass_context
 def logs_cmd(ctx: click.Context, ident: str, role: str, replica: int | None, lines: int, follow: bool) -> None:
     """Print the logs of a deployment's llama-server (leader) and rpc-servers (followers)."""
-    from ..jobside import log_tail
+    from ..node.children import log_tail
 
     settings = settings_from(ctx)
-    dep = dp.find_deployment(settings, ident)
+    dep = find_deployment(settings, ident)
     files = []
     for r in range(dep.replicas) if replica is None else [replica]:
         folder = dep.run_dir.log_dir(r)
@@ -363,7 +372,7 @@ def logs_cmd(ctx: click.Context, ident: str, role: str, replica: int | None, lin
             if role == "all" or path.name.startswith(role):
                 files.append(path)
     if not files:
-        click.echo(f"No logs yet in {dep.run_dir.root} (state: {dp.deployment_state(dp.replica_statuses(dep))}).")
+        click.echo(f"No logs yet in {dep.run_dir.root} (state: {deployment_state(replica_statuses(dep))}).")
         return
     for path in files:
         click.echo(f"==> {path.relative_to(dep.run_dir.root)} <==")

@@ -16,9 +16,9 @@ TEMPLATES = ("llama-rpc-hetjob.sbatch", "llama-rpc-array.sbatch", "build-llama.s
 
 def write_templates(folder: Path) -> list[Path]:
     """Copy the templates into ``folder`` and build ``speedslurm-node.pyz`` beside them; returns the files."""
-    from ..nodepyz import build
-    from ..packaged import TEMPLATES as TEMPLATE_DIR
-    from ..packaged import data_dir
+    from ..ops.nodepyz import build
+    from ..settings.packaged import TEMPLATES as TEMPLATE_DIR
+    from ..settings.packaged import data_dir
 
     source = data_dir(TEMPLATE_DIR)
     if source is None:
