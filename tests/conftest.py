@@ -112,6 +112,18 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return lines
 
 
+def pytest_terminal_summary(terminalreporter: tp.Any, exitstatus: int, config: pytest.Config) -> None:
+    """The times of the installed wheel's flows (tests/test_installed_wheel.py), once they ran."""
+    module = next((m for m in list(sys.modules.values())
+                   if Path(getattr(m, "__file__", None) or "").name == "test_installed_wheel.py"), None)
+    times: dict[str, float] = getattr(module, "TIMES", None) or {}
+    if not times:
+        return
+    terminalreporter.section("installed wheel: time per flow")
+    for name, secs in times.items():
+        terminalreporter.write_line(f"{name:<50} {secs:6.1f} s")
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("slurm") is not None:
         problem = _bed_problem()

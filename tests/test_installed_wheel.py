@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 USER1, USER2 = "labuser1", "labuser2"
 SHARED_LLAMA = Path("/opt/speedslurm-test/llama.cpp")  # stands in for a build on the shared filesystem
 SHARED_WHEELHOUSE = Path("/opt/speedslurm-test/wheelhouse")  # the packages pip installs, readable by every account
-TIMES: dict[str, float] = {}
+TIMES: dict[str, float] = {}  # flow -> seconds, printed at the end of the run (conftest.pytest_terminal_summary)
 
 
 def home(user: str) -> Path:
@@ -339,9 +339,3 @@ def test_a_planted_rpc_cache_folder_is_never_used(lab: dict[str, tp.Any]) -> Non
         if aside.exists():
             shutil.rmtree(default, ignore_errors=True)
             aside.rename(default)
-
-
-def test_zz_report_times() -> None:
-    """Print the times of the flows above (shown with -s or in the report)."""
-    for name, secs in TIMES.items():
-        print(f"{name:<50} {secs:6.1f} s")

@@ -102,3 +102,12 @@ def run_batch(source: EndpointSource | Deployment, prompts: Prompts, out: str | 
         return run(source, prepared, options, console)
     finally:
         prepared.close()
+
+
+def run_prepared(source: EndpointSource, prepared: PreparedBatch, options: BatchOptions,
+                 console: Console | None = None) -> Summary:
+    """Run a batch already read (:func:`prepare_prompts`; the caller closes it) through ``source``; progress
+    and replica messages go to ``console``. Raises as :func:`run_batch` does."""
+    from ..batch.runner import run_batch as run
+
+    return run(source, prepared, options, console)

@@ -29,11 +29,13 @@ OnMessage = tp.Callable[[str], None]
 
 
 def load_settings(profile: str | None = None, config: str | os.PathLike[str] | None = None,
-                  overrides: tp.Iterable[str] = ()) -> Settings:
-    """The merged settings, as the CLI's ``--profile``, ``--config`` and ``--set KEY=VALUE`` give them."""
+                  overrides: tp.Iterable[str] = (), *, flags: tp.Mapping[str, tp.Any] | None = None) -> Settings:
+    """The merged settings, as the CLI's ``--profile``, ``--config`` and ``--set KEY=VALUE`` give them;
+    ``flags``: dotted keys a command's own options set (``{"llama.idle_timeout": "30m"}``; None values are unset)."""
     from ..settings.settings import load_settings as load
 
-    return load(profile=profile, config_path=config, overrides=tuple(overrides))
+    return load(profile=profile, config_path=config, overrides=tuple(overrides),
+                cli=dict(flags) if flags is not None else None)
 
 
 def _settings(settings: Settings | None) -> Settings:

@@ -13,14 +13,13 @@ import click
 if tp.TYPE_CHECKING:
     from rich.console import Console
 
+from .. import api
 from ..errors import RequestsFailed, UsageError
 from . import cli
 from .common import console, resume_command, settings_from, styled
 
 if tp.TYPE_CHECKING:
-    from ..batch.runner import BatchOptions
-    from ..batch.sources import EndpointSource
-    from ..batch.summary import Summary
+    from ..api import BatchOptions, EndpointSource, Summary
 
 
 # The exit statuses of `run` and `submit` (the contract itself is in errors.py), shown under their --help.
@@ -72,10 +71,8 @@ def batch_options(fn: tp.Callable[..., tp.Any]) -> tp.Callable[..., tp.Any]:
 
 def options_from(kw: dict[str, tp.Any], outage: float | None = None) -> BatchOptions:
     """The batch's options from the shared flags; ``outage``: run.outage_s (else BatchOptions' default)."""
-    from ..batch.runner import BatchOptions
-
     extra: dict[str, tp.Any] = {} if outage is None else {"outage": outage}
-    return BatchOptions(max_tokens=kw["max_tokens"], temperature=kw["temperature"], system=kw["system"],
+    return api.batch_options(max_tokens=kw["max_tokens"], temperature=kw["temperature"], system=kw["system"],
                         concurrency=kw["concurrency"], timeout=kw["timeout"], retries=kw["retries"],
                         skip_invalid=kw["skip_invalid"], quiet=kw["quiet"] or kw["json_mode"], client=kw["client"],
                         lock=not kw.get("no_lock", False), retry_suspected=kw.get("retry_suspected", False),
@@ -117,17 +114,13 @@ def run_cmd(ctx: click.Context, deployment_id: str | None, endpoint_files: tuple
         raise UsageError("--handover needs --deployment: only a deployment can be handed over to a successor",
                          fix="e.g. speedslurm run --deployment ID --handover --prompts P.jsonl")
     api_key = _api_key(ctx, api_key, api_key_file, base_url)
-    from ..batch.runner import prepare_batch
-
     options = options_from(kw, settings_from(ctx).run.outage_s)
-    prepared = prepare_batch(kw["prompts"], kw["out"], options)
+    prepared = api.prepare_prompts(kw["prompts"], kw["out"], options)
     try:
         if base_url:
-            from ..batch.sources import StaticSource
-
-            source: EndpointSource = StaticSource.probe(base_url, api_key, timeout=min(30.0, options.timeout))
+            source: EndpointSource = api.base_url_source(base_url, api_key, timeout=min(30.0, options.timeout))
         elif endpoint_files:
-            source = _endpoint_file_source(endpoint_files)
+            source = api.endpoint_file_source(endpoint_files)
         elif handover:
             chain = _handover_source(ctx, tp.cast(str, deployment_id))
             try:
@@ -196,21 +189,19 @@ def execute(source: EndpointSource, prepared: tp.Any, options: BatchOptions, jso
     ``finally`` still runs); :class:`BatchFailed` propagates (exit 1) after the summary is printed, and so
     does :class:`RequestsFailed` (exit 3) when the batch ended with error lines.
     """
-    from ..batch.runner import BatchFailed, BatchInterrupted, run_batch
-
     err = console(stderr=True)
     for notice in prepared.results.previous.notices:
         err.print(styled(("Notice:", "yellow"), f" {notice}"))
     try:
-        summary = run_batch(source, prepared, options, err)
-    except BatchInterrupted as exc:
+        summary = api.run_prepared(source, prepared, options, err)
+    except api.BatchInterrupted as exc:
         _print_summary(exc.summary, err, json_mode)
         again = resume_command()
         err.print(styled(("Interrupted:", "yellow"), f" {exc.message}\nTo resume, run the same command again: "
                          f"{again}" + (" (with the same prompts on stdin)" if prepared.spooled else "")),
                   soft_wrap=True)
         raise SystemExit(130) from None
-    except BatchFailed as exc:
+    except api.BatchFailed as exc:
         _print_summary(exc.summary, err, json_mode)
         raise
     _print_summary(summary, err, json_mode)
@@ -237,41 +228,19 @@ def _print_summary(summary: tp.Any, err: Console, json_mode: bool) -> None:
         summary.render(err)
 
 
-def _endpoint_file_source(paths: tp.Sequence[Path]) -> EndpointSource:
-    from ..batch.sources import StaticSource
-    from ..rundir.records import ContractError, Endpoint, read_record
-
-    endpoints = []
-    for path in paths:
-        try:
-            endpoint = read_record(path, Endpoint)
-        except ContractError as exc:
-            raise UsageError(f"endpoint file {path}: {exc.message}",
-                             fix="point at a deployment's endpoint.json, written by this version of speedslurm") from None
-        if endpoint is None:
-            raise UsageError(f"endpoint file {path} does not exist", fix="check the path given to --endpoint-file")
-        endpoints.append(endpoint)
-    return StaticSource(endpoints)
-
-
 def _console() -> tp.Any:
     return console(stderr=True)
 
 
 def _handover_source(ctx: click.Context, deployment_id: str) -> tp.Any:
     """The deployment's replicas, and its successors' before its time limit (None: run.handover_before_s is 0)."""
-    from .. import api
-    from ..api.handover import handover_source
-
     err = _console()
-    return handover_source(api.connect(deployment_id, settings_from(ctx)),
+    return api.handover_source(api.connect(deployment_id, settings_from(ctx)),
                            say=lambda text: err.print(text, markup=False))
 
 
 def deployment_source(ctx: click.Context, deployment_id: str) -> EndpointSource:
     """The replicas of a running deployment: its run directory, plus Slurm's view of its jobs."""
-    from .. import api
-
     return api.deployment_source(api.connect(deployment_id, settings_from(ctx)))
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 import time
 import typing as tp
 from pathlib import Path
 
 import click
 
+from .. import api
 from . import cli
 from .common import err_console, is_tty, json_option, out_console, print_json, settings_from, styled
 from .deploy_cmds import models_group
@@ -38,37 +38,22 @@ def render_cmd(ctx: click.Context, model: str, nodes: int | None, replicas: int,
     #SBATCH header. Submit it with `sbatch FILE`; then `speedslurm status ID` and
     `speedslurm run --deployment ID` work as for `up`.
     """
-    from ..deployments import lifecycle as dp
-    from ..deployments import render as rn
-    from ..deployments.record import binaries_record
-    from ..rundir.layout import RunDir
-
-    settings = settings_from(ctx)
-    plan, binaries = dp.prepare(settings, model, nodes=nodes, replicas=replicas, ctx=ctx_size,
-                                time_limit=time_limit, executor="slurm", place=False)
-    root = run_dir.expanduser().absolute() if run_dir else rn.default_run_dir(settings, plan.model.name)
-    python = sys.executable
-    # Render before creating anything: a value the script cannot carry stops here.
-    rn.render_script(plan, RunDir(root), python)
-    path = output or root / "job.sbatch"
-    # status names the script to submit while no job of it is found, and finds a job by it in accounting.
-    record = {**rn.deployment_record(settings, plan, binaries_record(binaries), root.name),
-              "script": str(path.absolute())}
-    rd = rn.create_run_dir(root, record, plan.replicas)
-    script = rn.render_script(plan, rd, python)
-    path.write_text(script)
+    done = api.render(settings_from(ctx), model, nodes=nodes, replicas=replicas, ctx=ctx_size,
+                      time_limit=time_limit, output=output, run_dir=run_dir)
+    plan, path, script = done.plan, done.script_path, done.script
     if as_json:
-        print_json({"deployment": rd.deployment_id, "run_dir": str(rd.root), "script_path": str(path.absolute()),
-                    "script": script, "endpoint_files": [str(rd.endpoint_path(r)) for r in range(plan.replicas)]})
+        print_json({"deployment": done.deployment_id, "run_dir": str(done.run_dir),
+                    "script_path": str(path.absolute()), "script": script,
+                    "endpoint_files": [str(p) for p in done.endpoint_files]})
         return
     if output is None:
         click.echo(script)
     con = err_console()
-    con.print(f"deployment {rd.deployment_id}: {plan.model.name} on {plan.nodes} node(s) x {plan.replicas} "
+    con.print(f"deployment {done.deployment_id}: {plan.model.name} on {plan.nodes} node(s) x {plan.replicas} "
               f"replica(s) ({plan.layout})", markup=False)
-    con.print(f"run directory {rd.root}", markup=False)
+    con.print(f"run directory {done.run_dir}", markup=False)
     con.print(f"script        {path}", markup=False)
-    con.print(f"Submit:  sbatch {path}   Then:  speedslurm status {rd.deployment_id}", markup=False)
+    con.print(f"Submit:  sbatch {path}   Then:  speedslurm status {done.deployment_id}", markup=False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -110,11 +95,8 @@ def build_llama_cmd(ctx: click.Context, source: Path | None, git_url: str | None
       speedslurm build-llama --cpu --source ~/src/llama.cpp \\
         --cmake-arg='-DCMAKE_C_FLAGS_RELEASE=-O2 -g' --cmake-arg='-DCMAKE_CXX_FLAGS_RELEASE=-O2 -g'
     """
-    from .. import api
-    from ..ops import buildllama as bl
-
     partition = partition or settings_from(ctx).cluster.partition
-    opts = bl.BuildOptions(prefix=prefix.expanduser().absolute(),
+    opts = api.build_options(prefix=prefix.expanduser().absolute(),
                            source=source.expanduser().absolute() if source else None, git_url=git_url,
                            git_ref=git_ref, cuda=not cpu, cuda_archs=cuda_archs, partition=partition, cpus=cpus,
                            time=time_limit, extra_cmake_args=cmake_args)
@@ -171,10 +153,7 @@ def doctor_cmd(ctx: click.Context, no_nodes: bool, as_json: bool) -> None:
 
     One pass/fail line per check, with the fix. Exits 0 only when every check passes.
     """
-    from ..ops.doctor import run_checks
-
-    settings = settings_from(ctx)
-    checks = run_checks(settings, on_nodes=not no_nodes)
+    checks = api.doctor(settings_from(ctx), on_nodes=not no_nodes)
     ok = all(c.ok for c in checks)
     if as_json:
         print_json({"ok": ok, "checks": [c.to_json() for c in checks]})
@@ -210,8 +189,6 @@ def models_pull_cmd(ctx: click.Context, name: str, dest_dir: Path | None, revisi
     \b
     Interrupted? Run the same command again: it resumes. HF_ENDPOINT selects a mirror, HF_TOKEN a token.
     """
-    from ..model.pull import pull_model
-
     settings = settings_from(ctx)
     con = err_console()
     quiet = as_json and not is_tty()
@@ -228,7 +205,7 @@ def models_pull_cmd(ctx: click.Context, name: str, dest_dir: Path | None, revisi
         else:
             con.print("  downloaded, size verified", markup=False)
 
-    done = pull_model(settings, name, dest_dir.expanduser() if dest_dir else None, revision=revision,
+    done = api.pull_model(settings, name, dest_dir.expanduser() if dest_dir else None, revision=revision,
                       progress=not quiet, on_file=on_file)
     if as_json:
         print_json({"model": name, "elapsed_s": round(time.monotonic() - started, 1),

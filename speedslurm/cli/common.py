@@ -14,14 +14,17 @@ if tp.TYPE_CHECKING:
     from rich.console import Console
     from rich.text import Text
 
-from ..settings.settings import Settings, load_settings
+    from ..api import Settings
 
 
 def settings_from(ctx: click.Context, **flags: tp.Any) -> Settings:
     """Merge every layer once; ``flags`` are dotted keys from the command's own options (None = unset)."""
+    from .. import api
+
     obj = ctx.find_root().obj or {}
-    return load_settings(profile=obj.get("profile"), config_path=obj.get("config_path"),
-                         overrides=obj.get("overrides", ()), cli={k.replace("__", "."): v for k, v in flags.items()})
+    return api.load_settings(profile=obj.get("profile"), config=obj.get("config_path"),
+                             overrides=obj.get("overrides", ()),
+                             flags={k.replace("__", "."): v for k, v in flags.items()})
 
 
 SECRET_OPTIONS = ("--api-key",)

@@ -10,21 +10,11 @@ import typing as tp
 import click
 
 from .. import api
-from ..deployments import lifecycle as dp
-from ..deployments.record import find_deployment, list_deployments
-from ..deployments.status import (
-    ReplicaStatus,
-    deployment_state,
-    deployment_why,
-    replica_statuses,
-    statuses_of,
-)
-from ..errors import UsageError
-from ..planning.plan import describe_plan
-from ..rundir.layout import Deployment
-from ..settings.settings import describe
 from . import cli
 from .common import err_console, is_tty, json_option, out_console, print_json, settings_from, styled
+
+if tp.TYPE_CHECKING:
+    from ..api import ReplicaStatus
 
 # ----------------------------------------------------------------------------------------------------------
 # config / models / plan
@@ -41,7 +31,7 @@ def config_group() -> None:
 def config_show(ctx: click.Context, as_json: bool) -> None:
     """Print the merged settings and where each value came from."""
     settings = settings_from(ctx)
-    rows = describe(settings)
+    rows = api.describe_settings(settings)
     if as_json:
         print_json({"settings": settings.to_dict(), "origins": {k: o for k, _v, o in rows}})
         return
@@ -58,18 +48,7 @@ def models_group(ctx: click.Context, as_json: bool) -> None:
     """List the model registry: name, files, size on disk, nodes needed at the default context."""
     if ctx.invoked_subcommand is not None:
         return
-    from ..model.registry import model_rows, resolve_model
-    from ..planning.plan import make_plan
-
-    settings = settings_from(ctx)
-    rows = model_rows(settings)
-    for row in rows:
-        try:
-            plan = make_plan(settings, resolve_model(settings, row["name"]))
-            row["nodes"] = plan.nodes
-        except UsageError as exc:
-            row["nodes"] = None
-            row["problem"] = exc.message
+    rows = api.models(settings_from(ctx))
     if as_json:
         print_json(rows)
         return
@@ -112,21 +91,16 @@ def _model_options(f: tp.Callable[..., tp.Any]) -> tp.Callable[..., tp.Any]:
 def plan_cmd(ctx: click.Context, model: str, executor: str | None, nodes: int | None, replicas: int,
              ctx_size: int | None, time_limit: str | None, as_json: bool) -> None:
     """Print the plan and the exact job it would submit; submits nothing."""
-    from ..cluster.registry import get
-    from ..rundir.layout import RunDir
-
-    settings = settings_from(ctx)
-    plan, binaries = dp.prepare(settings, model, nodes=nodes, replicas=replicas, ctx=ctx_size,
-                                time_limit=time_limit, executor=executor, require_binaries=False)
-    rd = RunDir(settings.run.root / "<deployment-id>")
-    script = get(plan.executor).job_script(plan, rd)
+    planned = api.plan(settings_from(ctx), model, nodes=nodes, replicas=replicas, ctx=ctx_size,
+                       time_limit=time_limit, executor=executor)
+    plan, script, binaries = planned.plan, planned.script, planned.binaries
     if as_json:
         bins = ({"llama_server": str(binaries.llama_server), "rpc_server": str(binaries.rpc_server)}
                 if binaries else None)
         print_json({"plan": plan.to_json(), "job_script": script, "binaries": bins})
         return
     con = out_console()
-    for line in describe_plan(plan):
+    for line in planned.describe():
         con.print(line, markup=False)
     if script:
         con.print(styled("\n", ("job script", "bold"), " (submitted through submitit by `speedslurm up`):"))
@@ -220,41 +194,6 @@ def _age(seconds: float) -> str:
     return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
 
 
-def _status_rows(settings: tp.Any, ident: str | None, show_all: bool,
-                 probe: tp.Callable[[list[Deployment]], list[list[ReplicaStatus]]] | None = None,
-                 with_metrics: bool = False) -> list[dict[str, tp.Any]]:
-    from ..deployments.nodehours import deployment_usage, replica_usage
-
-    deps = [find_deployment(settings, ident)] if ident else list_deployments(settings)
-    rows = []
-    # One squeue for the live jobs of every deployment; those already seen ended are not asked about again
-    # (``probe``: a refreshing view's, which asks less often while nothing changes).
-    for dep, statuses in zip(deps, (probe or statuses_of)(deps), strict=True):
-        state = deployment_state(statuses)
-        if not ident and not show_all and state in ("ENDED",) and time.time() - dep.info.get("created_at", 0) > 86400:
-            continue
-        rows.append({
-            "id": dep.id, "model": dep.info.get("model", {}).get("name"), "state": state,
-            "why": deployment_why(statuses),
-            "executor": dep.executor, "job_ids": dep.job_ids, "nodes": dep.info.get("nodes"),
-            "replicas": [s.to_json() for s in statuses], "age_s": round(time.time() - dep.info.get("created_at", 0), 1),
-            "endpoints": [s.endpoint.openai_base_url for s in statuses if s.endpoint and s.state == "READY"],
-            "run_dir": str(dep.run_dir.root),
-            **deployment_usage(dep, statuses),
-        })
-        for rep, st in zip(rows[-1]["replicas"], statuses, strict=True):
-            held = replica_usage(dep, st)
-            rep.update(node_hours=round(held["node_hours"], 4), gpu_hours=held["gpu_hours"],
-                       node_hours_source=held["source"])
-        if with_metrics and state == "READY":
-            from ..deployments.live import snapshot
-
-            load = {r["replica"]: r["metrics"] for r in snapshot(dep, statuses)["replicas"]}
-            for rep in rows[-1]["replicas"]:
-                rep["metrics"] = load.get(rep["replica"])
-    return rows
-
-
 @cli.command("status")
 @click.argument("ident", required=False)
 @click.option("--watch", is_flag=True, help="Refresh every --interval seconds until Ctrl-C, with each ready replica's "
@@ -270,19 +209,17 @@ def status_cmd(ctx: click.Context, ident: str | None, watch: bool, interval: flo
     """Deployments with job id(s), model, nodes, state, endpoint and age (from run dirs and squeue/sacct)."""
     settings = settings_from(ctx)
     if not watch:
-        rows = _status_rows(settings, ident, show_all)
+        rows = api.status_rows(settings, ident, show_all)
         print_json(rows) if as_json else _print_status(rows)
         return
-    from ..deployments.live import StatusesProbe
-
-    probe = StatusesProbe()
+    probe = api.statuses_probe()
     shown = 0
     while count is None or shown < count:
         if shown:
             time.sleep(interval)
             if not as_json and is_tty():
                 click.clear()
-        rows = _status_rows(settings, ident, show_all, probe=probe, with_metrics=True)
+        rows = api.status_rows(settings, ident, show_all, probe=probe, with_metrics=True)
         print_json(rows) if as_json else _print_status(rows)
         shown += 1
 
@@ -361,22 +298,14 @@ def endpoint_cmd(ctx: click.Context, ident: str, as_env: bool, show_key: bool, r
 @click.pass_context
 def logs_cmd(ctx: click.Context, ident: str, role: str, replica: int | None, lines: int, follow: bool) -> None:
     """Print the logs of a deployment's llama-server (leader) and rpc-servers (followers)."""
-    from ..node.children import log_tail
-
-    settings = settings_from(ctx)
-    dep = find_deployment(settings, ident)
-    files = []
-    for r in range(dep.replicas) if replica is None else [replica]:
-        folder = dep.run_dir.log_dir(r)
-        for path in sorted(folder.glob("*.log")) if folder.is_dir() else []:
-            if role == "all" or path.name.startswith(role):
-                files.append(path)
+    found = api.logs(settings_from(ctx), ident, role, replica)
+    files = found.files
     if not files:
-        click.echo(f"No logs yet in {dep.run_dir.root} (state: {deployment_state(replica_statuses(dep))}).")
+        click.echo(f"No logs yet in {found.root} (state: {found.state()}).")
         return
     for path in files:
-        click.echo(f"==> {path.relative_to(dep.run_dir.root)} <==")
-        click.echo(log_tail(path, lines))
+        click.echo(f"==> {path.relative_to(found.root)} <==")
+        click.echo(api.log_tail(path, lines))
     if follow:
         sizes = {p: p.stat().st_size for p in files}
         while True:

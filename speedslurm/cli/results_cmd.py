@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from .. import api
 from ..errors import UsageError
 from . import cli
 from .common import out_console, print_json, styled
@@ -37,12 +38,10 @@ def answer_text(record: dict[str, tp.Any]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print {custom_id: answer} as JSON.")
 def show_cmd(results: Path, limit: int | None, ids: tuple[str, ...], width: int, as_json: bool) -> None:
     """Print the answers in a results file (the final line of each custom_id)."""
-    from ..batch.results import final_view
-
     if not results.exists():
         raise UsageError(f"results file {results} does not exist",
                          fix="pass the --out file of `speedslurm run`/`submit` (default <prompts>.results.jsonl)")
-    view = final_view(results)
+    view = api.read_results(results)
     items = [(cid, rec) for cid, rec in view.items() if not ids or cid in ids]
     if limit is not None:
         items = items[:limit]

@@ -81,11 +81,9 @@ def top_cmd(ctx: click.Context, ident: str | None, interval: float, count: int |
     """Live view of a deployment: per replica slots busy/total, requests waiting, prompt and generation tok/s,
     KV cache use (llama-server's /metrics and /slots), and the batches running against it. Without ID: the only
     running deployment. `--json`: one snapshot."""
-    from ..deployments.live import StatusesProbe
-
     settings = settings_from(ctx)
     dep = api.connect(ident, settings) if ident else api.connect_running(settings)
-    probe = StatusesProbe()
+    probe = api.statuses_probe()
 
     def look() -> dict[str, tp.Any]:
         return dep.metrics(probe([dep.record])[0])

@@ -23,7 +23,7 @@ import typing as tp
 
 from ..errors import UsageError
 from ..planning.plan import Plan, check_script_values
-from ..planning.sbatchopts import as_parameters, sbatch_line
+from ..planning.sbatchopts import as_parameters, one_line, sbatch_line
 from ..rundir.layout import RunDir
 from .submitit_adapter import (
     sbatch_text,
@@ -41,7 +41,7 @@ MIN_SIGNAL_DELAY_S = 10
 def _one_line(text: str) -> str:
     """``text`` with line breaks and other control characters replaced: a value that reached the script
     across a line break would start a line of its own, and sbatch reads every ``#SBATCH`` line as an option."""
-    return re.sub(r"[\x00-\x1f\x7f]", "?", text)
+    return one_line(text)
 
 
 def signal_delay_s(plan: Plan) -> int:

@@ -7,7 +7,6 @@ Beside it: :mod:`speedslurm.deployments.record` (a deployment's run directory: c
 
 from __future__ import annotations
 
-import re
 import time
 import typing as tp
 
@@ -16,6 +15,7 @@ from ..cluster.slurm_executor import find_submitted_job, needs_job_ids
 from ..errors import UsageError
 from ..model.registry import resolve_model
 from ..planning.plan import Plan, make_plan
+from ..planning.sbatchopts import has_control
 from ..rundir.layout import Deployment, check_parent_not_world_writable, make_private_dir
 from ..rundir.records import ContractError
 from .record import (
@@ -77,7 +77,7 @@ def prepare(settings: Settings, model: str, *, nodes: int | None = None, replica
             raise
         binaries = None
     root = runs_root(settings)
-    if re.search(r"[\x00-\x1f\x7f]", str(root)):
+    if has_control(str(root)):
         # The path is written into the job script's #SBATCH lines, where a line break would start a new option.
         raise UsageError(f"run directory {str(root)!r} contains a line break or another control character",
                          fix="set run.dir to a path without control characters")

@@ -18,24 +18,18 @@ one are refused, and control characters in the model's name are replaced in the 
 from __future__ import annotations
 
 import dataclasses
-import re
 import shlex
 import typing as tp
 from pathlib import Path
 
 from ..planning.plan import Plan
-from ..planning.sbatchopts import refuse_control
+from ..planning.sbatchopts import one_line, refuse_control
 from ..rundir.layout import RunDir, make_private_dir
 from ..rundir.records import JobId
 from ..settings.settings import Settings
 from . import record
 
 RECORD_MARK = "# record this job's id in deployment.json (speedslurm status and down find the job by it)"
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def _refuse_control(what: str, value: str) -> str:
-    return refuse_control(what, value)
 
 
 def entry_command(python: str, run_dir: RunDir) -> str:
@@ -50,7 +44,7 @@ def record_command(python: str, run_dir: RunDir) -> str:
 def _script_plan(plan: Plan) -> Plan:
     """``plan`` with control characters out of the model's name (the settings the script carries are checked
     by :func:`speedslurm.cluster.script.slurm_parameters`, on every path)."""
-    name = _CONTROL.sub("?", plan.model.name)
+    name = one_line(plan.model.name)
     if name == plan.model.name:
         return plan
     return dataclasses.replace(plan, model=dataclasses.replace(plan.model, name=name))
@@ -60,8 +54,8 @@ def render_script(plan: Plan, run_dir: RunDir, python: str) -> str:
     """The sbatch script for ``plan`` that runs the job side from ``run_dir``. Pure (golden-file tested)."""
     from ..cluster.script import render_job_script
 
-    _refuse_control("run directory", str(run_dir.root))
-    _refuse_control("python path", python)
+    refuse_control("run directory", str(run_dir.root))
+    refuse_control("python path", python)
     text = render_job_script(_script_plan(plan), run_dir, entry_command(python, run_dir))
     lines = text.split("\n")
     at = lines.index("# command")
@@ -82,7 +76,7 @@ def deployment_record(settings: Settings, plan: Plan, binaries: dict[str, tp.Any
 
 def create_run_dir(root: Path, info: dict[str, tp.Any], replicas: int) -> RunDir:
     """The run directory of a rendered script: as ``up`` makes it, refusing control characters in its path."""
-    _refuse_control("run directory", str(root))
+    refuse_control("run directory", str(root))
     return record.create_run_dir(root, info, replicas)
 
 

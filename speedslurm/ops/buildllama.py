@@ -24,6 +24,7 @@ from pathlib import Path
 from ..cluster import slurm
 from ..cluster.proc import call
 from ..errors import CommandError, DeploymentFailed, UsageError
+from ..planning.sbatchopts import has_control
 from ..settings.packaged import TEMPLATES, data_dir
 
 TEMPLATE_NAME = "build-llama.sbatch"
@@ -126,7 +127,7 @@ class BuildOptions:
 
 def check_cmake_arg(arg: str) -> str:
     """``arg`` when it can be one more argument of cmake's configure step; :class:`UsageError` otherwise."""
-    if any(ord(c) < 32 or ord(c) == 127 for c in arg):
+    if has_control(arg):
         raise UsageError(f"--cmake-arg {arg!r} contains a control character, which a job script cannot carry",
                          fix="write the option on one line without control characters")
     if not arg.startswith("-"):

@@ -25,7 +25,19 @@ import typing as tp
 from ..errors import ConfigError
 
 SETTING = "cluster.sbatch"
+# The one guard against control characters: a line break (or any C0 control, DEL) in a value that reaches a job
+# script would end its line there, and the rest would run as an option or as shell.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def has_control(text: str) -> bool:
+    """Whether ``text`` holds a line break or another control character (C0 or DEL)."""
+    return _CONTROL.search(text) is not None
+
+
+def one_line(text: str) -> str:
+    """``text`` with each control character replaced by ``?``: safe on one line of a job script."""
+    return _CONTROL.sub("?", text)
 
 # Options speedslurm renders itself (or that change how sbatch runs), with what to use instead.
 MANAGED: dict[str, str] = {
@@ -120,7 +132,7 @@ def refuse_control(setting: str, value: str, source: str | None = None) -> str:
     """``value`` of ``setting``, or :class:`ConfigError` (exit 2) if it holds a line break or another control
     character: every value that reaches the job script passes here (an ``#SBATCH`` line, a quoted shell word
     alike, a line break ends the line and the next one runs as shell). ``source`` names where it was set."""
-    if _CONTROL.search(value):
+    if has_control(value):
         raise ConfigError(f"{source + ': ' if source else ''}{setting} = {value!r} contains a line break or "
                           "another control character, which would start a new line of the job script",
                           fix=f"write {setting} on one line, without control characters")

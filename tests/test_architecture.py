@@ -1,0 +1,74 @@
+"""docs/architecture.md stays true: the modules it names exist, it names every subpackage, and the CLI imports
+nothing of the package but the API and the errors."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "speedslurm"
+DOC = (ROOT / "docs" / "architecture.md").read_text()
+SUBPACKAGES = sorted(p.parent.name for p in PACKAGE.glob("*/__init__.py"))
+
+
+def test_every_module_path_named_exists() -> None:
+    named = set(re.findall(r"speedslurm/[\w/]+\.py", DOC))
+    # `folder/module.py` with folder one of the subpackages, as the tables write them
+    folders = "|".join(SUBPACKAGES)
+    named |= {f"speedslurm/{m}" for m in re.findall(rf"(?<![\w/.])((?:{folders})/\w+\.py)", DOC)}
+    assert len(named) > 40
+    assert sorted(n for n in named if not (ROOT / n).is_file()) == []
+
+
+def test_every_module_of_the_tree_table_exists() -> None:
+    """A row of the tree's table (`` `folder/` | ... ``) names the folder's modules by their bare file names."""
+    rows = re.findall(r"^\| `(\w+)/` \|(.*)\|$", DOC, flags=re.M)
+    assert sorted(folder for folder, _ in rows) == SUBPACKAGES
+    missing = [f"{folder}/{name}" for folder, text in rows
+               for name in re.findall(r"(?<![\w/.])(\w+\.py)", text) if not (PACKAGE / folder / name).is_file()]
+    assert missing == []
+
+
+def test_every_dotted_module_named_exists() -> None:
+    missing = []
+    for dotted in set(re.findall(r"\bspeedslurm(?:\.\w+)+", DOC)):
+        parts = dotted.split(".")[1:]
+        # a dotted name may end in an attribute (speedslurm.api.up): its longest module prefix must exist
+        found = any((PACKAGE.joinpath(*parts[:n]).with_suffix(".py")).is_file()
+                    or (PACKAGE.joinpath(*parts[:n]) / "__init__.py").is_file() for n in range(len(parts), 0, -1))
+        if not found:
+            missing.append(dotted)
+    assert missing == []
+
+
+def test_every_subpackage_is_named() -> None:
+    assert len(SUBPACKAGES) >= 10
+    assert [p for p in SUBPACKAGES if f"`{p}/`" not in DOC] == []
+
+
+def _internal_imports(path: Path) -> set[str]:
+    """The speedslurm modules ``path`` imports (relative imports resolved), lazy ones included."""
+    package = ["speedslurm", *path.parent.relative_to(PACKAGE).parts]
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = ".".join(package[: len(package) - node.level + 1])
+                if node.module:
+                    out.add(f"{base}.{node.module}")
+                else:
+                    out.update(f"{base}.{a.name}" for a in node.names)
+            elif node.module and node.module.split(".")[0] == "speedslurm":
+                out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.split(".")[0] == "speedslurm")
+    return out
+
+
+def test_cli_imports_only_api_and_errors() -> None:
+    allowed = ("speedslurm.api", "speedslurm.errors", "speedslurm.cli", "speedslurm.__version__")
+    wrong = {f"{p.name}: {m}" for p in sorted((PACKAGE / "cli").glob("*.py")) for m in _internal_imports(p)
+             if not (m in allowed or m.startswith(tuple(a + "." for a in allowed)))}
+    assert sorted(wrong) == []
