@@ -72,3 +72,19 @@ def test_cli_imports_only_api_and_errors() -> None:
     wrong = {f"{p.name}: {m}" for p in sorted((PACKAGE / "cli").glob("*.py")) for m in _internal_imports(p)
              if not (m in allowed or m.startswith(tuple(a + "." for a in allowed)))}
     assert sorted(wrong) == []
+
+
+def test_the_diagram_draws_every_import_between_folders() -> None:
+    """The Mermaid diagram's arrows are the imports between the subpackages (errors.py and polling.py, under
+    everything, are left out of it), no more and no fewer."""
+    block = re.search(r"```mermaid\n(.*?)```", DOC, flags=re.S)
+    assert block is not None
+    drawn = set(re.findall(r"^\s*(\w+) -?\.?-+>(?:\|[^|]*\|)? (\w+)\s*$", block.group(1), flags=re.M))
+    imported = set()
+    for path in PACKAGE.glob("*/*.py"):
+        source = path.parent.name
+        for module in _internal_imports(path):
+            parts = module.split(".")
+            if len(parts) > 1 and parts[1] in SUBPACKAGES and parts[1] != source:
+                imported.add((source, parts[1]))
+    assert sorted(imported - drawn) == [] and sorted(drawn - imported) == []

@@ -62,9 +62,15 @@ class Executor(abc.ABC):
     name: tp.ClassVar[str]
     # How often at most a batch asks whether the replicas' jobs still live (each question may cost slurmctld).
     alive_most_s: tp.ClassVar[float]
-    # What differs between executors, asked instead of their names: whether the followers' nodes can be chosen
-    # by their warm rpc cache (cluster/warmcache.py).
+    # What differs between executors, asked instead of their names:
+    # whether the followers' nodes can be chosen by their warm rpc cache (cluster/warmcache.py);
     places_followers: tp.ClassVar[bool]
+    # whether each node's device memory bounds the plan (False: the roles share this machine's memory, one node);
+    sizes_devices: tp.ClassVar[bool]
+    # whether a model on one node's local disk (its registry entry's ``host:``) puts the leader on that node;
+    pins_model_host: tp.ClassVar[bool]
+    # whether the jobs run from a job script, so that every value it carries is checked when planning.
+    writes_job_script: tp.ClassVar[bool]
 
     def check_available(self) -> None:
         """:class:`~speedslurm.errors.UsageError` when this executor cannot submit from here (every one can,

@@ -31,6 +31,9 @@ class LocalExecutor(Executor):
     name = "local"
     alive_most_s = SLURM_FIRST_S  # asking costs Slurm nothing: every second
     places_followers = False
+    sizes_devices = False
+    pins_model_host = False
+    writes_job_script = False
 
     def nodes_available(self, settings: Settings) -> int | None:
         return None  # every role is a process on this machine

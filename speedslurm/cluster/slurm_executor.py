@@ -26,6 +26,9 @@ class SlurmExecutor(Executor):
     name = "slurm"
     alive_most_s = SLURM_MOST_S
     places_followers = True
+    sizes_devices = True
+    pins_model_host = True
+    writes_job_script = True
 
     def check_available(self) -> None:
         if not slurm.have_slurm():

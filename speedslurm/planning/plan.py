@@ -85,7 +85,7 @@ class Plan:
     gres: str | None
     leader_host: str | None    # leader pinned to this node (the model's host)
     exclude: tuple[str, ...]
-    executor: str              # "slurm" or "local"
+    executor: str              # the name of the executor that runs it (cluster/registry.py)
     devices: tuple[DeviceShare, ...]
     account: str | None = None
     qos: str | None = None
@@ -198,7 +198,14 @@ def _check_partition(settings: Settings, model: ModelSpec, nodes: int, partition
 def make_plan(settings: Settings, model: ModelSpec, *, ctx: int | None = None, nodes: int | None = None,
               replicas: int = 1, time: str | None = None, executor: str = "slurm",
               partition_size: int | None = None) -> Plan:
-    """Size the deployment and validate it; raises :class:`UsageError` before anything is queued."""
+    """Size the deployment and validate it; raises :class:`UsageError` before anything is queued.
+
+    ``executor`` names the executor that will run it; what the plan depends on is asked of its capabilities
+    (:class:`speedslurm.cluster.executor.Executor`: ``sizes_devices``, ``pins_model_host``, ``writes_job_script``).
+    """
+    from ..cluster.registry import get  # the one import up: the plan is made for the executor that runs it
+
+    runs_on = get(executor)
     extra_sbatch = sbatch_options(settings.cluster.sbatch, settings.origins)
     check_node_addresses(settings)
     ctx = ctx if ctx is not None else model.ctx
@@ -225,8 +232,8 @@ def make_plan(settings: Settings, model: ModelSpec, *, ctx: int | None = None, n
     compute = int(llama.compute_overhead_gib * GIB)
     kv = model.kv_bytes(ctx, llama.kv_bytes_per_element)
     need = nodes_needed(model.weights_bytes, kv, usable, compute)
-    if executor == "local":
-        # Local roles share this machine's memory; GPU sizing does not apply.
+    if not runs_on.sizes_devices:
+        # The roles share this machine's memory; GPU sizing does not apply.
         need = 1
     chosen = nodes if nodes is not None else need
     if chosen < need:
@@ -236,7 +243,7 @@ def make_plan(settings: Settings, model: ModelSpec, *, ctx: int | None = None, n
             f"--nodes {chosen} is too few",
             fix=f"pass --nodes {need} or more, or a smaller --ctx")
     _check_partition(settings, model, chosen, partition_size)
-    capacity = usable - compute if executor == "slurm" else math.inf
+    capacity = usable - compute if runs_on.sizes_devices else math.inf
     placed = _place(settings, model, chosen, ctx, capacity, compute)
     if placed is None:
         more = next((n for n in range(chosen + 1, chosen + 9)
@@ -271,7 +278,7 @@ def make_plan(settings: Settings, model: ModelSpec, *, ctx: int | None = None, n
             f"{replicas} replica(s) of {chosen} node(s) need {chosen * replicas} nodes; "
             f"partition {settings.cluster.partition or '(default)'} has {partition_size}",
             fix=f"pass --replicas {max(1, partition_size // chosen)} or fewer")
-    leader_host = model.host if executor == "slurm" else None
+    leader_host = model.host if runs_on.pins_model_host else None
     if leader_host and replicas > 1:
         raise UsageError(
             f"model {model.name} lives on {leader_host}'s local disk, so only one replica can load it",
@@ -290,7 +297,7 @@ def make_plan(settings: Settings, model: ModelSpec, *, ctx: int | None = None, n
         tensor_split=tensor_split, split_note=split_note, ctx_per_slot=per_slot, slots_note=slots_note,
         host_bytes=host_bytes,
     )
-    if executor == "slurm":
+    if runs_on.writes_job_script:
         check_script_values(plan)
     return plan
 
