@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import ast
 import re
+import typing as tp
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "speedslurm"
@@ -88,3 +91,47 @@ def test_the_diagram_draws_every_import_between_folders() -> None:
             if len(parts) > 1 and parts[1] in SUBPACKAGES and parts[1] != source:
                 imported.add((source, parts[1]))
     assert sorted(imported - drawn) == [] and sorted(drawn - imported) == []
+
+
+def test_a_new_executor_is_one_class_and_one_registry_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A do-nothing executor: its class (the interface and the capabilities) and its line in the registry are
+    all it takes for the planner and ``--executor`` to know it."""
+    from speedslurm.api import executor_names
+    from speedslurm.cluster import registry
+    from speedslurm.cluster.executor import Executor
+    from speedslurm.model.registry import ModelSpec
+    from speedslurm.planning.plan import make_plan
+    from speedslurm.settings.settings import load_settings
+
+    class Nothing(Executor):
+        name = "nothing"
+        alive_most_s = 1.0
+        places_followers = sizes_devices = pins_model_host = writes_job_script = False
+
+        def nodes_available(self, settings: tp.Any) -> None:
+            return None
+
+        def submit(self, plan: tp.Any, run_dir: tp.Any, fn: tp.Any) -> dict[str, tp.Any]:
+            return {"job_ids": []}
+
+        def live_job_ids(self, dep: tp.Any) -> list[str]:
+            return []
+
+        def job_states(self, job_ids: tp.Any) -> dict[str, tp.Any]:
+            return {}
+
+        def views(self, dep: tp.Any, states: tp.Any = None) -> list[tp.Any]:
+            return []
+
+        def cancel(self, dep: tp.Any) -> bool:
+            return False
+
+    monkeypatch.setitem(registry._EXECUTORS, "nothing", Nothing())  # the registry line
+    monkeypatch.setattr(registry, "NAMES", tuple(registry._EXECUTORS))
+    path = Path("/models/m.gguf")
+    model = ModelSpec(name="m", path=path, files=(path,), weights_bytes=10**12, n_layer=80, n_head_kv=8,
+                      head_dim=128, head_dim_v=128, ctx=8192, host="node1", local=False)
+    plan = make_plan(load_settings(environ={}), model, executor="nothing")
+    # sized as its capabilities say: one node however big the model, no leader pinned to the model's host
+    assert (plan.executor, plan.nodes, plan.leader_host) == ("nothing", 1, None)
+    assert "nothing" in executor_names()

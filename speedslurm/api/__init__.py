@@ -52,6 +52,7 @@ if tp.TYPE_CHECKING:
         describe_settings,
         doctor,
         endpoint_file_source,
+        executor_names,
         log_tail,
         logs,
         models,
@@ -72,7 +73,8 @@ _WHERE = {"batch_options": ".batches", "prepare_prompts": ".batches", "run_batch
                                           "list_deployments", "load_settings", "start", "submit", "up")},
           "HandoverSource": ".handover", "handover_source": ".handover",
           **{n: ".workflows" for n in ("Logs", "Planned", "Rendered", "base_url_source", "build_options",
-                                        "describe_settings", "doctor", "endpoint_file_source", "log_tail", "logs",
+                                        "describe_settings", "doctor", "endpoint_file_source", "executor_names", "log_tail",
+                                        "logs",
                                         "models", "plan", "pull_model", "read_results", "render", "status_rows",
                                         "statuses_probe", "write_templates")},
           "BatchOptions": "..batch.prepare", "BatchFailed": "..batch.runner", "BatchInterrupted": "..batch.runner",
@@ -83,9 +85,9 @@ __all__ = ["BatchFailed", "BatchInterrupted", "BatchOptions", "Built", "Deployme
            "HandoverSource", "Logs", "Planned", "Rendered", "ReplicaStatus", "Settings", "Stopped",
            "Summary", "base_url_source", "batch_options", "build_llama", "build_options", "connect",
            "connect_running", "deployment_source", "describe_settings", "doctor", "endpoint_file_source",
-           "handover_source", "list_deployments", "load_settings", "log_tail", "logs", "models", "plan",
-           "prepare_prompts", "pull_model", "read_results", "render", "run_batch", "run_prepared", "start",
-           "status_rows", "statuses_probe", "submit", "up", "write_templates"]
+           "executor_names", "handover_source", "list_deployments", "load_settings", "log_tail", "logs",
+           "models", "plan", "prepare_prompts", "pull_model", "read_results", "render", "run_batch",
+           "run_prepared", "start", "status_rows", "statuses_probe", "submit", "up", "write_templates"]
 
 
 def __getattr__(name: str) -> tp.Any:

@@ -27,7 +27,14 @@ if tp.TYPE_CHECKING:
     from ..settings.settings import Settings
 
 # ----------------------------------------------------------------------------------------------------------
-# settings, models, plans
+# settings, executors, models, plans
+
+
+def executor_names() -> tuple[str, ...]:
+    """The executors a deployment can run on (``--executor``'s choices, besides "auto")."""
+    from ..cluster.registry import NAMES
+
+    return NAMES
 
 
 def describe_settings(settings: Settings) -> list[tuple[str, tp.Any, str]]:

@@ -78,7 +78,7 @@ def _model_options(f: tp.Callable[..., tp.Any]) -> tp.Callable[..., tp.Any]:
     f = click.option("--replicas", type=int, default=1, show_default=True,
                      help="Independent copies of the deployment (a job array).")(f)
     f = click.option("--nodes", type=int, default=None, help="Nodes per replica (default: what the model needs).")(f)
-    f = click.option("--executor", type=click.Choice(["slurm", "local", "auto"]), default=None,
+    f = click.option("--executor", type=click.Choice([*api.executor_names(), "auto"]), default=None,
                      help="slurm, or local processes on 127.0.0.1 (default: slurm when sbatch exists).")(f)
     f = click.option("--model", "-m", required=True, help="Registry name (see `speedslurm models`) or a .gguf path.")(f)
     return f
