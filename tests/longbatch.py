@@ -3,7 +3,7 @@
 A test that needs a batch still running when something happens (a fault, a signal, a requeue) sends LONG
 prompts whose answers are TOKENS tokens each (``ignore_eos``: never shorter): 6.4 M tokens, far more than any
 machine answers in the minutes a test runs, so the batch outlasts the event by construction, not by the speed
-of the machine. The test waits for the event itself (lines in the results file, a message on stderr), with a
+of the machine. TOKENS and a prompt fit the context of one of a deployment's default slots (2048 over 16). The test waits for the event itself (lines in the results file, a message on stderr), with a
 guard timeout only against a hang, and then stops the batch as a user would (Ctrl-C) or lets the fault end it.
 
 The resume that follows is short by construction too: :func:`keep_answered` cuts the prompts file after the
@@ -19,8 +19,8 @@ import time
 import typing as tp
 from pathlib import Path
 
-LONG = 50_000
-TOKENS = 128
+LONG = 100_000
+TOKENS = 64
 GUARD_S = 300.0  # against a hang only: every wait below ends on an event long before
 
 

@@ -184,7 +184,14 @@ def _serve_once(bin_dir: Path, model: Path, tmp: Path) -> str:
                                stdout=rpc_log, stderr=subprocess.STDOUT)
         server = None
         try:
-            time.sleep(0.5)
+            deadline = time.monotonic() + 60  # until the rpc-server listens (a guard against a hang only)
+            while True:
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", rpc_port)) == 0:
+                        break
+                assert rpc.poll() is None, (tmp / "rpc.log").read_text()[-2000:]
+                assert time.monotonic() < deadline, (tmp / "rpc.log").read_text()[-2000:]
+                time.sleep(0.05)
             server = subprocess.Popen([str(bin_dir / "llama-server"), "-m", str(model), "--host", "127.0.0.1",
                                        "--port", str(port), "-c", "512", "-t", "1", "-ngl", "99",
                                        "--rpc", f"127.0.0.1:{rpc_port}"], stdout=server_log, stderr=subprocess.STDOUT)

@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
-import time
 import typing as tp
 from pathlib import Path
 
 import pytest
+from longbatch import LONG, Output, count_lines, keep_answered, long_fields, wait_until
 from test_writelock import NOFLOCK
 
 pytestmark = [pytest.mark.llama]
@@ -163,10 +164,13 @@ def test_text_that_is_not_unicode(env: dict[str, str], tmp_path: Path, deploymen
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare (UTS)")
 def test_second_login_node_without_flock_is_kept_out(env: dict[str, str], tmp_path: Path, deployment: str) -> None:
+    """The first run's batch is one no machine finishes while the test runs (tests/longbatch.py): it still writes
+    when the second run starts and ends, and is then stopped with Ctrl-C; the resume finishes the prompts up to
+    the last one answered."""
     prompts = tmp_path / "p.jsonl"
-    ids = [f"c{i}" for i in range(60)]
+    ids = [f"c{i}" for i in range(LONG)]
     prompts.write_text("".join(json.dumps({"custom_id": c, "messages": [{"role": "user", "content": f"Count to {i}"}],
-                                           "max_tokens": 32}) + "\n" for i, c in enumerate(ids)))
+                                           **long_fields()}) + "\n" for i, c in enumerate(ids)))
     out = tmp_path / "r.jsonl"
     lock = tmp_path / "r.jsonl.lock"
     script = tmp_path / "noflock.py"
@@ -174,27 +178,37 @@ def test_second_login_node_without_flock_is_kept_out(env: dict[str, str], tmp_pa
     args = ["run", "--deployment", deployment, "--prompts", str(prompts), "--out", str(out), "--concurrency", "2"]
     first = subprocess.Popen([sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    output = Output(first)
     try:
-        deadline = time.monotonic() + 60
-        while not (out.exists() and len(out.read_bytes().splitlines()) >= 5) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert lock.exists() and first.poll() is None, "the first run ended before the second started"
+        wait_until("5 results", lambda: count_lines(out) >= 5 or first.poll() is not None)
+        assert lock.exists() and first.poll() is None, f"the first run ended before the second started:\n{output.stderr}"
         owner = json.loads(lock.read_text())
         assert owner["pid"] == first.pid and owner["host"] == os.uname().nodename
         second = subprocess.run(["unshare", "-u", sys.executable, str(script), "--hostname", "login2", *args],
                                 env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
-        _, first_err = first.communicate(timeout=180)
+        assert first.poll() is None, "the first run ended before the second did"
+        first.send_signal(signal.SIGINT)
+        output.wait()
+        first_err = output.stderr
     finally:
         if first.poll() is None:
             first.kill()
+            first.wait()
     err = flat(second.stderr)
     print(err)
     assert second.returncode == 2, second.stderr
     assert (f"Error: another speedslurm run is writing {out} (pid {first.pid} on host {os.uname().nodename}, since "
             in err)
     assert f"delete {lock}" in err and "Traceback" not in second.stderr
-    assert first.returncode == 0, first_err
+    assert first.returncode == 130, first_err
     assert "does not support flock" in flat(first_err)
     ok = ok_ids(out)
-    assert sorted(ok) == sorted(ids) and len(ok) == len(set(ok))  # one writer: each prompt once
+    assert len(ok) == len(set(ok)) and 5 <= len(ok) < len(ids)  # one writer: no prompt twice
+    assert not lock.exists()
+    kept = keep_answered(prompts, ids, ok)  # the resume: the prompts up to the last one answered
+    again = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=300,
+                           stdin=subprocess.DEVNULL)
+    assert again.returncode == 0, again.stderr
+    ok = ok_ids(out)
+    assert sorted(ok) == sorted(kept) and len(ok) == len(set(ok))  # each prompt once
     assert not lock.exists()

@@ -9,11 +9,11 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 import typing as tp
 from pathlib import Path
 
 import pytest
+from longbatch import LONG, Output, count_lines, long_fields, wait_until
 
 from devtools.stubserver import StubServer
 from speedslurm.cli import main
@@ -211,17 +211,23 @@ def test_a_key_given_on_the_command_line_is_not_printed_when_the_run_stops(share
         values = dict(line.removeprefix("export ").split("=", 1) for line in exports.splitlines())
         url, key = values["OPENAI_BASE_URL"].removesuffix("/v1"), values["OPENAI_API_KEY"].strip("'")
         prompts, out = shared_tmp / "p.jsonl", shared_tmp / "p.results.jsonl"
-        prompts.write_text("".join(json.dumps({"custom_id": f"p{i}", "prompt": f"Story {i}:", "max_tokens": 48})
-                                   + "\n" for i in range(200)))
+        # a batch no machine finishes while the test runs (tests/longbatch.py): the signal comes while it runs
+        prompts.write_text("".join(json.dumps({"custom_id": f"p{i}", "prompt": f"Story {i}:", **long_fields()})
+                                   + "\n" for i in range(LONG)))
         proc = subprocess.Popen([sys.executable, "-m", "speedslurm", "run", "--base-url", url, "--api-key", key,
                                  "--prompts", str(prompts), "--out", str(out), "--concurrency", "2"], env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        while not (out.exists() and out.read_text().count("\n") >= 3):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=60)
+        output = Output(proc)
+        try:
+            wait_until("3 results", lambda: count_lines(out) >= 3 or proc.poll() is not None)
+            assert proc.poll() is None, output.stderr
+            proc.send_signal(signal.SIGTERM)
+            output.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        stdout, stderr = output.stdout, output.stderr
         assert proc.returncode == 130, stderr
         assert "To resume, run the same command again" in " ".join(stderr.split())
         assert '--api-key "$SPEEDSLURM_API_KEY"' in stderr

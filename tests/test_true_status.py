@@ -12,6 +12,7 @@ import typing as tp
 from pathlib import Path
 
 import pytest
+from longbatch import LONG, count_lines, long_fields, wait_until
 
 from devtools.stubserver import StubServer
 from speedslurm.cli import main
@@ -329,8 +330,9 @@ def _wait_state(bed: tp.Any, ident: str, want: str, timeout: float = 300) -> dic
         time.sleep(0.5)
 
 
-def _write_prompts(path: Path, n: int) -> Path:
-    path.write_text("".join(json.dumps({"prompt": f"Count to {i}:", "max_tokens": 24}) + "\n" for i in range(n)))
+def _write_prompts(path: Path, n: int, fields: dict[str, tp.Any] | None = None) -> Path:
+    fields = {"max_tokens": 24} if fields is None else fields
+    path.write_text("".join(json.dumps({"prompt": f"Count to {i}:", **fields}) + "\n" for i in range(n)))
     return path
 
 
@@ -341,19 +343,19 @@ def test_bed_a_job_cancelled_with_scancel_shows_cancelled(bed: tp.Any, tiny_gguf
                         "--json").stdout)
     dep_id, job = up["deployment"], up["replicas"][0]["job_id"]
     bed.jobs.append(job)
-    # The user cancels the job while a batch runs through it: the servers die under the requests.
-    prompts = _write_prompts(shared_tmp / "p.jsonl", 400)
+    # The user cancels the job while a batch runs through it: the servers die under the requests. The batch is one
+    # no machine finishes while the test runs (tests/longbatch.py), so it still runs when the job is cancelled.
+    prompts = _write_prompts(shared_tmp / "p.jsonl", LONG, long_fields())
     batch = subprocess.Popen([sys.executable, "-m", "speedslurm", "run", "--deployment", job, "--prompts",
                               str(prompts), "-q"], env={**os.environ, "SPEEDSLURM_PROFILE": "testbed",
                                                        "SPEEDSLURM_RUN__DIR": str(shared_tmp / "runs")},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
     results = shared_tmp / "p.results.jsonl"
-    while (not results.exists() or len(results.read_text().splitlines()) < 5) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until("5 results", lambda: count_lines(results) >= 5 or batch.poll() is not None)
+    assert batch.poll() is None, batch.communicate()[1]
     subprocess.run(["scancel", job], check=True)
-    batch.communicate(timeout=120)
-    assert batch.returncode == 1  # the batch could not go on
+    _, err = batch.communicate(timeout=300)
+    assert batch.returncode == 1, err  # the batch could not go on
     deadline = time.monotonic() + 60
     while "CANCELLED" not in subprocess.run(["sacct", "-n", "-X", "-P", "-j", job, "-o", "State"],
                                             capture_output=True, text=True).stdout and time.monotonic() < deadline:

@@ -66,9 +66,10 @@ def test_followers_go_back_to_their_warm_node_only_when_it_is_idle(ss, tiny_gguf
     assert second["sacct_followers"] == warm            # Slurm's own record of where the followers ran
     assert _wait_state(warm, ("idle",)) == "idle"
 
-    # Another job holds the warm node: the deployment takes other nodes at once instead of waiting for it.
+    # Another job holds the warm node: the deployment takes other nodes at once instead of waiting for it. The
+    # blocker holds it until the test cancels it (or its 5-minute limit, past up's --timeout 150).
     blocker = subprocess.run(["sbatch", "--parsable", "-p", "gorgonas", "-w", warm, "-t", "5", "-J", "warm-blocker", "--exclusive",
-                              "--wrap", "sleep 120", "--output", "/dev/null"], capture_output=True, text=True, check=True,
+                              "--wrap", "sleep 3600", "--output", "/dev/null"], capture_output=True, text=True, check=True,
                              timeout=30).stdout.strip().split(";")[0]
     try:
         assert _wait_state(warm, ("alloc",)) == "alloc"     # the whole node: nothing else fits beside it
@@ -76,6 +77,9 @@ def test_followers_go_back_to_their_warm_node_only_when_it_is_idle(ss, tiny_gguf
         assert f"placement  any nodes: the warm node(s) are not idle: {warm} (" in text
         third, ready_s = _up_down(ss, tiny_gguf)
         assert warm not in third["endpoint"]["follower_nodes"] and third["endpoint"]["leader_node"] != warm
-        assert ready_s < 100          # the blocker holds the node 120 s: this did not wait for it
+        print(f"ready in {ready_s:.1f}s beside the blocker")
+        blocked = subprocess.run(["squeue", "-h", "-j", blocker, "-o", "%T"], capture_output=True, text=True,
+                                 timeout=30).stdout.split()
+        assert blocked == ["RUNNING"], blocked  # it was ready while the blocker held the node: it did not wait
     finally:
         subprocess.run(["scancel", blocker], check=False, timeout=30)
