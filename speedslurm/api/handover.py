@@ -80,6 +80,7 @@ class HandoverSource:
     def poll(self) -> SourceState:
         now = self.clock()
         ready, failed, ends_at = [], {}, {}
+        crashed: set[int] = set()
         for gen in self.generations:
             if gen.cancelled_at is not None:
                 continue  # handed over and ended: nothing of it is offered (nor reported failed)
@@ -93,6 +94,7 @@ class HandoverSource:
                         self.say(f"Handover: deployment {gen.deployment.id} ready; its replicas take the batch over")
             failed.update({r + gen.offset: why for r, why in state.failed.items()})
             gen.failed = {r + gen.offset for r in state.failed}
+            crashed.update(r + gen.offset for r in state.crashed)
             for r, end in state.ends_at.items():
                 ends_at[r + gen.offset] = end - self.margin_s
             if state.ends_at:
@@ -109,7 +111,8 @@ class HandoverSource:
                 elif gen.cancelled_at is None:
                     draining.update(range(gen.offset, gen.offset + gen.replicas))
         # A successor being submitted can still come: the batch waits for it rather than give up.
-        return SourceState(ready, failed, newest.finished and self._starting is None, frozenset(draining), ends_at)
+        return SourceState(ready, failed, newest.finished and self._starting is None, frozenset(draining), ends_at,
+                           frozenset(crashed))
 
     def _hand_over(self, gen: Generation, now: float) -> None:
         """Start the successor in a thread (planning and sbatch take a moment: the batch goes on meanwhile); a

@@ -116,6 +116,23 @@ class ReplicaPool(WorkQueue):
             if n >= SUSPECT_AFTER:
                 self._suspect(item)
 
+    def _came_back(self, rep: Replica, restarted: bool, why: str) -> None:
+        """``rep`` answers a probe again. ``restarted``: it had stopped answering (refused, or 5xx while it loads
+        its model again), so its server died and was restarted: the requests whose connection broke are charged
+        with the death, as when it fails (a request that crashes a server that a supervisor restarts at once is
+        suspected too, not sent for ever). Else it was alive all along: each of them costs an attempt (--retries
+        bounds a request whose connection always breaks)."""
+        lost = [item for _, item in rep.lost.values()]
+        if restarted:
+            rep.reason = f"{why}; it answered again (its server restarted)"
+            self._count_deaths(rep)
+            rep.lost.clear()
+            return
+        rep.lost.clear()
+        for item in lost:
+            self._charge(item, "connection_error", f"replica r{rep.endpoint.replica}: the connection broke while "
+                         "the request was in flight")
+
     def _unreachable(self, rep: Replica, why: str) -> None:
         """Connection errors in a row: no new requests for ``rep`` until a probe gets an answer."""
         rep.probing, rep.down_since = True, time.monotonic()
@@ -140,6 +157,7 @@ class ReplicaPool(WorkQueue):
         delay = self.opts.probe_base
         probe = getattr(rep.transport, "probe", None)
         limit = min(PROBE_TIMEOUT, self.opts.timeout)
+        refused = 0  # probes that got no answer (or a 5xx: e.g. a llama-server loading its model again)
         try:
             while rep.probing and not rep.failed:
                 try:
@@ -151,14 +169,15 @@ class ReplicaPool(WorkQueue):
                 down = time.monotonic() - rep.down_since
                 if why is None:
                     rep.probing, rep.conn_errors = False, 0
-                    rep.lost.clear()  # it is alive: what broke on the way was no death
                     rep.back.set()
+                    self._came_back(rep, restarted=refused > 0, why=rep.reason)
                     self.say(f"replica r{rep.endpoint.replica} answers again after {down:.1f} s: it serves again")
-                    self.changed.set()
+                    self._wake()
                     return
-                if down >= self.opts.outage:
+                refused += 1
+                if down >= self.opts.outage:  # a partition as much as a crash: nobody is blamed for it
                     self._fail_replica(rep, f"unreachable at {rep.endpoint.url} for {self.opts.outage:g} s "
-                                       f"(run.outage_s): {why}", confirmed=False)
+                                       f"(run.outage_s): {why}", confirmed=False, died=False)
                     self._wake()
                     return
                 await asyncio.sleep(min(delay, self.opts.outage - down))
@@ -319,8 +338,8 @@ class ReplicaPool(WorkQueue):
                     if r not in self.source_failed:
                         self.source_failed[r] = why
                         self.say(Text.assemble((f"replica r{r} failed:", "red"), f" {why}"))
-                elif not rep.failed:
-                    self._fail_replica(rep, why, confirmed=True)
+                elif not rep.failed:  # a death only when its job side saw the server exit (failed.json)
+                    self._fail_replica(rep, why, confirmed=True, died=r in state.crashed)
                 elif not rep.confirmed:
                     rep.reason, rep.confirmed = why, True  # the job side's reason beats "unreachable"
             self._check_all_failed(state.finished)

@@ -55,6 +55,7 @@ class RunState:
         self.died_on: dict[str, list[str]] = {}
         self.suspects: set[str] = set()
         self.prev_suspected = {} if options.retry_suspected else previous.suspected  # not sent unless asked
+        self.broken: set[str] = set()  # requests whose connection broke on a replica that stayed alive
         self.sending: dict[str, tuple[Replica, Request]] = {}  # requests in flight: id -> (replica, request)
         self.sem = asyncio.Semaphore(options.concurrency) if options.concurrency else None
         self.stopping = False

@@ -34,6 +34,9 @@ class SourceState:
     # ``source.drained(r)`` once nothing of theirs is in flight.
     draining: frozenset[int] = frozenset()
     ends_at: dict[int, float] = dataclasses.field(default_factory=dict)  # replica -> its job's end (epoch s)
+    # Failed replicas whose job side saw their server exit (its failed.json): a death of the server, which the
+    # requests in flight on it are charged with; a job that ended (cancelled, timed out, its node lost) is none.
+    crashed: frozenset[int] = frozenset()
 
 
 class EndpointSource(tp.Protocol):
@@ -155,6 +158,7 @@ class RunDirSource:
         self.clock = clock
         self._ready: dict[int, Endpoint] = {}
         self._failed: dict[int, str] = {}
+        self._crashed: set[int] = set()  # failed replicas whose failed.json says their server exited
         self._backoff = Backoff(alive_every, alive_every if alive_most is None else alive_most, clock)
         self._job_ended = False
         # The node-hours its deployment held over a span (epoch seconds): set by the deployment's source.
@@ -178,7 +182,7 @@ class RunDirSource:
         self._backoff.note((sorted(self._ready), sorted(self._failed.items()), self._job_ended), asked)
         finished = self._job_ended or len(self._ready) + len(self._failed) >= self.replicas
         return SourceState(sorted(self._ready.values(), key=lambda e: e.replica), dict(self._failed), finished,
-                           ends_at=dict(self.ends_at))
+                           ends_at=dict(self.ends_at), crashed=frozenset(self._crashed & set(self._failed)))
 
     def _ask(self, due_only: bool) -> bool:
         """Ask ``job_alive``/``job_failures`` (when due); True when they were asked."""
@@ -196,6 +200,8 @@ class RunDirSource:
         failed: dict[int, str] = {}
         for r in range(self.replicas):
             failure = self._read_failure(r)
+            if failure is None:
+                self._crashed.discard(r)
             if failure is None and r in self._job_failed:
                 failure = self._job_failed[r]
             if failure is None and self._job_ended:
@@ -222,6 +228,10 @@ class RunDirSource:
             return exc.message  # a failure file this version cannot read: the replica is not serving
         if info is None or (self.accept_failure is not None and not self.accept_failure(r, info)):
             return None  # none, or left by another job in this run directory
+        if info.cause == "failed" and info.exit_code is not None:
+            self._crashed.add(r)
+        else:
+            self._crashed.discard(r)
         return describe_failure(info)
 
     def _read_endpoint(self, r: int) -> Endpoint | None:

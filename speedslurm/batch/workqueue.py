@@ -102,7 +102,7 @@ class WorkQueue(RunState):
     # -- requests in flight on replicas that died ------------------------------------------------
     def _suspicious(self, cid: str) -> bool:
         """In flight on a replica that died, or that became unreachable while it was (it may have crashed it)."""
-        return self.deaths.get(cid, 0) > 0 or any(cid in r.lost for r in self.replicas.values())
+        return self.deaths.get(cid, 0) > 0 or cid in self.broken or any(cid in r.lost for r in self.replicas.values())
 
     def _may_send(self, item: Request, rep: tp.Any) -> bool:
         """Not in the first ``settle`` seconds after a replica it was in flight on became unreachable (did it crash
@@ -144,6 +144,7 @@ class WorkQueue(RunState):
                 self.delayed[:] = queued
                 heapq.heapify(self.delayed)
         self._write_suspect(item)
+        self._wake()  # it may have been the last one left
 
     def _died_text(self, cid: str) -> str:
         n = self.deaths.get(cid, 0)
@@ -195,6 +196,22 @@ class WorkQueue(RunState):
         heapq.heappush(self.delayed, (time.monotonic() + delay, self.seq, item))
         self.changed.set()
 
+    def _charge(self, item: Request, code: str, message: str) -> None:
+        """One attempt more for ``item``, queued again already (it went back without a charge); past --retries
+        it leaves the queue with its error line."""
+        if item.custom_id in self.suspects or item.custom_id in self.sending:
+            return
+        item.attempts += 1
+        self.broken.add(item.custom_id)  # sent alone from now on: another one may be what broke it
+        if item.attempts <= self.opts.retries:
+            return
+        at = next((i for i, queued in enumerate(self.pending) if queued is item), None)
+        if at is None:
+            return  # not queued (written meanwhile): nothing to charge
+        del self.pending[at]
+        tries = item.attempts
+        self._write_error(item, code, f"{message} (gave up after {tries} attempt{'s' if tries > 1 else ''})")
+
     def _write_error(self, item: Request, code: str, message: str) -> None:
         self.results.write(error_line(item.custom_id, code, message, item.fingerprint))
         self._forget(item.custom_id)
@@ -204,6 +221,7 @@ class WorkQueue(RunState):
 
     def _forget(self, cid: str) -> None:
         """``cid`` has its line: a replica that dies later died without it."""
+        self.broken.discard(cid)
         for r in self.replicas.values():
             if r.lost:
                 r.lost.pop(cid, None)
