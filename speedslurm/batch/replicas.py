@@ -390,7 +390,8 @@ class ReplicaPool(WorkQueue):
                 self.changed.set()  # its idle workers wake and end
         drained = getattr(self.source, "drained", None)
         for r, rep in self.replicas.items():
-            if rep.draining and not rep.retired and not rep.failed and rep.inflight == 0:
+            if rep.draining and not rep.retired and not rep.failed and not rep.probing and rep.inflight == 0:
+                # (one that is unreachable is not drained: its source says how its job ended, e.g. its time limit)
                 rep.retired = True
                 rep.probing = False
                 rep.back.set()
