@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 from builds import patched_rpc_build
-from longbatch import GUARD_S, LONG, keep_answered, long_fields
+from longbatch import GUARD_S, LONG, count_lines, keep_answered, long_fields
 
 pytestmark = [pytest.mark.llama]
 bed = pytest.mark.slurm
@@ -89,14 +89,6 @@ def assert_exactly_once(path: Path, ids: list[str]) -> None:
 def flat(text: str) -> str:
     """Text with its line breaks undone (messages are wrapped at the console's width)."""
     return " ".join(text.split())
-
-
-def count_lines(path: Path) -> int:
-    try:
-        with open(path, "rb") as fh:
-            return sum(1 for _ in fh)
-    except FileNotFoundError:
-        return 0
 
 
 def wait_for(what: str, cond: tp.Callable[[], tp.Any], timeout: float = 180, every: float = 0.1) -> tp.Any:

@@ -104,6 +104,17 @@ def killed_both() -> tp.Iterator[None]:
         assert "every replica failed" in exc.message
 
 
+def run_killing_both(tmp_path: Path, prompts: Path, out: Path) -> None:
+    """A run on two crashing replicas, which the poison request kills both (see :func:`killed_both`)."""
+    rd, servers = deploy(tmp_path / "dep", 2)
+    try:
+        with killed_both():
+            run(RunDirSource(rd, 2), prompts, out)
+    finally:
+        for srv in servers:
+            srv.stop()
+
+
 def ok_ids(path: Path) -> list[str]:
     return [r["custom_id"] for r in lines(path) if r["response"] and r["response"]["status_code"] == 200]
 
@@ -137,13 +148,7 @@ def test_a_rerun_names_the_suspect_skips_it_and_sends_it_only_when_asked(tmp_pat
     n = 12
     prompts = prompts_file(tmp_path, n, poison=[3])
     out = tmp_path / "out.jsonl"
-    rd, servers = deploy(tmp_path / "dep", 2)
-    try:
-        with killed_both():
-            run(RunDirSource(rd, 2), prompts, out)
-    finally:
-        for srv in servers:
-            srv.stop()
+    run_killing_both(tmp_path, prompts, out)
     assert final_view(out)["q3"]["error"]["code"] == "suspected_crash"
     with StubServer(api_key=KEY) as stub:  # a new server: the suspect is not sent to it
         again = run(StaticSource(endpoint(stub.url, 0)), prompts, out)
@@ -190,13 +195,7 @@ def test_cli_rerun_lists_the_suspect_and_exits_3_and_retry_suspected_sends_it(
 
     prompts = prompts_file(tmp_path, 5, poison=[1])
     out = tmp_path / "out.jsonl"
-    rd, servers = deploy(tmp_path / "dep", 2)
-    try:
-        with killed_both():
-            run(RunDirSource(rd, 2), prompts, out)
-    finally:
-        for srv in servers:
-            srv.stop()
+    run_killing_both(tmp_path, prompts, out)
 
     def cli(*args: str) -> tuple[int, str, str]:
         try:
