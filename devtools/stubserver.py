@@ -48,6 +48,10 @@ class StubConfig:
     fail_status: int = 503
     drop_first: int = 0  # close the connection without answering on the first attempts of each body
     loading_s: float = 0.0  # /health answers 503 "Loading model" (and completions 503) this long after start
+    # "stream": true answers as server-sent events, one chunk per token (chunked transfer encoding); with a
+    # gate (a threading.Event), every chunk after the first waits until the gate is set
+    stream_gate: tp.Any = None
+    die_on: str | None = None  # a request whose text holds this closes every connection (a crashing server)
 
 
 class _Stats:
@@ -200,6 +204,15 @@ class _App:
                                   "exceed_context_size_error", n_prompt_tokens=len(text),
                                   n_ctx=cfg.max_prompt_chars), close)
             return
+        if cfg.die_on and cfg.die_on in text:
+            for other in list(self.conns):
+                if other.transport is not None:
+                    other.transport.abort()
+            return
+        if req.get("stream") is True:
+            conn.busy = True
+            asyncio.get_running_loop().create_task(self.streamed(conn, req, chat, text, close))
+            return
         answer = self.answer(req, chat, text)
         if cfg.latency <= 0:
             st.completions += 1
@@ -223,6 +236,48 @@ class _App:
             return
         self.stats.completions += 1
         conn.send(200, answer, close)
+        conn.busy = False
+        conn.process()
+
+    async def streamed(self, conn: _Conn, req: dict[str, tp.Any], chat: bool, text: str, close: bool) -> None:
+        """The answer as server-sent events: one chunk per token, then one with the usage, then [DONE]."""
+        answer = self.answer(req, chat, text)
+        n = answer["usage"]["completion_tokens"]
+        words = [f"tok{i} " for i in range(n)]
+        transport = conn.transport
+        if transport is None:
+            return
+        transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+                        + (b"Connection: close" if close else b"Keep-Alive: timeout=5") + b"\r\n\r\n")
+
+        def event(data: dict[str, tp.Any] | str) -> bytes:
+            payload = b"data: " + (data.encode() if isinstance(data, str) else _dumps(data).encode()) + b"\n\n"
+            return f"{len(payload):x}\r\n".encode() + payload + b"\r\n"
+
+        base = {"id": answer["id"], "created": answer["created"], "model": answer["model"],
+                "object": "chat.completion.chunk" if chat else "text_completion"}
+        gate = self.config.stream_gate
+        for i, word in enumerate(words):
+            if i == 1 and gate is not None:
+                while not gate.is_set():
+                    await asyncio.sleep(0.01)
+            if conn.transport is None:
+                return
+            choice = ({"index": 0, "delta": {"content": word}, "finish_reason": None} if chat
+                      else {"index": 0, "text": word, "finish_reason": None})
+            conn.transport.write(event({**base, "choices": [choice]}))
+            if self.config.latency > 0:
+                await asyncio.sleep(self.config.latency / max(1, n))
+        if conn.transport is None:
+            return
+        last = ({"index": 0, "delta": {}, "finish_reason": "stop"} if chat
+                else {"index": 0, "text": "", "finish_reason": "stop"})
+        conn.transport.write(event({**base, "choices": [last], "usage": answer["usage"]}) + event("[DONE]")
+                             + b"0\r\n\r\n")
+        self.stats.completions += 1
+        if close:
+            conn.transport.close()
+            return
         conn.busy = False
         conn.process()
 

@@ -105,6 +105,7 @@ class Deployment:
         (None: as long as the job waits in the queue). ``on_update(statuses, elapsed_s)`` is called at each look.
         The deployment keeps running either way: stop it, or leave the ``with`` block.
         """
+        from ..deployments.lifecycle import record_warm
         from ..deployments.status import StatusProbe, failure_text
         from ..deployments.waiting import wait_ready
 
@@ -114,21 +115,8 @@ class Deployment:
                               interval=min(self.settings.run.poll_interval_s, 0.05),  # a look costs ~1 ms
                               on_update=on_update,
                               describe_failure=lambda s: failure_text(self.record, s))
-        self._record_warm(statuses)
+        record_warm(self.settings, self.record, statuses)
         return statuses
-
-    def _record_warm(self, statuses: list[ReplicaStatus]) -> None:
-        """The ready replicas' follower nodes now hold a warm rpc cache of the model (warm-cache placement)."""
-        from ..cluster.registry import executor_for
-        from ..cluster.warmcache import record_ready
-
-        if not executor_for(self.record).places_followers:
-            return
-        model = self.record.info.get("model") or {}
-        for s in statuses:
-            if s.state == "READY" and s.endpoint and model.get("path"):
-                record_ready(self.settings, str(model["path"]), str(model.get("name") or ""),
-                             s.endpoint.follower_nodes)
 
     def metrics(self, statuses: list[ReplicaStatus] | None = None) -> dict[str, tp.Any]:
         """What the deployment is doing now (``speedslurm top --json``): per replica the slots busy/total, requests

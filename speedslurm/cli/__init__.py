@@ -22,6 +22,7 @@ _COMMANDS = {
     "endpoint": "deploy_cmds", "logs": "deploy_cmds", "down": "deploy_cmds", "models": "cluster_cmds",
     "render": "cluster_cmds", "build-llama": "cluster_cmds", "doctor": "cluster_cmds", "run": "batch_cmds",
     "show": "results_cmd", "submit": "submit_cmd", "templates": "templates_cmd", "top": "top_cmd",
+    "gateway": "gateway_cmd",
 }
 
 
@@ -68,7 +69,16 @@ def cli(ctx: click.Context, profile: str | None, config_path: str | None, overri
 
 def _register() -> None:
     # Each module adds its commands to `cli`; importing them does no work.
-    from . import batch_cmds, cluster_cmds, deploy_cmds, results_cmd, submit_cmd, templates_cmd, top_cmd  # noqa: F401
+    from . import (  # noqa: F401
+        batch_cmds,
+        cluster_cmds,
+        deploy_cmds,
+        gateway_cmd,
+        results_cmd,
+        submit_cmd,
+        templates_cmd,
+        top_cmd,
+    )
 
 
 def _stop_like_ctrl_c(signum: int, frame: types.FrameType | None) -> None:

@@ -110,6 +110,18 @@ def launch(settings: Settings, plan: Plan, binaries: tp.Any) -> Deployment:
     return Deployment(rd, info)
 
 
+def record_warm(settings: Settings, dep: Deployment, statuses: tp.Sequence[ReplicaStatus]) -> None:
+    """The ready replicas' follower nodes now hold a warm rpc cache of the model (warm-cache placement)."""
+    from ..cluster.warmcache import record_ready
+
+    if not executor_for(dep).places_followers:
+        return
+    model = dep.info.get("model") or {}
+    for s in statuses:
+        if s.state == "READY" and s.endpoint and model.get("path"):
+            record_ready(settings, str(model["path"]), str(model.get("name") or ""), s.endpoint.follower_nodes)
+
+
 def remove_run_dir(rd: tp.Any) -> None:
     """Remove a run directory that no job was queued for (only one this process has just made)."""
     import shutil

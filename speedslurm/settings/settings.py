@@ -38,8 +38,8 @@ from .layers import (
     user_config_path,
 )
 
-__all__ = ["ClusterSettings", "LlamaSettings", "ModelArch", "ModelEntry", "NodeSettings", "RunSettings",
-           "Settings", "describe", "load_settings"]
+__all__ = ["ClusterSettings", "GatewayModel", "GatewaySettings", "LlamaSettings", "ModelArch", "ModelEntry",
+           "NodeSettings", "RunSettings", "Settings", "describe", "load_settings"]
 
 # Metadata of a dataclass field that is not a setting (Settings.origins): never read from the layers.
 NOT_A_SETTING = {"setting": False}
@@ -122,6 +122,46 @@ class RunSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class GatewayModel:
+    """One alias of ``speedslurm gateway``: what it serves and how (None: the ``gateway`` section's default)."""
+
+    model: str | None = None           # a registry name, a .gguf path, or the http(s) URL of a running server
+    nodes: int | None = None           # nodes per replica (None: as the plan chooses)
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    ctx: int | None = None
+    time: str | None = None            # each replica's job time limit (None: cluster.time)
+    idle_timeout: str | None = None    # a replica with no request for this long is stopped (0: never)
+    slots: int | None = None           # requests at once per replica (None: the server's own slot count)
+    api_key_file: str | None = None    # a URL backend's API key, in a file (a deployment's key is its own)
+
+
+@dataclasses.dataclass(frozen=True)
+class GatewaySettings:
+    listen: str = "127.0.0.1:8800"
+    dir: str = "~/.local/share/speedslurm/gateway"
+    min_replicas: int = 0
+    max_replicas: int = 1
+    idle_timeout: str = "30m"
+    time: str | None = None
+    max_queue: int = 256
+    max_wait_s: float = 900
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_json_depth: int = 64
+    client_timeout_s: float = 60
+    backend_timeout_s: float = 600
+    retry_after_failure_s: float = 120
+    drain_s: float = 60
+    on_exit: tp.Literal["stop", "leave"] = "stop"
+    access_log: str | None = None
+    models: dict[str, GatewayModel] = dataclasses.field(default_factory=dict)
+
+    @property
+    def root(self) -> Path:
+        return Path(os.path.expanduser(self.dir))
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelArch:
     n_layer: int
     n_head_kv: int
@@ -151,6 +191,7 @@ class Settings:
     llama: LlamaSettings = dataclasses.field(default_factory=LlamaSettings)
     run: RunSettings = dataclasses.field(default_factory=RunSettings)
     models: dict[str, ModelEntry] = dataclasses.field(default_factory=dict)
+    gateway: GatewaySettings = dataclasses.field(default_factory=GatewaySettings)
     # dotted key -> where its value came from (file path, env var, "--set", "default")
     origins: dict[str, str] = dataclasses.field(default_factory=dict, compare=False, repr=False,
                                                 metadata=NOT_A_SETTING)

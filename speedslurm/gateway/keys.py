@@ -1,0 +1,123 @@
+"""The gateway's users: one key per name, stored hashed in ``keys.json`` (0600) in the gateway's folder.
+
+A key is ``ssg-`` and 43 URL-safe characters (256 random bits); only its SHA-256 is kept, so the file does not
+give the keys away. A request's key is checked against every stored hash with :func:`hmac.compare_digest`
+(constant time). The running gateway reads the file again when it changes: ``keys add`` and ``keys revoke`` take
+effect without a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import time
+import typing as tp
+from pathlib import Path
+
+from ..errors import UsageError
+
+FILE = "keys.json"
+PREFIX = "ssg-"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise UsageError(f"{name!r} is not a valid key name",
+                         fix="use 1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit")
+    return name
+
+
+class KeyStore:
+    """The keys of a gateway folder. ``check(key)`` gives the key's name, or None."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / FILE
+        self._seen: tuple[float, int] | None = None
+        self._hashes: list[tuple[bytes, str]] = []
+
+    # --------------------------------------------------------------------------------------- the file
+
+    def _read(self) -> dict[str, dict[str, tp.Any]]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot read the gateway's keys {self.path}: {exc}",
+                             fix="restore the file, or move it away and add the keys again") from None
+        keys = data.get("keys") if isinstance(data, dict) else None
+        if not isinstance(keys, dict):
+            raise UsageError(f"{self.path} is not a keys file", fix="move it away and add the keys again")
+        return keys
+
+    def _write(self, keys: dict[str, dict[str, tp.Any]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self.path.with_name(f".{FILE}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"keys": keys}, f, indent=1, sort_keys=True)
+        os.replace(tmp, self.path)
+
+    # --------------------------------------------------------------------------------------- commands
+
+    def add(self, name: str) -> str:
+        """A new key for ``name``; :class:`UsageError` if the name has one already (revoke it first)."""
+        check_name(name)
+        keys = self._read()
+        if name in keys:
+            raise UsageError(f"{name!r} has a key already",
+                             fix=f"revoke it first (`speedslurm gateway keys revoke {name}`), or pick another name")
+        key = PREFIX + secrets.token_urlsafe(32)
+        keys[name] = {"sha256": digest(key), "created": time.time()}
+        self._write(keys)
+        return key
+
+    def revoke(self, name: str) -> None:
+        keys = self._read()
+        if name not in keys:
+            raise UsageError(f"no key is named {name!r}",
+                             fix=f"the names are: {', '.join(sorted(keys)) or '(none yet)'}")
+        del keys[name]
+        self._write(keys)
+
+    def names(self) -> list[dict[str, tp.Any]]:
+        return [{"name": n, "created": float(v.get("created") or 0)} for n, v in sorted(self._read().items())]
+
+    # --------------------------------------------------------------------------------------- checking
+
+    def _refresh(self) -> None:
+        try:
+            st = self.path.stat()
+            seen: tuple[float, int] | None = (st.st_mtime, st.st_size)
+        except FileNotFoundError:
+            seen = None
+        if seen == self._seen and self._seen is not None:
+            return
+        try:
+            keys = self._read()
+        except UsageError:
+            return  # a broken file keeps the keys read before (the gateway goes on serving)
+        self._hashes = [(bytes.fromhex(str(v.get("sha256", ""))), n) for n, v in keys.items()
+                        if re.fullmatch(r"[0-9a-f]{64}", str(v.get("sha256", "")))]
+        self._seen = seen
+
+    def check(self, key: str | None) -> str | None:
+        """The name whose key ``key`` is, or None. Every stored hash is compared, in constant time each."""
+        self._refresh()
+        if not key:
+            return None
+        given = bytes.fromhex(digest(key))
+        found = None
+        for stored, name in self._hashes:
+            if hmac.compare_digest(stored, given):
+                found = name
+        return found

@@ -1,0 +1,162 @@
+"""What the gateway counts: per alias and key requests, tokens and errors; wait and latency histograms; node-hours.
+
+:class:`Usage` holds the counters that go on across restarts (``usage.json``); :func:`prometheus` writes them,
+with the pool's gauges, in Prometheus' text format for ``GET /metrics``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import typing as tp
+
+# Seconds: a request's wait for a replica (a cold start takes minutes) and its time to the answer.
+WAIT_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.5, 1, 5, 30, 60, 300, 900)
+LATENCY_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+COUNTS = ("requests", "prompt_tokens", "completion_tokens", "errors")
+
+
+class Histogram:
+    def __init__(self, bounds: tp.Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+        self.n = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.n += 1
+
+    def lines(self, name: str, labels: str) -> list[str]:
+        out, running = [], 0
+        for bound, count in zip(self.bounds, self.counts, strict=False):
+            running += count
+            out.append(f'{name}_bucket{{{labels},le="{bound:g}"}} {running}')
+        out.append(f'{name}_bucket{{{labels},le="+Inf"}} {self.n}')
+        out.append(f"{name}_sum{{{labels}}} {self.sum:.6f}")
+        out.append(f"{name}_count{{{labels}}} {self.n}")
+        return out
+
+
+def _zero() -> dict[str, float]:
+    return {c: 0 for c in COUNTS}
+
+
+class Usage:
+    """Counters by (alias, key name) and node-seconds by alias; :meth:`to_json` / :meth:`load` for ``usage.json``."""
+
+    def __init__(self) -> None:
+        self.by: dict[tuple[str, str], dict[str, float]] = {}
+        self.codes: dict[tuple[str, str, int], int] = {}
+        self.node_seconds: dict[str, float] = {}
+        self.unauthorized = 0
+        self.wait: dict[str, Histogram] = {}
+        self.latency: dict[str, Histogram] = {}
+
+    def count(self, alias: str, key: str, status: int, prompt_tokens: int = 0, completion_tokens: int = 0,
+              wait_s: float | None = None, latency_s: float | None = None) -> None:
+        row = self.by.setdefault((alias, key), _zero())
+        row["requests"] += 1
+        row["prompt_tokens"] += prompt_tokens
+        row["completion_tokens"] += completion_tokens
+        if status >= 400:
+            row["errors"] += 1
+        code = (alias, key, status)
+        self.codes[code] = self.codes.get(code, 0) + 1
+        if wait_s is not None:
+            self.wait.setdefault(alias, Histogram(WAIT_BUCKETS)).observe(wait_s)
+        if latency_s is not None:
+            self.latency.setdefault(alias, Histogram(LATENCY_BUCKETS)).observe(latency_s)
+
+    def hold(self, alias: str, node_seconds: float) -> None:
+        self.node_seconds[alias] = self.node_seconds.get(alias, 0.0) + node_seconds
+
+    # ------------------------------------------------------------------------------------------ reports
+
+    def per_key(self) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for (_alias, key), row in self.by.items():
+            total = out.setdefault(key, _zero())
+            for c in COUNTS:
+                total[c] += row[c]
+        return out
+
+    def per_alias(self) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for (alias, _key), row in self.by.items():
+            total = out.setdefault(alias, {**_zero(), "node_hours": 0.0})
+            for c in COUNTS:
+                total[c] += row[c]
+        for alias, seconds in self.node_seconds.items():
+            out.setdefault(alias, {**_zero(), "node_hours": 0.0})["node_hours"] = round(seconds / 3600, 6)
+        return out
+
+    def to_json(self) -> dict[str, tp.Any]:
+        return {"by": [{"alias": a, "key": k, **{c: int(v) for c, v in row.items()}}
+                       for (a, k), row in sorted(self.by.items())],
+                "node_seconds": self.node_seconds, "unauthorized": self.unauthorized}
+
+    @classmethod
+    def load(cls, data: tp.Mapping[str, tp.Any]) -> Usage:
+        usage = cls()
+        for row in data.get("by") or []:
+            if isinstance(row, dict) and isinstance(row.get("alias"), str) and isinstance(row.get("key"), str):
+                usage.by[(row["alias"], row["key"])] = {c: _number(row.get(c)) for c in COUNTS}
+        seconds = data.get("node_seconds")
+        if isinstance(seconds, dict):
+            usage.node_seconds = {str(a): _number(s) for a, s in seconds.items()}
+        usage.unauthorized = int(_number(data.get("unauthorized")))
+        return usage
+
+
+def _number(value: tp.Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else 0.0
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def prometheus(usage: Usage, gauges: tp.Mapping[str, tp.Any]) -> str:
+    """The text for ``GET /metrics``. ``gauges``: ``queue`` (alias -> waiting requests), ``replicas`` ((alias,
+    state) -> count), ``in_flight`` (alias -> requests being answered)."""
+    lines: list[str] = []
+
+    def head(name: str, kind: str, text: str) -> None:
+        lines.append(f"# HELP {name} {text}")
+        lines.append(f"# TYPE {name} {kind}")
+
+    head("speedslurm_gateway_requests_total", "counter", "Requests answered, by alias, key and HTTP status")
+    for (alias, key, code), n in sorted(usage.codes.items()):
+        lines.append(f'speedslurm_gateway_requests_total{{alias="{_label(alias)}",key="{_label(key)}",'
+                     f'code="{code}"}} {n}')
+    head("speedslurm_gateway_tokens_total", "counter", "Tokens of the answered requests, by alias, key and kind")
+    for (alias, key), row in sorted(usage.by.items()):
+        for kind in ("prompt", "completion"):
+            lines.append(f'speedslurm_gateway_tokens_total{{alias="{_label(alias)}",key="{_label(key)}",'
+                         f'kind="{kind}"}} {int(row[kind + "_tokens"])}')
+    head("speedslurm_gateway_errors_total", "counter", "Requests answered with an error status, by alias and key")
+    for (alias, key), row in sorted(usage.by.items()):
+        lines.append(f'speedslurm_gateway_errors_total{{alias="{_label(alias)}",key="{_label(key)}"}} '
+                     f'{int(row["errors"])}')
+    head("speedslurm_gateway_unauthorized_total", "counter", "Requests refused for a missing or wrong key")
+    lines.append(f"speedslurm_gateway_unauthorized_total {usage.unauthorized}")
+    head("speedslurm_gateway_queue_length", "gauge", "Requests waiting for a replica, by alias")
+    for alias, n in sorted(gauges.get("queue", {}).items()):
+        lines.append(f'speedslurm_gateway_queue_length{{alias="{_label(alias)}"}} {n}')
+    head("speedslurm_gateway_in_flight", "gauge", "Requests being answered by a replica, by alias")
+    for alias, n in sorted(gauges.get("in_flight", {}).items()):
+        lines.append(f'speedslurm_gateway_in_flight{{alias="{_label(alias)}"}} {n}')
+    head("speedslurm_gateway_replicas", "gauge", "Replicas by alias and state")
+    for (alias, state), n in sorted(gauges.get("replicas", {}).items()):
+        lines.append(f'speedslurm_gateway_replicas{{alias="{_label(alias)}",state="{state}"}} {n}')
+    head("speedslurm_gateway_node_hours_total", "counter", "Node-hours held by each alias's replicas")
+    for alias, seconds in sorted(usage.node_seconds.items()):
+        lines.append(f'speedslurm_gateway_node_hours_total{{alias="{_label(alias)}"}} {seconds / 3600:.6f}')
+    head("speedslurm_gateway_wait_seconds", "histogram", "Time a request waited for a replica, by alias")
+    for alias, h in sorted(usage.wait.items()):
+        lines.extend(h.lines("speedslurm_gateway_wait_seconds", f'alias="{_label(alias)}"'))
+    head("speedslurm_gateway_latency_seconds", "histogram", "Time from a request to its whole answer, by alias")
+    for alias, h in sorted(usage.latency.items()):
+        lines.extend(h.lines("speedslurm_gateway_latency_seconds", f'alias="{_label(alias)}"'))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,621 @@
+"""Aliases and their replicas: wake on request, routing by free slots, watching deployments, idle stop.
+
+Each replica of an alias is a deployment of one replica of its own (so that one can be stopped without the
+others), started through :mod:`speedslurm.deployments.lifecycle` with the same plan, checks and submission as
+``speedslurm up``; or, for an alias whose model is a URL, that running server. A request takes a slot of the ready
+replica with the most free ones (``slots``: the replica's llama-server slots, less what the gateway has in flight
+there); with none free it waits in the alias's queue (at most ``gateway.max_queue``, for at most
+``gateway.max_wait_s``), and a request for an alias with nothing running starts a replica first.
+
+The watcher looks at each deployment's run directory twice a second (Slurm less often: the status probe's
+backoff) and at unreachable replicas with a backed-off ``GET /health``. A replica whose connection broke leaves
+the pool at once, and comes back when its server answers again; only its job's end or failure retires it. A
+deployment that fails before it served fails the requests waiting for it with its reason, once; new requests
+get that reason (503) for ``gateway.retry_after_failure_s`` before one starts another.
+
+Blocking work (planning, sbatch, squeue, scancel, file reads) runs in worker threads; everything else runs on the
+event loop and is not locked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import os
+import re
+import time
+import typing as tp
+from pathlib import Path
+
+from ..errors import SpeedslurmError, UsageError
+from .metrics import Usage
+from .state import Folder
+
+if tp.TYPE_CHECKING:
+    import aiohttp
+
+    from ..deployments.status import ReplicaStatus, StatusProbe
+    from ..rundir.layout import Deployment
+    from ..settings.settings import GatewayModel, Settings
+
+log = logging.getLogger("speedslurm.gateway")
+
+ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
+LIVE = ("PENDING", "STARTING", "LOADING", "READY", "DOWN")
+WATCH_S = 0.5
+PROBE_FIRST_S, PROBE_MOST_S = 0.5, 10.0
+SLOTS_OF_A_URL = 4
+
+
+class Unavailable(Exception):
+    """No replica can take the request: the HTTP status (503, 502, 404), the reason, and Retry-After (seconds)."""
+
+    def __init__(self, status: int, reason: str, retry_after: int | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+@dataclasses.dataclass(frozen=True)
+class AliasSpec:
+    """An alias with every default filled in: what ``--model ALIAS=MODEL`` and ``gateway.models`` give."""
+
+    name: str
+    model: str  # a registry name, a .gguf path, or URLs of running servers (comma-separated: one replica each)
+    nodes: int | None
+    min_replicas: int
+    max_replicas: int
+    ctx: int | None
+    time: str | None
+    idle_timeout_s: float
+    slots: int | None
+    api_key_file: str | None
+
+    @property
+    def is_url(self) -> bool:
+        return self.model.startswith(("http://", "https://"))
+
+
+def alias_specs(settings: Settings, models: tp.Sequence[str] = ()) -> list[AliasSpec]:
+    """The aliases to serve: ``gateway.models`` with ``models`` (``ALIAS=MODEL`` from ``--model``) added or
+    overriding their model; :class:`UsageError` naming the problem for a malformed one."""
+    from ..node.idle import parse_duration
+
+    g = settings.gateway
+    table: dict[str, GatewayModel] = dict(g.models)
+    from ..settings.settings import GatewayModel
+
+    for item in models:
+        alias, sep, model = item.partition("=")
+        alias, model = alias.strip(), model.strip()
+        if not sep or not alias or not model:
+            raise UsageError(f"--model {item!r} is not ALIAS=MODEL",
+                             fix="give an alias and a model, e.g. --model llama=Q4_K_S or --model tiny=/path/m.gguf")
+        table[alias] = dataclasses.replace(table.get(alias) or GatewayModel(), model=model)
+    if not table:
+        raise UsageError("the gateway has no model to serve",
+                         fix="give one or more --model ALIAS=MODEL, or set gateway.models in the settings")
+    out = []
+    for alias, m in table.items():
+        where = settings.origins.get(f"gateway.models.{alias}", "--model")
+        if not ALIAS.match(alias):
+            raise UsageError(f"{where}: {alias!r} is not a valid alias",
+                             fix="use letters, digits and . _ : / @ - (at most 128), starting with a letter or digit")
+        if not m.model:
+            raise UsageError(f"{where}: gateway.models.{alias} names no model",
+                             fix=f"set gateway.models.{alias}.model, or give --model {alias}=MODEL")
+        if m.model.startswith(("http://", "https://")):
+            import urllib.parse
+
+            for url in m.model.split(","):
+                parts = urllib.parse.urlsplit(url.strip())
+                try:
+                    parts.port  # noqa: B018 - raises ValueError for a port out of range
+                except ValueError:
+                    parts = parts._replace(netloc="")
+                if parts.scheme not in ("http", "https") or not parts.hostname \
+                        or parts.path.strip("/") not in ("", "v1") or parts.query:
+                    raise UsageError(f"{where}: {url.strip()!r} of alias {alias!r} is not a server's base URL",
+                                     fix="give http(s)://HOST:PORT (no path), several separated by commas")
+        idle = m.idle_timeout if m.idle_timeout is not None else g.idle_timeout
+        try:
+            idle_s = parse_duration(idle)
+        except ValueError as exc:
+            raise UsageError(f"gateway idle timeout of {alias!r}: {exc}",
+                             fix="give a duration such as 90s, 30m or 2h (0: never)") from None
+        low = m.min_replicas if m.min_replicas is not None else g.min_replicas
+        high = m.max_replicas if m.max_replicas is not None else g.max_replicas
+        if low > high:
+            raise UsageError(f"alias {alias!r}: min_replicas {low} is more than max_replicas {high}",
+                             fix="make min_replicas at most max_replicas")
+        out.append(AliasSpec(alias, m.model, m.nodes, low, high, m.ctx, m.time or g.time, idle_s, m.slots,
+                             m.api_key_file))
+    return out
+
+
+class Replica:
+    """One replica the gateway can send to: a deployment of one replica, or a URL."""
+
+    def __init__(self, alias: Alias, dep: Deployment | None = None, url: str = "", api_key: str = "",
+                 slots: int = SLOTS_OF_A_URL) -> None:
+        self.alias = alias
+        self.dep = dep
+        self.state = "READY" if dep is None else "PENDING"
+        self.why = ""
+        self.url = url.rstrip("/")
+        self.api_key = api_key
+        self.slots = slots
+        self.in_flight = 0
+        self.served = 0
+        self.nodes = 0
+        self.born = time.monotonic()
+        self.ready_at: float | None = time.monotonic() if dep is None else None
+        self.last_used = time.monotonic()
+        self.probe_next = 0.0
+        self.probe_wait = PROBE_FIRST_S
+        self.probe: StatusProbe | None = None
+        self.stopping = False
+        self.ended_why = ""
+
+    @property
+    def name(self) -> str:
+        return self.dep.id if self.dep is not None else self.url
+
+    @property
+    def free(self) -> int:
+        return self.slots - self.in_flight if self.state == "READY" and not self.stopping else 0
+
+    def to_json(self) -> dict[str, tp.Any]:
+        return {"deployment": self.dep.id if self.dep is not None else None,
+                "job_ids": self.dep.job_ids if self.dep is not None else [],
+                "url": self.url or None, "state": self.state, "why": self.why, "in_flight": self.in_flight,
+                "slots": self.slots, "served": self.served,
+                "idle_s": round(time.monotonic() - self.last_used, 1)}
+
+
+class Alias:
+    def __init__(self, spec: AliasSpec) -> None:
+        self.spec = spec
+        self.replicas: list[Replica] = []
+        self.waiters: collections.deque[asyncio.Future[Replica]] = collections.deque()
+        self.failure: tuple[str, float] | None = None  # (reason, until: monotonic)
+        self.starting = 0  # replicas being planned and submitted now
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def live(self) -> list[Replica]:
+        return [r for r in self.replicas if r.state in LIVE and not r.stopping]
+
+    def state(self) -> str:
+        live = self.live()
+        if any(r.state == "READY" for r in live):
+            return "ready"
+        if live or self.starting:
+            return "starting"
+        if self.failure and self.failure[1] > time.monotonic():
+            return "failed"
+        return "cold"
+
+    def why(self) -> str:
+        if self.failure and self.state() == "failed":
+            return self.failure[0]
+        waiting = [r for r in self.live() if r.state != "READY"]
+        if waiting:
+            r = waiting[0]
+            return f"deployment {r.name} is {r.state}{' (' + r.why + ')' if r.why else ''}"
+        return ""
+
+    def to_json(self) -> dict[str, tp.Any]:
+        live = self.live()
+        return {"alias": self.name, "model": self.spec.model, "state": self.state(), "why": self.why(),
+                "queue": len(self.waiters), "in_flight": sum(r.in_flight for r in self.replicas),
+                "replicas": {"ready": sum(r.state == "READY" for r in live), "live": len(live),
+                             "min": self.spec.min_replicas, "max": self.spec.max_replicas},
+                "deployments": [r.to_json() for r in self.replicas]}
+
+
+class Pool:
+    """Every alias of a gateway, its replicas and waiting requests. Methods run on the event loop."""
+
+    def __init__(self, settings: Settings, specs: tp.Sequence[AliasSpec], folder: Folder, usage: Usage) -> None:
+        self.settings = settings
+        self.gateway = settings.gateway
+        self.aliases = {s.name: Alias(s) for s in specs}
+        self.folder = folder
+        self.usage = usage
+        self.session: aiohttp.ClientSession | None = None
+        self.closing = False
+        self._tasks: set[asyncio.Task[tp.Any]] = set()
+        self._held_at = time.monotonic()
+        # The deployments' settings: the gateway decides when a replica is idle, not the job side.
+        self.deploy_settings = dataclasses.replace(settings, llama=dataclasses.replace(settings.llama,
+                                                                                          idle_timeout="0"))
+
+    # ------------------------------------------------------------------------------------------ requests
+
+    def names(self) -> list[str]:
+        return sorted(self.aliases)
+
+    def alias(self, name: tp.Any) -> Alias:
+        alias = self.aliases.get(name) if isinstance(name, str) else None
+        if alias is None:
+            shown = repr(name) if isinstance(name, str) and len(name) <= 80 else "that model"
+            raise Unavailable(404, f"the gateway serves no model {shown}; its models are: {', '.join(self.names())}")
+        return alias
+
+    def _pick(self, alias: Alias) -> Replica | None:
+        best = max(alias.replicas, key=lambda r: r.free, default=None)
+        return best if best is not None and best.free > 0 else None
+
+    async def acquire(self, alias: Alias, timeout: float | None = None) -> Replica:
+        """A slot on a ready replica of ``alias``: at once, or after a wait (a cold alias starts a replica);
+        :class:`Unavailable` when the queue is full, the wait is over or the alias's deployment failed."""
+        if self.closing:
+            raise Unavailable(503, "the gateway is shutting down", retry_after=30)
+        replica = self._pick(alias)
+        if replica is not None and not alias.waiters:
+            replica.in_flight += 1
+            return replica
+        if alias.state() == "failed":
+            assert alias.failure is not None
+            raise Unavailable(503, f"model {alias.name!r} could not start: {alias.failure[0]}",
+                              retry_after=max(1, int(alias.failure[1] - time.monotonic())))
+        if len(alias.waiters) >= self.gateway.max_queue:
+            raise Unavailable(503, f"{len(alias.waiters)} requests for {alias.name!r} wait already "
+                                   f"(gateway.max_queue); try again shortly", retry_after=5)
+        if not alias.live() and not alias.starting:
+            self.wake(alias)
+        future: asyncio.Future[Replica] = asyncio.get_running_loop().create_future()
+        alias.waiters.append(future)
+        wait = self.gateway.max_wait_s if timeout is None else timeout
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), wait)
+        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                if isinstance(exc, asyncio.TimeoutError):
+                    return future.result()
+                self.release(future.result())  # handed a slot as the client left
+            else:
+                future.cancel()
+            with_removed(alias.waiters, future)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            why = alias.why() or "every replica is busy"
+            raise Unavailable(503, f"no replica of {alias.name!r} could take the request in {wait:g} s: {why}",
+                              retry_after=30) from None
+
+    def release(self, replica: Replica) -> None:
+        """A request on ``replica`` is over: its slot goes to the next waiting request, if any."""
+        replica.in_flight -= 1
+        replica.last_used = time.monotonic()
+        self._hand_out(replica.alias)
+
+    def _hand_out(self, alias: Alias) -> None:
+        while alias.waiters:
+            replica = self._pick(alias)
+            if replica is None:
+                return
+            future = alias.waiters.popleft()
+            if future.done():
+                continue
+            replica.in_flight += 1
+            future.set_result(replica)
+
+    def lost(self, replica: Replica, why: str) -> None:
+        """``replica``'s connection broke or it answers that it is loading: out of the pool until it answers."""
+        if replica.state == "READY":
+            replica.state, replica.why = "DOWN", why
+            replica.probe_next, replica.probe_wait = time.monotonic() + PROBE_FIRST_S, PROBE_FIRST_S
+            log.info("%s", _line("replica_down", alias=replica.alias.name, replica=replica.name, why=why))
+
+    def _fail_waiters(self, alias: Alias, reason: str, status: int = 503) -> None:
+        while alias.waiters:
+            future = alias.waiters.popleft()
+            if not future.done():
+                future.set_exception(Unavailable(status, reason, retry_after=int(self.gateway.retry_after_failure_s)))
+
+    # ------------------------------------------------------------------------------------------ replicas
+
+    def wake(self, alias: Alias, count: int | None = None) -> None:
+        """Start replicas of ``alias`` (default: enough for its minimum, at least one) in the background."""
+        if alias.spec.is_url or self.closing:
+            return
+        room = alias.spec.max_replicas - len(alias.live()) - alias.starting
+        n = min(room, count if count is not None else max(1, alias.spec.min_replicas - len(alias.live())))
+        for _ in range(max(0, n)):
+            alias.starting += 1
+            self._spawn(self._start_one(alias))
+
+    async def _start_one(self, alias: Alias) -> None:
+        try:
+            dep = await asyncio.to_thread(self._submit, alias.spec)
+        except SpeedslurmError as exc:
+            alias.starting -= 1
+            reason = exc.message + (f" ({exc.fix})" if exc.fix else "")
+            self._failed_to_start(alias, reason)
+            return
+        except Exception as exc:  # noqa: BLE001 - a bug must not stop the gateway; it shows in the log
+            alias.starting -= 1
+            log.exception("starting a replica of %s", alias.name)
+            self._failed_to_start(alias, f"starting a replica failed: {exc!r}")
+            return
+        alias.starting -= 1
+        replica = Replica(alias, dep)
+        replica.nodes = int(dep.info.get("nodes") or 1)
+        alias.replicas.append(replica)
+        self._record()
+        log.info("%s", _line("replica_started", alias=alias.name, deployment=dep.id, job_ids=",".join(dep.job_ids)))
+        if self.closing:
+            await self._stop(replica, "the gateway is shutting down")
+
+    def _submit(self, spec: AliasSpec) -> Deployment:
+        from ..deployments import lifecycle
+
+        plan, binaries = lifecycle.prepare(self.deploy_settings, spec.model, nodes=spec.nodes, replicas=1,
+                                           ctx=spec.ctx, time_limit=spec.time)
+        return lifecycle.launch(self.deploy_settings, plan, binaries)
+
+    def _failed_to_start(self, alias: Alias, reason: str) -> None:
+        log.info("%s", _line("start_failed", alias=alias.name, why=reason))
+        if alias.live() or alias.starting:
+            return  # another replica may still serve the waiting requests
+        alias.failure = (reason, time.monotonic() + self.gateway.retry_after_failure_s)
+        self._fail_waiters(alias, f"model {alias.name!r} could not start: {reason}")
+
+    async def _stop(self, replica: Replica, why: str) -> None:
+        if replica.dep is None or replica.stopping:
+            return
+        replica.stopping = True
+        replica.ended_why = why
+        from ..deployments import lifecycle
+
+        try:
+            await asyncio.to_thread(lifecycle.down, replica.dep)
+        except SpeedslurmError as exc:
+            log.info("%s", _line("stop_failed", alias=replica.alias.name, deployment=replica.name, why=exc.message))
+        replica.state, replica.why = "ENDED", why
+        log.info("%s", _line("replica_stopped", alias=replica.alias.name, deployment=replica.name, why=why))
+        self._record()
+
+    def _record(self) -> None:
+        """deployments.json: the deployments that are not over, by alias (a restart re-attaches to them)."""
+        by_alias = {a.name: [r.dep.id for r in a.replicas if r.dep is not None and r.state in LIVE
+                             and not r.stopping] for a in self.aliases.values()}
+        self.folder.write_deployments({a: ids for a, ids in by_alias.items() if ids})
+
+    def attach(self) -> list[str]:
+        """Re-attach to the deployments a gateway of this folder started and left running; returns their ids.
+        Those of an alias no longer served are stopped."""
+        from ..deployments.record import find_deployment
+
+        found, orphans = [], []
+        for alias_name, ids in self.folder.deployments().items():
+            for ident in ids:
+                try:
+                    dep = find_deployment(self.settings, ident)
+                except SpeedslurmError:
+                    continue  # its run directory is gone
+                alias = self.aliases.get(alias_name)
+                if alias is None or alias.spec.is_url:
+                    orphans.append(dep)
+                    continue
+                replica = Replica(alias, dep)
+                replica.nodes = int(dep.info.get("nodes") or 1)
+                replica.why = "re-attached"
+                alias.replicas.append(replica)
+                found.append(dep.id)
+        for dep in orphans:
+            from ..deployments import lifecycle
+
+            log.info("%s", _line("orphan_stopped", deployment=dep.id, why="its alias is no longer served"))
+            try:
+                lifecycle.down(dep)
+            except SpeedslurmError:
+                pass
+        return found
+
+    def add_urls(self) -> None:
+        for alias in self.aliases.values():
+            if alias.spec.is_url:
+                key = ""
+                if alias.spec.api_key_file:
+                    path = Path(os.path.expanduser(alias.spec.api_key_file))
+                    try:
+                        key = path.read_text().strip()
+                    except OSError as exc:
+                        raise UsageError(f"cannot read the API key of {alias.name!r} from {path}: "
+                                         f"{exc.strerror or exc}", fix=f"check gateway.models.{alias.name}"
+                                                                        ".api_key_file") from None
+                for url in alias.spec.model.split(","):
+                    url = url.strip().rstrip("/")
+                    url = url[:-3] if url.endswith("/v1") else url
+                    alias.replicas.append(Replica(alias, None, url, key, alias.spec.slots or SLOTS_OF_A_URL))
+
+    def check_models(self) -> None:
+        """Every alias's model can be planned now (registry name or file, binaries, settings): a bad one
+        stops the gateway before it serves, not its first request."""
+        from ..deployments import lifecycle
+
+        for alias in self.aliases.values():
+            if not alias.spec.is_url:
+                try:
+                    lifecycle.prepare(self.deploy_settings, alias.spec.model, nodes=alias.spec.nodes, replicas=1,
+                                      ctx=alias.spec.ctx, time_limit=alias.spec.time, place=False)
+                except UsageError as exc:
+                    raise UsageError(f"alias {alias.name!r}: {exc.message}", fix=exc.fix) from None
+
+    # ------------------------------------------------------------------------------------------ watching
+
+    def _spawn(self, coro: tp.Coroutine[tp.Any, tp.Any, tp.Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def watch(self) -> None:
+        """Until the gateway closes: follow each deployment's state, probe unreachable replicas, stop idle
+        ones, keep each alias's minimum."""
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the watcher must go on; the error shows in the log
+                log.exception("gateway watcher")
+            await asyncio.sleep(WATCH_S)
+
+    async def tick(self) -> None:
+        now = time.monotonic()
+        self.account(now)
+        for alias in self.aliases.values():
+            for replica in list(alias.replicas):
+                if replica.dep is not None and replica.state in LIVE and not replica.stopping:
+                    await self._follow(replica)
+                if replica.state == "DOWN" and now >= replica.probe_next:
+                    await self._probe(replica)
+            self._idle(alias, now)
+            if not self.closing and alias.state() == "cold" and alias.spec.min_replicas > 0:
+                self.wake(alias)
+            # Replicas that ended long ago are forgotten (their record stays in the run directory).
+            alias.replicas = [r for r in alias.replicas if r.state in LIVE or r.stopping
+                              or now - r.last_used < 3600][-50:]
+
+    def account(self, now: float) -> None:
+        """Node-seconds held since the last call, by alias."""
+        elapsed, self._held_at = now - self._held_at, now
+        for alias in self.aliases.values():
+            nodes = sum(r.nodes for r in alias.replicas
+                        if r.dep is not None and r.state in ("STARTING", "LOADING", "READY", "DOWN"))
+            if nodes:
+                self.usage.hold(alias.name, nodes * elapsed)
+
+    async def _follow(self, replica: Replica) -> None:
+        from ..deployments.status import StatusProbe, deployment_why
+
+        assert replica.dep is not None
+        if replica.probe is None:
+            replica.probe = StatusProbe(replica.dep)
+        try:
+            statuses: list[ReplicaStatus] = await asyncio.to_thread(replica.probe)
+        except SpeedslurmError as exc:
+            replica.why = exc.message
+            return
+        if not statuses:
+            return
+        s = statuses[0]
+        alias = replica.alias
+        if s.state == "READY" and s.endpoint is not None:
+            if replica.state in ("PENDING", "STARTING", "LOADING"):
+                ep = s.endpoint
+                replica.url, replica.api_key = ep.url.rstrip("/"), ep.api_key
+                replica.slots = alias.spec.slots or max(1, ep.parallel)
+                replica.nodes = 1 + len(ep.follower_nodes)
+                replica.state, replica.why = "READY", ""
+                replica.ready_at = replica.last_used = time.monotonic()
+                alias.failure = None
+                log.info("%s", _line("replica_ready", alias=alias.name, deployment=replica.name, url=replica.url,
+                                     slots=replica.slots, after_s=round(replica.ready_at - replica.born, 1)))
+                from ..deployments.lifecycle import record_warm
+
+                await asyncio.to_thread(record_warm, self.deploy_settings, replica.dep, statuses)
+                self._hand_out(alias)
+            return
+        if s.state in ("PENDING", "STARTING", "LOADING"):
+            if replica.state != "DOWN":
+                replica.state = s.state
+            replica.why = s.why or s.reason if s.state == "PENDING" else s.why
+            return
+        # FAILED or ENDED (or UNSUBMITTED, which the gateway never makes): it is over.
+        served = replica.ready_at is not None
+        replica.state, replica.why = s.state, s.why or deployment_why(statuses)
+        log.info("%s", _line("replica_ended", alias=alias.name, deployment=replica.name, state=s.state,
+                             why=replica.why))
+        self._record()
+        if s.state == "FAILED":
+            # A failed job must not keep nodes busy (its other components, a follower that still runs).
+            await self._stop(replica, f"failed: {replica.why}")
+            replica.state = "FAILED"
+        if not served:
+            self._failed_to_start(alias, f"deployment {replica.name} {s.state.lower()}: {replica.why}")
+        elif alias.waiters and not alias.live() and not alias.starting:
+            self.wake(alias)  # it served, then ended (time limit): requests are waiting, start another
+
+    async def _probe(self, replica: Replica) -> None:
+        import aiohttp
+
+        assert self.session is not None
+        ok = False
+        try:
+            async with self.session.get(replica.url + "/health",
+                                        headers={"Authorization": f"Bearer {replica.api_key}"},
+                                        timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                ok = resp.status < 500  # 503: llama-server loads its model again
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            ok = False
+        if ok:
+            replica.state, replica.why = "READY", ""
+            log.info("%s", _line("replica_back", alias=replica.alias.name, replica=replica.name))
+            self._hand_out(replica.alias)
+        else:
+            replica.probe_wait = min(PROBE_MOST_S, replica.probe_wait * 2)
+            replica.probe_next = time.monotonic() + replica.probe_wait
+
+    def _idle(self, alias: Alias, now: float) -> None:
+        idle_s = alias.spec.idle_timeout_s
+        if not idle_s or alias.spec.is_url:
+            return
+        live = alias.live()
+        keep = alias.spec.min_replicas
+        for replica in sorted(live, key=lambda r: r.last_used):
+            if len([r for r in live if not r.stopping]) <= keep:
+                return
+            if replica.state == "READY" and replica.in_flight == 0 and not alias.waiters \
+                    and now - replica.last_used >= idle_s:
+                self._spawn(self._stop(replica, "idle"))
+                live = [r for r in live if r is not replica]
+
+    # ------------------------------------------------------------------------------------------ the end
+
+    async def close(self, stop: bool) -> list[str]:
+        """The gateway exits: waiting requests get 503; with ``stop``, every live deployment is cancelled and
+        the record emptied, else they are left running (the next start re-attaches). Returns the ids stopped."""
+        self.closing = True
+        for alias in self.aliases.values():
+            self._fail_waiters(alias, "the gateway is shutting down")
+        for task in list(self._tasks):
+            if not task.done():
+                await asyncio.wait([task], timeout=60)
+        stopped = []
+        if stop:
+            replicas = [r for a in self.aliases.values() for r in a.replicas
+                        if r.dep is not None and r.state in LIVE and not r.stopping]
+            await asyncio.gather(*(self._stop(r, "the gateway stopped") for r in replicas))
+            stopped = [r.name for r in replicas]
+        return stopped
+
+    def gauges(self) -> dict[str, tp.Any]:
+        replicas: dict[tuple[str, str], int] = {}
+        for alias in self.aliases.values():
+            for r in alias.replicas:
+                if r.state in LIVE and not r.stopping:
+                    replicas[(alias.name, r.state.lower())] = replicas.get((alias.name, r.state.lower()), 0) + 1
+        return {"queue": {a.name: len(a.waiters) for a in self.aliases.values()},
+                "in_flight": {a.name: sum(r.in_flight for r in a.replicas) for a in self.aliases.values()},
+                "replicas": replicas}
+
+
+def with_removed(queue: collections.deque[tp.Any], item: tp.Any) -> None:
+    try:
+        queue.remove(item)
+    except ValueError:
+        pass
+
+
+def _line(event: str, **fields: tp.Any) -> str:
+    import json
+
+    return json.dumps({"event": event, **fields}, default=str)

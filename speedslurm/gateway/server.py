@@ -1,0 +1,508 @@
+"""The gateway's HTTP side (aiohttp): keys, limits, proxying with streaming, metrics, status, graceful stop.
+
+Routes: ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings`` (proxied to a replica of the alias
+that the body's ``"model"`` names); ``GET /v1/models`` (the aliases and their state); ``GET /health`` (no key);
+``GET /metrics`` (Prometheus text; any valid key); ``GET /gateway/status`` and ``/gateway/usage`` (the owner's
+admin key from the gateway folder). Every other path is 404, every error a JSON body in OpenAI's shape.
+
+A request's body is forwarded as it came (no re-encoding); the replica's own key replaces the user's, which never
+leaves the gateway. A non-streamed request whose replica's connection broke is sent again to another replica
+(at most twice: a request that two replicas died on is not sent a third time); a streamed one that broke after
+its first chunk ends with an error event. A client that sends its body or reads its answer slower than
+``gateway.client_timeout_s`` is cut off, and a client that leaves cancels its request on the replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+import typing as tp
+
+import aiohttp
+from aiohttp import web
+
+from .keys import KeyStore
+from .metrics import Usage, prometheus
+from .pool import Pool, Replica, Unavailable, _line
+from .state import Folder
+
+if tp.TYPE_CHECKING:
+    from ..settings.settings import Settings
+    from .pool import AliasSpec
+
+log = logging.getLogger("speedslurm.gateway")
+PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+MAX_DEATHS = 2
+SAVE_EVERY_S = 5.0
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+           retry_after: int | None = None) -> web.Response:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return web.json_response({"error": {"message": message, "type": kind, "code": code}}, status=status,
+                             headers=headers)
+
+
+def _depth_ok(value: tp.Any, most: int) -> bool:
+    """``value`` nests at most ``most`` levels of lists and objects (without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > most:
+                return False
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return True
+
+
+def _tokens(usage: tp.Any) -> tuple[int, int]:
+    if not isinstance(usage, dict):
+        return 0, 0
+
+    def number(v: tp.Any) -> int:
+        return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
+
+    return number(usage.get("prompt_tokens")), number(usage.get("completion_tokens"))
+
+
+def _stream_tokens(event: bytes) -> tuple[int, int] | None:
+    """The tokens an SSE event reports: its ``usage``, else llama-server's ``timings`` (prompt_n, predicted_n)."""
+    for line in event.split(b"\n"):
+        if not line.startswith(b"data:") or (b'"usage"' not in line and b'"timings"' not in line):
+            continue
+        try:
+            data = json.loads(line[5:])
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            if isinstance(data.get("usage"), dict):
+                return _tokens(data["usage"])
+            timings = data.get("timings")
+            if isinstance(timings, dict):
+                return _tokens({"prompt_tokens": timings.get("prompt_n"),
+                                "completion_tokens": timings.get("predicted_n")})
+    return None
+
+
+class Broken(Exception):
+    """The replica's connection broke (or it answered that it is loading) before the client got anything."""
+
+
+class Gateway:
+    """A running gateway: its aiohttp application, its pool and counters."""
+
+    def __init__(self, settings: Settings, specs: tp.Sequence[AliasSpec], folder: Folder) -> None:
+        self.settings = settings
+        self.g = settings.gateway
+        self.folder = folder
+        self.keys = KeyStore(folder.root)
+        self.usage = Usage.load(folder.usage())
+        self.pool = Pool(settings, specs, folder, self.usage)
+        self.admin_key = ""
+        self.url = ""
+        self.started = time.time()
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.access: tp.TextIO | None = None
+        self.runner: web.AppRunner | None = None
+        self._background: list[asyncio.Task[tp.Any]] = []
+
+    # ------------------------------------------------------------------------------------------ app
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.g.max_body_bytes, middlewares=[self._guard])
+        for path in PROXIED:
+            app.router.add_post(path, self.proxy)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/gateway/status", self.status)
+        app.router.add_get("/gateway/usage", self.usage_view)
+        return app
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: tp.Callable[[web.Request], tp.Awaitable[web.StreamResponse]]
+                     ) -> web.StreamResponse:
+        """No traceback reaches a client: aiohttp's own HTTP errors keep their status, anything else is a 500."""
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status == 413:
+                return _error(413, f"the request body is larger than {self.g.max_body_bytes} bytes "
+                                   "(gateway.max_body_bytes)")
+            if exc.status >= 400:
+                return _error(exc.status, exc.reason or "error", code=str(exc.status))
+            raise
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:  # noqa: BLE001 - logged with its traceback, the client gets a plain 500
+            log.exception("gateway request %s %s", request.method, request.path)
+            return _error(500, "the gateway failed on this request (see its log)", kind="server_error")
+
+    def _who(self, request: web.Request) -> str | None:
+        header = request.headers.get("Authorization", "")
+        key = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        return self.keys.check(key)
+
+    def _is_admin(self, request: web.Request) -> bool:
+        import hmac
+
+        header = request.headers.get("Authorization", "")
+        key = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        return bool(self.admin_key) and hmac.compare_digest(key.encode(), self.admin_key.encode())
+
+    def _unauthorized(self) -> web.Response:
+        self.usage.unauthorized += 1
+        return _error(401, "a valid API key is needed: ask the gateway's owner for one "
+                           "(`speedslurm gateway keys add NAME`)", code="invalid_api_key")
+
+    # ------------------------------------------------------------------------------------------ views
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok" if not self.pool.closing else "stopping"},
+                                 status=200 if not self.pool.closing else 503)
+
+    async def models(self, request: web.Request) -> web.Response:
+        if self._who(request) is None and not self._is_admin(request):
+            return self._unauthorized()
+        data = []
+        for name in self.pool.names():
+            a = self.pool.aliases[name].to_json()
+            data.append({"id": name, "object": "model", "created": int(self.started), "owned_by": "speedslurm",
+                         "state": a["state"], "why": a["why"], "replicas": a["replicas"]})
+        return web.json_response({"object": "list", "data": data})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        if self._who(request) is None and not self._is_admin(request):
+            return self._unauthorized()
+        return web.Response(text=prometheus(self.usage, self.pool.gauges()),
+                            content_type="text/plain", charset="utf-8", headers={"X-Format": "prometheus-0.0.4"})
+
+    def status_json(self) -> dict[str, tp.Any]:
+        return {"url": self.url, "pid": __import__("os").getpid(), "started_at": self.started,
+                "uptime_s": round(time.time() - self.started, 1), "stopping": self.pool.closing,
+                "in_flight": self.in_flight, "keys": len(self.keys.names()),
+                "aliases": [self.pool.aliases[n].to_json() for n in self.pool.names()]}
+
+    def usage_json(self) -> dict[str, tp.Any]:
+        return {"keys": self.usage.per_key(), "aliases": self.usage.per_alias(),
+                "by": self.usage.to_json()["by"], "unauthorized": self.usage.unauthorized}
+
+    async def status(self, request: web.Request) -> web.Response:
+        if not self._is_admin(request):
+            return _error(401, "gateway status needs the gateway's admin key (`speedslurm gateway status` reads it "
+                               "from the gateway's folder)", code="invalid_api_key")
+        return web.json_response(self.status_json())
+
+    async def usage_view(self, request: web.Request) -> web.Response:
+        if not self._is_admin(request):
+            return _error(401, "gateway usage needs the gateway's admin key (`speedslurm gateway usage` reads it "
+                               "from the gateway's folder)", code="invalid_api_key")
+        return web.json_response(self.usage_json())
+
+    # ------------------------------------------------------------------------------------------ proxy
+
+    async def proxy(self, request: web.Request) -> web.StreamResponse:
+        t0 = time.monotonic()
+        who = self._who(request)
+        if who is None:
+            return self._unauthorized()
+        self.in_flight += 1
+        self.idle.clear()
+        record: dict[str, tp.Any] = {"key": who, "path": request.path, "alias": None, "stream": False}
+        status = 500
+        try:
+            resp = await self._proxy(request, who, record, t0)
+            status = resp.status
+            return resp
+        except asyncio.CancelledError:
+            status = 499  # the client left
+            raise
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self.idle.set()
+            alias = record["alias"]
+            latency = time.monotonic() - t0
+            if alias is not None:
+                self.usage.count(alias, who, status, record.get("prompt_tokens", 0),
+                                 record.get("completion_tokens", 0), record.get("wait_s"), latency)
+            self._access(record, status, latency)
+
+    async def _proxy(self, request: web.Request, who: str, record: dict[str, tp.Any], t0: float
+                     ) -> web.StreamResponse:
+        try:
+            raw = await asyncio.wait_for(request.read(), self.g.client_timeout_s)
+        except asyncio.TimeoutError:
+            return _error(408, f"the request body did not arrive within {self.g.client_timeout_s:g} s "
+                               "(gateway.client_timeout_s)")
+        if request.content_type not in ("application/json", "application/octet-stream", ""):
+            return _error(415, f"the body must be JSON (Content-Type application/json), not {request.content_type}")
+        try:
+            data = json.loads(raw)
+        except RecursionError:
+            return _error(400, f"the request body nests more than {self.g.max_json_depth} levels")
+        except (ValueError, UnicodeDecodeError) as exc:
+            return _error(400, f"the request body is not JSON: {str(exc)[:200]}")
+        if not isinstance(data, dict):
+            return _error(400, "the request body must be a JSON object")
+        if not _depth_ok(data, self.g.max_json_depth):
+            return _error(400, f"the request body nests more than {self.g.max_json_depth} levels "
+                               "(gateway.max_json_depth)")
+        model = data.get("model")
+        if not isinstance(model, str) or not model:
+            return _error(400, f"the request names no model: set \"model\" to one of {', '.join(self.pool.names())}",
+                          code="model_not_found")
+        try:
+            alias = self.pool.alias(model)
+        except Unavailable as exc:
+            return _error(exc.status, exc.reason, code="model_not_found")
+        record["alias"] = alias.name
+        stream = data.get("stream") is True
+        record["stream"] = stream
+        deaths = 0
+        waited = 0.0
+        while True:
+            w0 = time.monotonic()
+            try:
+                replica = await self.pool.acquire(alias)
+            except Unavailable as exc:
+                record["error"] = exc.reason
+                return _error(exc.status, exc.reason, kind="server_error", code="unavailable",
+                              retry_after=exc.retry_after)
+            waited += time.monotonic() - w0
+            record["wait_s"] = waited
+            record["replica"] = replica.name
+            try:
+                if stream:
+                    return await self._stream(request, replica, raw, record)
+                return await self._once(replica, request.path, raw, record)
+            except Broken as exc:
+                self.pool.lost(replica, str(exc))
+                deaths += 1
+                if deaths >= MAX_DEATHS:
+                    record["error"] = f"in flight on {deaths} replicas that stopped answering"
+                    return _error(502, f"the request was in flight on {deaths} replicas that stopped answering "
+                                       f"({exc}); it is not sent again", kind="server_error", code="replica_failed")
+            finally:
+                self.pool.release(replica)
+
+    def _headers(self, replica: Replica) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if replica.api_key:
+            headers["Authorization"] = f"Bearer {replica.api_key}"
+        return headers
+
+    def _timeout(self) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.g.backend_timeout_s)
+
+    async def _once(self, replica: Replica, path: str, raw: bytes, record: dict[str, tp.Any]) -> web.Response:
+        assert self.pool.session is not None
+        try:
+            async with self.pool.session.post(replica.url + path, data=raw, headers=self._headers(replica),
+                                              timeout=self._timeout()) as resp:
+                body = await resp.read()
+                status, ctype = resp.status, resp.content_type
+        except asyncio.TimeoutError:
+            record["error"] = "replica timeout"
+            return _error(504, f"the replica sent nothing for {self.g.backend_timeout_s:g} s "
+                               "(gateway.backend_timeout_s)", kind="server_error", code="timeout")
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
+            raise Broken(f"connection to {replica.name} broke: {type(exc).__name__}") from None
+        if status == 503 and b"oading" in body:
+            raise Broken(f"{replica.name} is loading its model again")
+        replica.served += 1
+        if status == 200:
+            try:
+                parsed = json.loads(body)
+            except ValueError:
+                parsed = None
+            p, c = _tokens(parsed.get("usage") if isinstance(parsed, dict) else None)
+            record["prompt_tokens"], record["completion_tokens"] = p, c
+        return web.Response(body=body, status=status, content_type=ctype or "application/json")
+
+    async def _stream(self, request: web.Request, replica: Replica, raw: bytes, record: dict[str, tp.Any]
+                      ) -> web.StreamResponse:
+        assert self.pool.session is not None
+        out: web.StreamResponse | None = None
+        try:
+            async with self.pool.session.post(replica.url + request.path, data=raw, headers=self._headers(replica),
+                                              timeout=self._timeout()) as resp:
+                if resp.status != 200 or "text/event-stream" not in resp.headers.get("Content-Type", ""):
+                    body = await resp.read()
+                    if resp.status == 503 and b"oading" in body:
+                        raise Broken(f"{replica.name} is loading its model again")
+                    return web.Response(body=body, status=resp.status,
+                                        content_type=resp.content_type or "application/json")
+                out = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream",
+                                                              "Cache-Control": "no-cache"})
+                await out.prepare(request)
+                chunks = 0
+                tail = b""
+                async for chunk in resp.content.iter_any():
+                    chunks += 1
+                    if b'"usage"' in chunk or b'"timings"' in chunk:
+                        tail = chunk
+                    try:
+                        await asyncio.wait_for(out.write(chunk), self.g.client_timeout_s)
+                    except asyncio.TimeoutError:
+                        record["error"] = "client read too slowly"
+                        return out  # leaving the block closes the replica's connection: its slot is freed
+                replica.served += 1
+                found = _stream_tokens(tail) if tail else None
+                if found is not None:
+                    record["prompt_tokens"], record["completion_tokens"] = found
+                await out.write_eof()
+                return out
+        except asyncio.TimeoutError:
+            if out is None:
+                record["error"] = "replica timeout"
+                return _error(504, f"the replica sent nothing for {self.g.backend_timeout_s:g} s "
+                                   "(gateway.backend_timeout_s)", kind="server_error", code="timeout")
+            record["error"] = "replica timeout mid-stream"
+            await self._end_stream(out, f"the replica sent nothing for {self.g.backend_timeout_s:g} s")
+            return out
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
+            if out is None:
+                raise Broken(f"connection to {replica.name} broke: {type(exc).__name__}") from None
+            if isinstance(exc, (ConnectionResetError, BrokenPipeError)) and request.transport is None:
+                raise asyncio.CancelledError from None  # the client left
+            self.pool.lost(replica, f"connection broke mid-stream: {type(exc).__name__}")
+            record["error"] = "replica failed mid-stream"
+            await self._end_stream(out, f"the replica serving this request failed ({type(exc).__name__}); "
+                                        "the answer is incomplete")
+            return out
+
+    async def _end_stream(self, out: web.StreamResponse, message: str) -> None:
+        event = json.dumps({"error": {"message": message, "type": "server_error", "code": "replica_failed"}})
+        with contextlib.suppress(ConnectionError, RuntimeError, asyncio.TimeoutError):
+            await asyncio.wait_for(out.write(f"data: {event}\n\n".encode()), 5)
+            await out.write_eof()
+
+    # ------------------------------------------------------------------------------------------ log
+
+    def _access(self, record: dict[str, tp.Any], status: int, latency: float) -> None:
+        line = {"time": round(time.time(), 3), "event": "request", **record, "status": status,
+                "ms": round(latency * 1000, 2)}
+        if "wait_s" in line:
+            line["wait_ms"] = round(line.pop("wait_s") * 1000, 2)
+        text = json.dumps(line, default=str) + "\n"
+        target = self.access or sys.stderr
+        try:
+            target.write(text)
+            target.flush()
+        except (OSError, ValueError):
+            pass
+
+    # ------------------------------------------------------------------------------------------ life
+
+    async def start(self, host: str, port: int) -> str:
+        """Serve on ``host:port`` (0: a free port); returns the URL. Re-attaches to recorded deployments."""
+        if self.g.access_log:
+            from pathlib import Path
+
+            path = Path(self.g.access_log).expanduser()
+            self.access = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - open for the run
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+        self.pool.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        self.pool.add_urls()
+        attached = await asyncio.to_thread(self.pool.attach)
+        self.runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None,
+                                    shutdown_timeout=self.g.drain_s)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, host, port, reuse_address=True)
+        await site.start()
+        sockets = getattr(site._server, "sockets", None) or []  # noqa: SLF001 - the bound port (0: chosen)
+        bound = sockets[0].getsockname()[1] if sockets else port
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{bound}"
+        self.admin_key = self.folder.announce(self.url)
+        self._background = [asyncio.get_running_loop().create_task(self.pool.watch()),
+                            asyncio.get_running_loop().create_task(self._save_usage())]
+        self.pool._record()  # noqa: SLF001 - the record now holds what was re-attached, nothing else
+        log.info("%s", _line("gateway_started", url=self.url, aliases=self.pool.names(), reattached=attached))
+        return self.url
+
+    async def _save_usage(self) -> None:
+        while True:
+            await asyncio.sleep(SAVE_EVERY_S)
+            with contextlib.suppress(OSError):
+                self.folder.write_usage(self.usage.to_json())
+
+    async def stop(self) -> list[str]:
+        """Stop taking requests, let those in flight finish (at most ``gateway.drain_s``), then stop or leave
+        the deployments as ``gateway.on_exit`` says. Returns the deployments stopped."""
+        self.pool.closing = True
+        if self.in_flight:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.idle.wait(), self.g.drain_s)
+        for task in self._background:
+            task.cancel()
+        stopped = await self.pool.close(stop=self.g.on_exit == "stop")
+        if self.runner is not None:
+            await self.runner.cleanup()
+        if self.pool.session is not None:
+            await self.pool.session.close()
+        with contextlib.suppress(OSError):
+            self.folder.write_usage(self.usage.to_json())
+        if self.g.on_exit == "stop":
+            self.pool._record()  # noqa: SLF001
+        self.folder.retire()
+        log.info("%s", _line("gateway_stopped", stopped=stopped, left=self.g.on_exit == "leave"))
+        if self.access is not None:
+            self.access.close()
+        return stopped
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) -> (host, port); :class:`UsageError` otherwise."""
+    from ..errors import UsageError
+
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UsageError(f"--listen {text!r} is not HOST:PORT with a port from 0 to 65535",
+                         fix="e.g. --listen 127.0.0.1:8800, or --listen 0.0.0.0:8800 for the whole network")
+    return host, int(port)
+
+
+async def serve(settings: Settings, specs: tp.Sequence[AliasSpec], listen: str,
+                on_ready: tp.Callable[[Gateway], None] | None = None,
+                stop: asyncio.Event | None = None) -> list[str]:
+    """Run a gateway until SIGTERM, SIGINT or SIGHUP (or ``stop`` is set); returns the deployments it stopped."""
+    host, port = parse_listen(listen)
+    folder = Folder(settings.gateway.root).open()
+    lock = folder.lock()
+    gateway = Gateway(settings, specs, folder)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    handled = []
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not in the main thread
+            loop.add_signal_handler(sig, stop.set)
+            handled.append(sig)
+    try:
+        await asyncio.to_thread(gateway.pool.check_models)
+        try:
+            await gateway.start(host, port)
+        except OSError as exc:
+            from ..errors import UsageError
+
+            raise UsageError(f"cannot listen on {listen}: {exc.strerror or exc}",
+                             fix="pick another port with --listen HOST:PORT (or stop what uses it)") from None
+        if on_ready is not None:
+            on_ready(gateway)
+        await stop.wait()
+        return await gateway.stop()
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+        import os
+
+        os.close(lock)

@@ -1,0 +1,141 @@
+"""The gateway's folder (``gateway.dir``, mode 0700): what it keeps between runs and what ``gateway status`` reads.
+
+* ``keys.json`` — the users' hashed keys (:mod:`.keys`);
+* ``deployments.json`` — alias -> the ids of the deployments it started, so that a restart re-attaches to those
+  still running instead of submitting new jobs;
+* ``usage.json`` — per key and alias: requests, tokens, errors (written every few seconds and on exit; the counts
+  go on across restarts);
+* ``gateway.json`` — the running gateway's URL and pid, and ``admin_key`` (0600): how ``gateway status`` and
+  ``gateway usage`` reach it. Neither is a user's key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import stat
+import time
+import typing as tp
+from pathlib import Path
+
+from ..errors import UsageError
+
+DEPLOYMENTS = "deployments.json"
+USAGE = "usage.json"
+RUNNING = "gateway.json"
+ADMIN_KEY = "admin_key"
+LOCK = "gateway.lock"
+
+
+def open_folder(path: Path) -> Path:
+    """The gateway folder, created 0700; :class:`UsageError` if someone else owns it or others may write it."""
+    path = Path(os.path.expanduser(path))
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = path.stat()
+    except OSError as exc:
+        raise UsageError(f"cannot use the gateway folder {path}: {exc.strerror or exc}",
+                         fix="set gateway.dir to a folder you can write") from None
+    if st.st_uid != os.getuid():
+        raise UsageError(f"the gateway folder {path} is owned by uid {st.st_uid}, not you (uid {os.getuid()})",
+                         fix="set gateway.dir to a folder of your own")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, readable by its owner only."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, default: tp.Any) -> tp.Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return default
+    except (OSError, ValueError):
+        return default
+
+
+class Folder:
+    """A gateway folder: records read and written by the running gateway and by ``gateway status``."""
+
+    def __init__(self, path: Path) -> None:
+        self.root = Path(os.path.expanduser(path))
+
+    def open(self) -> Folder:
+        open_folder(self.root)
+        return self
+
+    # ------------------------------------------------------------------------------ single gateway per folder
+
+    def lock(self) -> tp.Any:
+        """Hold the folder's lock for the gateway's life; :class:`UsageError` if another gateway holds it."""
+        import fcntl
+
+        fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            running = self.running()
+            where = f" (pid {running.get('pid')}, {running.get('url')})" if running else ""
+            raise UsageError(f"another gateway runs from {self.root}{where}",
+                             fix="stop it first, or give this one its own folder with --set gateway.dir=PATH") from None
+        return fd
+
+    # ------------------------------------------------------------------------------ deployments
+
+    def deployments(self) -> dict[str, list[str]]:
+        data = read_json(self.root / DEPLOYMENTS, {})
+        if not isinstance(data, dict):
+            return {}
+        return {str(a): [str(i) for i in ids] for a, ids in data.items() if isinstance(ids, list)}
+
+    def write_deployments(self, by_alias: dict[str, list[str]]) -> None:
+        write_private(self.root / DEPLOYMENTS, json.dumps(by_alias, indent=1, sort_keys=True))
+
+    # ------------------------------------------------------------------------------ usage
+
+    def usage(self) -> dict[str, tp.Any]:
+        data = read_json(self.root / USAGE, {})
+        return data if isinstance(data, dict) else {}
+
+    def write_usage(self, data: dict[str, tp.Any]) -> None:
+        write_private(self.root / USAGE, json.dumps(data, indent=1, sort_keys=True))
+
+    # ------------------------------------------------------------------------------ the running gateway
+
+    def announce(self, url: str) -> str:
+        """Record that a gateway serves ``url`` from this folder; returns the admin key it accepts."""
+        key = "ssa-" + secrets.token_urlsafe(32)
+        write_private(self.root / ADMIN_KEY, key)
+        write_private(self.root / RUNNING, json.dumps({"url": url, "pid": os.getpid(), "started_at": time.time()}))
+        return key
+
+    def retire(self) -> None:
+        for name in (RUNNING, ADMIN_KEY):
+            with contextlib.suppress(FileNotFoundError):
+                (self.root / name).unlink()
+
+    def running(self) -> dict[str, tp.Any]:
+        data = read_json(self.root / RUNNING, {})
+        return data if isinstance(data, dict) else {}
+
+    def admin_key(self) -> str:
+        path = self.root / ADMIN_KEY
+        try:
+            st = path.stat()
+            if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise UsageError(f"{path} can be read by others", fix=f"chmod 600 {path}, then restart the gateway")
+            return path.read_text().strip()
+        except FileNotFoundError:
+            raise UsageError(f"no gateway runs from {self.root}",
+                             fix="start one with `speedslurm gateway --model ALIAS=MODEL`") from None
