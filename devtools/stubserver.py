@@ -154,6 +154,10 @@ class _App:
             else:
                 conn.send(200, {"status": "ok"}, close)
             return
+        if path == "/stats":  # for benchmarks: what this stub answered
+            st = self.stats
+            conn.send(200, {"completions": st.completions, "received": st.received, "peak": st.peak}, close)
+            return
         if path in ("/v1/models", "/models"):
             conn.send(200, {"object": "list", "data": [{"id": cfg.model, "object": "model", "owned_by": "stub"}]},
                       close)

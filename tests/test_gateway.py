@@ -331,3 +331,94 @@ def test_the_folder_is_private(gsettings: tp.Any, tmp_path: Path) -> None:
             assert stat.S_IMODE((tmp_path / "gw" / name).stat().st_mode) == 0o600
     assert not (tmp_path / "gw" / "admin_key").exists()
     assert os.stat(tmp_path / "gw").st_uid == os.getuid()
+
+
+# ----------------------------------------------------------------------------------------------- clients and life
+
+
+def test_run_base_url_sends_a_batch_through_the_gateway_with_a_key_file(gsettings: tp.Any, tmp_path: Path,
+                                                                        user_config: Path) -> None:
+    import subprocess
+    import sys
+
+    s = gsettings()
+    key = gw.add_key("batcher", s)
+    keyfile = tmp_path / "my.key"
+    keyfile.write_text(key + "\n")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"custom_id": f"c{i}", "prompt": f"line {i}"}) + "\n" for i in range(20)))
+    out = tmp_path / "results.jsonl"
+    with StubServer() as stub, gw.open_gateway({"m": stub.url}, listen="127.0.0.1:0", settings=s) as g:
+        res = subprocess.run([sys.executable, "-m", "speedslurm", "run", "--base-url", g.url, "--api-key-file",
+                              str(keyfile), "--prompts", str(prompts), "--out", str(out)], capture_output=True,
+                             text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert res.returncode == 0, res.stderr
+        lines = [json.loads(line) for line in out.read_text().splitlines()]
+        assert sorted(x["custom_id"] for x in lines) == sorted(f"c{i}" for i in range(20))
+        assert all(x["response"]["status_code"] == 200 for x in lines)
+        assert gw.usage(s)["keys"]["batcher"]["requests"] == 20
+
+
+def test_the_access_log_names_the_key_never_the_key_or_the_prompt(gsettings: tp.Any, tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    s = gsettings(f"gateway.access_log={log}")
+    key = gw.add_key("alice", s)
+    with StubServer() as stub, gw.open_gateway({"m": stub.url}, listen="127.0.0.1:0", settings=s) as g:
+        chat(openai.OpenAI(base_url=g.url + "/v1", api_key=key, max_retries=0), "a very private prompt")
+        post(g.url + "/v1/chat/completions", '{"model": "m"}', "ssg-not-a-key")
+    text = log.read_text()
+    [line] = [json.loads(x) for x in text.splitlines() if '"alice"' in x]
+    assert line["status"] == 200 and line["alias"] == "m" and line["completion_tokens"] > 0
+    assert key not in text and "ssg-not-a-key" not in text and "private prompt" not in text
+
+
+def test_a_client_that_never_sends_its_body_is_cut_off(gsettings: tp.Any) -> None:
+    import socket
+
+    s = gsettings("gateway.client_timeout_s=0.5")
+    key = gw.add_key("alice", s)
+    with StubServer() as stub, gw.open_gateway({"m": stub.url}, listen="127.0.0.1:0", settings=s) as g:
+        host, port = g.url.split("//")[1].split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                         "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{".encode())
+            answer = sock.recv(65536).decode()
+        assert answer.startswith("HTTP/1.1 408") and "did not arrive within 0.5 s" in answer
+        assert stub.stats.received == 0
+
+
+def test_sigterm_finishes_the_requests_in_flight_and_refuses_new_ones(gsettings: tp.Any, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    s = gsettings()
+    key = gw.add_key("alice", s)
+    gate = threading.Event()
+    env = {**os.environ, "SPEEDSLURM_GATEWAY__DIR": str(s.gateway.root)}
+    with StubServer(stream_gate=gate, completion_tokens=4) as stub:
+        proc = subprocess.Popen([sys.executable, "-m", "speedslurm", "gateway", "--listen", "127.0.0.1:0",
+                                 "--model", f"m={stub.url}"], stderr=subprocess.PIPE, text=True, env=env,
+                                stdin=subprocess.DEVNULL)
+        try:
+            assert proc.stderr is not None
+            url = ""
+            for line in proc.stderr:
+                if "serves http" in line:
+                    url = line.split("serves ")[1].split("/v1")[0]
+                    break
+            threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
+            client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
+            stream = iter(chat(client, "in flight", stream=True))
+            first = next(stream)
+            proc.send_signal(signal.SIGTERM)
+            _until(lambda: post(url + "/v1/chat/completions", '{"model": "m"}', key)[0] == 503)
+            code, data, _ = post(url + "/v1/chat/completions", '{"model": "m", "messages": []}', key)
+            assert code == 503 and "shutting down" in data["error"]["message"]
+            gate.set()
+            rest = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+            assert [first.choices[0].delta.content, *rest] == [f"tok{i} " for i in range(4)]
+            assert proc.wait(60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
