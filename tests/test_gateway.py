@@ -137,6 +137,29 @@ def test_a_streamed_answer_arrives_chunk_by_chunk(gsettings: tp.Any) -> None:
         assert usage["keys"]["alice"]["completion_tokens"] == 6  # from the stream's last chunk
 
 
+def test_a_client_that_leaves_mid_stream_costs_the_replica_nothing(gsettings: tp.Any) -> None:
+    """The client's connection closing is not the replica's: the replica stays in the pool."""
+    import socket
+
+    s = gsettings()
+    key = gw.add_key("alice", s)
+    gate = threading.Event()
+    with StubServer(stream_gate=gate, completion_tokens=50) as stub, \
+            gw.open_gateway({"m": stub.url}, listen="127.0.0.1:0", settings=s) as g:
+        host, port = g.url.split("//")[1].split(":")
+        body = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+            assert b"data:" in sock.recv(65536)
+        gate.set()  # the rest of the answer goes to a closed connection
+        _until(lambda: gw.status(s)["aliases"][0]["in_flight"] == 0)
+        [replica] = gw.status(s)["aliases"][0]["deployments"]
+        assert replica["state"] == "READY", replica
+        client = openai.OpenAI(base_url=g.url + "/v1", api_key=key, max_retries=0, timeout=20)
+        assert chat(client, "next").choices[0].message.content == "echo: next"
+
+
 def test_requests_go_to_the_replica_with_the_most_free_slots(gsettings: tp.Any) -> None:
     s = gsettings()
     key = gw.add_key("alice", s)

@@ -50,7 +50,7 @@ def test_a_cold_alias_starts_on_the_first_request_and_stops_with_the_gateway(loc
         assert len(chunks) >= 2
         status = gw.status(s)
         [alias] = status["aliases"]
-        assert alias["state"] == "ready" and [d["deployment"] for d in alias["deployments"]] == [dep.id]
+        assert alias["state"] == "ready" and [d["deployment"] for d in alias["deployments"]] == [dep.id], alias
         assert len(list_deployments(s)) == 1  # the second request went to the same deployment
     # SIGTERM's path (close): the deployment is stopped (gateway.on_exit: stop).
     assert [d.state for d in list_deployments(s)] == ["ENDED"]
@@ -89,3 +89,66 @@ def test_a_deployment_that_cannot_start_fails_its_requests_once_with_its_reason(
         assert len(list_deployments(s)) == 1
         [alias] = gw.status(s)["aliases"]
         assert alias["state"] == "failed" and "could not start" not in alias["why"] and alias["why"]
+
+
+def _load_until(url: str, key: str, done: tp.Callable[[], bool], threads: int = 4) -> list[int]:
+    """Requests from ``threads`` threads, each one after the other, until ``done()``; returns their statuses."""
+    import threading
+
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=300)
+        while not stop.is_set():
+            try:
+                client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "go on"}],
+                                               max_tokens=8)
+                statuses.append(200)
+            except openai.APIStatusError as exc:
+                statuses.append(exc.status_code)
+
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    try:
+        _until(done, limit=600)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+    return statuses
+
+
+def _until(check: tp.Callable[[], bool], limit: float = 300) -> None:
+    import time
+
+    end = time.monotonic() + limit
+    while not check():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.05)
+
+
+def _live(s: tp.Any) -> list[dict[str, tp.Any]]:
+    return [d for d in gw.status(s)["aliases"][0]["deployments"] if d["state"] not in ("ENDED", "FAILED")]
+
+
+def test_queued_requests_add_a_replica_and_quiet_takes_them_away(local: tp.Any, tiny_gguf: Path) -> None:
+    """Requests that keep waiting for the one slot make the gateway start a second replica; once nothing is
+    asked, one is scaled down, then the last one stops for idleness, and the next request wakes the alias."""
+    s = local("llama.parallel=1", "gateway.max_replicas=2", "gateway.scale_up_queue=1", "gateway.scale_up_wait_s=0",
+              "gateway.scale_up_after_s=0.5", "gateway.scale_down_after_s=1", "gateway.idle_timeout=3")
+    key = gw.add_key("alice", s)
+    with gw.open_gateway({"tiny": str(tiny_gguf)}, listen="127.0.0.1:0", settings=s) as g:
+        ask(g.url, key)  # the first replica
+        statuses = _load_until(g.url, key, lambda: sum(d["state"] == "READY" for d in _live(s)) == 2)
+        assert set(statuses) == {200}
+        decisions = [d["decision"] for d in gw.status(s)["decisions"]]
+        assert "scale_up" in decisions
+        # Quiet: one replica is scaled down, then the other stops for idleness.
+        _until(lambda: not _live(s))
+        whys = sorted(d.status()[0].why for d in list_deployments(s))
+        assert whys == ["idle", "scaled down"], whys
+        assert gw.status(s)["aliases"][0]["state"] == "cold"
+        assert ask(g.url, key).choices  # wakes it
+        assert len(list_deployments(s)) == 3

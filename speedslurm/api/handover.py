@@ -226,17 +226,12 @@ def handover_source(dep: Deployment, *, before_s: float | None = None, say: tp.C
     The handover begins ``before_s`` before Slurm's time-limit warning may come (which stops the servers: the
     ``--signal`` delay plus Slurm's 30 s check period before the limit), and at most half the time left before
     it, so that each deployment serves a while."""
-    import types
-
-    from ..cluster.script import SLURM_CHECK_PERIOD_S, signal_delay_s
-    from ..planning.plan import Plan, parse_time_minutes
+    from ..deployments.lifecycle import handover_window
 
     s = dep.settings
     info = dep.record.info
     plan = info.get("plan") or {}
-    minutes = parse_time_minutes(str(plan.get("time") or s.cluster.time))
-    margin = signal_delay_s(tp.cast(Plan, types.SimpleNamespace(time_minutes=minutes))) + SLURM_CHECK_PERIOD_S
-    before = min(s.run.handover_before_s if before_s is None else before_s, (minutes * 60 - margin) / 2)
+    before, margin = handover_window(s, info, before_s)
     if before <= 0:
         return None
     if start_next is None:

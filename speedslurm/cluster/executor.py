@@ -81,6 +81,10 @@ class Executor(abc.ABC):
     def nodes_available(self, settings: Settings) -> int | None:
         """How many nodes a replica can have at most (None: no limit the plan must check)."""
 
+    def idle_nodes(self, settings: Settings) -> int | None:
+        """How many nodes could start a job now (None: no such limit, as on this machine)."""
+        return None
+
     @abc.abstractmethod
     def submit(self, plan: Plan, run_dir: RunDir, fn: tp.Callable[..., tp.Any]) -> dict[str, tp.Any]:
         """Start ``fn(run_dir, replica)`` for every replica; returns what deployment.json records of the jobs

@@ -39,6 +39,11 @@ class SlurmExecutor(Executor):
         part = slurm.partition_info(settings.cluster.partition)
         return len([n for n in part["nodes"] if n not in settings.cluster.exclude])
 
+    def idle_nodes(self, settings: Settings) -> int | None:
+        part = slurm.partition_info(settings.cluster.partition)
+        return len([n for n, d in part["detail"].items()
+                    if d["state"].strip().lower() == "idle" and n not in settings.cluster.exclude])
+
     def submit(self, plan: Plan, run_dir: RunDir, fn: tp.Callable[..., tp.Any]) -> dict[str, tp.Any]:
         return {"job_ids": submit_slurm(plan, run_dir, fn)}
 

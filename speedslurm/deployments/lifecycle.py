@@ -129,11 +129,46 @@ def remove_run_dir(rd: tp.Any) -> None:
     shutil.rmtree(rd.root, ignore_errors=True)
 
 
-def down(dep: Deployment, before: list[ReplicaStatus] | None = None) -> list[str]:
+def idle_nodes(settings: Settings) -> int | None:
+    """Nodes of the partition idle now, that a new replica could start on at once (None: no such limit)."""
+    return get(choose(settings, None)).idle_nodes(settings)
+
+
+def time_left(dep: Deployment) -> float | None:
+    """Seconds until the soonest of ``dep``'s running jobs reaches its time limit, asked now (None: not known)."""
+    executor = executor_for(dep)
+    live = executor.live_job_ids(dep)
+    if not live:
+        return None
+    lefts = [js.time_left_s for js in executor.job_states(live).values() if js.time_left_s is not None]
+    return float(min(lefts)) if lefts else None
+
+
+def handover_window(settings: Settings, info: tp.Mapping[str, tp.Any], before_s: float | None = None
+                    ) -> tuple[float, float]:
+    """(before, margin) in seconds for a deployment recorded as ``info``: its servers may stop ``margin`` before
+    the job's time limit (Slurm's warning: the ``--signal`` delay plus Slurm's 30 s check period), and its
+    successor starts ``before`` that (``before_s``, default ``run.handover_before_s``; at most half the time the
+    job has before its warning, so that each deployment serves a while). ``before`` <= 0: no handover."""
+    import types
+
+    from ..cluster.script import SLURM_CHECK_PERIOD_S, signal_delay_s
+    from ..planning.plan import parse_time_minutes
+
+    plan = info.get("plan") or {}
+    minutes = parse_time_minutes(str(plan.get("time") or settings.cluster.time))
+    margin = signal_delay_s(tp.cast(Plan, types.SimpleNamespace(time_minutes=minutes))) + SLURM_CHECK_PERIOD_S
+    before = min(settings.run.handover_before_s if before_s is None else before_s, (minutes * 60 - margin) / 2)
+    return before, margin
+
+
+def down(dep: Deployment, before: list[ReplicaStatus] | None = None, because: str | None = None) -> list[str]:
     """Cancel the deployment's job(s); returns the ids cancelled.
 
     Nothing cuts it short (:mod:`speedslurm.deployments.cleanup`): SIGINT, SIGTERM and SIGHUP are held until the cancel
     has been issued, and a signal during the look at the jobs before it (squeue, sacct) ends the look at once.
+
+    ``because`` (``idle``, ``scaled down``, ``handed over``) is recorded as why it ended, for ``status``.
 
     Replicas that had failed already are recorded: the servers that the cancellation kills may write failures
     of their own, which must not be taken for the reason the deployment ended. They come from ``before`` (the
@@ -154,6 +189,8 @@ def down(dep: Deployment, before: list[ReplicaStatus] | None = None) -> list[str
         info = dict(dep.reload().info)
         info["cancelled_at"] = time.time()
         info["failed_before_cancel"] = failed
+        if because:
+            info["stopped_because"] = because
         dep.run_dir.write_deployment(info)
         dep.info = info
     return ids

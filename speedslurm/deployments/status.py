@@ -155,6 +155,8 @@ def replica_statuses(dep: Deployment, states: dict[str, slurm.JobState] | None =
             state, why = "PENDING", reason if reason and reason != "None" else ""
             if restarts:
                 why = f"requeued{': ' + why if why and why != 'requeued' else ''} (start {restarts + 1} waits)"
+        if state == "ENDED" and why == "cancelled" and dep.info.get("stopped_because"):
+            why = str(dep.info["stopped_because"])  # the gateway said why it stopped it: idle, scaled down, ...
         if view.elsewhere and state in ("READY", "LOADING", "STARTING"):
             why = f"runs on {view.elsewhere}: its processes can only be checked there"
         out.append(ReplicaStatus(r, state, job_id, view.job_state, reason, endpoint, failure, view.nodes, why,

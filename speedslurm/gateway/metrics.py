@@ -42,19 +42,31 @@ def _zero() -> dict[str, float]:
     return {c: 0 for c in COUNTS}
 
 
+UNUSED = "(unused)"  # node-hours of replicas that served no token: nobody's share
+
+
 class Usage:
-    """Counters by (alias, key name) and node-seconds by alias; :meth:`to_json` / :meth:`load` for ``usage.json``."""
+    """Counters by (alias, key name), node-seconds by alias and by key; :meth:`to_json` / :meth:`load` for
+    ``usage.json``.
+
+    A key's node-hours are its share of each replica's: the replica's node-seconds times the key's share of the
+    tokens that replica served (``replicas``: the live ones, folded into ``key_node_seconds`` when they end)."""
 
     def __init__(self) -> None:
         self.by: dict[tuple[str, str], dict[str, float]] = {}
         self.codes: dict[tuple[str, str, int], int] = {}
         self.node_seconds: dict[str, float] = {}
+        self.key_node_seconds: dict[str, float] = {}
+        self.replicas: dict[str, dict[str, tp.Any]] = {}  # replica -> {alias, node_seconds, tokens: {key: n}}
         self.unauthorized = 0
         self.wait: dict[str, Histogram] = {}
         self.latency: dict[str, Histogram] = {}
 
     def count(self, alias: str, key: str, status: int, prompt_tokens: int = 0, completion_tokens: int = 0,
-              wait_s: float | None = None, latency_s: float | None = None) -> None:
+              wait_s: float | None = None, latency_s: float | None = None, replica: str | None = None) -> None:
+        if replica is not None and prompt_tokens + completion_tokens > 0:
+            tokens = self._replica(alias, replica)["tokens"]
+            tokens[key] = tokens.get(key, 0) + prompt_tokens + completion_tokens
         row = self.by.setdefault((alias, key), _zero())
         row["requests"] += 1
         row["prompt_tokens"] += prompt_tokens
@@ -68,17 +80,37 @@ class Usage:
         if latency_s is not None:
             self.latency.setdefault(alias, Histogram(LATENCY_BUCKETS)).observe(latency_s)
 
-    def hold(self, alias: str, node_seconds: float) -> None:
+    def _replica(self, alias: str, replica: str) -> dict[str, tp.Any]:
+        return self.replicas.setdefault(replica, {"alias": alias, "node_seconds": 0.0, "tokens": {}})
+
+    def hold(self, alias: str, replica: str, node_seconds: float) -> None:
         self.node_seconds[alias] = self.node_seconds.get(alias, 0.0) + node_seconds
+        self._replica(alias, replica)["node_seconds"] += node_seconds
+
+    def retire(self, replica: str) -> None:
+        """``replica`` ended: its node-hours are shared out among the keys for good."""
+        entry = self.replicas.pop(replica, None)
+        if entry is not None:
+            for key, seconds in _shares(entry).items():
+                self.key_node_seconds[key] = self.key_node_seconds.get(key, 0.0) + seconds
+
+    def key_node_hours(self) -> dict[str, float]:
+        total = dict(self.key_node_seconds)
+        for entry in self.replicas.values():
+            for key, seconds in _shares(entry).items():
+                total[key] = total.get(key, 0.0) + seconds
+        return {k: round(v / 3600, 6) for k, v in total.items()}
 
     # ------------------------------------------------------------------------------------------ reports
 
     def per_key(self) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}
         for (_alias, key), row in self.by.items():
-            total = out.setdefault(key, _zero())
+            total = out.setdefault(key, {**_zero(), "node_hours": 0.0})
             for c in COUNTS:
                 total[c] += row[c]
+        for key, hours in self.key_node_hours().items():
+            out.setdefault(key, {**_zero(), "node_hours": 0.0})["node_hours"] = hours
         return out
 
     def per_alias(self) -> dict[str, dict[str, float]]:
@@ -94,7 +126,8 @@ class Usage:
     def to_json(self) -> dict[str, tp.Any]:
         return {"by": [{"alias": a, "key": k, **{c: int(v) for c, v in row.items()}}
                        for (a, k), row in sorted(self.by.items())],
-                "node_seconds": self.node_seconds, "unauthorized": self.unauthorized}
+                "node_seconds": self.node_seconds, "key_node_seconds": self.key_node_seconds,
+                "replicas": self.replicas, "unauthorized": self.unauthorized}
 
     @classmethod
     def load(cls, data: tp.Mapping[str, tp.Any]) -> Usage:
@@ -105,8 +138,27 @@ class Usage:
         seconds = data.get("node_seconds")
         if isinstance(seconds, dict):
             usage.node_seconds = {str(a): _number(s) for a, s in seconds.items()}
+        seconds = data.get("key_node_seconds")
+        if isinstance(seconds, dict):
+            usage.key_node_seconds = {str(k): _number(s) for k, s in seconds.items()}
+        replicas = data.get("replicas")
+        if isinstance(replicas, dict):
+            for name, entry in replicas.items():
+                if isinstance(entry, dict) and isinstance(entry.get("tokens"), dict):
+                    usage.replicas[str(name)] = {"alias": str(entry.get("alias") or ""),
+                                                 "node_seconds": _number(entry.get("node_seconds")),
+                                                 "tokens": {str(k): int(_number(v)) for k, v in entry["tokens"].items()}}
         usage.unauthorized = int(_number(data.get("unauthorized")))
         return usage
+
+
+def _shares(entry: tp.Mapping[str, tp.Any]) -> dict[str, float]:
+    """A replica's node-seconds by key, in proportion to the tokens each key was served there."""
+    tokens: dict[str, int] = entry["tokens"]
+    total = sum(tokens.values())
+    if not total:
+        return {UNUSED: float(entry["node_seconds"])} if entry["node_seconds"] else {}
+    return {k: entry["node_seconds"] * n / total for k, n in tokens.items()}
 
 
 def _number(value: tp.Any) -> float:
@@ -153,6 +205,10 @@ def prometheus(usage: Usage, gauges: tp.Mapping[str, tp.Any]) -> str:
     head("speedslurm_gateway_node_hours_total", "counter", "Node-hours held by each alias's replicas")
     for alias, seconds in sorted(usage.node_seconds.items()):
         lines.append(f'speedslurm_gateway_node_hours_total{{alias="{_label(alias)}"}} {seconds / 3600:.6f}')
+    head("speedslurm_gateway_key_node_hours_total", "counter",
+         "Node-hours by key: each replica's node-hours shared by the tokens each key was served there")
+    for key, hours in sorted(usage.key_node_hours().items()):
+        lines.append(f'speedslurm_gateway_key_node_hours_total{{key="{_label(key)}"}} {hours:.6f}')
     head("speedslurm_gateway_wait_seconds", "histogram", "Time a request waited for a replica, by alias")
     for alias, h in sorted(usage.wait.items()):
         lines.extend(h.lines("speedslurm_gateway_wait_seconds", f'alias="{_label(alias)}"'))

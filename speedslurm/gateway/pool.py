@@ -157,8 +157,10 @@ class Replica:
         self.probe_next = 0.0
         self.probe_wait = PROBE_FIRST_S
         self.probe: StatusProbe | None = None
-        self.stopping = False
-        self.ended_why = ""
+        self.stopping = False  # being cancelled (or cancelled): takes nothing, counts for nothing
+        self.draining = ""  # why it takes no new request (handed over, scaled down); stopped once empty
+        self.ends_at: float | None = None  # when its servers may stop (monotonic), once Slurm said
+        self.successor = False  # a successor was started for it (its time limit nears)
 
     @property
     def name(self) -> str:
@@ -166,23 +168,42 @@ class Replica:
 
     @property
     def free(self) -> int:
-        return self.slots - self.in_flight if self.state == "READY" and not self.stopping else 0
+        if self.state != "READY" or self.stopping or self.draining:
+            return 0
+        return self.slots - self.in_flight
+
+    @property
+    def holds_nodes(self) -> bool:
+        return self.dep is not None and self.state in ("STARTING", "LOADING", "READY", "DOWN")
 
     def to_json(self) -> dict[str, tp.Any]:
+        state = "DRAINING" if self.draining and self.state == "READY" and not self.stopping else self.state
         return {"deployment": self.dep.id if self.dep is not None else None,
                 "job_ids": self.dep.job_ids if self.dep is not None else [],
-                "url": self.url or None, "state": self.state, "why": self.why, "in_flight": self.in_flight,
-                "slots": self.slots, "served": self.served,
-                "idle_s": round(time.monotonic() - self.last_used, 1)}
+                "url": self.url or None, "state": state, "why": self.draining or self.why,
+                "in_flight": self.in_flight, "slots": self.slots, "served": self.served,
+                "idle_s": round(time.monotonic() - self.last_used, 1),
+                "ends_in_s": None if self.ends_at is None else round(self.ends_at - time.monotonic())}
+
+
+class Waiter:
+    __slots__ = ("future", "since")
+
+    def __init__(self, future: asyncio.Future[Replica]) -> None:
+        self.future = future
+        self.since = time.monotonic()
 
 
 class Alias:
     def __init__(self, spec: AliasSpec) -> None:
         self.spec = spec
         self.replicas: list[Replica] = []
-        self.waiters: collections.deque[asyncio.Future[Replica]] = collections.deque()
+        self.waiters: collections.deque[Waiter] = collections.deque()
         self.failure: tuple[str, float] | None = None  # (reason, until: monotonic)
         self.starting = 0  # replicas being planned and submitted now
+        self.pressure_since: float | None = None  # since when requests have queued past the thresholds
+        self.busiest: collections.deque[tuple[float, int]] = collections.deque()  # (time, in flight + waiting)
+        self.handing: collections.deque[Replica] = collections.deque()  # replicas waiting for their successor
 
     @property
     def name(self) -> str:
@@ -190,6 +211,10 @@ class Alias:
 
     def live(self) -> list[Replica]:
         return [r for r in self.replicas if r.state in LIVE and not r.stopping]
+
+    def serving(self) -> list[Replica]:
+        """The live replicas that are not drained: what the alias has, or will have, to serve requests."""
+        return [r for r in self.live() if not r.draining]
 
     def state(self) -> str:
         live = self.live()
@@ -209,6 +234,9 @@ class Alias:
             r = waiting[0]
             return f"deployment {r.name} is {r.state}{' (' + r.why + ')' if r.why else ''}"
         return ""
+
+    def oldest_wait(self, now: float) -> float:
+        return now - self.waiters[0].since if self.waiters else 0.0
 
     def to_json(self) -> dict[str, tp.Any]:
         live = self.live()
@@ -230,11 +258,18 @@ class Pool:
         self.usage = usage
         self.session: aiohttp.ClientSession | None = None
         self.closing = False
+        self.decisions: collections.deque[dict[str, tp.Any]] = collections.deque(maxlen=50)
         self._tasks: set[asyncio.Task[tp.Any]] = set()
         self._held_at = time.monotonic()
         # The deployments' settings: the gateway decides when a replica is idle, not the job side.
         self.deploy_settings = dataclasses.replace(settings, llama=dataclasses.replace(settings.llama,
                                                                                           idle_timeout="0"))
+
+    def decide(self, what: str, alias: Alias, why: str, **figures: tp.Any) -> None:
+        """One decision, in the log and in ``gateway status``: what, for which alias, why, the figures behind it."""
+        entry = {"time": round(time.time(), 1), "decision": what, "alias": alias.name, "why": why, **figures}
+        self.decisions.append(entry)
+        log.info("%s", _line("decision", **{k: v for k, v in entry.items() if k != "time"}))
 
     # ------------------------------------------------------------------------------------------ requests
 
@@ -268,10 +303,12 @@ class Pool:
         if len(alias.waiters) >= self.gateway.max_queue:
             raise Unavailable(503, f"{len(alias.waiters)} requests for {alias.name!r} wait already "
                                    f"(gateway.max_queue); try again shortly", retry_after=5)
-        if not alias.live() and not alias.starting:
+        if not alias.serving() and not alias.starting:
+            self.decide("wake", alias, "a request came and no replica serves the model")
             self.wake(alias)
         future: asyncio.Future[Replica] = asyncio.get_running_loop().create_future()
-        alias.waiters.append(future)
+        waiter = Waiter(future)
+        alias.waiters.append(waiter)
         wait = self.gateway.max_wait_s if timeout is None else timeout
         try:
             return await asyncio.wait_for(asyncio.shield(future), wait)
@@ -282,7 +319,7 @@ class Pool:
                 self.release(future.result())  # handed a slot as the client left
             else:
                 future.cancel()
-            with_removed(alias.waiters, future)
+            with_removed(alias.waiters, waiter)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             why = alias.why() or "every replica is busy"
@@ -294,17 +331,19 @@ class Pool:
         replica.in_flight -= 1
         replica.last_used = time.monotonic()
         self._hand_out(replica.alias)
+        if replica.draining and replica.in_flight == 0:
+            self._spawn(self._stop(replica, replica.draining))
 
     def _hand_out(self, alias: Alias) -> None:
         while alias.waiters:
             replica = self._pick(alias)
             if replica is None:
                 return
-            future = alias.waiters.popleft()
-            if future.done():
+            waiter = alias.waiters.popleft()
+            if waiter.future.done():
                 continue
             replica.in_flight += 1
-            future.set_result(replica)
+            waiter.future.set_result(replica)
 
     def lost(self, replica: Replica, why: str) -> None:
         """``replica``'s connection broke or it answers that it is loading: out of the pool until it answers."""
@@ -315,21 +354,23 @@ class Pool:
 
     def _fail_waiters(self, alias: Alias, reason: str, status: int = 503) -> None:
         while alias.waiters:
-            future = alias.waiters.popleft()
+            future = alias.waiters.popleft().future
             if not future.done():
                 future.set_exception(Unavailable(status, reason, retry_after=int(self.gateway.retry_after_failure_s)))
 
     # ------------------------------------------------------------------------------------------ replicas
 
-    def wake(self, alias: Alias, count: int | None = None) -> None:
-        """Start replicas of ``alias`` (default: enough for its minimum, at least one) in the background."""
+    def wake(self, alias: Alias, count: int | None = None, *, successor: bool = False) -> int:
+        """Start replicas of ``alias`` in the background (default: enough for its minimum, at least one); a
+        ``successor`` may go one past the maximum (the replica it replaces drains). Returns how many started."""
         if alias.spec.is_url or self.closing:
-            return
-        room = alias.spec.max_replicas - len(alias.live()) - alias.starting
-        n = min(room, count if count is not None else max(1, alias.spec.min_replicas - len(alias.live())))
+            return 0
+        room = alias.spec.max_replicas - len(alias.serving()) - alias.starting + (1 if successor else 0)
+        n = min(room, count if count is not None else max(1, alias.spec.min_replicas - len(alias.serving())))
         for _ in range(max(0, n)):
             alias.starting += 1
             self._spawn(self._start_one(alias))
+        return max(0, n)
 
     async def _start_one(self, alias: Alias) -> None:
         try:
@@ -351,7 +392,7 @@ class Pool:
         self._record()
         log.info("%s", _line("replica_started", alias=alias.name, deployment=dep.id, job_ids=",".join(dep.job_ids)))
         if self.closing:
-            await self._stop(replica, "the gateway is shutting down")
+            await self._stop(replica, "the gateway stopped")
 
     def _submit(self, spec: AliasSpec) -> Deployment:
         from ..deployments import lifecycle
@@ -371,14 +412,14 @@ class Pool:
         if replica.dep is None or replica.stopping:
             return
         replica.stopping = True
-        replica.ended_why = why
         from ..deployments import lifecycle
 
         try:
-            await asyncio.to_thread(lifecycle.down, replica.dep)
+            await asyncio.to_thread(lifecycle.down, replica.dep, None, why)
         except SpeedslurmError as exc:
             log.info("%s", _line("stop_failed", alias=replica.alias.name, deployment=replica.name, why=exc.message))
         replica.state, replica.why = "ENDED", why
+        self.usage.retire(replica.name)
         log.info("%s", _line("replica_stopped", alias=replica.alias.name, deployment=replica.name, why=why))
         self._record()
 
@@ -391,6 +432,7 @@ class Pool:
     def attach(self) -> list[str]:
         """Re-attach to the deployments a gateway of this folder started and left running; returns their ids.
         Those of an alias no longer served are stopped."""
+        from ..deployments import lifecycle
         from ..deployments.record import find_deployment
 
         found, orphans = [], []
@@ -410,11 +452,9 @@ class Pool:
                 alias.replicas.append(replica)
                 found.append(dep.id)
         for dep in orphans:
-            from ..deployments import lifecycle
-
             log.info("%s", _line("orphan_stopped", deployment=dep.id, why="its alias is no longer served"))
             try:
-                lifecycle.down(dep)
+                lifecycle.down(dep, None, "its alias is no longer served")
             except SpeedslurmError:
                 pass
         return found
@@ -457,8 +497,8 @@ class Pool:
         task.add_done_callback(self._tasks.discard)
 
     async def watch(self) -> None:
-        """Until the gateway closes: follow each deployment's state, probe unreachable replicas, stop idle
-        ones, keep each alias's minimum."""
+        """Until the gateway closes: follow each deployment's state, probe unreachable replicas, scale each
+        alias, hand replicas over before their time limit."""
         while True:
             try:
                 await self.tick()
@@ -477,21 +517,26 @@ class Pool:
                     await self._follow(replica)
                 if replica.state == "DOWN" and now >= replica.probe_next:
                     await self._probe(replica)
+            if self.closing:
+                continue
+            self._handover(alias, now)
+            await self._scale_up(alias, now)
+            self._scale_down(alias, now)
             self._idle(alias, now)
-            if not self.closing and alias.state() == "cold" and alias.spec.min_replicas > 0:
+            if alias.state() == "cold" and alias.spec.min_replicas > 0:
+                self.decide("wake", alias, "fewer replicas than the alias's minimum", min=alias.spec.min_replicas)
                 self.wake(alias)
             # Replicas that ended long ago are forgotten (their record stays in the run directory).
             alias.replicas = [r for r in alias.replicas if r.state in LIVE or r.stopping
                               or now - r.last_used < 3600][-50:]
 
     def account(self, now: float) -> None:
-        """Node-seconds held since the last call, by alias."""
+        """Node-seconds held since the last call, by alias and replica."""
         elapsed, self._held_at = now - self._held_at, now
         for alias in self.aliases.values():
-            nodes = sum(r.nodes for r in alias.replicas
-                        if r.dep is not None and r.state in ("STARTING", "LOADING", "READY", "DOWN"))
-            if nodes:
-                self.usage.hold(alias.name, nodes * elapsed)
+            for r in alias.replicas:
+                if r.holds_nodes and not r.stopping:
+                    self.usage.hold(alias.name, r.name, r.nodes * elapsed)
 
     async def _follow(self, replica: Replica) -> None:
         from ..deployments.status import StatusProbe, deployment_why
@@ -510,19 +555,7 @@ class Pool:
         alias = replica.alias
         if s.state == "READY" and s.endpoint is not None:
             if replica.state in ("PENDING", "STARTING", "LOADING"):
-                ep = s.endpoint
-                replica.url, replica.api_key = ep.url.rstrip("/"), ep.api_key
-                replica.slots = alias.spec.slots or max(1, ep.parallel)
-                replica.nodes = 1 + len(ep.follower_nodes)
-                replica.state, replica.why = "READY", ""
-                replica.ready_at = replica.last_used = time.monotonic()
-                alias.failure = None
-                log.info("%s", _line("replica_ready", alias=alias.name, deployment=replica.name, url=replica.url,
-                                     slots=replica.slots, after_s=round(replica.ready_at - replica.born, 1)))
-                from ..deployments.lifecycle import record_warm
-
-                await asyncio.to_thread(record_warm, self.deploy_settings, replica.dep, statuses)
-                self._hand_out(alias)
+                await self._ready(replica, s, statuses)
             return
         if s.state in ("PENDING", "STARTING", "LOADING"):
             if replica.state != "DOWN":
@@ -534,6 +567,7 @@ class Pool:
         replica.state, replica.why = s.state, s.why or deployment_why(statuses)
         log.info("%s", _line("replica_ended", alias=alias.name, deployment=replica.name, state=s.state,
                              why=replica.why))
+        self.usage.retire(replica.name)
         self._record()
         if s.state == "FAILED":
             # A failed job must not keep nodes busy (its other components, a follower that still runs).
@@ -541,8 +575,46 @@ class Pool:
             replica.state = "FAILED"
         if not served:
             self._failed_to_start(alias, f"deployment {replica.name} {s.state.lower()}: {replica.why}")
-        elif alias.waiters and not alias.live() and not alias.starting:
-            self.wake(alias)  # it served, then ended (time limit): requests are waiting, start another
+        elif alias.waiters and not alias.serving() and not alias.starting:
+            self.decide("wake", alias, f"deployment {replica.name} ended ({replica.why}) with requests waiting")
+            self.wake(alias)
+
+    async def _ready(self, replica: Replica, s: ReplicaStatus, statuses: list[ReplicaStatus]) -> None:
+        from ..deployments import lifecycle
+
+        assert replica.dep is not None and s.endpoint is not None
+        alias = replica.alias
+        ep = s.endpoint
+        replica.url, replica.api_key = ep.url.rstrip("/"), ep.api_key
+        replica.slots = alias.spec.slots or max(1, ep.parallel)
+        replica.nodes = 1 + len(ep.follower_nodes)
+        replica.state, replica.why = "READY", ""
+        replica.ready_at = replica.last_used = time.monotonic()
+        alias.failure = None
+        log.info("%s", _line("replica_ready", alias=alias.name, deployment=replica.name, url=replica.url,
+                             slots=replica.slots, after_s=round(replica.ready_at - replica.born, 1)))
+        await asyncio.to_thread(lifecycle.record_warm, self.deploy_settings, replica.dep, statuses)
+        try:
+            left = await asyncio.to_thread(lifecycle.time_left, replica.dep)
+        except SpeedslurmError:
+            left = None
+        if left is not None:
+            _before, margin = lifecycle.handover_window(self.deploy_settings, replica.dep.info,
+                                                        self.gateway.handover_before_s)
+            replica.ends_at = time.monotonic() + left - margin
+        # The replica this one succeeds takes no new request now; it is stopped once its last request is done.
+        while alias.handing:
+            old = alias.handing.popleft()
+            if old is not replica and old in alias.live() and not old.draining:
+                self._drain(old, "handed over", successor=replica.name)
+                break
+        self._hand_out(alias)
+
+    def _drain(self, replica: Replica, why: str, **figures: tp.Any) -> None:
+        replica.draining = why
+        self.decide("drain", replica.alias, why, deployment=replica.name, in_flight=replica.in_flight, **figures)
+        if replica.in_flight == 0:
+            self._spawn(self._stop(replica, why))
 
     async def _probe(self, replica: Replica) -> None:
         import aiohttp
@@ -564,19 +636,100 @@ class Pool:
             replica.probe_wait = min(PROBE_MOST_S, replica.probe_wait * 2)
             replica.probe_next = time.monotonic() + replica.probe_wait
 
+    # ------------------------------------------------------------------------------------------ elasticity
+
+    def _handover(self, alias: Alias, now: float) -> None:
+        """A replica whose time limit nears gets a successor; once that is ready it drains (see :meth:`_ready`).
+        Its servers may stop at ``ends_at``: from then on it takes nothing, whether a successor serves or not."""
+        for r in alias.live():
+            if r.ends_at is None or r.state != "READY" or r.draining:
+                continue
+            if now >= r.ends_at:
+                self._drain(r, "time limit", ends_in_s=0)
+                continue
+            before, _margin = self._window(r)
+            if before > 0 and not r.successor and now >= r.ends_at - before:
+                r.successor = True
+                alias.handing.append(r)
+                started = self.wake(alias, 1, successor=True)
+                self.decide("handover", alias, "its job's time limit nears", deployment=r.name,
+                            ends_in_s=round(r.ends_at - now), before_s=before, successor_started=bool(started))
+
+    def _window(self, replica: Replica) -> tuple[float, float]:
+        from ..deployments.lifecycle import handover_window
+
+        assert replica.dep is not None
+        return handover_window(self.deploy_settings, replica.dep.info, self.gateway.handover_before_s)
+
+    async def _scale_up(self, alias: Alias, now: float) -> None:
+        g = self.gateway
+        queued, oldest = len(alias.waiters), alias.oldest_wait(now)
+        if queued < g.scale_up_queue or oldest < g.scale_up_wait_s or not alias.serving():
+            alias.pressure_since = None
+            return
+        if alias.pressure_since is None:
+            alias.pressure_since = now
+        held = now - alias.pressure_since
+        if held < g.scale_up_after_s or alias.spec.is_url or alias.starting:
+            return
+        if any(r.state != "READY" for r in alias.serving()):
+            return  # one replica is on its way already
+        if len(alias.serving()) >= alias.spec.max_replicas:
+            return
+        figures: dict[str, tp.Any] = {"queue": queued, "oldest_wait_s": round(oldest, 1), "held_s": round(held, 1),
+                   "replicas": len(alias.serving())}
+        if not g.queue_replicas:
+            from ..deployments import lifecycle
+
+            try:
+                idle = await asyncio.to_thread(lifecycle.idle_nodes, self.deploy_settings)
+            except SpeedslurmError:
+                idle = 0
+            need = alias.spec.nodes or max((r.nodes for r in alias.replicas), default=1)
+            if idle is not None and idle < need:
+                self.decide("no_scale_up", alias, "the partition has too few idle nodes (gateway.queue_replicas "
+                            "is off); looking again in 30 s", idle_nodes=idle, nodes_needed=need, **figures)
+                alias.pressure_since = now - g.scale_up_after_s + 30
+                return
+            figures["idle_nodes"] = idle
+        self.decide("scale_up", alias, "requests keep waiting for a slot", **figures)
+        alias.pressure_since = None
+        self.wake(alias, 1)
+
+    def _scale_down(self, alias: Alias, now: float) -> None:
+        """Drain one replica when, over ``gateway.scale_down_after_s``, the busiest moment needed at most
+        ``gateway.scale_down_use`` of the slots the other replicas have."""
+        g = self.gateway
+        busy = sum(r.in_flight for r in alias.live()) + len(alias.waiters)
+        alias.busiest.append((now, busy))
+        while alias.busiest and alias.busiest[0][0] < now - g.scale_down_after_s:
+            alias.busiest.popleft()
+        ready = [r for r in alias.serving() if r.state == "READY" and r.dep is not None]
+        if len(ready) <= max(1, alias.spec.min_replicas) or alias.starting:
+            return
+        youngest = max(r.ready_at or now for r in ready)
+        if now - youngest < g.scale_down_after_s:
+            return  # the newest replica has not served a whole window yet
+        peak = max(b for _t, b in alias.busiest)
+        victim = min(ready, key=lambda r: (r.in_flight, -(r.ready_at or 0)))
+        others = sum(r.slots for r in ready if r is not victim)
+        if peak <= g.scale_down_use * others:
+            alias.busiest.clear()
+            self._drain(victim, "scaled down", peak_busy=peak, other_slots=others,
+                        window_s=g.scale_down_after_s)
+
     def _idle(self, alias: Alias, now: float) -> None:
         idle_s = alias.spec.idle_timeout_s
         if not idle_s or alias.spec.is_url:
             return
-        live = alias.live()
-        keep = alias.spec.min_replicas
-        for replica in sorted(live, key=lambda r: r.last_used):
-            if len([r for r in live if not r.stopping]) <= keep:
+        serving = alias.serving()
+        for replica in sorted(serving, key=lambda r: r.last_used):
+            if len(serving) <= alias.spec.min_replicas:
                 return
             if replica.state == "READY" and replica.in_flight == 0 and not alias.waiters \
                     and now - replica.last_used >= idle_s:
-                self._spawn(self._stop(replica, "idle"))
-                live = [r for r in live if r is not replica]
+                self._drain(replica, "idle", idle_s=round(now - replica.last_used))
+                serving = [r for r in serving if r is not replica]
 
     # ------------------------------------------------------------------------------------------ the end
 
@@ -602,7 +755,8 @@ class Pool:
         for alias in self.aliases.values():
             for r in alias.replicas:
                 if r.state in LIVE and not r.stopping:
-                    replicas[(alias.name, r.state.lower())] = replicas.get((alias.name, r.state.lower()), 0) + 1
+                    state = "draining" if r.draining else r.state.lower()
+                    replicas[(alias.name, state)] = replicas.get((alias.name, state), 0) + 1
         return {"queue": {a.name: len(a.waiters) for a in self.aliases.values()},
                 "in_flight": {a.name: sum(r.in_flight for r in a.replicas) for a in self.aliases.values()},
                 "replicas": replicas}

@@ -188,7 +188,8 @@ class Gateway:
         return {"url": self.url, "pid": __import__("os").getpid(), "started_at": self.started,
                 "uptime_s": round(time.time() - self.started, 1), "stopping": self.pool.closing,
                 "in_flight": self.in_flight, "keys": len(self.keys.names()),
-                "aliases": [self.pool.aliases[n].to_json() for n in self.pool.names()]}
+                "aliases": [self.pool.aliases[n].to_json() for n in self.pool.names()],
+                "decisions": list(self.pool.decisions)}
 
     def usage_json(self) -> dict[str, tp.Any]:
         return {"keys": self.usage.per_key(), "aliases": self.usage.per_alias(),
@@ -232,7 +233,8 @@ class Gateway:
             latency = time.monotonic() - t0
             if alias is not None:
                 self.usage.count(alias, who, status, record.get("prompt_tokens", 0),
-                                 record.get("completion_tokens", 0), record.get("wait_s"), latency)
+                                 record.get("completion_tokens", 0), record.get("wait_s"), latency,
+                                 record.get("replica"))
             self._access(record, status, latency)
 
     async def _proxy(self, request: web.Request, who: str, record: dict[str, tp.Any], t0: float
@@ -342,23 +344,23 @@ class Gateway:
                                         content_type=resp.content_type or "application/json")
                 out = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream",
                                                               "Cache-Control": "no-cache"})
-                await out.prepare(request)
-                chunks = 0
+                try:
+                    await out.prepare(request)
+                except (ConnectionError, RuntimeError):
+                    record["error"] = "the client left"
+                    return out
                 tail = b""
                 async for chunk in resp.content.iter_any():
-                    chunks += 1
                     if b'"usage"' in chunk or b'"timings"' in chunk:
                         tail = chunk
-                    try:
-                        await asyncio.wait_for(out.write(chunk), self.g.client_timeout_s)
-                    except asyncio.TimeoutError:
-                        record["error"] = "client read too slowly"
+                    if not await self._send(out, chunk, record):
                         return out  # leaving the block closes the replica's connection: its slot is freed
                 replica.served += 1
                 found = _stream_tokens(tail) if tail else None
                 if found is not None:
                     record["prompt_tokens"], record["completion_tokens"] = found
-                await out.write_eof()
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await out.write_eof()  # a client that left after the last event has its whole answer
                 return out
         except asyncio.TimeoutError:
             if out is None:
@@ -371,13 +373,23 @@ class Gateway:
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
             if out is None:
                 raise Broken(f"connection to {replica.name} broke: {type(exc).__name__}") from None
-            if isinstance(exc, (ConnectionResetError, BrokenPipeError)) and request.transport is None:
-                raise asyncio.CancelledError from None  # the client left
             self.pool.lost(replica, f"connection broke mid-stream: {type(exc).__name__}")
             record["error"] = "replica failed mid-stream"
             await self._end_stream(out, f"the replica serving this request failed ({type(exc).__name__}); "
                                         "the answer is incomplete")
             return out
+
+    async def _send(self, out: web.StreamResponse, chunk: bytes, record: dict[str, tp.Any]) -> bool:
+        """Write a chunk to the client; False when it left or reads too slowly (the request ends there)."""
+        try:
+            await asyncio.wait_for(out.write(chunk), self.g.client_timeout_s)
+        except asyncio.TimeoutError:
+            record["error"] = "the client read too slowly"
+            return False
+        except (ConnectionError, RuntimeError):
+            record["error"] = "the client left"
+            return False
+        return True
 
     async def _end_stream(self, out: web.StreamResponse, message: str) -> None:
         event = json.dumps({"error": {"message": message, "type": "server_error", "code": "replica_failed"}})

@@ -295,6 +295,7 @@ class DeploymentRecord(Record):
     submitted_at: float | None = None
     cancelled_at: float | None = None
     failed_before_cancel: list[int] = dataclasses.field(default_factory=list)
+    stopped_because: str | None = None  # why whoever cancelled it did: idle, scaled down, handed over (gateway)
     script: str = ""  # a rendered script's path
 
     @property
@@ -305,7 +306,7 @@ class DeploymentRecord(Record):
 
     def to_json(self) -> dict[str, tp.Any]:
         data = super().to_json()
-        for key in ("submitted_at", "cancelled_at"):  # absent until it happened
+        for key in ("submitted_at", "cancelled_at", "stopped_because"):  # absent until it happened
             if data[key] is None:
                 del data[key]
         if not self.failed_before_cancel and self.cancelled_at is None:

@@ -171,6 +171,8 @@ RANGES: dict[tuple[str, str], Range] = {
     ("GatewaySettings", "max_json_depth"): _POSITIVE,
     ("GatewaySettings", "client_timeout_s"): _ABOVE_ZERO,
     ("GatewaySettings", "backend_timeout_s"): _ABOVE_ZERO,
+    ("GatewaySettings", "scale_up_queue"): _POSITIVE,
+    ("GatewaySettings", "scale_down_use"): Range(0, 1),
     ("ModelArch", "n_layer"): _POSITIVE,
     ("ModelArch", "n_head_kv"): _POSITIVE,
     ("ModelArch", "head_dim"): _POSITIVE,

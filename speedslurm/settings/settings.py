@@ -152,6 +152,13 @@ class GatewaySettings:
     backend_timeout_s: float = 600
     retry_after_failure_s: float = 120
     drain_s: float = 60
+    scale_up_queue: int = 2
+    scale_up_wait_s: float = 2
+    scale_up_after_s: float = 20
+    scale_down_after_s: float = 300
+    scale_down_use: float = 0.5
+    queue_replicas: bool = False
+    handover_before_s: float | None = None
     on_exit: tp.Literal["stop", "leave"] = "stop"
     access_log: str | None = None
     models: dict[str, GatewayModel] = dataclasses.field(default_factory=dict)
