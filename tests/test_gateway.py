@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import threading
 import typing as tp
@@ -31,7 +32,7 @@ def gsettings(user_config: Path, tmp_path: Path) -> tp.Callable[..., tp.Any]:
     user_config.write_text("profile: local\n")
 
     def make(*overrides: str) -> tp.Any:
-        return load_settings(overrides=[f"gateway.dir={tmp_path / 'gw'}", *overrides])
+        return load_settings(overrides=[f"gateway.dir={tmp_path / 'gw'}", "gateway.drain_s=5", *overrides])
 
     return make
 
@@ -148,11 +149,17 @@ def test_a_client_that_leaves_mid_stream_costs_the_replica_nothing(gsettings: tp
             gw.open_gateway({"m": stub.url}, listen="127.0.0.1:0", settings=s) as g:
         host, port = g.url.split("//")[1].split(":")
         body = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]})
-        with socket.create_connection((host, int(port)), timeout=30) as sock:
-            sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
-                         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
-            assert b"data:" in sock.recv(65536)
-        gate.set()  # the rest of the answer goes to a closed connection
+        try:
+            with socket.create_connection((host, int(port)), timeout=30) as sock:
+                sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+                got = b""
+                while b"data:" not in got:  # the first event: the stub holds the others
+                    more = sock.recv(65536)
+                    assert more, got
+                    got += more
+        finally:
+            gate.set()  # the rest of the answer goes to a closed connection
         _until(lambda: gw.status(s)["aliases"][0]["in_flight"] == 0)
         [replica] = gw.status(s)["aliases"][0]["deployments"]
         assert replica["state"] == "READY", replica
@@ -445,3 +452,37 @@ def test_sigterm_finishes_the_requests_in_flight_and_refuses_new_ones(gsettings:
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_the_cli_makes_keys_and_shows_a_running_gateway(gsettings: tp.Any, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SPEEDSLURM_GATEWAY__DIR": str(tmp_path / "gw")}
+
+    def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run([sys.executable, "-m", "speedslurm", "gateway", *args], capture_output=True, text=True,
+                             env=env, timeout=60, stdin=subprocess.DEVNULL)
+        assert not check or res.returncode == 0, res.stderr
+        return res
+
+    key = cli("keys", "add", "carol").stdout.strip()
+    assert key.startswith("ssg-") and "not shown again" in cli("keys", "add", "dave").stderr
+    again = cli("keys", "add", "carol", check=False)
+    assert again.returncode == 2 and "Error: 'carol' has a key already" in again.stderr and "Traceback" not in again.stderr
+    assert [r["name"] for r in json.loads(cli("keys", "list", "--json").stdout)] == ["carol", "dave"]
+    none = cli("status", check=False)
+    assert none.returncode == 2 and "no gateway runs from" in none.stderr
+    s = gsettings()
+    with StubServer() as stub, gw.open_gateway({"m": stub.url}, listen="127.0.0.1:0", settings=s) as g:
+        chat(openai.OpenAI(base_url=g.url + "/v1", api_key=key, max_retries=0), "hi")
+        shown = cli("status").stdout
+        assert g.url in shown and "READY" in shown and stub.url in shown
+        usage = cli("usage").stdout
+        assert re.search(r"carol\s+1\s+\d+\s+\d+\s+0", usage), usage
+        assert json.loads(cli("status", "--json").stdout)["aliases"][0]["alias"] == "m"
+    cli("keys", "revoke", "dave")
+    assert [r["name"] for r in json.loads(cli("keys", "list", "--json").stdout)] == ["carol"]
+    bad = subprocess.run([sys.executable, "-m", "speedslurm", "gateway", "--listen", "nonsense", "--model", "m=x"],
+                         capture_output=True, text=True, env=env, timeout=60, stdin=subprocess.DEVNULL)
+    assert bad.returncode == 2 and "not HOST:PORT" in bad.stderr

@@ -136,6 +136,13 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
                          str(d["in_flight"]), str(d["slots"]), str(d["served"]), d["why"] or "")
     if deps.row_count:
         out.print(deps)
+    decisions = data.get("decisions") or []
+    if decisions:
+        out.print("Decisions (latest last):")
+        for d in decisions[-10:]:
+            when = datetime.datetime.fromtimestamp(d["time"]).strftime("%H:%M:%S")
+            figures = ", ".join(f"{k} {v}" for k, v in d.items() if k not in ("time", "decision", "alias", "why"))
+            out.print(f"  {when} {d['alias']}: {d['decision']}: {d['why']}{' (' + figures + ')' if figures else ''}")
 
 
 @gateway_cmd.command("usage")
@@ -152,9 +159,10 @@ def usage_cmd(ctx: click.Context, as_json: bool) -> None:
     out = out_console()
     if data.get("saved"):
         out.print("(no gateway runs: the counts its last run saved)")
-    keys = Table("KEY", "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS", "ERRORS", box=None)
+    keys = Table("KEY", "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS", "ERRORS", "NODE-HOURS", box=None)
     for name, row in sorted(data["keys"].items()):
-        keys.add_row(name, *(str(int(row[c])) for c in ("requests", "prompt_tokens", "completion_tokens", "errors")))
+        keys.add_row(name, *(str(int(row[c])) for c in ("requests", "prompt_tokens", "completion_tokens", "errors")),
+                     f"{row.get('node_hours', 0.0):.3f}")
     out.print(keys)
     aliases = Table("MODEL", "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS", "ERRORS", "NODE-HOURS", box=None)
     for name, row in sorted(data["aliases"].items()):
