@@ -200,6 +200,7 @@ class Alias:
         self.replicas: list[Replica] = []
         self.waiters: collections.deque[Waiter] = collections.deque()
         self.failure: tuple[str, float] | None = None  # (reason, until: monotonic)
+        self.failed_starts = 0  # starts in a row that failed: the minimum is kept again only after a request
         self.starting = 0  # replicas being planned and submitted now
         self.pressure_since: float | None = None  # since when requests have queued past the thresholds
         self.busiest: collections.deque[tuple[float, int]] = collections.deque()  # (time, in flight + waiting)
@@ -305,7 +306,11 @@ class Pool:
                                    f"(gateway.max_queue); try again shortly", retry_after=5)
         if not alias.serving() and not alias.starting:
             self.decide("wake", alias, "a request came and no replica serves the model")
+            alias.failed_starts = 0
             self.wake(alias)
+        for r in alias.live():
+            if r.state != "READY":
+                r.last_used = time.monotonic()  # asked for: its idle time counts from the last request waiting
         future: asyncio.Future[Replica] = asyncio.get_running_loop().create_future()
         waiter = Waiter(future)
         alias.waiters.append(waiter)
@@ -403,6 +408,7 @@ class Pool:
 
     def _failed_to_start(self, alias: Alias, reason: str) -> None:
         log.info("%s", _line("start_failed", alias=alias.name, why=reason))
+        alias.failed_starts += 1
         if alias.live() or alias.starting:
             return  # another replica may still serve the waiting requests
         alias.failure = (reason, time.monotonic() + self.gateway.retry_after_failure_s)
@@ -523,7 +529,7 @@ class Pool:
             await self._scale_up(alias, now)
             self._scale_down(alias, now)
             self._idle(alias, now)
-            if alias.state() == "cold" and alias.spec.min_replicas > 0:
+            if alias.state() == "cold" and alias.spec.min_replicas > 0 and not alias.failed_starts:
                 self.decide("wake", alias, "fewer replicas than the alias's minimum", min=alias.spec.min_replicas)
                 self.wake(alias)
             # Replicas that ended long ago are forgotten (their record stays in the run directory).
@@ -591,6 +597,7 @@ class Pool:
         replica.state, replica.why = "READY", ""
         replica.ready_at = replica.last_used = time.monotonic()
         alias.failure = None
+        alias.failed_starts = 0
         log.info("%s", _line("replica_ready", alias=alias.name, deployment=replica.name, url=replica.url,
                              slots=replica.slots, after_s=round(replica.ready_at - replica.born, 1)))
         await asyncio.to_thread(lifecycle.record_warm, self.deploy_settings, replica.dep, statuses)
@@ -726,7 +733,8 @@ class Pool:
         for replica in sorted(serving, key=lambda r: r.last_used):
             if len(serving) <= alias.spec.min_replicas:
                 return
-            if replica.state == "READY" and replica.in_flight == 0 and not alias.waiters \
+            # A replica still queued in Slurm that nobody waits for is not needed either.
+            if replica.state in ("READY", "PENDING") and replica.in_flight == 0 and not alias.waiters \
                     and now - replica.last_used >= idle_s:
                 self._drain(replica, "idle", idle_s=round(now - replica.last_used))
                 serving = [r for r in serving if r is not replica]

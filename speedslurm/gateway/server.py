@@ -244,8 +244,6 @@ class Gateway:
         except asyncio.TimeoutError:
             return _error(408, f"the request body did not arrive within {self.g.client_timeout_s:g} s "
                                "(gateway.client_timeout_s)")
-        if request.content_type not in ("application/json", "application/octet-stream", ""):
-            return _error(415, f"the body must be JSON (Content-Type application/json), not {request.content_type}")
         try:
             data = json.loads(raw)
         except RecursionError:
