@@ -486,3 +486,27 @@ def test_the_cli_makes_keys_and_shows_a_running_gateway(gsettings: tp.Any, tmp_p
     bad = subprocess.run([sys.executable, "-m", "speedslurm", "gateway", "--listen", "nonsense", "--model", "m=x"],
                          capture_output=True, text=True, env=env, timeout=60, stdin=subprocess.DEVNULL)
     assert bad.returncode == 2 and "not HOST:PORT" in bad.stderr
+
+
+def test_a_url_replica_takes_as_many_requests_as_its_server_has_slots(gsettings: tp.Any) -> None:
+    s = gsettings()
+    key = gw.add_key("alice", s)
+    gate = threading.Event()
+    with StubServer(stream_gate=gate, slots=3) as stub, \
+            gw.open_gateway({"m": stub.url}, listen="127.0.0.1:0", settings=s) as g:
+        try:
+            client = openai.OpenAI(base_url=g.url + "/v1", api_key=key, max_retries=0, timeout=60)
+            held = [chat(client, f"s{i}", stream=True) for i in range(3)]
+            for st in held:
+                next(iter(st))
+            [replica] = gw.status(s)["aliases"][0]["deployments"]
+            assert replica["slots"] == 3 and replica["in_flight"] == 3  # from the server's /props
+            waiting = threading.Thread(target=lambda: post(g.url + "/v1/completions", '{"model": "m", "prompt": "w"}',
+                                                           key))
+            waiting.start()
+            _until(lambda: gw.status(s)["aliases"][0]["queue"] == 1)
+        finally:
+            gate.set()
+        for st in held:
+            list(st)
+        waiting.join()

@@ -45,6 +45,7 @@ log = logging.getLogger("speedslurm.gateway")
 ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
 LIVE = ("PENDING", "STARTING", "LOADING", "READY", "DOWN")
 WATCH_S = 0.5
+WATCH_WAITED_S = 0.05  # while requests wait for a replica that is starting: its endpoint is taken at once
 PROBE_FIRST_S, PROBE_MOST_S = 0.5, 10.0
 SLOTS_OF_A_URL = 4
 
@@ -482,6 +483,26 @@ class Pool:
                     url = url[:-3] if url.endswith("/v1") else url
                     alias.replicas.append(Replica(alias, None, url, key, alias.spec.slots or SLOTS_OF_A_URL))
 
+    async def size_urls(self) -> None:
+        """A URL replica without ``slots`` set takes as many requests at once as its server has slots
+        (llama-server's ``/props`` ``total_slots``), else 4."""
+        import aiohttp
+
+        assert self.session is not None
+        for alias in self.aliases.values():
+            if not alias.spec.is_url or alias.spec.slots:
+                continue
+            for r in alias.replicas:
+                try:
+                    async with self.session.get(r.url + "/props", headers={"Authorization": f"Bearer {r.api_key}"},
+                                                timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                        data = await resp.json(content_type=None) if resp.status == 200 else None
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+                    data = None
+                slots = data.get("total_slots") if isinstance(data, dict) else None
+                if isinstance(slots, int) and not isinstance(slots, bool) and 0 < slots <= 4096:
+                    r.slots = slots
+
     def check_models(self) -> None:
         """Every alias's model can be planned now (registry name or file, binaries, settings): a bad one
         stops the gateway before it serves, not its first request."""
@@ -512,7 +533,8 @@ class Pool:
                 raise
             except Exception:  # noqa: BLE001 - the watcher must go on; the error shows in the log
                 log.exception("gateway watcher")
-            await asyncio.sleep(WATCH_S)
+            awaited = any(a.waiters and any(r.state != "READY" for r in a.live()) for a in self.aliases.values())
+            await asyncio.sleep(WATCH_WAITED_S if awaited else WATCH_S)
 
     async def tick(self) -> None:
         now = time.monotonic()

@@ -422,6 +422,7 @@ class Gateway:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
         self.pool.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         self.pool.add_urls()
+        await self.pool.size_urls()
         attached = await asyncio.to_thread(self.pool.attach)
         self.runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None,
                                     shutdown_timeout=self.g.drain_s)
