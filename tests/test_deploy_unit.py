@@ -127,3 +127,19 @@ def test_an_unreachable_controller_is_not_taken_for_an_ended_job(monkeypatch) ->
 
     monkeypatch.setattr(slurm, "call", fake_call)
     assert slurm.state_for("12", slurm.job_states(["12"])) is None
+
+
+def test_logs_refuse_a_replica_the_deployment_does_not_have_and_negative_counts(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    runs = tmp_path / "runs"
+    (runs / "m-20260101-abcd").mkdir(parents=True)
+    records.deployment(runs / "m-20260101-abcd", replicas=2, executor="local", job_ids=["1"])
+    env = {**os.environ, "SPEEDSLURM_RUN__DIR": str(runs), "SPEEDSLURM_PROFILE": "local"}
+    for args, words in ((["--replica", "2"], "has no replica 2"), (["--replica", "-1"], "-1 is not in the range"),
+                        (["--lines", "-5"], "-5 is not in the range")):
+        res = subprocess.run([sys.executable, "-m", "speedslurm", "logs", "m-20260101-abcd", *args],
+                             capture_output=True, text=True, env=env, timeout=60, stdin=subprocess.DEVNULL)
+        assert res.returncode == 2 and words in res.stderr and "Traceback" not in res.stderr, res.stderr

@@ -209,6 +209,9 @@ def logs(settings: Settings, ident: str, role: str = "all", replica: int | None 
     from ..deployments.record import find_deployment
 
     dep = find_deployment(settings, ident)
+    if replica is not None and not 0 <= replica < dep.replicas:
+        raise UsageError(f"deployment {dep.id} has no replica {replica}",
+                         fix=f"give --replica from 0 to {dep.replicas - 1}, or leave it out for all")
     files = []
     for r in range(dep.replicas) if replica is None else [replica]:
         folder = dep.run_dir.log_dir(r)

@@ -268,7 +268,7 @@ def _node_hours(rep: dict[str, tp.Any]) -> str:
 @click.argument("ident")
 @click.option("--env", "as_env", is_flag=True, help="Print `export OPENAI_BASE_URL=... OPENAI_API_KEY=...` lines.")
 @click.option("--show-key", is_flag=True, help="Include the API key in the output.")
-@click.option("--replica", type=int, default=None, help="Which replica (default: the first ready one).")
+@click.option("--replica", type=click.IntRange(0), default=None, help="Which replica (default: the first ready one).")
 @json_option
 @click.pass_context
 def endpoint_cmd(ctx: click.Context, ident: str, as_env: bool, show_key: bool, replica: int | None,
@@ -292,8 +292,8 @@ def endpoint_cmd(ctx: click.Context, ident: str, as_env: bool, show_key: bool, r
 @cli.command("logs")
 @click.argument("ident")
 @click.option("--role", type=click.Choice(["leader", "follower", "all"]), default="all", show_default=True)
-@click.option("--replica", type=int, default=None)
-@click.option("-n", "--lines", type=int, default=50, show_default=True, help="Lines from the end of each log.")
+@click.option("--replica", type=click.IntRange(0), default=None, help="Which replica (default: all).")
+@click.option("-n", "--lines", type=click.IntRange(0), default=50, show_default=True, help="Lines from the end of each log.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until Ctrl-C.")
 @click.pass_context
 def logs_cmd(ctx: click.Context, ident: str, role: str, replica: int | None, lines: int, follow: bool) -> None:
