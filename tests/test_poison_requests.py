@@ -312,3 +312,23 @@ def test_a_request_that_crashes_a_restarted_server_is_not_sent_for_ever(tmp_path
     else:
         assert err["code"] == "connection_error" and "gave up after 4 attempts" in err["message"] and crashes >= 4
     assert sorted(ok_ids(out)) == sorted(f"q{i}" for i in range(n) if i != 5)
+
+
+def test_a_suspect_edited_since_is_a_new_request_and_is_sent(tmp_path: Path) -> None:
+    """The user fixes the prompt that crashed the servers: the next run sends it (it is not the suspect any more)."""
+    n = 6
+    prompts = prompts_file(tmp_path, n, poison=[2])
+    out = tmp_path / "out.jsonl"
+    run_killing_both(tmp_path, prompts, out)
+    assert final_view(out)["q2"]["error"]["code"] == "suspected_crash"
+    edited = [json.loads(line) for line in prompts.read_text().splitlines()]
+    for rec in edited:
+        if rec["custom_id"] == "q2":
+            rec["prompt"] = "a harmless prompt now"
+    prompts.write_text("".join(json.dumps(rec) + "\n" for rec in edited))
+    with StubServer(api_key=KEY) as stub:
+        again = run(StaticSource(endpoint(stub.url, 0)), prompts, out)
+    assert (again.suspected, again.suspected_skipped, again.failed, again.remaining) == ([], 0, 0, 0)
+    view = final_view(out)
+    assert view["q2"]["response"]["status_code"] == 200
+    assert "harmless" in json.dumps(view["q2"]["response"]["body"])  # the edited prompt was the one sent

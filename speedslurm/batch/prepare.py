@@ -193,6 +193,9 @@ def _check_unchanged(scan: ScanResult, results: ResultsFile) -> list[str]:
     notices (successful lines of older versions carry no fingerprint and cannot be checked).
     """
     prev = results.previous
+    # A request that failed (died with replicas, suspected of crashing them) and was edited since is a new one.
+    prev.forget_failures_of([cid for cid, fp in prev.error_fingerprints.items()
+                             if cid in scan.fingerprints and scan.fingerprints[cid] != fp])
     changed: list[tuple[int, str, int]] = []
     unchecked = 0
     for cid in prev.done:

@@ -102,6 +102,14 @@ class Previous:
     died: dict[str, int] = dataclasses.field(default_factory=dict)
     # ids not done whose last line is SUSPECTED_CRASH -> its message
     suspected: dict[str, str] = dataclasses.field(default_factory=dict)
+    # ids not done -> the request_fingerprint of their last error line (what was asked when it failed)
+    error_fingerprints: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def forget_failures_of(self, cids: tp.Iterable[str]) -> None:
+        """These requests were edited since they failed: their deaths and suspicion were another request's."""
+        for cid in cids:
+            self.died.pop(cid, None)
+            self.suspected.pop(cid, None)
 
 
 class ResultsFile:
@@ -199,6 +207,7 @@ def _read_previous(fd: int, path: Path) -> Previous:
     fingerprints: dict[str, tuple[str, int]] = {}
     died: dict[str, int] = {}
     suspected: dict[str, str] = {}
+    error_fps: dict[str, str] = {}
     notices: list[str] = []
     lines = 0
     with os.fdopen(os.dup(fd), "rb") as fh:
@@ -220,6 +229,7 @@ def _read_previous(fd: int, path: Path) -> Previous:
                 failed.pop(cid, None)
                 died.pop(cid, None)
                 suspected.pop(cid, None)
+                error_fps.pop(cid, None)
                 fp = rec.get("request_fingerprint")
                 if isinstance(fp, str) and cid not in fingerprints:
                     fingerprints[cid] = (fp, lineno)
@@ -231,8 +241,11 @@ def _read_previous(fd: int, path: Path) -> Previous:
                     suspected[cid] = str(err.get("message", ""))
                 else:
                     suspected.pop(cid, None)
+                fp = rec.get("request_fingerprint")
+                if isinstance(fp, str):
+                    error_fps[cid] = fp
     died = {cid: n for cid, n in died.items() if n and cid not in done}
-    return Previous(done, failed, lines, notices, fingerprints, died, suspected)
+    return Previous(done, failed, lines, notices, fingerprints, died, suspected, error_fps)
 
 
 def _is_success(rec: dict[str, tp.Any]) -> bool:
