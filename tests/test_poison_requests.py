@@ -332,3 +332,18 @@ def test_a_suspect_edited_since_is_a_new_request_and_is_sent(tmp_path: Path) -> 
     view = final_view(out)
     assert view["q2"]["response"]["status_code"] == 200
     assert "harmless" in json.dumps(view["q2"]["response"]["body"])  # the edited prompt was the one sent
+
+
+def test_submit_with_only_suspects_left_says_so_and_queues_nothing(tmp_path: Path) -> None:
+    from speedslurm.api import submit
+
+    n = 5
+    prompts = prompts_file(tmp_path, n, poison=[1])
+    out = tmp_path / "out.jsonl"
+    run_killing_both(tmp_path, prompts, out)
+    with StubServer(api_key=KEY) as stub:
+        run(StaticSource(endpoint(stub.url, 0)), prompts, out)  # the others get their answers
+    said: list[str] = []
+    summary = submit("no-model-is-started", prompts, out, on_message=said.append)
+    assert summary.suspected == ["q1"] and summary.suspected_skipped == 1
+    assert len(said) == 1 and "Nothing to send" in said[0] and "q1" in said[0] and "--retry-suspected" in said[0]

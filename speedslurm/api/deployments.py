@@ -322,7 +322,13 @@ def submit(model: str, prompts: Prompts, out: str | os.PathLike[str] | None = No
     runner: RunFn = run or (lambda source, prep, opts: run_batch(source, prep, opts, console))
     try:
         if batch.remaining == 0:
-            say(f"Nothing to do: every prompt in {batch.display} already has a successful line in {batch.out}.")
+            suspects = batch.suspected
+            if suspects:
+                say(f"Nothing to send: every prompt in {batch.display} has a successful line in {batch.out}, but for "
+                    f"{len(suspects)} suspected of crashing their server in an earlier run ({', '.join(suspects[:10])}"
+                    f"{', ...' if len(suspects) > 10 else ''}); --retry-suspected sends them.")
+            else:
+                say(f"Nothing to do: every prompt in {batch.display} already has a successful line in {batch.out}.")
             return runner(StaticSource([]), batch, batch_options(quiet=True))
         dep, _ = up(model, nodes=nodes, replicas=replicas, ctx=ctx, time_limit=time_limit, executor=executor,
                     timeout=ready_timeout, until="first", settings=settings, on_update=on_update,
