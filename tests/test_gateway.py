@@ -510,3 +510,43 @@ def test_a_url_replica_takes_as_many_requests_as_its_server_has_slots(gsettings:
         for st in held:
             list(st)
         waiting.join()
+
+
+def test_generated_hostile_bodies_get_an_answer_or_a_clear_4xx(gsettings: tp.Any) -> None:
+    """Bytes and JSON of every shape thrown at the gateway: each gets a 200 answer or a 4xx with a JSON error that
+    says what is wrong; never a 5xx, never a traceback, and the gateway serves on."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    s = gsettings("gateway.max_body_bytes=20000")
+    key = gw.add_key("alice", s)
+    json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+                               lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner,
+                                                                                           max_size=4), max_leaves=20)
+    bodies = st.one_of(
+        st.binary(max_size=300),
+        json_values.map(lambda v: json.dumps(v).encode()),
+        st.fixed_dictionaries({"model": st.one_of(st.just("m"), st.text(max_size=20), st.integers()),
+                               "messages": json_values, "stream": st.one_of(st.booleans(), json_values)},
+                              optional={"max_tokens": json_values}).map(lambda v: json.dumps(v).encode()),
+    )
+    with StubServer() as stub, gw.open_gateway({"m": stub.url}, listen="127.0.0.1:0", settings=s) as g:
+        url = g.url + "/v1/chat/completions"
+
+        @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(body=bodies)
+        def check(body: bytes) -> None:
+            req = urllib.request.Request(url, data=body, method="POST", headers={
+                "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    status, text = resp.status, resp.read()
+            except urllib.error.HTTPError as exc:
+                status, text = exc.code, exc.read()
+            assert status == 200 or 400 <= status < 500, (status, text[:300])
+            if status != 200:
+                assert json.loads(text)["error"]["message"], text[:300]
+            assert b"Traceback" not in text
+
+        check()
+        assert chat(openai.OpenAI(base_url=g.url + "/v1", api_key=key, max_retries=0), "still").choices
