@@ -105,7 +105,11 @@ class _Conn(asyncio.Protocol):
                 name, _, value = line.partition(b":")
                 name = name.strip().lower()
                 if name == b"content-length":
-                    length = int(value)
+                    try:
+                        length = int(value)
+                    except ValueError:
+                        self.transport.close()
+                        return
                 elif name == b"authorization":
                     auth = value.strip()
                 elif name == b"connection":
@@ -198,6 +202,9 @@ class _App:
                 text = " ".join(str(m.get("content", "")) for m in req["messages"])
             else:
                 text = str(req["prompt"])
+            max_tokens = req.get("max_tokens") or req.get("max_completion_tokens") or 16
+            if isinstance(max_tokens, bool) or not isinstance(max_tokens, int | float):
+                raise TypeError("max_tokens is not a number")  # llama-server answers 400 too
         except (ValueError, KeyError, TypeError, AttributeError):
             st.rejected += 1
             conn.send(400, _error(400, "invalid request body", "invalid_request_error"), close)

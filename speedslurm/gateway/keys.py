@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import re
 import secrets
 import time
@@ -19,6 +18,8 @@ import typing as tp
 from pathlib import Path
 
 from ..errors import UsageError
+from ..rundir.layout import make_private_dir
+from ..rundir.records import write_json_atomic
 
 FILE = "keys.json"
 PREFIX = "ssg-"
@@ -60,12 +61,8 @@ class KeyStore:
         return keys
 
     def _write(self, keys: dict[str, dict[str, tp.Any]]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.path.with_name(f".{FILE}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"keys": keys}, f, indent=1, sort_keys=True)
-        os.replace(tmp, self.path)
+        make_private_dir(self.path.parent, "gateway folder", "gateway.dir")
+        write_json_atomic(self.path, {"keys": keys})
 
     # --------------------------------------------------------------------------------------- commands
 

@@ -104,23 +104,20 @@ class Usage:
     # ------------------------------------------------------------------------------------------ reports
 
     def per_key(self) -> dict[str, dict[str, float]]:
-        out: dict[str, dict[str, float]] = {}
-        for (_alias, key), row in self.by.items():
-            total = out.setdefault(key, {**_zero(), "node_hours": 0.0})
-            for c in COUNTS:
-                total[c] += row[c]
-        for key, hours in self.key_node_hours().items():
-            out.setdefault(key, {**_zero(), "node_hours": 0.0})["node_hours"] = hours
-        return out
+        return self._folded(1, self.key_node_hours())
 
     def per_alias(self) -> dict[str, dict[str, float]]:
+        return self._folded(0, {a: round(s / 3600, 6) for a, s in self.node_seconds.items()})
+
+    def _folded(self, by: int, node_hours: tp.Mapping[str, float]) -> dict[str, dict[str, float]]:
+        """The counts summed by alias (``by`` 0) or by key (1), with each one's node-hours."""
         out: dict[str, dict[str, float]] = {}
-        for (alias, _key), row in self.by.items():
-            total = out.setdefault(alias, {**_zero(), "node_hours": 0.0})
+        for pair, row in self.by.items():
+            total = out.setdefault(pair[by], {**_zero(), "node_hours": 0.0})
             for c in COUNTS:
                 total[c] += row[c]
-        for alias, seconds in self.node_seconds.items():
-            out.setdefault(alias, {**_zero(), "node_hours": 0.0})["node_hours"] = round(seconds / 3600, 6)
+        for name, hours in node_hours.items():
+            out.setdefault(name, {**_zero(), "node_hours": 0.0})["node_hours"] = hours
         return out
 
     def to_json(self) -> dict[str, tp.Any]:

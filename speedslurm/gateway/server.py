@@ -41,6 +41,12 @@ MAX_DEATHS = 2
 SAVE_EVERY_S = 5.0
 
 
+def _bearer(request: web.Request) -> str:
+    """The key of a request's ``Authorization: Bearer KEY`` header; "" without one."""
+    header = request.headers.get("Authorization", "")
+    return header[7:].strip() if header[:7].lower() == "bearer " else ""
+
+
 def _error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
            retry_after: int | None = None) -> web.Response:
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
@@ -146,16 +152,12 @@ class Gateway:
             return _error(500, "the gateway failed on this request (see its log)", kind="server_error")
 
     def _who(self, request: web.Request) -> str | None:
-        header = request.headers.get("Authorization", "")
-        key = header[7:].strip() if header[:7].lower() == "bearer " else ""
-        return self.keys.check(key)
+        return self.keys.check(_bearer(request))
 
     def _is_admin(self, request: web.Request) -> bool:
         import hmac
 
-        header = request.headers.get("Authorization", "")
-        key = header[7:].strip() if header[:7].lower() == "bearer " else ""
-        return bool(self.admin_key) and hmac.compare_digest(key.encode(), self.admin_key.encode())
+        return bool(self.admin_key) and hmac.compare_digest(_bearer(request).encode(), self.admin_key.encode())
 
     def _unauthorized(self) -> web.Response:
         self.usage.unauthorized += 1
@@ -266,7 +268,7 @@ class Gateway:
         record["alias"] = alias.name
         stream = data.get("stream") is True
         record["stream"] = stream
-        deaths = 0
+        deaths: list[str] = []  # the replicas that stopped answering while they had it
         waited = 0.0
         while True:
             w0 = time.monotonic()
@@ -285,11 +287,13 @@ class Gateway:
                 return await self._once(replica, request.path, raw, record)
             except Broken as exc:
                 self.pool.lost(replica, str(exc))
-                deaths += 1
-                if deaths >= MAX_DEATHS:
-                    record["error"] = f"in flight on {deaths} replicas that stopped answering"
-                    return _error(502, f"the request was in flight on {deaths} replicas that stopped answering "
-                                       f"({exc}); it is not sent again", kind="server_error", code="replica_failed")
+                deaths.append(replica.name)
+                if len(deaths) >= MAX_DEATHS:
+                    where = (f"{len(deaths)} replicas" if len(set(deaths)) == len(deaths)
+                             else f"replica {replica.name}, {len(deaths)} times,")
+                    record["error"] = f"in flight on {where} that stopped answering"
+                    return _error(502, f"the request was in flight on {where} that stopped answering ({exc}); it "
+                                       "is not sent again", kind="server_error", code="replica_failed")
             finally:
                 self.pool.release(replica)
 

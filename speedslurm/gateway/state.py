@@ -21,38 +21,14 @@ import typing as tp
 from pathlib import Path
 
 from ..errors import UsageError
+from ..rundir.layout import make_private_dir
+from ..rundir.records import write_json_atomic, write_text_atomic
 
 DEPLOYMENTS = "deployments.json"
 USAGE = "usage.json"
 RUNNING = "gateway.json"
 ADMIN_KEY = "admin_key"
 LOCK = "gateway.lock"
-
-
-def open_folder(path: Path) -> Path:
-    """The gateway folder, created 0700; :class:`UsageError` if someone else owns it or others may write it."""
-    path = Path(os.path.expanduser(path))
-    try:
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        st = path.stat()
-    except OSError as exc:
-        raise UsageError(f"cannot use the gateway folder {path}: {exc.strerror or exc}",
-                         fix="set gateway.dir to a folder you can write") from None
-    if st.st_uid != os.getuid():
-        raise UsageError(f"the gateway folder {path} is owned by uid {st.st_uid}, not you (uid {os.getuid()})",
-                         fix="set gateway.dir to a folder of your own")
-    if st.st_mode & 0o077:
-        os.chmod(path, 0o700)
-    return path
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically, readable by its owner only."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def read_json(path: Path, default: tp.Any) -> tp.Any:
@@ -71,7 +47,7 @@ class Folder:
         self.root = Path(os.path.expanduser(path))
 
     def open(self) -> Folder:
-        open_folder(self.root)
+        make_private_dir(self.root, "gateway folder", "gateway.dir")
         return self
 
     # ------------------------------------------------------------------------------ single gateway per folder
@@ -100,7 +76,7 @@ class Folder:
         return {str(a): [str(i) for i in ids] for a, ids in data.items() if isinstance(ids, list)}
 
     def write_deployments(self, by_alias: dict[str, list[str]]) -> None:
-        write_private(self.root / DEPLOYMENTS, json.dumps(by_alias, indent=1, sort_keys=True))
+        write_json_atomic(self.root / DEPLOYMENTS, by_alias)
 
     # ------------------------------------------------------------------------------ usage
 
@@ -109,15 +85,15 @@ class Folder:
         return data if isinstance(data, dict) else {}
 
     def write_usage(self, data: dict[str, tp.Any]) -> None:
-        write_private(self.root / USAGE, json.dumps(data, indent=1, sort_keys=True))
+        write_json_atomic(self.root / USAGE, data)
 
     # ------------------------------------------------------------------------------ the running gateway
 
     def announce(self, url: str) -> str:
         """Record that a gateway serves ``url`` from this folder; returns the admin key it accepts."""
         key = "ssa-" + secrets.token_urlsafe(32)
-        write_private(self.root / ADMIN_KEY, key)
-        write_private(self.root / RUNNING, json.dumps({"url": url, "pid": os.getpid(), "started_at": time.time()}))
+        write_text_atomic(self.root / ADMIN_KEY, key)
+        write_json_atomic(self.root / RUNNING, {"url": url, "pid": os.getpid(), "started_at": time.time()})
         return key
 
     def retire(self) -> None:

@@ -48,14 +48,19 @@ DEPLOYMENT = "deployment.json"
 JOBS_ENDED = "jobs-ended.json"
 
 
-def make_private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) with mode 0700 for the leaf; refuse a leaf others can write."""
+def make_private_dir(path: Path, what: str = "run directory", setting: str = "run.dir") -> Path:
+    """Create ``path`` (and parents) with mode 0700 for the leaf, and make an existing leaf 0700; refuse one that
+    someone else owns or that cannot be made. The errors call it ``what`` and name the ``setting`` that moves it."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    st = path.stat()
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = path.stat()
+    except OSError as exc:
+        raise UsageError(f"cannot use the {what} {path}: {exc.strerror or exc}",
+                         fix=f"set {setting} to a folder you can write (--set {setting}=PATH)") from None
     if st.st_uid != os.getuid():
-        raise UsageError(f"run directory {path} is owned by uid {st.st_uid}, not you (uid {os.getuid()})",
-                         fix="choose a run directory of your own with --set run.dir=PATH")
+        raise UsageError(f"{what} {path} is owned by uid {st.st_uid}, not you (uid {os.getuid()})",
+                         fix=f"choose a {what} of your own with --set {setting}=PATH")
     if st.st_mode & 0o077:
         os.chmod(path, 0o700)
     return path

@@ -320,6 +320,11 @@ class DeploymentRecord(Record):
 
 def write_json_atomic(path: Path, data: tp.Any, mode: int = 0o600) -> None:
     """Write JSON to ``path`` so that readers see either nothing or the whole file (temp + rename)."""
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n", mode)
+
+
+def write_text_atomic(path: Path, text: str, mode: int = 0o600) -> None:
+    """Write ``text`` to ``path`` so that readers see either nothing or the whole file (temp + rename)."""
     path = Path(path)
     import tempfile  # here: the job side's start does not pay for it
 
@@ -327,8 +332,7 @@ def write_json_atomic(path: Path, data: tp.Any, mode: int = 0o600) -> None:
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1, sort_keys=True)
-            fh.write("\n")
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
