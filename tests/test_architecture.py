@@ -134,7 +134,7 @@ def test_a_new_executor_is_one_class_and_one_registry_line(monkeypatch: pytest.M
     path = Path("/models/m.gguf")
     model = ModelSpec(name="m", path=path, files=(path,), weights_bytes=10**12, n_layer=80, n_head_kv=8,
                       head_dim=128, head_dim_v=128, ctx=8192, host="node1", local=False)
-    plan = make_plan(load_settings(environ={}), model, executor="nothing")
+    plan = make_plan(load_settings(environ={}), model, runs_on=registry.get("nothing"))
     # sized as its capabilities say: one node however big the model, no leader pinned to the model's host
     assert (plan.executor, plan.nodes, plan.leader_host) == ("nothing", 1, None)
     assert "nothing" in executor_names()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from speedslurm.cluster.registry import get as executor
 from speedslurm.errors import ConfigError
 from speedslurm.model.registry import ModelSpec
 from speedslurm.node import roles as jobside
@@ -45,7 +46,7 @@ def spec() -> ModelSpec:
 def test_plan_refuses_a_loopback_or_unspecified_node_address(user_config: Path, address: str) -> None:
     user_config.write_text(f"cluster:\n  nodes:\n    n2: {{address: {json.dumps(address)}}}\n")
     with pytest.raises(ConfigError) as err:
-        make_plan(load_settings(profile="gorgonas"), spec())
+        make_plan(load_settings(profile="gorgonas"), spec(), runs_on=executor("slurm"))
     text = err.value.render()
     assert "cluster.nodes.n2.address" in err.value.message and address in text and str(user_config) in text
     assert "node n2" in text and "cluster.nodes.n2.address" in (err.value.fix or "")
@@ -56,12 +57,12 @@ def test_plan_names_the_flag_that_set_it(user_config: Path) -> None:
     user_config.write_text("{}\n")
     settings = load_settings(profile="gorgonas", overrides=["cluster.nodes.n3.address=127.0.1.1"])
     with pytest.raises(ConfigError, match=r"--set.*cluster\.nodes\.n3\.address = '127\.0\.1\.1' is a loopback"):
-        make_plan(settings, spec())
+        make_plan(settings, spec(), runs_on=executor("slurm"))
 
 
 def test_plan_accepts_cluster_addresses_and_host_names(user_config: Path) -> None:
     user_config.write_text("cluster:\n  nodes:\n    n1: {address: 10.77.0.11}\n    n2: {address: n2-ib}\n")
-    assert make_plan(load_settings(profile="gorgonas"), spec()).nodes >= 1
+    assert make_plan(load_settings(profile="gorgonas"), spec(), runs_on=executor("slurm")).nodes >= 1
 
 
 # ------------------------------------------------------------------------------------------ on the node

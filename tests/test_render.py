@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from speedslurm.cluster.registry import get as executor
 from speedslurm.deployments.render import (
     create_run_dir,
     deployment_record,
@@ -64,11 +65,11 @@ def spec(name: str = "Q4_K_S", path: str = "/models/Reflection-Llama-3.1-70B-Q4_
 def test_render_golden(case: str) -> None:
     s = settings()
     if case == "hetjob":
-        plan = make_plan(s, spec(host="gorgona1"), nodes=3)
+        plan = make_plan(s, spec(host="gorgona1"), nodes=3, runs_on=executor("slurm"))
     elif case == "array":
-        plan = make_plan(s, spec(), replicas=2)
+        plan = make_plan(s, spec(), replicas=2, runs_on=executor("slurm"))
     else:
-        plan = make_plan(s, spec(name="small", path="/models/small.gguf", weights=2_000_000_000))
+        plan = make_plan(s, spec(name="small", path="/models/small.gguf", weights=2_000_000_000), runs_on=executor("slurm"))
     assert plan.layout == case
     rd = RunDir(Path(f"/shared/runs/{plan.model.name.lower()}-20260101-000000-abcd"))
     check_golden(f"render-{case}.sbatch", render_script(plan, rd, PYTHON))
@@ -78,7 +79,7 @@ def test_render_is_the_up_script_with_another_entry() -> None:
     """Everything but the task command and the job-id line equals what `up` submits."""
     from speedslurm.cluster.script import render_job_script
 
-    plan = make_plan(settings(), spec(), nodes=2)
+    plan = make_plan(settings(), spec(), nodes=2, runs_on=executor("slurm"))
     rd = RunDir(Path("/shared/runs/x"))
     ours = render_script(plan, rd, PYTHON).split("\n")
     ups = render_job_script(plan, rd, "ENTRY").split("\n")
@@ -133,7 +134,7 @@ def test_hostile_run_dir_is_quoted_and_nothing_runs(tmp_path: Path) -> None:
     p1, p2 = tmp_path / "pwned1", tmp_path / "pwned2"
     root = tmp_path / "runs" / HOSTILE.format(p1=p1.name, p2=p2.name)
     root.parent.mkdir(mode=0o700)
-    plan = make_plan(settings(str(root.parent)), spec(), nodes=2)
+    plan = make_plan(settings(str(root.parent)), spec(), nodes=2, runs_on=executor("slurm"))
     rd = create_run_dir(root, deployment_record(settings(str(root.parent)), plan, {}, root.name), plan.replicas)
     assert oct(rd.root.stat().st_mode & 0o777) == "0o700"
     assert oct((rd.root / "api_key").stat().st_mode & 0o777) == "0o600"
@@ -151,7 +152,7 @@ def test_hostile_model_name_and_path(tmp_path: Path) -> None:
     p1, p2, p3 = tmp_path / "pwned1", tmp_path / "pwned2", tmp_path / "pwned3"
     name = f"m\n$(touch {p1.name})\n`touch {p2.name}`'\"x"
     path = tmp_path / f"evil\n$(touch {p3.name}) '.gguf"
-    plan = make_plan(settings(), spec(name=name, path=str(path)), nodes=2)
+    plan = make_plan(settings(), spec(name=name, path=str(path)), nodes=2, runs_on=executor("slurm"))
     rd = RunDir(tmp_path / "runs" / "dep")
     script = render_script(plan, rd, sys.executable)
     job_name = next(line for line in script.split("\n") if line.startswith("#SBATCH --job-name="))
@@ -165,7 +166,7 @@ def test_hostile_model_name_and_path(tmp_path: Path) -> None:
 
 
 def test_newline_in_run_dir_is_refused(tmp_path: Path) -> None:
-    plan = make_plan(settings(), spec(), nodes=2)
+    plan = make_plan(settings(), spec(), nodes=2, runs_on=executor("slurm"))
     bad = tmp_path / "a\n$(touch x)"
     with pytest.raises(UsageError, match="line break"):
         render_script(plan, RunDir(bad), PYTHON)
@@ -297,7 +298,7 @@ def test_job_id_from_env() -> None:
 
 def test_record_job_fills_each_replica(tmp_path: Path) -> None:
     (tmp_path / "runs").mkdir(mode=0o700)
-    plan = make_plan(settings(), spec(), replicas=2)
+    plan = make_plan(settings(), spec(), replicas=2, runs_on=executor("slurm"))
     rd = create_run_dir(tmp_path / "runs" / "d", deployment_record(settings(), plan, {}, "d"), plan.replicas)
     record_job(rd.root, "12_1", 1)
     record_job(rd.root, "12_0", 0)

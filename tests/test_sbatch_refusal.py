@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from speedslurm.cluster.registry import get as executor
 from speedslurm.cluster.script import SbatchRefused, refusal, refused_settings
 from speedslurm.deployments import lifecycle as dp
 from speedslurm.deployments.record import list_deployments
@@ -81,7 +82,7 @@ def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_the_error_names_sbatchs_words_the_setting_and_where_it_was_set(clean_env: Path) -> None:
     (clean_env / "config.yaml").write_text("cluster:\n  qos: high\n")
     settings = load_settings(profile="gorgonas", overrides=("cluster.sbatch.constraint=nosuchfeature",))
-    plan = make_plan(settings, spec())
+    plan = make_plan(settings, spec(), runs_on=executor("slurm"))
     err = refusal(plan, "sbatch: error: Batch job submission failed: Invalid feature specification\n")
     assert err.exit_code == 2 and err.setting == "cluster.sbatch.constraint"
     assert err.message == "sbatch refused the job: sbatch: error: Batch job submission failed: Invalid feature " \
@@ -110,7 +111,7 @@ def test_a_refused_job_leaves_no_run_directory_and_no_deployment(
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr(dp, "binaries_record", lambda binaries: {})
     settings = load_settings(profile="gorgonas", overrides=("cluster.sbatch.constraint=nosuchfeature",))
-    plan = make_plan(settings, spec(), nodes=2, replicas=replicas, executor="slurm")
+    plan = make_plan(settings, spec(), nodes=2, replicas=replicas, runs_on=executor("slurm"))
     with pytest.raises(SbatchRefused) as err:
         dp.launch(settings, plan, None)
     assert err.value.message.endswith("Invalid feature specification")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from speedslurm.cluster.registry import get as executor
 from speedslurm.cluster.script import render_job_script, slurm_parameters
 from speedslurm.errors import ConfigError, UsageError
 from speedslurm.model.registry import ModelSpec
@@ -45,7 +46,7 @@ def test_simple_slurm_table_is_sbatchs_option_list() -> None:
 def test_unknown_option_names_it_its_file_and_close_matches(user_config: Path) -> None:
     s = settings_with(user_config, "cluster:\n  sbatch:\n    reservaton: lab\n")
     with pytest.raises(ConfigError) as err:
-        make_plan(s, spec())
+        make_plan(s, spec(), runs_on=executor("slurm"))
     assert str(user_config) in err.value.message and "'reservaton'" in err.value.message
     assert err.value.fix and "reservation" in err.value.fix
 
@@ -53,7 +54,7 @@ def test_unknown_option_names_it_its_file_and_close_matches(user_config: Path) -
 def test_unknown_option_from_set_names_the_flag() -> None:
     s = load_settings(profile="gorgonas", environ={}, overrides=["cluster.sbatch.constrain=a100"])
     with pytest.raises(ConfigError, match=r"--set cluster\.sbatch\.constrain: unknown sbatch option 'constrain'") as err:
-        make_plan(s, spec())
+        make_plan(s, spec(), runs_on=executor("slurm"))
     assert err.value.fix and "constraint" in err.value.fix
 
 
@@ -75,7 +76,7 @@ def test_names_values_and_flags() -> None:
 def test_a_control_character_in_a_value_is_refused(user_config: Path, value: str) -> None:
     s = settings_with(user_config, "cluster:\n  sbatch:\n    comment: " + json.dumps(value) + "\n")
     with pytest.raises(ConfigError, match="control character") as err:
-        make_plan(s, spec())
+        make_plan(s, spec(), runs_on=executor("slurm"))
     assert str(user_config) in err.value.message and "cluster.sbatch.comment" in err.value.message
 
 
@@ -83,7 +84,7 @@ def test_a_hand_made_plan_with_a_line_break_is_refused_by_the_renderer() -> None
     import dataclasses
 
     s = load_settings(profile="gorgonas", environ={})
-    plan = dataclasses.replace(make_plan(s, spec()), sbatch=(("comment", "x\n#SBATCH --nodelist=n9"),))
+    plan = dataclasses.replace(make_plan(s, spec(), runs_on=executor("slurm")), sbatch=(("comment", "x\n#SBATCH --nodelist=n9"),))
     with pytest.raises(UsageError, match="control character"):
         render_job_script(plan, RunDir(Path("/shared/runs/x")), "ENTRY")
 
@@ -91,7 +92,7 @@ def test_a_hand_made_plan_with_a_line_break_is_refused_by_the_renderer() -> None
 def test_options_reach_every_component_of_a_hetjob_quoted(user_config: Path) -> None:
     s = settings_with(user_config, "cluster:\n  sbatch:\n    constraint: 'rtx4090|rtx3090ti'\n"
                                    "    comment: \"it's; $(touch PWNED)\"\n    exclusive: true\n")
-    plan = make_plan(s, spec(), nodes=3)
+    plan = make_plan(s, spec(), nodes=3, runs_on=executor("slurm"))
     assert plan.layout == "hetjob"
     lines = render_job_script(plan, RunDir(Path("/shared/runs/x")), "ENTRY").splitlines()
     split = lines.index("#SBATCH hetjob")
@@ -108,7 +109,7 @@ def test_array_jobs_get_them_through_submitits_own_path(tmp_path: Path) -> None:
     import submitit
 
     s = load_settings(profile="gorgonas", environ={}, overrides=["cluster.sbatch.mail-type=END"])
-    plan = make_plan(s, spec(), replicas=2)
+    plan = make_plan(s, spec(), replicas=2, runs_on=executor("slurm"))
     rd = RunDir(tmp_path / "x")
     ex = submitit.SlurmExecutor(folder=rd.submitit_dir, max_num_timeout=0)
     ex.update_parameters(**slurm_parameters(plan, rd), array_parallelism=plan.replicas)
@@ -118,7 +119,7 @@ def test_array_jobs_get_them_through_submitits_own_path(tmp_path: Path) -> None:
 def test_golden_scripts_are_unchanged_without_options() -> None:
     s = load_settings(profile="gorgonas", environ={})
     assert s.cluster.sbatch == {}
-    assert make_plan(s, spec()).sbatch == ()
+    assert make_plan(s, spec(), runs_on=executor("slurm")).sbatch == ()
 
 
 def test_plan_prints_the_option_in_its_job_script(user_config: Path, tiny_gguf: Path,

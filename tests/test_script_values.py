@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from speedslurm.cluster.registry import get as executor
 from speedslurm.cluster.script import render_job_script, slurm_parameters
 from speedslurm.errors import ConfigError, UsageError
 from speedslurm.model.registry import ModelSpec
@@ -54,7 +55,7 @@ def test_plan_refuses_a_control_character_in_a_setting_naming_it_and_its_file(
     user_config.write_text(yaml_text.format(v=json.dumps(bad)))
     settings = load_settings(profile="gorgonas")
     with pytest.raises(ConfigError, match="control character") as err:
-        make_plan(settings, spec())
+        make_plan(settings, spec(), runs_on=executor("slurm"))
     assert setting in err.value.message and str(user_config) in err.value.message, err.value.message
     assert err.value.exit_code == 2 and setting in (err.value.fix or "")
 
@@ -62,19 +63,19 @@ def test_plan_refuses_a_control_character_in_a_setting_naming_it_and_its_file(
 def test_plan_refuses_a_line_break_in_the_time_and_names_its_flag(user_config: Path) -> None:
     user_config.write_text("{}\n")
     with pytest.raises(ConfigError, match="cluster.time") as err:
-        make_plan(load_settings(profile="gorgonas"), spec(), time="04:00:00\n")
+        make_plan(load_settings(profile="gorgonas"), spec(), time="04:00:00\n", runs_on=executor("slurm"))
     assert err.value.message.startswith("--time:"), err.value.message
 
 
 def test_plan_refuses_a_line_break_in_the_models_host(user_config: Path) -> None:
     user_config.write_text("{}\n")
     with pytest.raises(ConfigError, match=r"models\.m\.host"):
-        make_plan(load_settings(profile="gorgonas"), spec(host="n1" + INJECTED))
+        make_plan(load_settings(profile="gorgonas"), spec(host="n1" + INJECTED), runs_on=executor("slurm"))
 
 
 def test_the_local_executor_has_no_script_and_is_not_refused(user_config: Path) -> None:
     user_config.write_text("cluster:\n  account: " + json.dumps("lab" + INJECTED) + "\n")
-    assert make_plan(load_settings(profile="gorgonas"), spec(), executor="local").executor == "local"
+    assert make_plan(load_settings(profile="gorgonas"), spec(), runs_on=executor("local")).executor == "local"
 
 
 FIELDS = [("partition", "cluster.partition"), ("account", "cluster.account"), ("qos", "cluster.qos"),
@@ -90,7 +91,7 @@ def test_every_script_path_refuses_a_hand_made_plan(user_config: Path, field: st
     which the hetjob renderer, submitit's array path and ``render`` all call, refuses it."""
     user_config.write_text("{}\n")
     plan = make_plan(load_settings(profile="gorgonas"), spec(), nodes=1 if layout == "single" else 2,
-                     replicas=2 if layout == "array" else 1)
+                     replicas=2 if layout == "array" else 1, runs_on=executor("slurm"))
     value: tp.Any = "x" + INJECTED
     if field == "exclude":
         value = ("n4", value)
@@ -107,7 +108,7 @@ def test_every_script_path_refuses_a_hand_made_plan(user_config: Path, field: st
 
 def test_a_line_break_in_the_run_dir_is_refused_where_the_parameters_are_built(user_config: Path) -> None:
     user_config.write_text("{}\n")
-    plan = make_plan(load_settings(profile="gorgonas"), spec())
+    plan = make_plan(load_settings(profile="gorgonas"), spec(), runs_on=executor("slurm"))
     with pytest.raises(ConfigError, match=r"run\.dir"):
         slurm_parameters(plan, RunDir(Path("/shared/runs/a\n#SBATCH --nodelist=n9/x")))
 

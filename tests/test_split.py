@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from speedslurm.cluster.registry import get as executor
 from speedslurm.errors import ConfigError, UsageError
 from speedslurm.model.gguf import read_gguf_info
 from speedslurm.model.registry import resolve_model
@@ -152,7 +153,7 @@ def _balanced(plan) -> None:
 
 
 def test_70b_q4_on_gorgonas_two_devices_balanced(gorgonas, q4: Path) -> None:
-    plan = make_plan(gorgonas, resolve_model(gorgonas, str(q4)), ctx=8192)
+    plan = make_plan(gorgonas, resolve_model(gorgonas, str(q4)), ctx=8192, runs_on=executor("slurm"))
     assert plan.nodes == 2
     assert [d.node for d in plan.devices] == ["follower-1", "leader"]   # --rpc servers first, then the GPU
     _balanced(plan)
@@ -161,7 +162,7 @@ def test_70b_q4_on_gorgonas_two_devices_balanced(gorgonas, q4: Path) -> None:
 
 
 def test_70b_q6_on_gorgonas_three_devices_balanced(gorgonas, q6: Path) -> None:
-    plan = make_plan(gorgonas, resolve_model(gorgonas, str(q6)), ctx=8192)
+    plan = make_plan(gorgonas, resolve_model(gorgonas, str(q6)), ctx=8192, runs_on=executor("slurm"))
     assert plan.nodes == 3
     _balanced(plan)
     assert plan.tensor_split == (27, 27, 27)
@@ -171,7 +172,7 @@ def test_gemma_like_tied_output_gets_a_device_of_its_own(gorgonas, tmp_path: Pat
     # gemma-3-270m's proportions: 18 small blocks, a tied embedding larger than all of them together
     path = write_header(tmp_path / "g.gguf", n_layer=18, n_embd=640, n_ff=2048, n_head=4, n_head_kv=1,
                         n_vocab=262144, output_type=None, layer_type="Q8_0", embd_type="Q8_0")
-    plan = make_plan(gorgonas, resolve_model(gorgonas, str(path)), nodes=3)
+    plan = make_plan(gorgonas, resolve_model(gorgonas, str(path)), nodes=3, runs_on=executor("slurm"))
     assert plan.tensor_split is not None and plan.tensor_split[-1] == 1
     assert plan.devices[-1].output and plan.devices[-1].layers == 0
     assert "reuses the embedding" in plan.split_note and "copied to leader" in plan.split_note
@@ -182,11 +183,11 @@ def test_cpu_only_leader_holds_no_layers(q4: Path, tmp_path: Path) -> None:
     small = write_header(tmp_path / "s.gguf", n_layer=16, n_embd=512, n_ff=1536, n_head=8, n_head_kv=2,
                          n_vocab=8192, layer_type="Q8_0", embd_type="Q8_0", output_type="Q8_0")
     bed = load_settings(profile="testbed", environ={})
-    plan = make_plan(bed, resolve_model(bed, str(small)), nodes=3)
+    plan = make_plan(bed, resolve_model(bed, str(small)), nodes=3, runs_on=executor("slurm"))
     assert [d.node for d in plan.devices] == ["follower-1", "follower-2"]
     assert plan.tensor_split is not None and len(plan.tensor_split) == 2
     _balanced(plan)
-    one = make_plan(bed, resolve_model(bed, str(small)), nodes=1)
+    one = make_plan(bed, resolve_model(bed, str(small)), nodes=1, runs_on=executor("slurm"))
     assert one.tensor_split is None and "CPU-only" in one.split_note
 
 
@@ -197,18 +198,18 @@ def test_a_cpu_only_leader_adds_a_node_when_the_devices_cannot_hold_the_layers(t
                         n_vocab=8192, layer_type="Q8_0", embd_type="Q8_0", output_type="Q8_0")
     bed = load_settings(profile="testbed", environ={})
     model = resolve_model(bed, str(path))
-    plan = make_plan(bed, model, ctx=8192)
+    plan = make_plan(bed, model, ctx=8192, runs_on=executor("slurm"))
     assert plan.min_nodes == plan.nodes and len(plan.devices) == plan.nodes - 1
     assert all(d.total_bytes <= plan.usable_bytes for d in plan.devices)
     with pytest.raises(UsageError) as err:
-        make_plan(bed, model, ctx=8192, nodes=plan.nodes - 1)
+        make_plan(bed, model, ctx=8192, nodes=plan.nodes - 1, runs_on=executor("slurm"))
     assert "do not fit" in err.value.message and "CPU-only" in err.value.message
     assert f"--nodes {plan.nodes}" in (err.value.fix or "")
 
 
 def test_local_roles_split_over_the_local_rpc_servers(tiny_gguf: Path) -> None:
     local = load_settings(profile="local", environ={})
-    plan = make_plan(local, resolve_model(local, str(tiny_gguf)), nodes=3, executor="local")
+    plan = make_plan(local, resolve_model(local, str(tiny_gguf)), nodes=3, runs_on=executor("local"))
     assert [d.node for d in plan.devices] == ["follower-1", "follower-2"]
     assert plan.tensor_split == (4, 5)   # 8 equal blocks, then the smaller output layer
     _balanced(plan)
@@ -217,7 +218,7 @@ def test_local_roles_split_over_the_local_rpc_servers(tiny_gguf: Path) -> None:
 def test_the_users_tensor_split_wins(q4: Path) -> None:
     s = load_settings(profile="gorgonas", environ={},
                       overrides=['llama.extra_server_args=["--tensor-split", "3,1"]'])
-    plan = make_plan(s, resolve_model(s, str(q4)))
+    plan = make_plan(s, resolve_model(s, str(q4)), runs_on=executor("slurm"))
     assert plan.tensor_split is None
     assert "--tensor-split 3,1" in plan.split_note and "yours wins" in plan.split_note
     assert [d.layers + d.output for d in plan.devices] == [61, 20]
@@ -247,8 +248,8 @@ def test_plan_json_and_text_show_shares(q4: Path, user_config: Path, monkeypatch
 
 def test_auto_slots_few_on_two_nodes_more_on_three(gorgonas, q4: Path) -> None:
     model = resolve_model(gorgonas, str(q4))
-    two = make_plan(gorgonas, model, ctx=8192)
-    three = make_plan(gorgonas, model, ctx=8192, nodes=3)
+    two = make_plan(gorgonas, model, ctx=8192, runs_on=executor("slurm"))
+    three = make_plan(gorgonas, model, ctx=8192, nodes=3, runs_on=executor("slurm"))
     assert gorgonas.llama.parallel == "auto"
     # 2 x 22 GiB less 37 GiB of weights and 2 compute buffers leave room for ~13k tokens (320 KiB each)
     assert 2 <= two.parallel <= 4 and two.ctx_per_slot >= 4096
@@ -261,16 +262,16 @@ def test_auto_slots_few_on_two_nodes_more_on_three(gorgonas, q4: Path) -> None:
 
 def test_auto_slots_cap_and_floor(q4: Path) -> None:
     s = load_settings(profile="gorgonas", environ={}, overrides=["llama.max_parallel=5"])
-    plan = make_plan(s, resolve_model(s, str(q4)), nodes=3)
+    plan = make_plan(s, resolve_model(s, str(q4)), nodes=3, runs_on=executor("slurm"))
     assert plan.parallel == 5 and plan.ctx_per_slot == 8192   # capped: each slot gets the whole --ctx
     s = load_settings(profile="gorgonas", environ={}, overrides=["llama.min_ctx_per_slot=8192"])
-    plan = make_plan(s, resolve_model(s, str(q4)))
+    plan = make_plan(s, resolve_model(s, str(q4)), runs_on=executor("slurm"))
     assert plan.parallel == 1 and plan.ctx_per_slot == 8192
 
 
 def test_explicit_parallel_is_kept(q4: Path) -> None:
     s = load_settings(profile="gorgonas", environ={}, overrides=["llama.parallel=4"])
-    plan = make_plan(s, resolve_model(s, str(q4)), ctx=8192)
+    plan = make_plan(s, resolve_model(s, str(q4)), ctx=8192, runs_on=executor("slurm"))
     assert plan.parallel == 4 and plan.ctx == 8192
     assert "llama.parallel 4" in plan.slots_note
 

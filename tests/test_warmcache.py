@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from speedslurm.cluster import warmcache
+from speedslurm.cluster.registry import get as executor
 from speedslurm.cluster.script import render_job_script
 from speedslurm.model.registry import ModelSpec
 from speedslurm.planning.plan import describe_plan, make_plan
@@ -135,7 +136,7 @@ def settings(**env: str):
 def test_plan_names_the_warm_follower_node_and_keeps_the_leader_off_it(warm) -> None:
     spec, tmp_path = warm
     asked = []
-    plan = warmcache.place(settings(), make_plan(settings(), spec),
+    plan = warmcache.place(settings(), make_plan(settings(), spec, runs_on=executor("slurm")),
                            states=lambda: asked.append(1) or IDLE4)
     assert asked == [1]          # Slurm asked once
     assert plan.nodes == 2 and plan.warm_nodes == ("n3",)
@@ -151,9 +152,9 @@ def test_plan_names_the_warm_follower_node_and_keeps_the_leader_off_it(warm) -> 
 
 def test_busy_warm_node_gives_the_same_job_as_without_placement(warm) -> None:
     spec, tmp_path = warm
-    plan = warmcache.place(settings(), make_plan(settings(), spec), states=lambda: {**IDLE4, "n3": "alloc"})
+    plan = warmcache.place(settings(), make_plan(settings(), spec, runs_on=executor("slurm")), states=lambda: {**IDLE4, "n3": "alloc"})
     assert plan.warm_nodes == () and plan.placement_note == "any nodes: the warm node(s) are not idle: n3 (alloc)"
-    off = make_plan(settings(), spec)
+    off = make_plan(settings(), spec, runs_on=executor("slurm"))
     rd = RunDir(tmp_path / "run")
     assert render_job_script(plan, rd, "ENTRY") == render_job_script(off, rd, "ENTRY")
 
@@ -161,10 +162,10 @@ def test_busy_warm_node_gives_the_same_job_as_without_placement(warm) -> None:
 def test_the_setting_turns_it_off_without_asking_slurm(warm) -> None:
     spec, _ = warm
     off = settings(SPEEDSLURM_CLUSTER__WARM_PLACEMENT="false")
-    plan = warmcache.place(off, make_plan(off, spec), states=lambda: pytest.fail("sinfo asked"))
+    plan = warmcache.place(off, make_plan(off, spec, runs_on=executor("slurm")), states=lambda: pytest.fail("sinfo asked"))
     assert plan.warm_nodes == () and plan.placement_note == "off (cluster.warm_placement: false)"
     nocache = settings(SPEEDSLURM_LLAMA__RPC_CACHE="false")
-    plan = warmcache.place(nocache, make_plan(nocache, spec), states=lambda: pytest.fail("sinfo asked"))
+    plan = warmcache.place(nocache, make_plan(nocache, spec, runs_on=executor("slurm")), states=lambda: pytest.fail("sinfo asked"))
     assert plan.placement_note == "off: no rpc cache (llama.rpc_cache: false)"
 
 
@@ -173,13 +174,13 @@ def test_no_record_asks_slurm_nothing(warm, tmp_path: Path) -> None:
     other = tmp_path / "other.gguf"
     other.write_bytes(b"GGUF")
     spec = dataclasses.replace(spec, path=other, files=(other,))
-    plan = warmcache.place(settings(), make_plan(settings(), spec), states=lambda: pytest.fail("sinfo asked"))
+    plan = warmcache.place(settings(), make_plan(settings(), spec, runs_on=executor("slurm")), states=lambda: pytest.fail("sinfo asked"))
     assert plan.warm_nodes == () and "no node holds a warm rpc cache" in plan.placement_note
 
 
 def test_arrays_and_plain_jobs_name_no_node(warm) -> None:
     spec, _ = warm
-    plan = warmcache.place(settings(), make_plan(settings(), spec, replicas=2), states=lambda: IDLE4)
+    plan = warmcache.place(settings(), make_plan(settings(), spec, replicas=2, runs_on=executor("slurm")), states=lambda: IDLE4)
     assert plan.warm_nodes == () and plan.placement_note.startswith("not used: array job")
 
 
@@ -193,5 +194,5 @@ def test_sinfo_failing_takes_any_nodes(warm, monkeypatch: pytest.MonkeyPatch) ->
         raise CommandError(["sinfo"], 1, "", "slurm_load_partitions: Unable to contact slurm controller")
 
     monkeypatch.setattr(slurm, "partition_info", broken)
-    plan = warmcache.place(settings(), make_plan(settings(), spec))
+    plan = warmcache.place(settings(), make_plan(settings(), spec, runs_on=executor("slurm")))
     assert plan.warm_nodes == () and plan.placement_note.startswith("any nodes: sinfo failed")

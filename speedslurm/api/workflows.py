@@ -47,13 +47,15 @@ def describe_settings(settings: Settings) -> list[tuple[str, tp.Any, str]]:
 def models(settings: Settings) -> list[dict[str, tp.Any]]:
     """The model registry, one row per model (name, files, size, present, host, ctx, description), with the
     nodes one replica needs at the model's context (``nodes``; None and ``problem`` when it cannot be planned)."""
+    from ..cluster.registry import get
     from ..model.registry import model_rows, resolve_model
     from ..planning.plan import make_plan
 
     rows = model_rows(settings)
+    runs_on = get("slurm")  # the nodes a replica needs on the cluster, wherever the listing is asked
     for row in rows:
         try:
-            plan = make_plan(settings, resolve_model(settings, row["name"]))
+            plan = make_plan(settings, resolve_model(settings, row["name"]), runs_on=runs_on)
             row["nodes"] = plan.nodes
         except UsageError as exc:
             row["nodes"] = None

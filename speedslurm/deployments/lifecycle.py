@@ -64,7 +64,7 @@ def prepare(settings: Settings, model: str, *, nodes: int | None = None, replica
     chosen = choose(settings, executor)
     check_idle_timeout(settings)
     spec = resolve_model(settings, model)
-    plan = make_plan(settings, spec, ctx=ctx, nodes=nodes, replicas=replicas, time=time_limit, executor=chosen,
+    plan = make_plan(settings, spec, runs_on=get(chosen), ctx=ctx, nodes=nodes, replicas=replicas, time=time_limit,
                      partition_size=get(chosen).nodes_available(settings))
     if place:
         plan = warmcache.place(settings, plan)

@@ -195,17 +195,34 @@ def _check_partition(settings: Settings, model: ModelSpec, nodes: int, partition
             fix="use a smaller --ctx or quantisation, fewer --nodes, or a partition with more nodes")
 
 
-def make_plan(settings: Settings, model: ModelSpec, *, ctx: int | None = None, nodes: int | None = None,
-              replicas: int = 1, time: str | None = None, executor: str = "slurm",
+class RunsOn(tp.Protocol):
+    """What a plan asks of the executor that will run it (each one, in ``speedslurm.cluster``, says it of itself)."""
+
+    @property
+    def name(self) -> str:
+        """Recorded in the plan: the executor that submits it."""
+
+    @property
+    def sizes_devices(self) -> bool:
+        """Each node's device memory bounds the plan (False: one node, this machine's memory)."""
+
+    @property
+    def pins_model_host(self) -> bool:
+        """A model on one node's local disk puts the leader on that node."""
+
+    @property
+    def writes_job_script(self) -> bool:
+        """The jobs run from a job script, whose values are checked here."""
+
+
+def make_plan(settings: Settings, model: ModelSpec, *, runs_on: RunsOn, ctx: int | None = None,
+              nodes: int | None = None, replicas: int = 1, time: str | None = None,
               partition_size: int | None = None) -> Plan:
     """Size the deployment and validate it; raises :class:`UsageError` before anything is queued.
 
-    ``executor`` names the executor that will run it; what the plan depends on is asked of its capabilities
-    (:class:`speedslurm.cluster.executor.Executor`: ``sizes_devices``, ``pins_model_host``, ``writes_job_script``).
+    ``runs_on`` is the executor that will run it: the plan depends on its capabilities (:class:`RunsOn`), never
+    on its name.
     """
-    from ..cluster.registry import get  # the one import up: the plan is made for the executor that runs it
-
-    runs_on = get(executor)
     extra_sbatch = sbatch_options(settings.cluster.sbatch, settings.origins)
     check_node_addresses(settings)
     ctx = ctx if ctx is not None else model.ctx
@@ -290,7 +307,7 @@ def make_plan(settings: Settings, model: ModelSpec, *, ctx: int | None = None, n
         model=model, ctx=ctx, nodes=chosen, min_nodes=need, replicas=replicas, parallel=parallel,
         usable_bytes=usable, compute_bytes=compute, kv_bytes=kv, partition=settings.cluster.partition,
         time=time_value, time_minutes=minutes, gres=settings.cluster.gres_per_node, leader_host=leader_host,
-        exclude=tuple(settings.cluster.exclude), executor=executor, devices=devices,
+        exclude=tuple(settings.cluster.exclude), executor=runs_on.name, devices=devices,
         account=settings.cluster.account, qos=settings.cluster.qos,
         cpus_per_node=settings.cluster.cpus_per_node, mem_per_node=settings.cluster.mem_per_node,
         hetjob=settings.cluster.hetjob, sbatch=extra_sbatch, origins=origins,
