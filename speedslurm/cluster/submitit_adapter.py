@@ -17,6 +17,11 @@ done here, and only here:
   starts ``python -m submitit.local._local FOLDER`` in its own session, with /dev/null, a log file and the
   environment without a surrounding Slurm job's variables, and builds the ``LocalJob`` itself.
 
+One more thing relies on submitit's files but lives on the job side, which never imports submitit:
+``node/entry.py``'s ``run_submitted`` runs a task whose pickled callable is ``node.roles.serve`` itself (0.3-0.6 s
+sooner to the servers), reading the pickle ``JobPaths`` names and writing the ``("success", value)`` result pickle
+that submitit's own entry writes. Its assumptions are checked here with the others.
+
 :func:`assumptions` lists what these overrides rely on; ``tests/test_submitit_adapter.py`` checks each one
 against the installed submitit, so a release that changes them fails there with a message naming the change,
 not in a user's deployment.
@@ -126,7 +131,7 @@ def _params(fn: tp.Callable[..., tp.Any]) -> list[str]:
 
 def assumptions() -> list[tuple[str, tp.Callable[[], bool]]]:
     """(what this adapter assumes, a check of it against the installed submitit), one per assumption."""
-    from submitit.core import core
+    from submitit.core import core, submission, utils
     from submitit.local import local
 
     controller_env = inspect.getsource(local.Controller.__init__) + inspect.getsource(local.Controller.start_tasks)
@@ -156,6 +161,19 @@ def assumptions() -> list[tuple[str, tp.Callable[[], bool]]]:
          and all(name in inspect.getsource(local.start_controller) for name in (
              "SUBMITIT_LOCAL_NODEID", "SUBMITIT_LOCAL_JOB_NUM_NODES", "SUBMITIT_EXECUTOR"))
          and "Controller" in Path(local.__file__).with_name("_local.py").read_text()),
+        # node/entry.py's run_submitted, the job side's own run of a submitted task:
+        ("JobPaths names a task's files FOLDER/<job>_submitted.pkl and FOLDER/<job>_<rank>_result.pkl",
+         lambda: (utils.JobPaths("/f/%j", job_id="12", task_id=3).submitted_pickle.name,
+                  utils.JobPaths("/f/%j", job_id="12", task_id=3).result_pickle.name)
+         == ("12_submitted.pkl", "12_3_result.pkl")),
+        ("a submitted DelayedSubmission keeps function, args and kwargs as plain attributes",
+         lambda: {"function", "args", "kwargs"} <= set(vars(utils.DelayedSubmission(print, 1, a=2)))),
+        ("a task's result pickle is ('success', value) (or ('error', traceback text)), as Job reads it",
+         lambda: '("success", result)' in inspect.getsource(submission)
+         and '"success"' in inspect.getsource(core.Job._get_outcome_and_result)),
+        ("a local task knows its job and rank from SUBMITIT_LOCAL_JOB_ID and SUBMITIT_LOCAL_GLOBALID",
+         lambda: all(name in inspect.getsource(local) for name in ("SUBMITIT_LOCAL_JOB_ID",
+                                                                   "SUBMITIT_LOCAL_GLOBALID"))),
     ]
 
 

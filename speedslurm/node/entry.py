@@ -114,8 +114,9 @@ def _task_paths(folder: str) -> tuple[Path, Path]:
 def run_submitted(folder: str, wait_s: float = 60) -> int | None:
     """Run a submitted job whose callable is :func:`speedslurm.node.roles.serve` without importing submitit (and the
     numpy it imports): the task reaches its server's ``exec`` 0.3-0.6 s sooner. Writes the result pickle as
-    submitit does, so its files stay what submitit expects. None when the pickle holds another callable: the
-    caller hands it to submitit."""
+    submitit does, so its files stay what submitit expects (what it relies on of submitit is checked with
+    ``cluster/submitit_adapter.py``'s ``assumptions``). None when the pickle holds another callable: the caller hands
+    it to submitit."""
     import pickle
     import time
     import traceback
