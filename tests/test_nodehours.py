@@ -83,6 +83,20 @@ def test_an_ended_hetjob_sums_its_components_and_the_end_is_kept(tmp_path: Path,
     assert json.loads(dep.run_dir.jobs_ended_path.read_text())["jobs"]["307"]["node_s"] == 135
 
 
+def test_a_jobs_ended_file_that_is_no_record_is_asked_about_again_and_written_anew(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """jobs-ended.json is a record of the run directory's contract: one without its schema (another version's,
+    or damaged) is not trusted: Slurm is asked again, and the file is written anew as the record."""
+    fake = Slurm(sacct=SACCT_HETJOB)
+    monkeypatch.setattr(slurm, "call", fake)
+    dep = _dep(tmp_path, ["307"])
+    dep.run_dir.jobs_ended_path.write_text(json.dumps({"jobs": {"307": {"state": "RUNNING"}}}))
+    (st,) = replica_statuses(dep)
+    assert st.state == "ENDED" and [c[0] for c in fake.calls] == ["squeue", "sacct"]
+    data = json.loads(dep.run_dir.jobs_ended_path.read_text())
+    assert data["schema"] and data["jobs"]["307"]["state"] == "CANCELLED", data  # as sacct says (SACCT_HETJOB)
+
+
 def test_gpu_hours_where_accounting_counts_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(slurm, "call", Slurm(sacct=SACCT_GPU))
     dep = _dep(tmp_path, ["410_0"], nodes=2)

@@ -12,7 +12,7 @@ import typing as tp
 
 from ..errors import UsageError
 from ..rundir.layout import Deployment, script_path
-from ..rundir.records import JobId, read_json, write_json_atomic
+from ..rundir.records import JobId, JobsEnded, read_record, write_record
 from . import slurm
 from .executor import ACCOUNTING, SLURM_MOST_S, SQUEUE, Executor, JobView, Usage
 
@@ -112,14 +112,14 @@ def _num(value: tp.Any) -> float | None:
 
 
 def recorded_ends(dep: Deployment) -> dict[str, slurm.JobState]:
-    """Jobs of ``dep`` already seen ended (``jobs-ended.json``): job id -> its final state."""
+    """Jobs of ``dep`` already seen ended (``jobs-ended.json``): job id -> its final state. A file that cannot be
+    read or is no such record: none (Slurm is asked again)."""
     try:
-        data = read_json(dep.run_dir.jobs_ended_path) or {}
-    except (OSError, ValueError):
+        record = read_record(dep.run_dir.jobs_ended_path, JobsEnded)
+    except (OSError, UsageError):
         return {}
-    jobs = data.get("jobs") if isinstance(data, dict) else None
     out = {}
-    for job_id, rec in (jobs or {}).items():
+    for job_id, rec in (record.jobs if record else {}).items():
         if isinstance(rec, dict) and rec.get("state"):
             elapsed = _num(rec.get("elapsed_s"))
             out[str(job_id)] = slurm.JobState(str(rec.get("job_id") or job_id), str(rec["state"]),
@@ -138,12 +138,15 @@ def _record_ends(dep: Deployment, seen: dict[str, slurm.JobState]) -> None:
     if not seen:
         return
     try:
-        data = read_json(dep.run_dir.jobs_ended_path) or {}
-        jobs = dict(data.get("jobs") or {}) if isinstance(data, dict) else {}
+        try:
+            record = read_record(dep.run_dir.jobs_ended_path, JobsEnded)
+        except UsageError:
+            record = None  # not such a record: written anew
+        jobs = dict(record.jobs) if record else {}
         for job_id, js in seen.items():
             jobs[job_id] = {**dataclasses.asdict(js), "seen_at": time.time()}
-        write_json_atomic(dep.run_dir.jobs_ended_path, {"jobs": jobs})
-    except (OSError, ValueError):
+        write_record(dep.run_dir.jobs_ended_path, JobsEnded(jobs=jobs))
+    except OSError:
         pass
 
 

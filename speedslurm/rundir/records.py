@@ -263,6 +263,16 @@ class Endpoint(Handshake):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class JobsEnded(Record):
+    """``jobs-ended.json``, kept by the client: Slurm's last word on each job of the deployment it saw end, so that
+    the job is never asked about again. Job id -> its ``state``, ``reason``, ``exit_code``, ``nodes``,
+    ``elapsed_s``, ``node_s``, ``gpu_s`` (as Slurm gave them) and ``seen_at``."""
+
+    FILE: tp.ClassVar[str] = "jobs-ended.json"
+    jobs: dict[str, tp.Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DeploymentRecord(Record):
     """``deployment.json``: what was submitted, and what the job side needs to start its role.
 
