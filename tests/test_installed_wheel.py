@@ -7,7 +7,8 @@ llama.cpp build differs: instead of ``speedslurm build-llama`` (a CUDA build, an
 
 Then, still as ``labuser1``: plan, up -> endpoint --env -> a chat request -> status -> down; submit of a prompts
 file on 2 nodes; render + plain sbatch + run --deployment; doctor. And as ``labuser2`` against the first one's live
-deployment: no access to its run directory, key, logs, results or rpc-server cache, no listing, no `down`.
+deployment: no access to its run directory, key, logs, results or rpc-server cache, no listing, no `down`. And
+labuser1's own ``speedslurm gateway``: a key, a cold start, plain and streamed answers, private files, SIGTERM.
 
 Home directories are world-readable here (mode 0755, as on many clusters): whatever keeps the users apart must be
 speedslurm's own doing, not the home directory's mode.
@@ -21,12 +22,14 @@ import pwd
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import time
 import typing as tp
 from pathlib import Path
 
 import pytest
+from longbatch import GUARD_S, Output, wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.llama, pytest.mark.slow]
 
@@ -339,3 +342,64 @@ def test_a_planted_rpc_cache_folder_is_never_used(lab: dict[str, tp.Any]) -> Non
         if aside.exists():
             shutil.rmtree(default, ignore_errors=True)
             aside.rename(default)
+
+
+def test_the_gateway_as_an_ordinary_user(lab: dict[str, tp.Any]) -> None:
+    """labuser1 runs ``speedslurm gateway`` from the wheel with a model of its models.yaml: a key, a cold start on
+    the first request, plain and streamed answers with the openai client; the folder and the key file are private,
+    labuser2 gets 401 without a key and cannot read the keys; no key or prompt text reaches the gateway's log;
+    SIGTERM stops it (exit 0) and cancels its job."""
+    folder = home(USER1) / ".local/share/speedslurm/gateway"  # the default gateway.dir
+    shutil.rmtree(folder, ignore_errors=True)
+    key = as_user(USER1, speedslurm_cmd("gateway", "keys", "add", "alice")).stdout.strip()
+    assert re.fullmatch(r"ssg-\S{20,}", key), key
+    # `exec`: the gateway keeps the shell's pid, which the test signals as systemd or a dropped ssh session would
+    script = ("mkdir -p work && echo $$ > work/gateway.pid && exec "
+              + speedslurm_cmd("gateway", "--listen", "127.0.0.1:0", "--model", "chat=tiny", "--idle-timeout", "0"))
+    proc = subprocess.Popen(["runuser", "-l", USER1, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, stdin=subprocess.DEVNULL)
+    out = Output(proc)
+    dep: dict[str, tp.Any] = {}
+    secret_prompt = "the-secret-prompt-text-0451"
+    try:
+        out.wait_said("speedslurm gateway serves")
+        url = re.search(r"speedslurm gateway serves (http://\S+)/v1 ", out.stderr).group(1)  # type: ignore[union-attr]
+        pid = int((home(USER1) / "work/gateway.pid").read_text())
+        assert json.loads(as_user(USER1, "speedslurm status --json").stdout) == []  # cold: nothing submitted yet
+        client = (f"import openai, sys; c = openai.OpenAI(base_url={url + '/v1'!r}, api_key=sys.argv[1], "
+                  "max_retries=0, timeout=300); "
+                  f"r = c.chat.completions.create(model='chat', messages=[{{'role': 'user', 'content': "
+                  f"{secret_prompt!r}}}], max_tokens=5); print(r.usage.completion_tokens); "
+                  "s = c.chat.completions.create(model='chat', messages=[{'role': 'user', 'content': 'Count'}], "
+                  "max_tokens=6, stream=True, extra_body={'ignore_eos': True}); "
+                  "print(sum(1 for x in s if x.choices and x.choices[0].delta.content))")
+        tokens, chunks = as_user(USER1, f"python -c {shlex.quote(client)} {shlex.quote(key)}").stdout.split()
+        assert int(tokens) > 0 and int(chunks) >= 2, (tokens, chunks)
+        [dep] = json.loads(as_user(USER1, "speedslurm status --json").stdout)  # the first request submitted it
+        job_id = dep["replicas"][0]["job_id"]
+        assert dep["state"] == "READY" and job_owner(job_id) == USER1, dep
+
+        assert (folder.stat().st_mode & 0o777, (folder / "keys.json").stat().st_mode & 0o777) == (0o700, 0o600)
+        for p in (folder, folder / "keys.json"):
+            res = as_user(USER2, f"{'ls' if p.is_dir() else 'cat'} {shlex.quote(str(p))} 2>&1", check=False)
+            assert res.returncode != 0 and "Permission denied" in res.stdout, (p, res.stdout)
+        for auth in ("", "-H 'Authorization: Bearer ssg-guessed'"):
+            code = as_user(USER2, f"curl -s -o /dev/null -w '%{{http_code}}' -X POST {auth} -H 'Content-Type: "
+                                  f"application/json' -d '{{\"model\": \"chat\", \"prompt\": \"x\", \"max_tokens\": 1}}' "
+                                  f"{url}/v1/completions", check=False)
+            assert code.stdout == "401", (auth, code.stdout)
+        usage = json.loads(as_user(USER1, "speedslurm gateway usage --json").stdout)
+        assert usage["keys"]["alice"]["requests"] == 2 and usage["unauthorized"] == 2, usage
+
+        os.kill(pid, signal.SIGTERM)
+        assert proc.wait(GUARD_S) == 0, out.stderr
+        wait_until(f"job {job_id} gone from the queue", lambda: not job_owner(job_id), every=0.5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if dep and job_owner(dep["replicas"][0]["job_id"]):
+            as_user(USER1, speedslurm_cmd("down", dep["id"]), check=False)
+    log = out.stderr
+    assert "Stopped deployment(s): " + dep["id"] in " ".join(log.split()), log
+    assert key not in log and key[4:] not in log and secret_prompt not in log, log
+    assert '"event": "request"' in log or '"event":"request"' in log, log  # the access log is there, without them
