@@ -13,17 +13,10 @@ import records
 from rich.console import Console
 
 from devtools.stubserver import StubServer
-from speedslurm.batch import (
-    BatchFailed,
-    BatchOptions,
-    RunDirSource,
-    StaticSource,
-    Summary,
-    final_view,
-    prepare_batch,
-    run_batch,
-)
-from speedslurm.batch.sources import describe_failure
+from speedslurm.batch.results import final_view
+from speedslurm.batch.runner import BatchFailed, BatchOptions, prepare_batch, run_batch
+from speedslurm.batch.sources import RunDirSource, StaticSource, describe_failure
+from speedslurm.batch.summary import Summary
 from speedslurm.errors import SpeedslurmError, UsageError
 from speedslurm.rundir.layout import RunDir
 from speedslurm.rundir.records import Endpoint, write_json_atomic

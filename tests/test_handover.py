@@ -13,7 +13,7 @@ from rich.console import Console
 
 from devtools.stubserver import StubServer
 from speedslurm.api.handover import HandoverSource
-from speedslurm.batch import BatchOptions, prepare_batch, run_batch
+from speedslurm.batch.runner import BatchOptions, prepare_batch, run_batch
 from speedslurm.batch.sources import SourceState
 from speedslurm.cluster import slurm
 from speedslurm.rundir.records import Endpoint

@@ -351,7 +351,7 @@ def test_a_base_url_server_whose_pages_are_nested_too_deep_gets_the_defaults() -
     takes the defaults (4 slots, no model name) as for a server that offers no such page."""
     from localhttp import Handler, serving
 
-    from speedslurm.batch import StaticSource
+    from speedslurm.batch.sources import StaticSource
 
     deep = b"[" * 100_000 + b"]" * 100_000
 

@@ -14,16 +14,10 @@ import records
 from rich.console import Console
 
 from devtools.stubserver import StubServer, _App
-from speedslurm.batch import (
-    BatchFailed,
-    BatchOptions,
-    RunDirSource,
-    StaticSource,
-    Summary,
-    final_view,
-    prepare_batch,
-    run_batch,
-)
+from speedslurm.batch.results import final_view
+from speedslurm.batch.runner import BatchFailed, BatchOptions, prepare_batch, run_batch
+from speedslurm.batch.sources import RunDirSource, StaticSource
+from speedslurm.batch.summary import Summary
 from speedslurm.rundir.layout import RunDir
 from speedslurm.rundir.records import Endpoint, write_json_atomic
 

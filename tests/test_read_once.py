@@ -23,9 +23,10 @@ import pytest
 from rich.console import Console
 
 from devtools.stubserver import StubServer
-from speedslurm.batch import BatchOptions, StaticSource, prepare_batch, run_batch
 from speedslurm.batch.inputs import CHAT, COMPLETIONS, fingerprint
 from speedslurm.batch.results import error_line, success_line
+from speedslurm.batch.runner import BatchOptions, prepare_batch, run_batch
+from speedslurm.batch.sources import StaticSource
 from speedslurm.cli import main
 
 KEY = "k"

@@ -14,14 +14,9 @@ import pytest
 from rich.console import Console
 
 from devtools.stubserver import StubServer
-from speedslurm.batch import (
-    BatchFailed,
-    BatchOptions,
-    StaticSource,
-    Summary,
-    prepare_batch,
-    run_batch,
-)
+from speedslurm.batch.runner import BatchFailed, BatchOptions, prepare_batch, run_batch
+from speedslurm.batch.sources import StaticSource
+from speedslurm.batch.summary import Summary
 from speedslurm.rundir.records import Endpoint, write_json_atomic
 
 FAST: dict[str, tp.Any] = dict(poll_interval=0.02, backoff_base=0.01, backoff_max=0.05, settle=0.2, quiet=True,

@@ -15,7 +15,7 @@ from test_batch_runner import KEY, assert_exactly_once_ok, endpoint, prompts_fil
 from test_deploy_unit import _dep, _endpoint
 
 from devtools.stubserver import StubServer
-from speedslurm.batch import RunDirSource
+from speedslurm.batch.sources import RunDirSource
 from speedslurm.cluster import slurm
 from speedslurm.cluster.slurm import JobState
 from speedslurm.deployments.status import replica_statuses

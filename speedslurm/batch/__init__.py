@@ -1,30 +1,16 @@
 """Batch inference: stream a JSONL prompts file through every ready replica, append OpenAI Batch result lines.
 
-Public API (see :mod:`speedslurm.batch.runner` for the behaviour)::
+Its entry is :mod:`.runner`::
 
-    prepared = prepare_batch(prompts_path, out_path, options)    # validates; UsageError before anything is sent
-    summary = run_batch(source, prepared, options, console)      # BatchFailed (1) / BatchInterrupted (130)
+    prepared = runner.prepare_batch(prompts_path, out_path, options)  # validates; UsageError before anything is sent
+    summary = runner.run_batch(source, prepared, options, console)    # BatchFailed (1) / BatchInterrupted (130)
     prepared.close()
+
+The endpoints it sends to come from :mod:`.sources`; the prompts are read by :mod:`.inputs` and
+:mod:`.promptline`, the results written by :mod:`.results` under :mod:`.writelock`; :mod:`.replicas`,
+:mod:`.workqueue` and :mod:`.runstate` share the work among the replicas; :mod:`.transport` is the HTTP client.
+Imports :mod:`speedslurm.rundir`, :mod:`speedslurm.polling` and :mod:`speedslurm.errors` only: it knows nothing of
+Slurm or of deployments (an endpoint source hands it the replicas).
 """
 
-from __future__ import annotations
 
-from .inputs import RequestDefaults, scan_prompts
-from .results import ResultsFile, final_view
-from .runner import (
-    BatchFailed,
-    BatchInterrupted,
-    BatchOptions,
-    PreparedBatch,
-    prepare_batch,
-    run_batch,
-    run_batch_async,
-)
-from .sources import EndpointSource, RunDirSource, SourceState, StaticSource
-from .summary import Summary, percentile
-
-__all__ = [
-    "BatchFailed", "BatchInterrupted", "BatchOptions", "EndpointSource", "PreparedBatch", "RequestDefaults",
-    "ResultsFile", "RunDirSource", "SourceState", "StaticSource", "Summary", "final_view", "percentile",
-    "prepare_batch", "run_batch", "run_batch_async", "scan_prompts",
-]
