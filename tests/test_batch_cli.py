@@ -12,24 +12,11 @@ import typing as tp
 from pathlib import Path
 
 import pytest
+from inprocess import speedslurm
 
 from devtools.stubserver import StubServer
-from speedslurm.cli import main
 
 KEY = "cli-key"
-
-
-def speedslurm(args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch | None = None,
-               stdin: tp.Any = None) -> tuple[int, str, str]:
-    if monkeypatch is not None and stdin is not None:
-        monkeypatch.setattr(sys, "stdin", stdin)
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def prompts(tmp_path: Path, n: int, name: str = "prompts.jsonl") -> Path:

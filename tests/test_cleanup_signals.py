@@ -21,20 +21,9 @@ import typing as tp
 from pathlib import Path
 
 import pytest
-
-from speedslurm.cli import main
+from inprocess import speedslurm
 
 # ------------------------------------------------------------------------------------------ without Slurm
-
-
-def speedslurm(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 class SignallingSlurm:

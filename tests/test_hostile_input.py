@@ -16,11 +16,12 @@ import click
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from inprocess import speedslurm
 
 from devtools.stubserver import StubServer
 from speedslurm.batch.inputs import scan_prompts
 from speedslurm.batch.promptline import MAX_DEPTH, LineError, Request, RequestDefaults, parse_line
-from speedslurm.cli import cli, main
+from speedslurm.cli import cli
 from speedslurm.errors import ConfigError, UsageError
 from speedslurm.settings.layers import _ENV_RESERVED
 from speedslurm.settings.settings import describe, load_settings
@@ -53,16 +54,6 @@ HOSTILE_LINES = [
 def stub() -> tp.Iterator[StubServer]:
     with StubServer(slots=2) as s:
         yield s
-
-
-def speedslurm(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # -- prompts lines through the real CLI ------------------------------------------------------------------

@@ -20,6 +20,7 @@ import typing as tp
 from pathlib import Path
 
 import pytest
+from inprocess import speedslurm as _inprocess
 from rich.console import Console
 
 from devtools.stubserver import StubServer
@@ -27,7 +28,6 @@ from speedslurm.batch.inputs import CHAT, COMPLETIONS, fingerprint
 from speedslurm.batch.results import error_line, success_line
 from speedslurm.batch.runner import BatchOptions, prepare_batch, run_batch
 from speedslurm.batch.sources import StaticSource
-from speedslurm.cli import main
 
 KEY = "k"
 REPO = Path(__file__).resolve().parents[1]
@@ -37,16 +37,6 @@ REPO = Path(__file__).resolve().parents[1]
 def stub() -> tp.Iterator[StubServer]:
     with StubServer(api_key=KEY, slots=4) as s:
         yield s
-
-
-def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, " ".join(err.split())
 
 
 def write(path: Path, lines: list[dict[str, tp.Any] | str]) -> Path:
@@ -324,3 +314,7 @@ def test_an_unencodable_request_that_slips_through_fails_alone(tmp_path: Path, s
     assert (summary.ok, summary.failed) == (2, 1)
     recs = {r["custom_id"]: r for r in records(tmp_path / "p.results.jsonl")}
     assert recs["c1"]["error"]["code"] == "invalid_input" and "cannot be encoded" in recs["c1"]["error"]["message"]
+
+
+def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    return _inprocess(args, capsys, join_err=True)

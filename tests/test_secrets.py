@@ -13,10 +13,10 @@ import typing as tp
 from pathlib import Path
 
 import pytest
+from inprocess import speedslurm as _inprocess
 from longbatch import LONG, Output, count_lines, long_fields, wait_until
 
 from devtools.stubserver import StubServer
-from speedslurm.cli import main
 from speedslurm.cli.common import resume_command
 
 CMDLINE_WARNING = "Warning: --api-key puts the key on the command line, where every user of this machine can read it"
@@ -108,16 +108,6 @@ def test_a_key_on_the_command_line_is_seen_by_everyone_and_warned_about(tmp_path
     warning = " ".join(res.stderr.split())
     assert CMDLINE_WARNING in warning
     assert "put it in SPEEDSLURM_API_KEY, or in a file of mode 0600 given with --api-key-file, instead" in warning
-
-
-def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, " ".join(err.split())
 
 
 def test_the_key_from_the_variable_is_not_warned_about(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -235,3 +225,7 @@ def test_a_key_given_on_the_command_line_is_not_printed_when_the_run_stops(share
         assert key not in out.read_text()
     finally:
         subprocess.run([sys.executable, "-m", "speedslurm", "down", dep], env=env, capture_output=True, timeout=60)
+
+
+def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    return _inprocess(args, capsys, join_err=True)

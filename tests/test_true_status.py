@@ -12,22 +12,12 @@ import typing as tp
 from pathlib import Path
 
 import pytest
+from inprocess import speedslurm
 from longbatch import LONG, count_lines, long_fields, wait_until
 
 from devtools.stubserver import StubServer
-from speedslurm.cli import main
 
 KEY = "true-key"
-
-
-def speedslurm(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # ------------------------------------------------------------------------------------------------------------
