@@ -301,6 +301,19 @@ def user_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
+@pytest.fixture
+def gsettings(user_config: Path, tmp_path: Path) -> tp.Callable[..., tp.Any]:
+    """The gateway's settings: its folder in tmp_path, the local profile, and ``KEY=VALUE`` overrides."""
+    from speedslurm.api import load_settings
+
+    user_config.write_text("profile: local\n")
+
+    def make(*overrides: str) -> tp.Any:
+        return load_settings(overrides=[f"gateway.dir={tmp_path / 'gw'}", "gateway.drain_s=5", *overrides])
+
+    return make
+
+
 @pytest.fixture(autouse=True)
 def own_user_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test its own user cache folder (``XDG_CACHE_HOME``): the record of warm rpc caches that one test's

@@ -22,19 +22,7 @@ import pytest
 
 from devtools.stubserver import StubServer
 from speedslurm.api import gateway as gw
-from speedslurm.api import load_settings
 from speedslurm.errors import UsageError
-
-
-@pytest.fixture
-def gsettings(user_config: Path, tmp_path: Path) -> tp.Callable[..., tp.Any]:
-    """Settings with the gateway's folder in tmp_path and ``KEY=VALUE`` overrides."""
-    user_config.write_text("profile: local\n")
-
-    def make(*overrides: str) -> tp.Any:
-        return load_settings(overrides=[f"gateway.dir={tmp_path / 'gw'}", "gateway.drain_s=5", *overrides])
-
-    return make
 
 
 def post(url: str, body: bytes | str, key: str | None, content_type: str = "application/json"

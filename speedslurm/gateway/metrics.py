@@ -27,6 +27,19 @@ class Histogram:
         self.sum += value
         self.n += 1
 
+    def to_json(self) -> dict[str, tp.Any]:
+        return {"counts": self.counts, "sum": self.sum, "n": self.n}
+
+    @classmethod
+    def load(cls, bounds: tp.Sequence[float], data: tp.Any) -> Histogram:
+        """The histogram saved by :meth:`to_json`; an empty one for anything else (other buckets, damage)."""
+        h = cls(bounds)
+        counts = data.get("counts") if isinstance(data, dict) else None
+        if isinstance(counts, list) and len(counts) == len(h.counts) and all(
+                isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+            h.counts, h.sum, h.n = list(counts), _number(data.get("sum")), sum(counts)
+        return h
+
     def lines(self, name: str, labels: str) -> list[str]:
         out, running = [], 0
         for bound, count in zip(self.bounds, self.counts, strict=False):
@@ -124,7 +137,10 @@ class Usage:
         return {"by": [{"alias": a, "key": k, **{c: int(v) for c, v in row.items()}}
                        for (a, k), row in sorted(self.by.items())],
                 "node_seconds": self.node_seconds, "key_node_seconds": self.key_node_seconds,
-                "replicas": self.replicas, "unauthorized": self.unauthorized}
+                "replicas": self.replicas, "unauthorized": self.unauthorized,
+                "codes": [{"alias": a, "key": k, "code": c, "n": n} for (a, k, c), n in sorted(self.codes.items())],
+                "wait": {a: h.to_json() for a, h in self.wait.items()},
+                "latency": {a: h.to_json() for a, h in self.latency.items()}}
 
     @classmethod
     def load(cls, data: tp.Mapping[str, tp.Any]) -> Usage:
@@ -146,6 +162,14 @@ class Usage:
                                                  "node_seconds": _number(entry.get("node_seconds")),
                                                  "tokens": {str(k): int(_number(v)) for k, v in entry["tokens"].items()}}
         usage.unauthorized = int(_number(data.get("unauthorized")))
+        for row in data.get("codes") or []:
+            if isinstance(row, dict) and isinstance(row.get("alias"), str) and isinstance(row.get("key"), str) \
+                    and isinstance(row.get("code"), int):
+                usage.codes[(row["alias"], row["key"], row["code"])] = int(_number(row.get("n")))
+        for attr, bounds in (("wait", WAIT_BUCKETS), ("latency", LATENCY_BUCKETS)):
+            saved = data.get(attr)
+            if isinstance(saved, dict):
+                setattr(usage, attr, {str(a): Histogram.load(bounds, h) for a, h in saved.items()})
         return usage
 
 

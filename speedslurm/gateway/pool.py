@@ -44,6 +44,9 @@ log = logging.getLogger("speedslurm.gateway")
 
 ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
 LIVE = ("PENDING", "STARTING", "LOADING", "READY", "DOWN")
+URL_DOWN_FAST_S = 10.0  # a URL alias whose servers have all been down this long answers 503 at once
+STOP_RETRY_MOST_S = 300.0  # a cancel that failed is tried again with backoff, up to this far apart
+SCALE_UP_BACKOFF_MOST_S = 600.0  # after replicas failed to start, scale-up waits up to this long
 WATCH_S = 0.5
 WATCH_WAITED_S = 0.05  # while requests wait for a replica that is starting: its endpoint is taken at once
 PROBE_FIRST_S, PROBE_MOST_S = 0.5, 10.0
@@ -162,6 +165,11 @@ class Replica:
         self.draining = ""  # why it takes no new request (handed over, scaled down); stopped once empty
         self.ends_at: float | None = None  # when its servers may stop (monotonic), once Slurm said
         self.successor = False  # a successor was started for it (its time limit nears)
+        self.successor_for: Replica | None = None  # the replica this one was started to succeed
+        self.reattached = False  # found running by a restarted gateway: it did not start it
+        self.down_since = 0.0  # when it went DOWN (monotonic)
+        self.stop_next = 0.0  # a cancel that failed is tried again from then (monotonic)
+        self.stop_wait = 0.0
 
     @property
     def name(self) -> str:
@@ -222,6 +230,8 @@ class Alias:
         live = self.live()
         if any(r.state == "READY" for r in live):
             return "ready"
+        if self.spec.is_url and live and all(r.state == "DOWN" for r in live):
+            return "down"
         if live or self.starting:
             return "starting"
         if self.failure and self.failure[1] > time.monotonic():
@@ -234,7 +244,8 @@ class Alias:
         waiting = [r for r in self.live() if r.state != "READY"]
         if waiting:
             r = waiting[0]
-            return f"deployment {r.name} is {r.state}{' (' + r.why + ')' if r.why else ''}"
+            what = "deployment" if r.dep is not None else "server"
+            return f"{what} {r.name} is {r.state}{' (' + r.why + ')' if r.why else ''}"
         return ""
 
     def oldest_wait(self, now: float) -> float:
@@ -302,6 +313,12 @@ class Pool:
             assert alias.failure is not None
             raise Unavailable(503, f"model {alias.name!r} could not start: {alias.failure[0]}",
                               retry_after=max(1, int(alias.failure[1] - time.monotonic())))
+        if alias.state() == "down":
+            now = time.monotonic()
+            live = alias.live()
+            if now - max(r.down_since for r in live) >= URL_DOWN_FAST_S:
+                raise Unavailable(503, f"the server(s) of {alias.name!r} do not answer: {alias.why()}",
+                                  retry_after=max(1, int(min(r.probe_next for r in live) - now) + 1))
         if len(alias.waiters) >= self.gateway.max_queue:
             raise Unavailable(503, f"{len(alias.waiters)} requests for {alias.name!r} wait already "
                                    f"(gateway.max_queue); try again shortly", retry_after=5)
@@ -355,6 +372,7 @@ class Pool:
         """``replica``'s connection broke or it answers that it is loading: out of the pool until it answers."""
         if replica.state == "READY":
             replica.state, replica.why = "DOWN", why
+            replica.down_since = time.monotonic()
             replica.probe_next, replica.probe_wait = time.monotonic() + PROBE_FIRST_S, PROBE_FIRST_S
             log.info("%s", _line("replica_down", alias=replica.alias.name, replica=replica.name, why=why))
 
@@ -366,19 +384,22 @@ class Pool:
 
     # ------------------------------------------------------------------------------------------ replicas
 
-    def wake(self, alias: Alias, count: int | None = None, *, successor: bool = False) -> int:
-        """Start replicas of ``alias`` in the background (default: enough for its minimum, at least one); a
-        ``successor`` may go one past the maximum (the replica it replaces drains). Returns how many started."""
+    def wake(self, alias: Alias, count: int | None = None, *, succeeds: Replica | None = None) -> int:
+        """Start replicas of ``alias`` in the background (default: enough for its minimum, at least one). The
+        successor of a replica that ``succeeds`` it before its time limit may go past the maximum by as many
+        replicas as wait for theirs (they drain once it is ready). Returns how many started."""
         if alias.spec.is_url or self.closing:
             return 0
-        room = alias.spec.max_replicas - len(alias.serving()) - alias.starting + (1 if successor else 0)
+        room = alias.spec.max_replicas - len(alias.serving()) - alias.starting
+        if succeeds is not None:
+            room += len(alias.handing)
         n = min(room, count if count is not None else max(1, alias.spec.min_replicas - len(alias.serving())))
         for _ in range(max(0, n)):
             alias.starting += 1
-            self._spawn(self._start_one(alias))
+            self._spawn(self._start_one(alias, succeeds))
         return max(0, n)
 
-    async def _start_one(self, alias: Alias) -> None:
+    async def _start_one(self, alias: Alias, succeeds: Replica | None = None) -> None:
         try:
             dep = await asyncio.to_thread(self._submit, alias.spec)
         except SpeedslurmError as exc:
@@ -394,6 +415,7 @@ class Pool:
         alias.starting -= 1
         replica = Replica(alias, dep)
         replica.nodes = int(dep.info.get("nodes") or 1)
+        replica.successor_for = succeeds
         alias.replicas.append(replica)
         self._record()
         log.info("%s", _line("replica_started", alias=alias.name, deployment=dep.id, job_ids=",".join(dep.job_ids)))
@@ -415,20 +437,31 @@ class Pool:
         alias.failure = (reason, time.monotonic() + self.gateway.retry_after_failure_s)
         self._fail_waiters(alias, f"model {alias.name!r} could not start: {reason}")
 
-    async def _stop(self, replica: Replica, why: str) -> None:
+    async def _stop(self, replica: Replica, why: str) -> bool:
+        """Cancel ``replica``'s deployment; False when the cancel failed: the replica stays recorded, takes no
+        request and is tried again with backoff (the watcher), so that its nodes are never forgotten."""
         if replica.dep is None or replica.stopping:
-            return
+            return False
         replica.stopping = True
         from ..deployments import lifecycle
 
         try:
             await asyncio.to_thread(lifecycle.down, replica.dep, None, why)
-        except SpeedslurmError as exc:
-            log.info("%s", _line("stop_failed", alias=replica.alias.name, deployment=replica.name, why=exc.message))
+        except Exception as exc:  # noqa: BLE001 - whatever it was, the job may still run: keep it and retry
+            replica.stopping = False
+            replica.draining = replica.draining or why
+            replica.stop_wait = min(STOP_RETRY_MOST_S, max(5.0, replica.stop_wait * 2))
+            replica.stop_next = time.monotonic() + replica.stop_wait
+            message = exc.message if isinstance(exc, SpeedslurmError) else repr(exc)
+            log.info("%s", _line("stop_failed", alias=replica.alias.name, deployment=replica.name, why=message,
+                                 retry_in_s=replica.stop_wait))
+            self._record()
+            return False
         replica.state, replica.why = "ENDED", why
         self.usage.retire(replica.name)
         log.info("%s", _line("replica_stopped", alias=replica.alias.name, deployment=replica.name, why=why))
         self._record()
+        return True
 
     def _record(self) -> None:
         """deployments.json: the deployments that are not over, by alias (a restart re-attaches to them)."""
@@ -456,6 +489,7 @@ class Pool:
                 replica = Replica(alias, dep)
                 replica.nodes = int(dep.info.get("nodes") or 1)
                 replica.why = "re-attached"
+                replica.reattached = True
                 alias.replicas.append(replica)
                 found.append(dep.id)
         for dep in orphans:
@@ -545,6 +579,10 @@ class Pool:
                     await self._follow(replica)
                 if replica.state == "DOWN" and now >= replica.probe_next:
                     await self._probe(replica)
+                if replica.draining and replica.in_flight == 0 and replica.state in LIVE \
+                        and not replica.stopping and now >= replica.stop_next:
+                    self._spawn(self._stop(replica, replica.draining))  # a drained one whose cancel failed
+            self._hand_out(alias)  # a free slot never waits for an event to be handed to a waiting request
             if self.closing:
                 continue
             self._handover(alias, now)
@@ -601,7 +639,12 @@ class Pool:
             # A failed job must not keep nodes busy (its other components, a follower that still runs).
             await self._stop(replica, f"failed: {replica.why}")
             replica.state = "FAILED"
-        if not served:
+        old = replica.successor_for
+        if old is not None and not served:
+            replica.successor_for = None
+            with_removed(alias.handing, old)
+            old.successor = alias.failed_starts >= 2  # its successor failed: another one, unless starts keep failing
+        if not served and not replica.reattached:
             self._failed_to_start(alias, f"deployment {replica.name} {s.state.lower()}: {replica.why}")
         elif alias.waiters and not alias.serving() and not alias.starting:
             self.decide("wake", alias, f"deployment {replica.name} ended ({replica.why}) with requests waiting")
@@ -616,28 +659,35 @@ class Pool:
         replica.url, replica.api_key = ep.url.rstrip("/"), ep.api_key
         replica.slots = alias.spec.slots or max(1, ep.parallel)
         replica.nodes = 1 + len(ep.follower_nodes)
+        first = replica.ready_at is None
         replica.state, replica.why = "READY", ""
         replica.ready_at = replica.last_used = time.monotonic()
         alias.failure = None
         alias.failed_starts = 0
         log.info("%s", _line("replica_ready", alias=alias.name, deployment=replica.name, url=replica.url,
                              slots=replica.slots, after_s=round(replica.ready_at - replica.born, 1)))
-        await asyncio.to_thread(lifecycle.record_warm, self.deploy_settings, replica.dep, statuses)
+        # The replica this one succeeds takes no new request now; it is stopped once its last request is done.
+        old = replica.successor_for
+        if old is None and first and alias.handing:
+            old = alias.handing[0]  # a replica that became ready first takes over from the one waiting longest
+        replica.successor_for = None
+        if old is not None:
+            with_removed(alias.handing, old)
+            if old is not replica and old in alias.live() and not old.draining:
+                self._drain(old, "handed over", successor=replica.name)
+        self._hand_out(alias)
+        try:
+            await asyncio.to_thread(lifecycle.record_warm, self.deploy_settings, replica.dep, statuses)
+        except Exception as exc:  # noqa: BLE001 - the warm-cache note is a hint; the replica serves without it
+            log.info("%s", _line("warm_record_failed", deployment=replica.name, why=repr(exc)))
         try:
             left = await asyncio.to_thread(lifecycle.time_left, replica.dep)
-        except SpeedslurmError:
+        except Exception:  # noqa: BLE001 - unknown: no handover planned, as for a job without a limit
             left = None
         if left is not None:
             _before, margin = lifecycle.handover_window(self.deploy_settings, replica.dep.info,
                                                         self.gateway.handover_before_s)
             replica.ends_at = time.monotonic() + left - margin
-        # The replica this one succeeds takes no new request now; it is stopped once its last request is done.
-        while alias.handing:
-            old = alias.handing.popleft()
-            if old is not replica and old in alias.live() and not old.draining:
-                self._drain(old, "handed over", successor=replica.name)
-                break
-        self._hand_out(alias)
 
     def _drain(self, replica: Replica, why: str, **figures: tp.Any) -> None:
         replica.draining = why
@@ -678,11 +728,13 @@ class Pool:
                 continue
             before, _margin = self._window(r)
             if before > 0 and not r.successor and now >= r.ends_at - before:
-                r.successor = True
                 alias.handing.append(r)
-                started = self.wake(alias, 1, successor=True)
+                if not self.wake(alias, 1, succeeds=r):
+                    with_removed(alias.handing, r)  # no room now: tried again on the next look
+                    continue
+                r.successor = True
                 self.decide("handover", alias, "its job's time limit nears", deployment=r.name,
-                            ends_in_s=round(r.ends_at - now), before_s=before, successor_started=bool(started))
+                            ends_in_s=round(r.ends_at - now), before_s=before)
 
     def _window(self, replica: Replica) -> tuple[float, float]:
         from ..deployments.lifecycle import handover_window
@@ -701,6 +753,11 @@ class Pool:
         held = now - alias.pressure_since
         if held < g.scale_up_after_s or alias.spec.is_url or alias.starting:
             return
+        if alias.failed_starts:
+            # Replicas failed to start: each new try waits twice as long (a bad node, a model that does not fit).
+            backoff = min(SCALE_UP_BACKOFF_MOST_S, max(1.0, g.scale_up_after_s) * 2 ** alias.failed_starts)
+            if held < backoff:
+                return
         if any(r.state != "READY" for r in alias.serving()):
             return  # one replica is on its way already
         if len(alias.serving()) >= alias.spec.max_replicas:
@@ -756,6 +813,8 @@ class Pool:
             if len(serving) <= alias.spec.min_replicas:
                 return
             # A replica still queued in Slurm that nobody waits for is not needed either.
+            if replica.successor_for is not None:
+                continue  # started to take over from a replica near its time limit: needed once ready
             if replica.state in ("READY", "PENDING") and replica.in_flight == 0 and not alias.waiters \
                     and now - replica.last_used >= idle_s:
                 self._drain(replica, "idle", idle_s=round(now - replica.last_used))
@@ -776,8 +835,8 @@ class Pool:
         if stop:
             replicas = [r for a in self.aliases.values() for r in a.replicas
                         if r.dep is not None and r.state in LIVE and not r.stopping]
-            await asyncio.gather(*(self._stop(r, "the gateway stopped") for r in replicas))
-            stopped = [r.name for r in replicas]
+            done = await asyncio.gather(*(self._stop(r, "the gateway stopped") for r in replicas))
+            stopped = [r.name for r, ok in zip(replicas, done, strict=True) if ok]
         return stopped
 
     def gauges(self) -> dict[str, tp.Any]:

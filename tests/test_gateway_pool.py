@@ -1,0 +1,291 @@
+"""The gateway's pool of replicas with fake deployments: their states come from a table the test sets, submission
+and cancel are stand-ins, and the pool's watcher is driven one look (``tick``) at a time. What a lab would see:
+nodes never forgotten when a cancel fails, no queue stranded beside a free slot, a restart that finds a deployment
+ended, replicas that keep failing to start, successors before a time limit, a dead URL backend, and the counts
+after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+import types
+import typing as tp
+
+import pytest
+
+from speedslurm.deployments import lifecycle
+from speedslurm.deployments import status as status_mod
+from speedslurm.deployments.status import ReplicaStatus
+from speedslurm.errors import SpeedslurmError
+from speedslurm.gateway.metrics import Usage, prometheus
+from speedslurm.gateway.pool import Pool, Replica, Unavailable, Waiter, alias_specs
+from speedslurm.gateway.state import Folder
+
+_ids = itertools.count(1)
+STATES: dict[str, str] = {}  # deployment id -> the state its status probe reports
+
+
+def fake_dep(state: str) -> types.SimpleNamespace:
+    ident = f"dep{next(_ids)}"
+    STATES[ident] = state
+    return types.SimpleNamespace(id=ident, info={"nodes": 1}, job_ids=[ident + "-job"])
+
+
+class FakeProbe:
+    def __init__(self, dep: tp.Any) -> None:
+        self.dep = dep
+
+    def __call__(self) -> list[ReplicaStatus]:
+        st = STATES[self.dep.id]
+        ep = types.SimpleNamespace(url="http://127.0.0.1:9", api_key="", parallel=1, follower_nodes=[])
+        return [ReplicaStatus(0, st, self.dep.job_ids[0], why=f"fake {st.lower()}",
+                              endpoint=ep if st == "READY" else None)]
+
+
+@pytest.fixture
+def downs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str | None]]:
+    """Deployments cancelled (id, why); status, idle nodes, warm-cache note and time left stood in for."""
+    cancelled: list[tuple[str, str | None]] = []
+    monkeypatch.setattr(status_mod, "StatusProbe", FakeProbe)
+    monkeypatch.setattr(lifecycle, "down", lambda dep, before=None, because=None: cancelled.append((dep.id, because)))
+    monkeypatch.setattr(lifecycle, "idle_nodes", lambda settings: 10)
+    monkeypatch.setattr(lifecycle, "record_warm", lambda *a: None)
+    monkeypatch.setattr(lifecycle, "time_left", lambda dep: None)
+    return cancelled
+
+
+def make_pool(s: tp.Any, model: str = "x=tinymodel") -> Pool:
+    return Pool(s, alias_specs(s, [model]), Folder(s.gateway.root).open(), Usage())
+
+
+def ready_replica(pool: Pool, slots: int = 1) -> Replica:
+    alias = pool.aliases["x"]
+    r = Replica(alias, fake_dep("READY"))  # type: ignore[arg-type]
+    r.state, r.ready_at, r.slots, r.url = "READY", time.monotonic(), slots, "http://127.0.0.1:9"
+    alias.replicas.append(r)
+    return r
+
+
+async def looks(pool: Pool, n: int, between: float = 0.02) -> None:
+    for _ in range(n):
+        await pool.tick()
+        await asyncio.sleep(between)
+
+
+def test_a_cancel_that_fails_keeps_the_deployment_recorded_and_is_tried_again(
+        gsettings: tp.Any, downs: list[tp.Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """scancel fails (slurmctld busy): the replica is not forgotten while its job may still hold nodes: it stays
+    in deployments.json (a restart re-attaches it), takes no request, and the cancel is tried again later."""
+    s = gsettings()
+    tries: list[str] = []
+
+    def down(dep: tp.Any, before: tp.Any = None, because: tp.Any = None) -> None:
+        tries.append(dep.id)
+        if len(tries) == 1:
+            raise SpeedslurmError("scancel: Socket timed out on send/recv operation")
+        downs.append((dep.id, because))
+
+    monkeypatch.setattr(lifecycle, "down", down)
+
+    async def main() -> None:
+        pool = make_pool(s)
+        r = ready_replica(pool)
+        pool._record()
+        pool._drain(r, "idle")
+        await looks(pool, 5)
+        assert len(tries) == 1 and r.state == "READY" and r.free == 0
+        assert json.loads((s.gateway.root / "deployments.json").read_text()) == {"x": [r.name]}
+        r.stop_next = time.monotonic()  # the backoff is over
+        await looks(pool, 3)
+        assert downs == [(r.name, "idle")] and r.state == "ENDED"
+        assert json.loads((s.gateway.root / "deployments.json").read_text()) == {}
+
+    asyncio.run(main())
+
+
+def test_the_gateway_does_not_say_it_stopped_a_deployment_whose_cancel_failed(
+        gsettings: tp.Any, downs: list[tp.Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    s = gsettings()
+
+    def down(dep: tp.Any, before: tp.Any = None, because: tp.Any = None) -> None:
+        raise SpeedslurmError("scancel: Socket timed out on send/recv operation")
+
+    monkeypatch.setattr(lifecycle, "down", down)
+
+    async def main() -> None:
+        pool = make_pool(s)
+        r = ready_replica(pool)
+        assert await pool.close(stop=True) == []
+        assert json.loads((s.gateway.root / "deployments.json").read_text()) == {"x": [r.name]}
+
+    asyncio.run(main())
+
+
+def test_a_replica_ready_while_its_warm_note_fails_still_takes_the_waiting_requests(
+        gsettings: tp.Any, downs: list[tp.Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writing the warm-cache note fails (a full home): the replica serves all the same, and the requests that
+    waited for it, and the next ones, get its slot."""
+    s = gsettings()
+
+    def record_warm(*a: tp.Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lifecycle, "record_warm", record_warm)
+
+    async def main() -> list[tp.Any]:
+        pool = make_pool(s)
+        alias = pool.aliases["x"]
+        dep = fake_dep("PENDING")
+        pool._submit = lambda spec: dep  # type: ignore[assignment,return-value]
+        first = asyncio.ensure_future(pool.acquire(alias, timeout=30))
+        while not alias.replicas:
+            await asyncio.sleep(0.01)
+        STATES[dep.id] = "READY"
+        await looks(pool, 2)
+        got = await first
+        pool.release(got)
+        second = await pool.acquire(alias, timeout=30)
+        return [got, second]
+
+    assert all(isinstance(x, Replica) for x in asyncio.run(main()))
+
+
+def test_a_reattached_deployment_that_ended_meanwhile_does_not_fail_the_alias(
+        gsettings: tp.Any, downs: list[tp.Any]) -> None:
+    """The job reached its time limit while the gateway was down: on restart the alias is cold, not failed, and
+    the next request starts a new deployment."""
+    s = gsettings()
+
+    async def main() -> None:
+        pool = make_pool(s)
+        alias = pool.aliases["x"]
+        r = Replica(alias, fake_dep("ENDED"))  # type: ignore[arg-type]
+        r.reattached = True
+        alias.replicas.append(r)
+        await pool._follow(r)
+        assert alias.state() == "cold" and alias.failure is None
+        new = fake_dep("READY")
+        pool._submit = lambda spec: new  # type: ignore[assignment,return-value]
+        waiting = asyncio.ensure_future(pool.acquire(alias, timeout=30))
+        while len(alias.replicas) < 2:
+            await asyncio.sleep(0.01)
+        await looks(pool, 2)
+        assert (await waiting).name == new.id
+
+    asyncio.run(main())
+
+
+def test_scale_up_backs_off_while_new_replicas_fail_to_start(gsettings: tp.Any, downs: list[tp.Any]) -> None:
+    """Requests keep queueing but each replica added fails (a bad node): one more is tried only after a wait
+    that doubles, not one per look."""
+    s = gsettings("gateway.scale_up_after_s=0", "gateway.scale_up_wait_s=0", "gateway.max_replicas=3")
+    submitted: list[str] = []
+
+    async def main() -> None:
+        pool = make_pool(s)
+        alias = pool.aliases["x"]
+        r = ready_replica(pool)
+        r.in_flight = 1
+        loop = asyncio.get_running_loop()
+        for _ in range(3):
+            alias.waiters.append(Waiter(loop.create_future()))
+
+        def submit(spec: tp.Any) -> tp.Any:
+            dep = fake_dep("FAILED")
+            submitted.append(dep.id)
+            return dep
+
+        pool._submit = submit  # type: ignore[assignment]
+        await looks(pool, 25)
+        for w in alias.waiters:
+            w.future.cancel()
+        assert len(submitted) == 1 and alias.failed_starts == 1, (submitted, alias.failed_starts)
+        assert alias.state() == "ready"  # the replica that serves goes on serving
+
+    asyncio.run(main())
+
+
+def test_two_replicas_near_their_time_limit_get_a_successor_each(gsettings: tp.Any, downs: list[tp.Any]) -> None:
+    s = gsettings("gateway.max_replicas=2", "gateway.min_replicas=2", "gateway.idle_timeout=0")
+    submitted: list[str] = []
+
+    async def main() -> None:
+        pool = make_pool(s)
+        pool._window = lambda r: (100.0, 30.0)  # type: ignore[method-assign]
+        a, b = ready_replica(pool), ready_replica(pool)
+        a.ends_at = b.ends_at = time.monotonic() + 50  # both inside the handover window
+
+        def submit(spec: tp.Any) -> tp.Any:
+            dep = fake_dep("PENDING")
+            submitted.append(dep.id)
+            return dep
+
+        pool._submit = submit  # type: ignore[assignment]
+        await looks(pool, 10)
+        assert len(submitted) == 2 and a.successor and b.successor
+        for dep_id in submitted:
+            STATES[dep_id] = "READY"
+        await looks(pool, 5)
+        assert sorted(d for d, why in downs if why == "handed over") == sorted([a.name, b.name]), downs
+
+    asyncio.run(main())
+
+
+def test_a_successor_waiting_in_slurm_is_not_stopped_as_idle(gsettings: tp.Any, downs: list[tp.Any]) -> None:
+    """The successor waits in Slurm's queue longer than the idle timeout while the old replica serves on: it is
+    kept, and drains the old one once it is ready."""
+    s = gsettings("gateway.idle_timeout=1s")
+
+    async def main() -> None:
+        pool = make_pool(s)
+        pool._window = lambda r: (100.0, 30.0)  # type: ignore[method-assign]
+        old = ready_replica(pool)
+        old.ends_at = time.monotonic() + 50
+        succ = fake_dep("PENDING")
+        pool._submit = lambda spec: succ  # type: ignore[assignment,return-value]
+        deadline = time.monotonic() + 1.5  # past the idle timeout of the successor
+        while time.monotonic() < deadline:
+            old.last_used = time.monotonic()  # the old replica keeps serving
+            await looks(pool, 1, 0.05)
+        assert downs == [], downs
+        STATES[succ.id] = "READY"
+        await looks(pool, 3)
+        assert downs == [(old.name, "handed over")], downs
+
+    asyncio.run(main())
+
+
+def test_a_url_backend_down_for_a_while_answers_at_once(gsettings: tp.Any, downs: list[tp.Any]) -> None:
+    """Every server of a URL alias stopped answering long ago: a request gets 503 at once with the reason and
+    when the gateway looks again, not after gateway.max_wait_s; the alias's state says "down"."""
+    s = gsettings("gateway.max_wait_s=600")
+
+    async def main() -> None:
+        pool = make_pool(s, "x=http://127.0.0.1:9")
+        pool.add_urls()
+        alias = pool.aliases["x"]
+        [r] = alias.replicas
+        pool.lost(r, "connection refused")
+        r.down_since -= 60
+        assert alias.state() == "down"
+        t0 = time.monotonic()
+        with pytest.raises(Unavailable) as err:
+            await pool.acquire(alias)
+        assert time.monotonic() - t0 < 60  # far less than max_wait_s: it did not wait
+        assert err.value.status == 503 and "server http://127.0.0.1:9 is DOWN (connection refused)" in \
+            err.value.reason and err.value.retry_after, err.value.reason
+
+    asyncio.run(main())
+
+
+def test_counts_by_status_and_the_histograms_go_on_across_a_restart() -> None:
+    u = Usage()
+    u.count("x", "alice", 200, 3, 5, wait_s=0.2, latency_s=1.5, replica="dep1")
+    u.count("x", "alice", 502, wait_s=3.0, latency_s=4.0)
+    again = Usage.load(json.loads(json.dumps(u.to_json())))
+    text = prometheus(again, {"queue": {}, "in_flight": {}, "replicas": {}})
+    assert 'speedslurm_gateway_requests_total{alias="x",key="alice",code="200"} 1' in text, text
+    assert 'speedslurm_gateway_requests_total{alias="x",key="alice",code="502"} 1' in text, text
+    assert prometheus(u, {"queue": {}, "in_flight": {}, "replicas": {}}) == text
