@@ -156,14 +156,24 @@ def list_keys(settings: Settings | None = None) -> list[dict[str, tp.Any]]:
 # A running gateway
 
 
+class _NoGateway(UsageError):
+    """No gateway runs from the folder: none is recorded."""
+
+
+class _GatewayGone(SpeedslurmError):
+    """The recorded gateway refuses connections: it is not running any more (killed, crashed)."""
+
+
 def _ask(settings: Settings | None, path: str, timeout: float = 10) -> dict[str, tp.Any]:
+    from ..gateway.state import ADMIN_KEY
+
     folder = _folder(settings)
     running = folder.running()
-    key = folder.admin_key()
     url = str(running.get("url") or "")
-    if not url:
-        raise UsageError(f"no gateway runs from {folder.root}",
+    if not url or not (folder.root / ADMIN_KEY).exists():
+        raise _NoGateway(f"no gateway runs from {folder.root}",
                          fix="start one with `speedslurm gateway --model ALIAS=MODEL`")
+    key = folder.admin_key()
     request = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {key}"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 - the gateway's own URL
@@ -173,8 +183,9 @@ def _ask(settings: Settings | None, path: str, timeout: float = 10) -> dict[str,
                               fix="check that the gateway folder belongs to the gateway that runs") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise SpeedslurmError(f"the gateway recorded at {url} (pid {running.get('pid')}) does not answer: {reason}",
-                              fix="start it again (`speedslurm gateway ...`); its deployments are re-attached") from None
+        kind = _GatewayGone if isinstance(reason, ConnectionRefusedError) else SpeedslurmError
+        raise kind(f"the gateway recorded at {url} (pid {running.get('pid')}) does not answer: {reason}",
+                   fix="start it again (`speedslurm gateway ...`); its deployments are re-attached") from None
 
 
 def status(settings: Settings | None = None) -> dict[str, tp.Any]:
@@ -184,10 +195,11 @@ def status(settings: Settings | None = None) -> dict[str, tp.Any]:
 
 def usage(settings: Settings | None = None) -> dict[str, tp.Any]:
     """Per key and alias: requests, prompt and completion tokens, errors (and node-hours per alias). From the
-    running gateway, else from what the last one saved."""
+    running gateway, else (none runs, or the one recorded is gone) from what the last one saved (``"saved"``).
+    A gateway that runs but does not answer as it should raises: its saved counts would be out of date."""
     try:
         return _ask(settings, "/gateway/usage")
-    except SpeedslurmError:
+    except (_NoGateway, _GatewayGone):
         from ..gateway.metrics import Usage
 
         saved = Usage.load(_folder(settings).usage())

@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     # SIGTERM and SIGHUP (`timeout`, a dropped ssh session, an outer job's time limit) do what Ctrl-C does:
     # stop cleanly, cancel the deployment unless --keep, leave a valid results file, say how to resume.
     for sig in (signal.SIGTERM, signal.SIGHUP):
+        if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+            continue  # started with nohup: logging out is not meant to stop it
         signal.signal(sig, _stop_like_ctrl_c)
     try:
         cli.main(args=argv, prog_name="speedslurm", standalone_mode=False)

@@ -118,6 +118,7 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         print_json(data)
         return
+    from rich.markup import escape
     from rich.table import Table
 
     out = out_console()
@@ -129,6 +130,8 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
                       f"{a['replicas']['ready']} ready / {a['replicas']['live']} live "
                       f"(min {a['replicas']['min']}, max {a['replicas']['max']})", a["why"] or "")
     out.print(table)
+    if data.get("keys_problem"):
+        out.print(f"[bold]keys:[/] {escape(data['keys_problem'])}")
     deps = Table("MODEL", "DEPLOYMENT", "JOB(S)", "STATE", "IN FLIGHT", "SLOTS", "SERVED", "WHY", box=None)
     for a in data["aliases"]:
         for d in a["deployments"]:

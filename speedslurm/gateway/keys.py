@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import re
 import secrets
 import time
@@ -24,6 +25,8 @@ from ..rundir.records import write_json_atomic
 FILE = "keys.json"
 PREFIX = "ssg-"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+log = logging.getLogger("speedslurm.gateway")
 
 
 def digest(key: str) -> str:
@@ -38,12 +41,14 @@ def check_name(name: str) -> str:
 
 
 class KeyStore:
-    """The keys of a gateway folder. ``check(key)`` gives the key's name, or None."""
+    """The keys of a gateway folder. ``check(key)`` gives the key's name, or None; ``problem`` says what is wrong
+    with the file as last read (None: nothing)."""
 
     def __init__(self, folder: Path) -> None:
         self.path = folder / FILE
         self._seen: tuple[float, int] | None = None
         self._hashes: list[tuple[bytes, str]] = []
+        self.problem: str | None = None
 
     # --------------------------------------------------------------------------------------- the file
 
@@ -87,7 +92,7 @@ class KeyStore:
         self._write(keys)
 
     def names(self) -> list[dict[str, tp.Any]]:
-        return [{"name": n, "created": float(v.get("created") or 0)} for n, v in sorted(self._read().items())]
+        return [{"name": n, "created": _created(v)} for n, v in sorted(self._read().items())]
 
     # --------------------------------------------------------------------------------------- checking
 
@@ -99,13 +104,30 @@ class KeyStore:
             seen = None
         if seen == self._seen and self._seen is not None:
             return
+        self._seen = seen  # read once per change of the file: a problem is logged once
         try:
             keys = self._read()
-        except UsageError:
+        except UsageError as exc:
+            self.problem = f"{exc} (the keys read before it broke are used)"
+            log.warning("%s", json.dumps({"event": "keys_file_broken", "why": self.problem}))
             return  # a broken file keeps the keys read before (the gateway goes on serving)
-        self._hashes = [(bytes.fromhex(str(v.get("sha256", ""))), n) for n, v in keys.items()
-                        if re.fullmatch(r"[0-9a-f]{64}", str(v.get("sha256", "")))]
-        self._seen = seen
+        hashes, bad = [], []
+        for name, entry in keys.items():
+            sha = entry.get("sha256") if isinstance(entry, dict) else None
+            if isinstance(sha, str) and _SHA256.fullmatch(sha):
+                hashes.append((bytes.fromhex(sha), name))
+            else:
+                bad.append(name)
+        self._hashes = hashes
+        self.problem = (f"{self.path}: the entries of {', '.join(map(repr, sorted(bad)))} are not keys and are "
+                        "ignored (revoke them and add them again)") if bad else None
+        if self.problem:
+            log.warning("%s", json.dumps({"event": "keys_file_entries_ignored", "why": self.problem}))
+
+    def count(self) -> int:
+        """How many keys the gateway accepts now."""
+        self._refresh()
+        return len(self._hashes)
 
     def check(self, key: str | None) -> str | None:
         """The name whose key ``key`` is, or None. Every stored hash is compared, in constant time each."""
@@ -118,3 +140,8 @@ class KeyStore:
             if hmac.compare_digest(stored, given):
                 found = name
         return found
+
+
+def _created(entry: tp.Any) -> float:
+    value = entry.get("created") if isinstance(entry, dict) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0

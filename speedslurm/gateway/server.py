@@ -26,7 +26,8 @@ import typing as tp
 import aiohttp
 from aiohttp import web
 
-from .keys import KeyStore
+from ..errors import UsageError
+from .keys import KeyStore, digest
 from .metrics import Usage, prometheus
 from .pool import Pool, Replica, Unavailable, _line
 from .state import Folder
@@ -39,6 +40,8 @@ log = logging.getLogger("speedslurm.gateway")
 PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 MAX_DEATHS = 2
 SAVE_EVERY_S = 5.0
+CONNECT_TIMEOUT_S = 10.0  # a replica that does not take the connection in this long is lost (its node is gone)
+TAIL_BYTES = 64 * 1024  # how much of a stream's end is kept to read its usage from (the last event fits)
 
 
 def _bearer(request: web.Request) -> str:
@@ -77,9 +80,10 @@ def _tokens(usage: tp.Any) -> tuple[int, int]:
     return number(usage.get("prompt_tokens")), number(usage.get("completion_tokens"))
 
 
-def _stream_tokens(event: bytes) -> tuple[int, int] | None:
-    """The tokens an SSE event reports: its ``usage``, else llama-server's ``timings`` (prompt_n, predicted_n)."""
-    for line in event.split(b"\n"):
+def _stream_tokens(tail: bytes) -> tuple[int, int] | None:
+    """The tokens a stream's end reports: the last whole event's ``usage``, else llama-server's ``timings``
+    (prompt_n, predicted_n). ``tail`` is the stream's last bytes: a cut first line is skipped."""
+    for line in reversed(tail.replace(b"\r\n", b"\n").split(b"\n")):
         if not line.startswith(b"data:") or (b'"usage"' not in line and b'"timings"' not in line):
             continue
         try:
@@ -126,6 +130,7 @@ class Gateway:
         for path in PROXIED:
             app.router.add_post(path, self.proxy)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model}", self.model)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/gateway/status", self.status)
@@ -155,14 +160,17 @@ class Gateway:
         return self.keys.check(_bearer(request))
 
     def _is_admin(self, request: web.Request) -> bool:
+        """The request bears the admin key. Digests are compared: a header of any bytes is just a wrong key."""
         import hmac
 
-        return bool(self.admin_key) and hmac.compare_digest(_bearer(request).encode(), self.admin_key.encode())
+        return bool(self.admin_key) and hmac.compare_digest(digest(_bearer(request)), digest(self.admin_key))
 
-    def _unauthorized(self) -> web.Response:
+    def _unauthorized(self, request: web.Request, response: web.Response | None = None) -> web.Response:
+        """401 (counted, and one line in the access log: no key name, never the key that was sent)."""
         self.usage.unauthorized += 1
-        return _error(401, "a valid API key is needed: ask the gateway's owner for one "
-                           "(`speedslurm gateway keys add NAME`)", code="invalid_api_key")
+        self._access({"key": None, "path": request.path}, 401, 0.0)
+        return response or _error(401, "a valid API key is needed: ask the gateway's owner for one "
+                                       "(`speedslurm gateway keys add NAME`)", code="invalid_api_key")
 
     # ------------------------------------------------------------------------------------------ views
 
@@ -170,26 +178,36 @@ class Gateway:
         return web.json_response({"status": "ok" if not self.pool.closing else "stopping"},
                                  status=200 if not self.pool.closing else 503)
 
+    def _model_entry(self, name: str) -> dict[str, tp.Any]:
+        a = self.pool.aliases[name].to_json()
+        return {"id": name, "object": "model", "created": int(self.started), "owned_by": "speedslurm",
+                "state": a["state"], "why": a["why"], "replicas": a["replicas"]}
+
     async def models(self, request: web.Request) -> web.Response:
         if self._who(request) is None and not self._is_admin(request):
-            return self._unauthorized()
-        data = []
-        for name in self.pool.names():
-            a = self.pool.aliases[name].to_json()
-            data.append({"id": name, "object": "model", "created": int(self.started), "owned_by": "speedslurm",
-                         "state": a["state"], "why": a["why"], "replicas": a["replicas"]})
-        return web.json_response({"object": "list", "data": data})
+            return self._unauthorized(request)
+        return web.json_response({"object": "list", "data": [self._model_entry(n) for n in self.pool.names()]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        """``GET /v1/models/{model}`` (``client.models.retrieve``): the alias's entry, or 404 naming the models."""
+        if self._who(request) is None and not self._is_admin(request):
+            return self._unauthorized(request)
+        try:
+            alias = self.pool.alias(request.match_info["model"])
+        except Unavailable as exc:
+            return _error(exc.status, exc.reason, code="model_not_found")
+        return web.json_response(self._model_entry(alias.name))
 
     async def metrics(self, request: web.Request) -> web.Response:
         if self._who(request) is None and not self._is_admin(request):
-            return self._unauthorized()
+            return self._unauthorized(request)
         return web.Response(text=prometheus(self.usage, self.pool.gauges()),
                             content_type="text/plain", charset="utf-8", headers={"X-Format": "prometheus-0.0.4"})
 
     def status_json(self) -> dict[str, tp.Any]:
         return {"url": self.url, "pid": __import__("os").getpid(), "started_at": self.started,
                 "uptime_s": round(time.time() - self.started, 1), "stopping": self.pool.closing,
-                "in_flight": self.in_flight, "keys": len(self.keys.names()),
+                "in_flight": self.in_flight, "keys": self.keys.count(), "keys_problem": self.keys.problem,
                 "aliases": [self.pool.aliases[n].to_json() for n in self.pool.names()],
                 "decisions": list(self.pool.decisions)}
 
@@ -199,14 +217,16 @@ class Gateway:
 
     async def status(self, request: web.Request) -> web.Response:
         if not self._is_admin(request):
-            return _error(401, "gateway status needs the gateway's admin key (`speedslurm gateway status` reads it "
-                               "from the gateway's folder)", code="invalid_api_key")
+            return self._unauthorized(request, _error(
+                401, "gateway status needs the gateway's admin key (`speedslurm gateway status` reads it from the "
+                     "gateway's folder)", code="invalid_api_key"))
         return web.json_response(self.status_json())
 
     async def usage_view(self, request: web.Request) -> web.Response:
         if not self._is_admin(request):
-            return _error(401, "gateway usage needs the gateway's admin key (`speedslurm gateway usage` reads it "
-                               "from the gateway's folder)", code="invalid_api_key")
+            return self._unauthorized(request, _error(
+                401, "gateway usage needs the gateway's admin key (`speedslurm gateway usage` reads it from the "
+                     "gateway's folder)", code="invalid_api_key"))
         return web.json_response(self.usage_json())
 
     # ------------------------------------------------------------------------------------------ proxy
@@ -215,22 +235,28 @@ class Gateway:
         t0 = time.monotonic()
         who = self._who(request)
         if who is None:
-            return self._unauthorized()
+            return self._unauthorized(request)
         self.in_flight += 1
         self.idle.clear()
         record: dict[str, tp.Any] = {"key": who, "path": request.path, "alias": None, "stream": False}
         status = 500
         try:
             resp = await self._proxy(request, who, record, t0)
-            status = resp.status
+            # A stream that did not end well says how (502, 504: the replica; 499, 408: the client).
+            status = record.get("status", resp.status)
             return resp
-        except asyncio.CancelledError:
-            status = 499  # the client left
+        except web.HTTPException as exc:
+            status = exc.status  # e.g. 413: the middleware answers it
+            raise
+        except (asyncio.CancelledError, ConnectionResetError):
+            status = 499  # the client left (before its whole body came, or while its answer was made)
+            record.setdefault("error", "the client left")
             raise
         finally:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self.idle.set()
+            record.pop("status", None)
             alias = record["alias"]
             latency = time.monotonic() - t0
             if alias is not None:
@@ -246,6 +272,10 @@ class Gateway:
         except asyncio.TimeoutError:
             return _error(408, f"the request body did not arrive within {self.g.client_timeout_s:g} s "
                                "(gateway.client_timeout_s)")
+        except web.RequestPayloadError as exc:  # e.g. Content-Encoding: gzip on a body that is not gzip
+            cause = exc.__cause__ or exc
+            why = getattr(cause, "message", None) or str(cause)
+            return _error(400, f"the request body could not be read: {str(why)[:200]}")
         try:
             data = json.loads(raw)
         except RecursionError:
@@ -278,8 +308,9 @@ class Gateway:
                 record["error"] = exc.reason
                 return _error(exc.status, exc.reason, kind="server_error", code="unavailable",
                               retry_after=exc.retry_after)
-            waited += time.monotonic() - w0
-            record["wait_s"] = waited
+            finally:  # a wait that ended in 503 (or the client leaving) is a wait too
+                waited += time.monotonic() - w0
+                record["wait_s"] = waited
             record["replica"] = replica.name
             try:
                 if stream:
@@ -298,13 +329,19 @@ class Gateway:
                 self.pool.release(replica)
 
     def _headers(self, replica: Replica) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
+        # identity: the answer is forwarded as it comes, and read for its tokens.
+        headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
         if replica.api_key:
             headers["Authorization"] = f"Bearer {replica.api_key}"
         return headers
 
     def _timeout(self) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.g.backend_timeout_s)
+        return aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=self.g.backend_timeout_s)
+
+    def _replica_timeout(self, record: dict[str, tp.Any]) -> web.Response:
+        record["error"] = "replica timeout"
+        return _error(504, f"the replica sent nothing for {self.g.backend_timeout_s:g} s "
+                           "(gateway.backend_timeout_s)", kind="server_error", code="timeout")
 
     async def _once(self, replica: Replica, path: str, raw: bytes, record: dict[str, tp.Any]) -> web.Response:
         assert self.pool.session is not None
@@ -313,11 +350,12 @@ class Gateway:
                                               timeout=self._timeout()) as resp:
                 body = await resp.read()
                 status, ctype = resp.status, resp.content_type
+                encoding = resp.headers.get("Content-Encoding")
+        except aiohttp.ConnectionTimeoutError:
+            raise Broken(f"{replica.name} took no connection in {CONNECT_TIMEOUT_S:g} s") from None
         except asyncio.TimeoutError:
-            record["error"] = "replica timeout"
-            return _error(504, f"the replica sent nothing for {self.g.backend_timeout_s:g} s "
-                               "(gateway.backend_timeout_s)", kind="server_error", code="timeout")
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
+            return self._replica_timeout(record)
+        except (aiohttp.ClientError, OSError) as exc:  # a broken connection, or an answer that is not HTTP
             raise Broken(f"connection to {replica.name} broke: {type(exc).__name__}") from None
         if status == 503 and b"oading" in body:
             raise Broken(f"{replica.name} is loading its model again")
@@ -329,7 +367,8 @@ class Gateway:
                 parsed = None
             p, c = _tokens(parsed.get("usage") if isinstance(parsed, dict) else None)
             record["prompt_tokens"], record["completion_tokens"] = p, c
-        return web.Response(body=body, status=status, content_type=ctype or "application/json")
+        headers = {"Content-Encoding": encoding} if encoding and encoding != "identity" else None
+        return web.Response(body=body, status=status, content_type=ctype or "application/json", headers=headers)
 
     async def _stream(self, request: web.Request, replica: Replica, raw: bytes, record: dict[str, tp.Any]
                       ) -> web.StreamResponse:
@@ -349,34 +388,35 @@ class Gateway:
                 try:
                     await out.prepare(request)
                 except (ConnectionError, RuntimeError):
-                    record["error"] = "the client left"
+                    record["error"], record["status"] = "the client left", 499
                     return out
-                tail = b""
+                tail = bytearray()  # the stream's last bytes: its usage event, however the reads cut it
                 async for chunk in resp.content.iter_any():
-                    if b'"usage"' in chunk or b'"timings"' in chunk:
-                        tail = chunk
+                    tail += chunk
+                    if len(tail) > 2 * TAIL_BYTES:
+                        del tail[:-TAIL_BYTES]
                     if not await self._send(out, chunk, record):
                         return out  # leaving the block closes the replica's connection: its slot is freed
                 replica.served += 1
-                found = _stream_tokens(tail) if tail else None
+                found = _stream_tokens(bytes(tail[-TAIL_BYTES:]))
                 if found is not None:
                     record["prompt_tokens"], record["completion_tokens"] = found
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     await out.write_eof()  # a client that left after the last event has its whole answer
                 return out
+        except aiohttp.ConnectionTimeoutError:
+            raise Broken(f"{replica.name} took no connection in {CONNECT_TIMEOUT_S:g} s") from None
         except asyncio.TimeoutError:
             if out is None:
-                record["error"] = "replica timeout"
-                return _error(504, f"the replica sent nothing for {self.g.backend_timeout_s:g} s "
-                                   "(gateway.backend_timeout_s)", kind="server_error", code="timeout")
-            record["error"] = "replica timeout mid-stream"
+                return self._replica_timeout(record)
+            record["error"], record["status"] = "replica timeout mid-stream", 504
             await self._end_stream(out, f"the replica sent nothing for {self.g.backend_timeout_s:g} s")
             return out
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
+        except (aiohttp.ClientError, OSError) as exc:  # a broken connection, or an answer that is not HTTP
             if out is None:
                 raise Broken(f"connection to {replica.name} broke: {type(exc).__name__}") from None
             self.pool.lost(replica, f"connection broke mid-stream: {type(exc).__name__}")
-            record["error"] = "replica failed mid-stream"
+            record["error"], record["status"] = "replica failed mid-stream", 502
             await self._end_stream(out, f"the replica serving this request failed ({type(exc).__name__}); "
                                         "the answer is incomplete")
             return out
@@ -386,10 +426,10 @@ class Gateway:
         try:
             await asyncio.wait_for(out.write(chunk), self.g.client_timeout_s)
         except asyncio.TimeoutError:
-            record["error"] = "the client read too slowly"
+            record["error"], record["status"] = "the client read too slowly", 408
             return False
         except (ConnectionError, RuntimeError):
-            record["error"] = "the client left"
+            record["error"], record["status"] = "the client left", 499
             return False
         return True
 
@@ -417,14 +457,34 @@ class Gateway:
     # ------------------------------------------------------------------------------------------ life
 
     async def start(self, host: str, port: int) -> str:
-        """Serve on ``host:port`` (0: a free port); returns the URL. Re-attaches to recorded deployments."""
+        """Serve on ``host:port`` (0: a free port); returns the URL. Re-attaches to recorded deployments.
+        :class:`UsageError` when the access log cannot be opened or the port taken; nothing is left open then."""
         if self.g.access_log:
             from pathlib import Path
 
             path = Path(self.g.access_log).expanduser()
-            self.access = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - open for the run
+            try:
+                self.access = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - open for the run
+            except OSError as exc:
+                raise UsageError(f"cannot open the access log {path} (gateway.access_log): {exc.strerror or exc}",
+                                 fix="make its folder, or set gateway.access_log to a file that can be written "
+                                     "(empty: stderr)") from None
+        try:
+            return await self._start(host, port)
+        except BaseException:
+            if self.runner is not None:
+                await self.runner.cleanup()
+            if self.pool.session is not None:
+                await self.pool.session.close()
+            if self.access is not None:
+                self.access.close()
+            raise
+
+    async def _start(self, host: str, port: int) -> str:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
-        self.pool.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        # identity: the answers are forwarded as they come (auto_decompress off), and read for their tokens.
+        self.pool.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                                  headers={"Accept-Encoding": "identity"})
         self.pool.add_urls()
         await self.pool.size_urls()
         attached = await asyncio.to_thread(self.pool.attach)
@@ -432,10 +492,14 @@ class Gateway:
                                     shutdown_timeout=self.g.drain_s)
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port, reuse_address=True)
-        await site.start()
+        shown = f"[{host}]" if ":" in host else host
+        try:
+            await site.start()
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {shown}:{port}: {exc.strerror or exc}",
+                             fix="pick another port with --listen HOST:PORT (or stop what uses it)") from None
         sockets = getattr(site._server, "sockets", None) or []  # noqa: SLF001 - the bound port (0: chosen)
         bound = sockets[0].getsockname()[1] if sockets else port
-        shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{bound}"
         self.admin_key = self.folder.announce(self.url)
         self._background = [asyncio.get_running_loop().create_task(self.pool.watch()),
@@ -477,11 +541,9 @@ class Gateway:
 
 def parse_listen(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:PORT`` for IPv6) -> (host, port); :class:`UsageError` otherwise."""
-    from ..errors import UsageError
-
     host, sep, port = text.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise UsageError(f"--listen {text!r} is not HOST:PORT with a port from 0 to 65535",
                          fix="e.g. --listen 127.0.0.1:8800, or --listen 0.0.0.0:8800 for the whole network")
     return host, int(port)
@@ -499,18 +561,14 @@ async def serve(settings: Settings, specs: tp.Sequence[AliasSpec], listen: str,
     loop = asyncio.get_running_loop()
     handled = []
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+            continue  # started with nohup: logging out does not stop it
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not in the main thread
             loop.add_signal_handler(sig, stop.set)
             handled.append(sig)
     try:
         await asyncio.to_thread(gateway.pool.check_models)
-        try:
-            await gateway.start(host, port)
-        except OSError as exc:
-            from ..errors import UsageError
-
-            raise UsageError(f"cannot listen on {listen}: {exc.strerror or exc}",
-                             fix="pick another port with --listen HOST:PORT (or stop what uses it)") from None
+        await gateway.start(host, port)
         if on_ready is not None:
             on_ready(gateway)
         await stop.wait()
