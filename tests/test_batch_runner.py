@@ -367,3 +367,29 @@ def test_stub_server_behaves_like_llama_server() -> None:
         assert get(stub.url + "/v1/models")[1]["data"][0]["id"] == "stub-model"  # no key needed
         assert get(stub.url + "/props")[0] == 401
         assert get(stub.url + "/props", KEY)[1]["total_slots"] == 3
+
+
+def test_a_batch_started_with_hangups_ignored_goes_on_after_a_hangup(tmp_path: Path) -> None:
+    """``nohup speedslurm submit ... &``: SIGHUP is ignored when it starts, so logging out (a SIGHUP during the
+    batch) does not stop it; every prompt gets its answer."""
+    import os
+    import signal
+
+    prompts = prompts_file(tmp_path, 40)
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with StubServer(latency=0.05, slots=1, api_key=KEY) as stub:
+            def hang_up() -> None:
+                deadline = time.monotonic() + 60
+                while stub.stats.completions < 1 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                os.kill(os.getpid(), signal.SIGHUP)  # with 39 answers to go (50 ms each, one at a time)
+
+            t = threading.Thread(target=hang_up)
+            t.start()
+            s = run(StaticSource(endpoint(stub.url, parallel=1)), prompts)
+            t.join()
+        assert (s.ok, s.failed) == (40, 0)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN  # left as it was
+    finally:
+        signal.signal(signal.SIGHUP, before)

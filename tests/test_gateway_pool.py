@@ -289,3 +289,81 @@ def test_counts_by_status_and_the_histograms_go_on_across_a_restart() -> None:
     assert 'speedslurm_gateway_requests_total{alias="x",key="alice",code="200"} 1' in text, text
     assert 'speedslurm_gateway_requests_total{alias="x",key="alice",code="502"} 1' in text, text
     assert prometheus(u, {"queue": {}, "in_flight": {}, "replicas": {}}) == text
+
+
+def test_a_successor_whose_submission_fails_is_tried_again(gsettings: tp.Any, downs: list[tp.Any]) -> None:
+    """sbatch times out once while a replica's time limit nears: another successor is submitted, not none."""
+    s = gsettings("gateway.idle_timeout=0")
+    tries: list[int] = []
+
+    async def main() -> None:
+        pool = make_pool(s)
+        pool._window = lambda r: (100.0, 30.0)  # type: ignore[method-assign]
+        old = ready_replica(pool)
+        old.ends_at = time.monotonic() + 50
+
+        def submit(spec: tp.Any) -> tp.Any:
+            tries.append(1)
+            if len(tries) == 1:
+                raise SpeedslurmError("sbatch: Socket timed out on send/recv operation")
+            return fake_dep("PENDING")
+
+        pool._submit = submit  # type: ignore[assignment]
+        await looks(pool, 10)
+        assert len(tries) == 2 and old.successor
+        assert [r.successor_for for r in pool.aliases["x"].replicas if r is not old] == [old]
+
+    asyncio.run(main())
+
+
+def test_a_failed_deployment_whose_cancel_fails_stays_recorded_and_is_cancelled_later(
+        gsettings: tp.Any, downs: list[tp.Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job that failed may keep a follower on its nodes: when scancel fails, it stays in deployments.json and
+    is cancelled once scancel answers."""
+    s = gsettings()
+    tries: list[str] = []
+
+    def down(dep: tp.Any, before: tp.Any = None, because: tp.Any = None) -> None:
+        tries.append(dep.id)
+        if len(tries) == 1:
+            raise SpeedslurmError("scancel: Socket timed out on send/recv operation")
+        downs.append((dep.id, because))
+
+    monkeypatch.setattr(lifecycle, "down", down)
+
+    async def main() -> None:
+        pool = make_pool(s)
+        r = ready_replica(pool)
+        pool._record()
+        STATES[r.name] = "FAILED"
+        await looks(pool, 3)
+        assert tries == [r.name] and r.state == "FAILED"
+        assert json.loads((s.gateway.root / "deployments.json").read_text()) == {"x": [r.name]}
+        r.stop_next = time.monotonic()
+        await looks(pool, 3)
+        assert len(downs) == 1 and downs[0][0] == r.name
+        assert json.loads((s.gateway.root / "deployments.json").read_text()) == {}
+
+    asyncio.run(main())
+
+
+def test_the_successor_of_a_replica_stopped_as_idle_is_stopped_as_idle_too(
+        gsettings: tp.Any, downs: list[tp.Any]) -> None:
+    """Night falls during a handover: the old replica is stopped as idle, and its successor, still waiting in
+    Slurm, succeeds nothing any more: it is stopped as idle too instead of holding nodes for nobody."""
+    s = gsettings("gateway.idle_timeout=1s")
+
+    async def main() -> None:
+        pool = make_pool(s)
+        pool._window = lambda r: (100.0, 30.0)  # type: ignore[method-assign]
+        old = ready_replica(pool)
+        old.ends_at = time.monotonic() + 50
+        succ = fake_dep("PENDING")
+        pool._submit = lambda spec: succ  # type: ignore[assignment,return-value]
+        await looks(pool, 3)
+        deadline = time.monotonic() + 10
+        while len(downs) < 2 and time.monotonic() < deadline:  # nobody asks: both pass the idle timeout
+            await looks(pool, 1, 0.05)
+        assert sorted(downs) == sorted([(old.name, "idle"), (succ.id, "idle")]), downs
+
+    asyncio.run(main())

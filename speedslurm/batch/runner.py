@@ -174,6 +174,8 @@ def run_batch(source: EndpointSource, prepared: PreparedBatch, options: BatchOpt
         handled = threading.current_thread() is threading.main_thread()
         # SIGTERM and SIGHUP (`timeout`, a dropped ssh session, an outer job's time limit) stop like Ctrl-C.
         previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} if handled else {}
+        # Started under nohup (SIGHUP ignored): logging out is not meant to stop it.
+        previous = {sig: h for sig, h in previous.items() if not (sig == signal.SIGHUP and h is signal.SIG_IGN)}
         for sig in previous:
             loop.add_signal_handler(sig, runner.interrupt)
         try:

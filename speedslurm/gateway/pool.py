@@ -169,6 +169,7 @@ class Replica:
         self.reattached = False  # found running by a restarted gateway: it did not start it
         self.down_since = 0.0  # when it went DOWN (monotonic)
         self.stop_next = 0.0  # a cancel that failed is tried again from then (monotonic)
+        self.cancel_pending = False  # its cancel failed: its job may still hold nodes, so it stays recorded
         self.stop_wait = 0.0
 
     @property
@@ -271,6 +272,7 @@ class Pool:
         self.usage = usage
         self.session: aiohttp.ClientSession | None = None
         self.closing = False
+        self.not_stopped: list[str] = []  # at exit: deployments whose cancel failed (still recorded)
         self.decisions: collections.deque[dict[str, tp.Any]] = collections.deque(maxlen=50)
         self._tasks: set[asyncio.Task[tp.Any]] = set()
         self._held_at = time.monotonic()
@@ -402,15 +404,16 @@ class Pool:
     async def _start_one(self, alias: Alias, succeeds: Replica | None = None) -> None:
         try:
             dep = await asyncio.to_thread(self._submit, alias.spec)
-        except SpeedslurmError as exc:
+        except Exception as exc:  # noqa: BLE001 - a bug must not stop the gateway either; it shows in the log
             alias.starting -= 1
-            reason = exc.message + (f" ({exc.fix})" if exc.fix else "")
+            if isinstance(exc, SpeedslurmError):
+                reason = exc.message + (f" ({exc.fix})" if exc.fix else "")
+            else:
+                log.exception("starting a replica of %s", alias.name)
+                reason = f"starting a replica failed: {exc!r}"
+            if succeeds is not None:
+                self._successor_lost(alias, succeeds)
             self._failed_to_start(alias, reason)
-            return
-        except Exception as exc:  # noqa: BLE001 - a bug must not stop the gateway; it shows in the log
-            alias.starting -= 1
-            log.exception("starting a replica of %s", alias.name)
-            self._failed_to_start(alias, f"starting a replica failed: {exc!r}")
             return
         alias.starting -= 1
         replica = Replica(alias, dep)
@@ -428,6 +431,12 @@ class Pool:
         plan, binaries = lifecycle.prepare(self.deploy_settings, spec.model, nodes=spec.nodes, replicas=1,
                                            ctx=spec.ctx, time_limit=spec.time)
         return lifecycle.launch(self.deploy_settings, plan, binaries)
+
+    def _successor_lost(self, alias: Alias, old: Replica) -> None:
+        """The successor started for ``old`` will not serve: another one is started on the next look, unless
+        starts keep failing (then ``old`` drains at its time limit)."""
+        with_removed(alias.handing, old)
+        old.successor = alias.failed_starts >= 2
 
     def _failed_to_start(self, alias: Alias, reason: str) -> None:
         log.info("%s", _line("start_failed", alias=alias.name, why=reason))
@@ -449,6 +458,7 @@ class Pool:
             await asyncio.to_thread(lifecycle.down, replica.dep, None, why)
         except Exception as exc:  # noqa: BLE001 - whatever it was, the job may still run: keep it and retry
             replica.stopping = False
+            replica.cancel_pending = True
             replica.draining = replica.draining or why
             replica.stop_wait = min(STOP_RETRY_MOST_S, max(5.0, replica.stop_wait * 2))
             replica.stop_next = time.monotonic() + replica.stop_wait
@@ -457,7 +467,8 @@ class Pool:
                                  retry_in_s=replica.stop_wait))
             self._record()
             return False
-        replica.state, replica.why = "ENDED", why
+        replica.cancel_pending = False
+        replica.state, replica.why = ("FAILED" if replica.state == "FAILED" else "ENDED"), why
         self.usage.retire(replica.name)
         log.info("%s", _line("replica_stopped", alias=replica.alias.name, deployment=replica.name, why=why))
         self._record()
@@ -465,8 +476,9 @@ class Pool:
 
     def _record(self) -> None:
         """deployments.json: the deployments that are not over, by alias (a restart re-attaches to them)."""
-        by_alias = {a.name: [r.dep.id for r in a.replicas if r.dep is not None and r.state in LIVE
-                             and not r.stopping] for a in self.aliases.values()}
+        by_alias = {a.name: [r.dep.id for r in a.replicas if r.dep is not None
+                             and ((r.state in LIVE and not r.stopping) or r.cancel_pending)]
+                    for a in self.aliases.values()}
         self.folder.write_deployments({a: ids for a, ids in by_alias.items() if ids})
 
     def attach(self) -> list[str]:
@@ -579,9 +591,10 @@ class Pool:
                     await self._follow(replica)
                 if replica.state == "DOWN" and now >= replica.probe_next:
                     await self._probe(replica)
-                if replica.draining and replica.in_flight == 0 and replica.state in LIVE \
+                if (replica.cancel_pending or (replica.draining and replica.in_flight == 0
+                                               and replica.state in LIVE)) \
                         and not replica.stopping and now >= replica.stop_next:
-                    self._spawn(self._stop(replica, replica.draining))  # a drained one whose cancel failed
+                    self._spawn(self._stop(replica, replica.draining))  # drained, or its cancel failed
             self._hand_out(alias)  # a free slot never waits for an event to be handed to a waiting request
             if self.closing:
                 continue
@@ -639,11 +652,9 @@ class Pool:
             # A failed job must not keep nodes busy (its other components, a follower that still runs).
             await self._stop(replica, f"failed: {replica.why}")
             replica.state = "FAILED"
-        old = replica.successor_for
-        if old is not None and not served:
+        if replica.successor_for is not None and not served:
+            self._successor_lost(alias, replica.successor_for)
             replica.successor_for = None
-            with_removed(alias.handing, old)
-            old.successor = alias.failed_starts >= 2  # its successor failed: another one, unless starts keep failing
         if not served and not replica.reattached:
             self._failed_to_start(alias, f"deployment {replica.name} {s.state.lower()}: {replica.why}")
         elif alias.waiters and not alias.serving() and not alias.starting:
@@ -659,7 +670,6 @@ class Pool:
         replica.url, replica.api_key = ep.url.rstrip("/"), ep.api_key
         replica.slots = alias.spec.slots or max(1, ep.parallel)
         replica.nodes = 1 + len(ep.follower_nodes)
-        first = replica.ready_at is None
         replica.state, replica.why = "READY", ""
         replica.ready_at = replica.last_used = time.monotonic()
         alias.failure = None
@@ -667,10 +677,7 @@ class Pool:
         log.info("%s", _line("replica_ready", alias=alias.name, deployment=replica.name, url=replica.url,
                              slots=replica.slots, after_s=round(replica.ready_at - replica.born, 1)))
         # The replica this one succeeds takes no new request now; it is stopped once its last request is done.
-        old = replica.successor_for
-        if old is None and first and alias.handing:
-            old = alias.handing[0]  # a replica that became ready first takes over from the one waiting longest
-        replica.successor_for = None
+        old, replica.successor_for = replica.successor_for, None
         if old is not None:
             with_removed(alias.handing, old)
             if old is not replica and old in alias.live() and not old.draining:
@@ -691,6 +698,7 @@ class Pool:
 
     def _drain(self, replica: Replica, why: str, **figures: tp.Any) -> None:
         replica.draining = why
+        with_removed(replica.alias.handing, replica)  # whatever the reason, it waits for no successor now
         self.decide("drain", replica.alias, why, deployment=replica.name, in_flight=replica.in_flight, **figures)
         if replica.in_flight == 0:
             self._spawn(self._stop(replica, why))
@@ -755,7 +763,7 @@ class Pool:
             return
         if alias.failed_starts:
             # Replicas failed to start: each new try waits twice as long (a bad node, a model that does not fit).
-            backoff = min(SCALE_UP_BACKOFF_MOST_S, max(1.0, g.scale_up_after_s) * 2 ** alias.failed_starts)
+            backoff = min(SCALE_UP_BACKOFF_MOST_S, max(1.0, g.scale_up_after_s) * 2 ** min(alias.failed_starts, 20))
             if held < backoff:
                 return
         if any(r.state != "READY" for r in alias.serving()):
@@ -813,8 +821,10 @@ class Pool:
             if len(serving) <= alias.spec.min_replicas:
                 return
             # A replica still queued in Slurm that nobody waits for is not needed either.
-            if replica.successor_for is not None:
+            old = replica.successor_for
+            if old is not None and old in alias.live() and not old.draining:
                 continue  # started to take over from a replica near its time limit: needed once ready
+            replica.successor_for = None
             if replica.state in ("READY", "PENDING") and replica.in_flight == 0 and not alias.waiters \
                     and now - replica.last_used >= idle_s:
                 self._drain(replica, "idle", idle_s=round(now - replica.last_used))
@@ -834,9 +844,10 @@ class Pool:
         stopped = []
         if stop:
             replicas = [r for a in self.aliases.values() for r in a.replicas
-                        if r.dep is not None and r.state in LIVE and not r.stopping]
+                        if r.dep is not None and ((r.state in LIVE and not r.stopping) or r.cancel_pending)]
             done = await asyncio.gather(*(self._stop(r, "the gateway stopped") for r in replicas))
             stopped = [r.name for r, ok in zip(replicas, done, strict=True) if ok]
+            self.not_stopped = [r.name for r, ok in zip(replicas, done, strict=True) if not ok]
         return stopped
 
     def gauges(self) -> dict[str, tp.Any]:

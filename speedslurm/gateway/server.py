@@ -533,7 +533,11 @@ class Gateway:
         if self.g.on_exit == "stop":
             self.pool._record()  # noqa: SLF001
         self.folder.retire()
-        log.info("%s", _line("gateway_stopped", stopped=stopped, left=self.g.on_exit == "leave"))
+        log.info("%s", _line("gateway_stopped", stopped=stopped, left=self.g.on_exit == "leave",
+                             cancel_failed=self.pool.not_stopped))
+        for dep_id in self.pool.not_stopped:
+            log.warning("could not cancel deployment %s: it may still hold nodes; start the gateway again (it "
+                        "re-attaches and cancels it when idle) or run `speedslurm down %s`", dep_id, dep_id)
         if self.access is not None:
             self.access.close()
         return stopped
