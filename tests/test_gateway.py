@@ -17,8 +17,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import localhttp
 import openai
 import pytest
+from localhttp import get
 
 from devtools.stubserver import StubServer
 from speedslurm.api import gateway as gw
@@ -27,25 +29,9 @@ from speedslurm.errors import UsageError
 
 def post(url: str, body: bytes | str, key: str | None, content_type: str = "application/json"
          ) -> tuple[int, dict[str, tp.Any], dict[str, str]]:
-    data = body.encode() if isinstance(body, str) else body
-    headers = {"Content-Type": content_type}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    req = urllib.request.Request(url, data=data, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, json.loads(resp.read()), dict(resp.headers)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read()), dict(exc.headers)
+    status, text, headers = localhttp.post(url, body, key, {"Content-Type": content_type})
+    return status, json.loads(text), headers
 
-
-def get(url: str, key: str | None) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
 
 
 def chat(client: openai.OpenAI, text: str, model: str = "m", **kw: tp.Any) -> tp.Any:

@@ -20,56 +20,23 @@ import sys
 import threading
 import time
 import typing as tp
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import openai
 import pytest
 from aiohttp import web
 from inprocess import speedslurm
+from localhttp import get, post
 
 from devtools.stubserver import StubServer
 from speedslurm.api import gateway as gw
-from speedslurm.api import load_settings
 from speedslurm.errors import SpeedslurmError, UsageError
 from speedslurm.gateway import server
 
 CHAT = '{"model": "m", "messages": [{"role": "user", "content": "x"}]}'
 
 
-@pytest.fixture
-def gsettings(user_config: Path, tmp_path: Path) -> tp.Callable[..., tp.Any]:
-    """Settings with the gateway's folder in tmp_path and ``KEY=VALUE`` overrides."""
-    user_config.write_text("profile: local\n")
 
-    def make(*overrides: str) -> tp.Any:
-        return load_settings(overrides=[f"gateway.dir={tmp_path / 'gw'}", "gateway.drain_s=5", *overrides])
-
-    return make
-
-
-def post(url: str, body: bytes | str, key: str | None, headers: dict[str, str] | None = None
-         ) -> tuple[int, bytes, dict[str, str]]:
-    data = body.encode() if isinstance(body, str) else body
-    h = {"Content-Type": "application/json", **(headers or {})}
-    if key:
-        h["Authorization"] = f"Bearer {key}"
-    req = urllib.request.Request(url, data=data, headers=h, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, resp.read(), dict(resp.headers)
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read(), dict(exc.headers)
-
-
-def get(url: str, key: str | None) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
 
 
 def raw(url: str, data: bytes, *, shut: bool = False) -> bytes:

@@ -68,6 +68,20 @@ def ready_replica(pool: Pool, slots: int = 1) -> Replica:
     return r
 
 
+def cancel_fails_once(monkeypatch: pytest.MonkeyPatch, downs: list[tp.Any]) -> list[str]:
+    """scancel fails the first time (slurmctld busy), then cancels (into ``downs``); returns the tries."""
+    tries: list[str] = []
+
+    def down(dep: tp.Any, before: tp.Any = None, because: tp.Any = None) -> None:
+        tries.append(dep.id)
+        if len(tries) == 1:
+            raise SpeedslurmError("scancel: Socket timed out on send/recv operation")
+        downs.append((dep.id, because))
+
+    monkeypatch.setattr(lifecycle, "down", down)
+    return tries
+
+
 async def looks(pool: Pool, n: int, between: float = 0.02) -> None:
     for _ in range(n):
         await pool.tick()
@@ -79,15 +93,7 @@ def test_a_cancel_that_fails_keeps_the_deployment_recorded_and_is_tried_again(
     """scancel fails (slurmctld busy): the replica is not forgotten while its job may still hold nodes: it stays
     in deployments.json (a restart re-attaches it), takes no request, and the cancel is tried again later."""
     s = gsettings()
-    tries: list[str] = []
-
-    def down(dep: tp.Any, before: tp.Any = None, because: tp.Any = None) -> None:
-        tries.append(dep.id)
-        if len(tries) == 1:
-            raise SpeedslurmError("scancel: Socket timed out on send/recv operation")
-        downs.append((dep.id, because))
-
-    monkeypatch.setattr(lifecycle, "down", down)
+    tries = cancel_fails_once(monkeypatch, downs)
 
     async def main() -> None:
         pool = make_pool(s)
@@ -321,15 +327,7 @@ def test_a_failed_deployment_whose_cancel_fails_stays_recorded_and_is_cancelled_
     """A job that failed may keep a follower on its nodes: when scancel fails, it stays in deployments.json and
     is cancelled once scancel answers."""
     s = gsettings()
-    tries: list[str] = []
-
-    def down(dep: tp.Any, before: tp.Any = None, because: tp.Any = None) -> None:
-        tries.append(dep.id)
-        if len(tries) == 1:
-            raise SpeedslurmError("scancel: Socket timed out on send/recv operation")
-        downs.append((dep.id, because))
-
-    monkeypatch.setattr(lifecycle, "down", down)
+    tries = cancel_fails_once(monkeypatch, downs)
 
     async def main() -> None:
         pool = make_pool(s)
