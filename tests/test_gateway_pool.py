@@ -68,6 +68,18 @@ def ready_replica(pool: Pool, slots: int = 1) -> Replica:
     return r
 
 
+def near_its_limit(s: tp.Any) -> tuple[Pool, Replica, tp.Any]:
+    """A pool with one ready replica inside its handover window, and the deployment its successor will be
+    (waiting in Slurm: PENDING)."""
+    pool = make_pool(s)
+    pool._window = lambda r: (100.0, 30.0)  # type: ignore[method-assign]
+    old = ready_replica(pool)
+    old.ends_at = time.monotonic() + 50
+    succ = fake_dep("PENDING")
+    pool._submit = lambda spec: succ  # type: ignore[assignment,return-value]
+    return pool, old, succ
+
+
 def cancel_fails_once(monkeypatch: pytest.MonkeyPatch, downs: list[tp.Any]) -> list[str]:
     """scancel fails the first time (slurmctld busy), then cancels (into ``downs``); returns the tries."""
     tries: list[str] = []
@@ -245,12 +257,7 @@ def test_a_successor_waiting_in_slurm_is_not_stopped_as_idle(gsettings: tp.Any, 
     s = gsettings("gateway.idle_timeout=1s")
 
     async def main() -> None:
-        pool = make_pool(s)
-        pool._window = lambda r: (100.0, 30.0)  # type: ignore[method-assign]
-        old = ready_replica(pool)
-        old.ends_at = time.monotonic() + 50
-        succ = fake_dep("PENDING")
-        pool._submit = lambda spec: succ  # type: ignore[assignment,return-value]
+        pool, old, succ = near_its_limit(s)
         deadline = time.monotonic() + 1.5  # past the idle timeout of the successor
         while time.monotonic() < deadline:
             old.last_used = time.monotonic()  # the old replica keeps serving
@@ -352,12 +359,7 @@ def test_the_successor_of_a_replica_stopped_as_idle_is_stopped_as_idle_too(
     s = gsettings("gateway.idle_timeout=1s")
 
     async def main() -> None:
-        pool = make_pool(s)
-        pool._window = lambda r: (100.0, 30.0)  # type: ignore[method-assign]
-        old = ready_replica(pool)
-        old.ends_at = time.monotonic() + 50
-        succ = fake_dep("PENDING")
-        pool._submit = lambda spec: succ  # type: ignore[assignment,return-value]
+        pool, old, succ = near_its_limit(s)
         await looks(pool, 3)
         deadline = time.monotonic() + 10
         while len(downs) < 2 and time.monotonic() < deadline:  # nobody asks: both pass the idle timeout
