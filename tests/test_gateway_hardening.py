@@ -577,3 +577,29 @@ def test_usage_falls_back_to_the_saved_counts_only_when_no_gateway_answers(gsett
     os.chmod(folder / "admin_key", 0o600)
     saved = gw.usage(s)
     assert saved["saved"] and saved["keys"]["alice"]["requests"] == 3
+
+
+def test_a_key_revoked_by_a_rewrite_that_keeps_size_and_mtime_is_refused(tmp_path: Path) -> None:
+    """keys.json rewritten in place to the same size with its mtime set back (a restore, a copy with -p, an NFS
+    server's coarse clock): the gateway reads it again all the same, and a revoked key is refused at once."""
+    import json
+    import os
+
+    from speedslurm.gateway.keys import KeyStore
+
+    folder = tmp_path / "gw"
+    folder.mkdir(mode=0o700)
+    store = KeyStore(folder)
+    key = store.add("alice")
+    assert store.check(key) == "alice"
+    path = folder / "keys.json"
+    st = path.stat()
+    data = json.loads(path.read_text())
+    data["keys"]["alice"]["sha256"] = "0" * len(data["keys"]["alice"]["sha256"])
+    text = json.dumps(data, indent=1, sort_keys=True) + "\n"
+    assert len(text.encode()) == st.st_size
+    with open(path, "r+") as fh:  # in place: the same inode
+        fh.write(text)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert store.check(key) is None

@@ -46,7 +46,7 @@ class KeyStore:
 
     def __init__(self, folder: Path) -> None:
         self.path = folder / FILE
-        self._seen: tuple[float, int] | None = None
+        self._seen: tuple[int, ...] | None = None
         self._hashes: list[tuple[bytes, str]] = []
         self.problem: str | None = None
 
@@ -99,7 +99,9 @@ class KeyStore:
     def _refresh(self) -> None:
         try:
             st = self.path.stat()
-            seen: tuple[float, int] | None = (st.st_mtime, st.st_size)
+            # ctime cannot be set back by anyone: a file rewritten within the clock's tick, or with its mtime
+            # restored, is read again all the same
+            seen: tuple[int, ...] | None = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
         except FileNotFoundError:
             seen = None
         if seen == self._seen and self._seen is not None:
