@@ -603,3 +603,32 @@ def test_a_key_revoked_by_a_rewrite_that_keeps_size_and_mtime_is_refused(tmp_pat
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
     assert store.check(key) is None
+
+
+def test_a_client_that_leaves_once_it_has_the_stream_end_has_its_whole_answer(gsettings: tp.Any) -> None:
+    """The openai client closes its connection as soon as it reads ``data: [DONE]``; a server that still writes
+    after it (keep-alive comments) makes the gateway's next write fail. The request is answered, not "the client
+    left": no error in the counts, and its tokens are counted."""
+    async def chat(request: web.Request) -> web.StreamResponse:
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        await out.write(token("t0 ") + event({**CHUNK, "choices": [], "usage": {"prompt_tokens": 2,
+                                                                                "completion_tokens": 1}}))
+        await out.write(b"data: [DONE]\n\n")
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            for _ in range(100):  # until the gateway hangs up (it does once its client left)
+                await asyncio.sleep(0.05)
+                await out.write(b": keep-alive\n\n")
+        return out
+
+    s = gsettings()
+    key = gw.add_key("alice", s)
+    with Backend({("POST", "/v1/chat/completions"): chat}) as be, \
+            gw.open_gateway({"m": be.url}, listen="127.0.0.1:0", settings=s) as g:
+        client = openai.OpenAI(base_url=g.url + "/v1", api_key=key, max_retries=0, timeout=30)
+        chunks = list(client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
+                                                     stream=True))
+        assert chunks[0].choices[0].delta.content == "t0 "
+        until(lambda: gw.usage(s)["keys"]["alice"]["requests"] == 1)
+        row = gw.usage(s)["keys"]["alice"]
+        assert (row["prompt_tokens"], row["completion_tokens"], row["errors"]) == (2, 1, 0), row

@@ -249,14 +249,19 @@ class Gateway:
             status = exc.status  # e.g. 413: the middleware answers it
             raise
         except (asyncio.CancelledError, ConnectionResetError):
-            status = 499  # the client left (before its whole body came, or while its answer was made)
-            record.setdefault("error", "the client left")
+            if record.get("ended"):
+                status = 200  # the client left once it had the stream's end: it has its whole answer
+                record.pop("error", None)
+            else:
+                status = 499  # the client left (before its whole body came, or while its answer was made)
+                record.setdefault("error", "the client left")
             raise
         finally:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self.idle.set()
             record.pop("status", None)
+            record.pop("ended", None)
             alias = record["alias"]
             latency = time.monotonic() - t0
             if alias is not None:
@@ -395,12 +400,20 @@ class Gateway:
                     tail += chunk
                     if len(tail) > 2 * TAIL_BYTES:
                         del tail[:-TAIL_BYTES]
+                    if b"data: [DONE]" in chunk or b"data: [DONE]" in tail[-len(chunk) - 12:]:
+                        # The stream's end goes to the client now: a client that closes as soon as it reads it
+                        # (the openai client does) can make this write or a later one fail, or cancel the
+                        # request; it has its whole answer all the same.
+                        record["ended"] = True
+                        self._stream_counts(record, tail)
                     if not await self._send(out, chunk, record):
-                        return out  # leaving the block closes the replica's connection: its slot is freed
+                        if not record.get("ended"):
+                            return out  # leaving the block closes the replica's connection: its slot is freed
+                        record.pop("error", None)
+                        record.pop("status", None)
+                        break
                 replica.served += 1
-                found = _stream_tokens(bytes(tail[-TAIL_BYTES:]))
-                if found is not None:
-                    record["prompt_tokens"], record["completion_tokens"] = found
+                self._stream_counts(record, tail)
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     await out.write_eof()  # a client that left after the last event has its whole answer
                 return out
@@ -420,6 +433,12 @@ class Gateway:
             await self._end_stream(out, f"the replica serving this request failed ({type(exc).__name__}); "
                                         "the answer is incomplete")
             return out
+
+    @staticmethod
+    def _stream_counts(record: dict[str, tp.Any], tail: bytearray) -> None:
+        found = _stream_tokens(bytes(tail[-TAIL_BYTES:]))
+        if found is not None:
+            record["prompt_tokens"], record["completion_tokens"] = found
 
     async def _send(self, out: web.StreamResponse, chunk: bytes, record: dict[str, tp.Any]) -> bool:
         """Write a chunk to the client; False when it left or reads too slowly (the request ends there)."""
