@@ -400,7 +400,7 @@ class Gateway:
                     tail += chunk
                     if len(tail) > 2 * TAIL_BYTES:
                         del tail[:-TAIL_BYTES]
-                    if b"data: [DONE]" in chunk or b"data: [DONE]" in tail[-len(chunk) - 12:]:
+                    if not record.get("ended") and b"data: [DONE]" in tail[-len(chunk) - 12:]:
                         # The stream's end goes to the client now: a client that closes as soon as it reads it
                         # (the openai client does) can make this write or a later one fail, or cancel the
                         # request; it has its whole answer all the same.
@@ -413,7 +413,8 @@ class Gateway:
                         record.pop("status", None)
                         break
                 replica.served += 1
-                self._stream_counts(record, tail)
+                if not record.get("ended"):
+                    self._stream_counts(record, tail)  # a stream without [DONE]: its last event says
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     await out.write_eof()  # a client that left after the last event has its whole answer
                 return out
