@@ -30,7 +30,7 @@ help:
 	@echo "make testbed-up      start the 4-node Slurm test bed (root; TESTBED_UP_FLAGS='--shape 1gbit' to shape links)"
 	@echo "make testbed-down    stop and remove the test bed"
 	@echo "make testbed-status  daemons, links and nodes of the test bed"
-	@echo "make test-unit       the tests that need neither the bed nor llama.cpp"
+	@echo "make test-unit       tests/unit/: the tests that need neither the bed nor llama.cpp"
 	@echo "make lint            ruff, mypy and deptry (declared dependencies = imported ones)"
 	@echo "make bench           benchmarks on the test bed; writes docs/benchmarks.md (QUICK=1: under 5 minutes)"
 
@@ -90,7 +90,7 @@ test: install lint testbed-up
 	if [ $$rc = 5 ]; then echo "make test: pytest collected no tests"; fi; exit $$rc
 
 test-unit: $(PKG_STAMP)
-	$(PY) -m pytest -m "not slurm and not llama" $(PYTEST_ARGS) tests
+	$(PY) -m pytest $(PYTEST_ARGS) tests/unit
 
 # deptry: every module speedslurm imports is a declared dependency, every declared one is imported
 # (settings in pyproject.toml's [tool.deptry]).

@@ -1,6 +1,9 @@
 """Test tiers and the fixtures that reach the real test bed.
 
-Markers (declared in pyproject.toml):
+A test's folder is its tier: ``tests/unit/`` needs neither the bed nor llama.cpp, ``tests/real/`` runs real
+components; modules beside this file are helpers both tiers import. Markers (declared in pyproject.toml) say
+which real components a test in ``tests/real/`` needs, and a test whose markers contradict its folder stops the
+collection:
 
 * ``slurm`` -- needs the four-node Slurm test bed (``make testbed-up``);
 * ``llama`` -- needs the llama.cpp binaries (``make install``);
@@ -113,7 +116,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 def pytest_terminal_summary(terminalreporter: tp.Any, exitstatus: int, config: pytest.Config) -> None:
-    """The times of the installed wheel's flows (tests/test_installed_wheel.py), once they ran."""
+    """The times of the installed wheel's flows (tests/real/test_installed_wheel.py), once they ran."""
     module = next((m for m in list(sys.modules.values())
                    if Path(getattr(m, "__file__", None) or "").name == "test_installed_wheel.py"), None)
     times: dict[str, float] = getattr(module, "TIMES", None) or {}
@@ -122,6 +125,28 @@ def pytest_terminal_summary(terminalreporter: tp.Any, exitstatus: int, config: p
     terminalreporter.section("installed wheel: time per flow")
     for name, secs in times.items():
         terminalreporter.write_line(f"{name:<50} {secs:6.1f} s")
+
+
+TESTS = Path(__file__).resolve().parent
+TIERS = {"unit": "needs neither the Slurm test bed nor llama.cpp: no slurm or llama marker",
+         "real": "runs real components: llama.cpp (marker llama), the Slurm test bed (marker slurm), or both"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test's folder is its tier (``TIERS``); a test whose markers say otherwise stops the run."""
+    misfiled = []
+    for item in items:
+        try:
+            tier = Path(item.path).resolve().relative_to(TESTS).parts[0]
+        except ValueError:
+            continue
+        real = any(item.get_closest_marker(m) is not None for m in ("slurm", "llama"))
+        if tier not in TIERS or (tier == "real") != real:
+            misfiled.append(f"{item.nodeid} ({'slurm/llama marker' if real else 'no slurm/llama marker'})")
+    if misfiled:
+        raise pytest.UsageError(
+            "tests in the wrong tier folder; " + "; ".join(f"tests/{t}/ {why}" for t, why in TIERS.items())
+            + ":\n  " + "\n  ".join(misfiled))
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

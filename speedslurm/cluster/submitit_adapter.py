@@ -22,7 +22,7 @@ One more thing relies on submitit's files but lives on the job side, which never
 sooner to the servers), reading the pickle ``JobPaths`` names and writing the ``("success", value)`` result pickle
 that submitit's own entry writes. Its assumptions are checked here with the others.
 
-:func:`assumptions` lists what these overrides rely on; ``tests/test_submitit_adapter.py`` checks each one
+:func:`assumptions` lists what these overrides rely on; ``tests/unit/test_submitit_adapter.py`` checks each one
 against the installed submitit, so a release that changes them fails there with a message naming the change,
 not in a user's deployment.
 """

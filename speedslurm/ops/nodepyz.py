@@ -14,7 +14,7 @@ import zipapp
 from pathlib import Path
 
 NAME = "speedslurm-node.pyz"
-# What the job side is made of, every module standard library only (tests/test_contract.py checks that the
+# What the job side is made of, every module standard library only (tests/unit/test_contract.py checks that the
 # archive runs without the installed package): the node/ folder whole, the run directory's contract (rundir/)
 # and the errors, under the package's own __init__.py.
 NODE_PACKAGES = ("node", "rundir")

@@ -75,7 +75,7 @@ def _table() -> tuple[tuple[str, ...], dict[str, str]]:
 
     simple-slurm builds its argument parser from ``arguments.txt`` (one option a line: the long name with
     ``_`` for ``-``, then its one-letter alias if any) through ``simple_slurm.core.read_simple_txt``; that
-    reader is its only way to the table, so this is the one place that touches it (tests/test_sbatchopts.py
+    reader is its only way to the table, so this is the one place that touches it (tests/unit/test_sbatchopts.py
     fails loudly if it changes, and pyproject.toml pins simple-slurm below 0.4).
     """
     from simple_slurm.core import read_simple_txt
