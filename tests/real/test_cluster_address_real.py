@@ -23,7 +23,6 @@ def _ss(shared_tmp: Path, *args: str, timeout: float = 180) -> subprocess.Comple
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 
-
 def _jobs_of(shared_tmp: Path) -> list[str]:
     ids: list[str] = []
     for f in (shared_tmp / "runs").glob("*/deployment.json"):
@@ -31,11 +30,9 @@ def _jobs_of(shared_tmp: Path) -> list[str]:
     return ids
 
 
-
 def _still_queued(ids: tp.Sequence[str]) -> list[str]:
     out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=20).stdout
     return [j for j in out.split() if j.split("+")[0].split("_")[0] in ids]
-
 
 
 @pytest.mark.slurm
@@ -65,7 +62,6 @@ def test_bed_an_unusable_address_fails_the_deployment_within_seconds(shared_tmp:
     while _still_queued(ids) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not _still_queued(ids), "the failed job is still in squeue"
-
 
 
 @pytest.mark.slurm

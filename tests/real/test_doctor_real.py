@@ -21,7 +21,6 @@ def _doctor(args: list[str]) -> subprocess.CompletedProcess[str]:
                           timeout=600)
 
 
-
 @pytest.mark.slurm
 @pytest.mark.llama
 def test_doctor_passes_on_the_testbed(testbed: tp.Any, llama_bins: tp.Any, gemma_270m: Path) -> None:
@@ -32,7 +31,6 @@ def test_doctor_passes_on_the_testbed(testbed: tp.Any, llama_bins: tp.Any, gemma
     names = [c["name"] for c in out["checks"]]
     assert names == ["slurm commands", "partition", "binaries", "run directory private", "run directory shared",
                      "free ports", "model files", "munge"]
-
 
 
 @pytest.mark.slurm

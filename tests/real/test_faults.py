@@ -170,8 +170,6 @@ class Run:
             self.proc.wait(10)
 
 
-
-
 def assert_reported(run: Run, needle: str, since: float) -> float:
     """The fault is named on stderr after ``since`` (before the command ended, if it ends); returns how long that
     took, for the test log (a guard against a hang only: the time is not asserted)."""
@@ -681,8 +679,6 @@ def test_9_stale_handshake_files_of_another_job_are_never_used(env, shared_tmp: 
 
 
 # ------------------------------------------------------------------------------------------ 10: two builds
-
-
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -29,42 +28,10 @@ from pathlib import Path
 
 import openai
 import pytest
-from longbatch import GUARD_S, TOKENS, Output, wait_until
+from gatewayproc import Gateway
+from longbatch import GUARD_S, TOKENS, wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.llama]
-
-SERVES = re.compile(r"speedslurm gateway serves (http://\S+)/v1 ")
-
-
-class Gateway:
-    """A ``speedslurm gateway`` process; ``url`` once it listens (the line it prints on stderr)."""
-
-    def __init__(self, env: dict[str, str], args: tp.Sequence[str]) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "speedslurm", *args], env=env, text=True,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.output = Output(self.proc)
-        self.output.wait_said("speedslurm gateway serves")
-        m = SERVES.search(self.output.stderr)
-        assert m, self.output.stderr
-        self.url = m.group(1)
-
-    def events(self, name: str) -> list[dict[str, tp.Any]]:
-        """The gateway's JSON log lines of event ``name`` (its access log lines are events "request")."""
-        found = []
-        for line in self.output.stderr.splitlines():
-            if line.startswith("{"):
-                try:
-                    data = json.loads(line)
-                except ValueError:
-                    continue
-                if data.get("event") == name:
-                    found.append(data)
-        return found
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.output.wait(GUARD_S)
 
 
 class Bed:
@@ -108,9 +75,7 @@ class Bed:
 
     def close(self) -> None:
         for g in self.gateways:
-            if g.proc.poll() is None:
-                g.proc.kill()
-                g.output.wait(60)
+            g.kill()
         jobs = set()
         for info in self.runs.glob("*/deployment.json") if self.runs.is_dir() else []:
             data = json.loads(info.read_text())

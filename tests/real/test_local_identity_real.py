@@ -30,8 +30,7 @@ def test_local_up_with_a_slurm_job_in_the_environment_becomes_ready(tmp_path: Pa
         assert rep["endpoint"]["leader_node"] == "localhost"
     finally:
         for d in runs.iterdir():
-            speedslurm_proc(env, "down", d.name, cwd=tmp_path)
-
+            speedslurm_proc(env, "down", d.name, timeout=120, cwd=tmp_path)
 
 
 @pytest.mark.slurm

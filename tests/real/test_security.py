@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import os
@@ -12,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from cliproc import speedslurm_proc as speedslurm
+from cliproc import speedslurm_proc
 
 pytestmark = [pytest.mark.llama]
 bed = pytest.mark.slurm
@@ -22,7 +23,7 @@ NAMESPACES = ["ssn1", "ssn2", "ssn3", "ssn4"]
 # A folder name that breaks naive shell quoting three ways: spaces, quotes, command substitution.
 HOSTILE = "we ird 'q\" $(touch PWNED) `touch PWNED2`; x"
 
-
+speedslurm = functools.partial(speedslurm_proc, timeout=180)
 
 
 def listeners(netns: str | None) -> list[tuple[str, int, set[int]]]:

@@ -75,8 +75,6 @@ def env(shared_tmp: Path) -> dict[str, str]:
     return {**os.environ, "SPEEDSLURM_PROFILE": "testbed", "SPEEDSLURM_RUN__DIR": str(shared_tmp / "runs")}
 
 
-
-
 def test_submit_200_mixed_prompts_over_two_replicas(env, shared_tmp: Path, tiny_gguf: Path) -> None:
     prompts = shared_tmp / "prompts.jsonl"
     ids = write_mixed_prompts(prompts, 200, max_tokens=24)

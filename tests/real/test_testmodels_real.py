@@ -36,12 +36,10 @@ def test_gemma_metadata() -> None:
     assert info.file_bytes == path.stat().st_size == 253_113_024
 
 
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
@@ -57,12 +55,10 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: flo
         time.sleep(0.05)
 
 
-
 def _start(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env={**os.environ, **env})
-
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
@@ -81,13 +77,11 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: f
         time.sleep(0.05)
 
 
-
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
     for p in procs:
         p.kill()
     for p in procs:
         p.wait(timeout=10)
-
 
 
 def _chat(url: str) -> None:
@@ -98,7 +92,6 @@ def _chat(url: str) -> None:
                                           messages=[{"role": "user", "content": "Say hello."}])
     assert resp.choices[0].message.content
     assert resp.usage is not None and resp.usage.completion_tokens > 0
-
 
 
 @pytest.mark.llama
@@ -114,7 +107,6 @@ def test_tiny_model_chat_completion(llama_bins: tp.Any, tiny_gguf: Path, tmp_pat
         _chat(f"http://127.0.0.1:{port}")
     finally:
         _stop([proc])
-
 
 
 @pytest.mark.llama

@@ -40,13 +40,11 @@ def bed(shared_tmp: Path) -> tp.Iterator[tp.Callable[..., subprocess.CompletedPr
         subprocess.run(["scancel", *jobs], capture_output=True)
 
 
-
 def _line(out: str, dep_id: str) -> list[str]:
     """The status table's row of ``dep_id``, split into its columns (WHY last, maybe several words)."""
     head = out.splitlines()[0].split()
     row = next(ln for ln in out.splitlines() if ln.startswith(dep_id)).split()
     return row[:len(head) - 1] + [" ".join(row[len(head) - 1:])]
-
 
 
 def _wait_state(bed: tp.Any, ident: str, want: str, timeout: float = 300) -> dict[str, tp.Any]:
@@ -59,12 +57,10 @@ def _wait_state(bed: tp.Any, ident: str, want: str, timeout: float = 300) -> dic
         time.sleep(0.5)
 
 
-
 def _write_prompts(path: Path, n: int, fields: dict[str, tp.Any] | None = None) -> Path:
     fields = {"max_tokens": 24} if fields is None else fields
     path.write_text("".join(json.dumps({"prompt": f"Count to {i}:", **fields}) + "\n" for i in range(n)))
     return path
-
 
 
 @pytest.mark.slurm
@@ -102,7 +98,6 @@ def test_bed_a_job_cancelled_with_scancel_shows_cancelled(bed: tp.Any, tiny_gguf
     assert down == f"deployment {dep_id}: job(s) {job} had ended already; state ENDED (cancelled)"
 
 
-
 @pytest.mark.slurm
 @pytest.mark.llama
 def test_bed_a_rendered_script_is_unsubmitted_until_sbatch_and_its_job_id_works_everywhere(
@@ -137,7 +132,6 @@ def test_bed_a_rendered_script_is_unsubmitted_until_sbatch_and_its_job_id_works_
     assert down == f"deployment {dep_id}: cancelled job(s) {job}; state ENDED (cancelled)"
     res = bed("status", "999999", check=False)
     assert res.returncode == 2 and "unknown deployment '999999'" in res.stderr
-
 
 
 @pytest.mark.llama

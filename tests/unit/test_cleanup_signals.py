@@ -6,6 +6,8 @@ for a handover successor being submitted, is held until every cancel is issued; 
 Before, SIGINT kept its default there: KeyboardInterrupt in squeue or in the wait left the job queued or running.
 The signals come by construction (a fake squeue or scancel, or the cancel itself, sends them), never after a
 guessed delay.
+
+On the test bed: tests/real/test_cleanup_signals_real.py.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ the address, where it came from and the setting to fix (``cluster.nodes.<node>.a
 Before, a DNS fallback's 127.0.1.1 (Debian maps the host name there) was taken as the node's address (its
 servers then listened where no other node could reach them), and an address that the node does not have showed
 up as "no free port on ...". The local executor's 127.0.0.1 is its own address, not a cluster address: kept.
+
+On the test bed: tests/real/test_cluster_address_real.py.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from pathlib import Path
 import localhttp
 import openai
 import pytest
+from gatewayproc import Gateway
 from localhttp import get
 
 from devtools.stubserver import StubServer
@@ -31,7 +32,6 @@ def post(url: str, body: bytes | str, key: str | None, content_type: str = "appl
          ) -> tuple[int, dict[str, tp.Any], dict[str, str]]:
     status, text, headers = localhttp.post(url, body, key, {"Content-Type": content_type})
     return status, json.loads(text), headers
-
 
 
 def chat(client: openai.OpenAI, text: str, model: str = "m", **kw: tp.Any) -> tp.Any:
@@ -393,39 +393,27 @@ def test_a_client_that_never_sends_its_body_is_cut_off(gsettings: tp.Any) -> Non
 
 def test_sigterm_finishes_the_requests_in_flight_and_refuses_new_ones(gsettings: tp.Any, tmp_path: Path) -> None:
     import signal
-    import subprocess
-    import sys
 
     s = gsettings()
     key = gw.add_key("alice", s)
     gate = threading.Event()
     env = {**os.environ, "SPEEDSLURM_GATEWAY__DIR": str(s.gateway.root)}
     with StubServer(stream_gate=gate, completion_tokens=4) as stub:
-        proc = subprocess.Popen([sys.executable, "-m", "speedslurm", "gateway", "--listen", "127.0.0.1:0",
-                                 "--model", f"m={stub.url}"], stderr=subprocess.PIPE, text=True, env=env,
-                                stdin=subprocess.DEVNULL)
+        g = Gateway(env, ["gateway", "--listen", "127.0.0.1:0", "--model", f"m={stub.url}"])
         try:
-            assert proc.stderr is not None
-            url = ""
-            for line in proc.stderr:
-                if "serves http" in line:
-                    url = line.split("serves ")[1].split("/v1")[0]
-                    break
-            threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
-            client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
+            client = openai.OpenAI(base_url=g.url + "/v1", api_key=key, max_retries=0, timeout=60)
             stream = iter(chat(client, "in flight", stream=True))
             first = next(stream)
-            proc.send_signal(signal.SIGTERM)
-            _until(lambda: post(url + "/v1/chat/completions", '{"model": "m"}', key)[0] == 503)
-            code, data, _ = post(url + "/v1/chat/completions", '{"model": "m", "messages": []}', key)
+            g.proc.send_signal(signal.SIGTERM)
+            _until(lambda: post(g.url + "/v1/chat/completions", '{"model": "m"}', key)[0] == 503)
+            code, data, _ = post(g.url + "/v1/chat/completions", '{"model": "m", "messages": []}', key)
             assert code == 503 and "shutting down" in data["error"]["message"]
             gate.set()
             rest = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
             assert [first.choices[0].delta.content, *rest] == [f"tok{i} " for i in range(4)]
-            assert proc.wait(60) == 0
+            assert g.output.wait(60) == 0
         finally:
-            if proc.poll() is None:
-                proc.kill()
+            g.kill()
 
 
 def test_the_cli_makes_keys_and_shows_a_running_gateway(gsettings: tp.Any, tmp_path: Path) -> None:

@@ -15,8 +15,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import typing as tp
@@ -25,6 +23,7 @@ from pathlib import Path
 import openai
 import pytest
 from aiohttp import web
+from gatewayproc import Gateway
 from inprocess import speedslurm
 from localhttp import get, post
 
@@ -34,9 +33,6 @@ from speedslurm.errors import SpeedslurmError, UsageError
 from speedslurm.gateway import server
 
 CHAT = '{"model": "m", "messages": [{"role": "user", "content": "x"}]}'
-
-
-
 
 
 def raw(url: str, data: bytes, *, shut: bool = False) -> bytes:
@@ -475,33 +471,20 @@ def test_a_gateway_started_with_hangups_ignored_survives_a_hangup(gsettings: tp.
     key = gw.add_key("alice", s)
     env = {**os.environ, "SPEEDSLURM_GATEWAY__DIR": str(s.gateway.root)}
     with StubServer() as stub:
-        proc = subprocess.Popen([sys.executable, "-m", "speedslurm", "gateway", "--listen", "127.0.0.1:0",
-                                 "--model", f"m={stub.url}"], stderr=subprocess.PIPE, text=True, env=env,
-                                stdin=subprocess.DEVNULL,
-                                preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))  # noqa: PLW1509
+        g = Gateway(env, ["gateway", "--listen", "127.0.0.1:0", "--model", f"m={stub.url}"],
+                    preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
         try:
-            assert proc.stderr is not None
-            url = ""
-            for line in proc.stderr:
-                if "serves http" in line:
-                    url = line.split("serves ")[1].split("/v1")[0]
-                    break
-            assert url, "the gateway did not start"
-            threading.Thread(target=proc.stderr.read, daemon=True).start()
-            status = Path(f"/proc/{proc.pid}/status")
+            status = Path(f"/proc/{g.proc.pid}/status")
             if status.exists():  # Linux: SIGHUP is still ignored, not caught
                 fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
                 assert int(fields["SigIgn"], 16) & 1 << (signal.SIGHUP - 1)
-            proc.send_signal(signal.SIGHUP)
-            code, out, _ = post(url + "/v1/chat/completions", CHAT, key)
+            g.proc.send_signal(signal.SIGHUP)
+            code, out, _ = post(g.url + "/v1/chat/completions", CHAT, key)
             assert code == 200, out
-            assert proc.poll() is None
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(60) == 0
+            assert g.proc.poll() is None
+            assert g.stop(signal.SIGTERM) == 0
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(30)
+            g.kill()
 
 
 # ----------------------------------------------------------------------------------------------- bodies and log

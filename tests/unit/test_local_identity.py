@@ -8,6 +8,7 @@ runs it. Local roles started inside a Slurm job: tests/real/test_local_identity_
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -21,6 +22,8 @@ from cliproc import local_env, speedslurm_proc
 
 from speedslurm.cluster.local_executor import local_environment
 from speedslurm.cluster.localproc import ProcessIdentity, check, identify, signal_process
+
+_ss = functools.partial(speedslurm_proc, timeout=120)
 
 
 @pytest.fixture
@@ -37,7 +40,6 @@ def runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root = tmp_path / "runs"
     root.mkdir(mode=0o700)
     return root
-
 
 
 def _local_deployment(runs: Path, name: str, pid: int, identity: dict[str, tp.Any] | None) -> Path:
@@ -57,7 +59,7 @@ def _local_deployment(runs: Path, name: str, pid: int, identity: dict[str, tp.An
 
 
 def _status(env: dict[str, str], ident: str, cwd: Path) -> dict[str, tp.Any]:
-    res = speedslurm_proc(env, "status", ident, "--json", cwd=cwd)
+    res = _ss(env, "status", ident, "--json", cwd=cwd)
     assert res.returncode == 0, res.stderr
     return tp.cast(dict[str, tp.Any], json.loads(res.stdout)[0])
 
@@ -120,7 +122,7 @@ def test_a_reused_pid_is_not_the_deployment_and_down_leaves_it_alone(
     env = local_env(runs)
     row = _status(env, "dep-reused", tmp_path)
     assert (row["state"], row["why"]) == ("ENDED", why), row
-    res = speedslurm_proc(env, "down", "dep-reused", cwd=tmp_path)
+    res = _ss(env, "down", "dep-reused", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == f"deployment dep-reused: job(s) {sleeper.pid} had ended already; state ENDED ({why})"
     time.sleep(0.3)
@@ -135,7 +137,7 @@ def test_a_deployment_on_another_host_is_not_called_ended_nor_signalled(
     env = local_env(runs)
     row = _status(env, "dep-elsewhere", tmp_path)
     assert row["state"] == "STARTING" and row["why"] == "runs on login2: its processes can only be checked there"
-    res = speedslurm_proc(env, "down", "dep-elsewhere", cwd=tmp_path)
+    res = _ss(env, "down", "dep-elsewhere", cwd=tmp_path)
     assert res.returncode == 2 and "runs its processes on login2" in res.stderr and "on login2" in res.stderr
     time.sleep(0.3)
     assert sleeper.poll() is None
@@ -149,11 +151,8 @@ def test_the_recorded_process_is_running_and_down_stops_it(
     env = local_env(runs)
     row = _status(env, "dep-live", tmp_path)
     assert row["state"] == "STARTING" and row["replicas"][0]["job_state"] == "RUNNING", row
-    res = speedslurm_proc(env, "down", "dep-live", cwd=tmp_path)
+    res = _ss(env, "down", "dep-live", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert sleeper.wait(5) == -signal.SIGTERM
     assert res.stdout.startswith(f"deployment dep-live: cancelled job(s) {sleeper.pid}; state ENDED"), res.stdout
 
-
-# ------------------------------------------------------------------------------------------------------------
-# `up --executor local` inside a Slurm job

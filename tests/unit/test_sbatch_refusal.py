@@ -3,6 +3,8 @@ setting to change (and where it was set), and no deployment is listed for it.
 
 Before, `up` created the run directory, submitit's FailedJobError came out as a traceback (exit 1), and
 `status` listed the deployment as UNSUBMITTED for good, pointing at a job.sbatch to submit by hand.
+
+On the test bed: tests/real/test_sbatch_refusal_real.py.
 """
 
 from __future__ import annotations

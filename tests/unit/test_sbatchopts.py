@@ -1,4 +1,7 @@
-"""``cluster.sbatch``: extra sbatch options checked against sbatch's option list and rendered into the job script."""
+"""``cluster.sbatch``: extra sbatch options checked against sbatch's option list and rendered into the job script.
+
+On the test bed: tests/real/test_sbatchopts_real.py.
+"""
 
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ One check (:func:`speedslurm.planning.plan.check_script_values`, through :func:`
 runs where the job's sbatch parameters are built (:func:`speedslurm.cluster.script.slurm_parameters`), which every job
 script comes from, and already when the plan is made. Before, only ``render`` refused them: ``up``, ``submit``
 and ``plan`` put ``account: "lab\\n#SBATCH --nodelist=n9"`` into the script, where the second line runs as shell.
+
+On the test bed: tests/real/test_script_values_real.py.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Keys never appear in output: the resume hint hides --api-key, and SPEEDSLURM_API_KEY is no setting; a key read
-with --api-key-file (or from SPEEDSLURM_API_KEY) is on no command line, and --api-key on one is warned about."""
+with --api-key-file (or from SPEEDSLURM_API_KEY) is on no command line, and --api-key on one is warned about.
+
+Against a real llama-server: tests/real/test_secrets_real.py.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """What a user sees is true: why a deployment ended, a rendered script not yet submitted, Slurm job ids accepted
-wherever a deployment id is, and a batch with failed requests told apart by its exit status."""
+wherever a deployment id is, and a batch with failed requests told apart by its exit status.
+
+On real components: tests/real/test_true_status_real.py.
+"""
 
 from __future__ import annotations
 

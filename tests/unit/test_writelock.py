@@ -239,8 +239,6 @@ def test_cli_message_for_a_lock_held_on_another_login_node(tmp_path: Path, capsy
         assert code == 0, err
 
 
-
-
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare (UTS)")
 def test_cli_second_login_node_without_flock_is_kept_out(tmp_path: Path) -> None:
     """Two login nodes, a file system without flock (Lustre noflock): the second run exits 2 naming the first.
