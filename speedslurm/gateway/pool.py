@@ -479,7 +479,11 @@ class Pool:
         by_alias = {a.name: [r.dep.id for r in a.replicas if r.dep is not None
                              and ((r.state in LIVE and not r.stopping) or r.cancel_pending)]
                     for a in self.aliases.values()}
-        self.folder.write_deployments({a: ids for a, ids in by_alias.items() if ids})
+        recorded = {i for ids in by_alias.values() for i in ids}
+        successors = {r.dep.id: r.successor_for.dep.id for a in self.aliases.values() for r in a.replicas
+                      if r.dep is not None and r.dep.id in recorded and r.successor_for is not None
+                      and r.successor_for.dep is not None and r.successor_for.dep.id in recorded}
+        self.folder.write_deployments({a: ids for a, ids in by_alias.items() if ids}, successors)
 
     def attach(self) -> list[str]:
         """Re-attach to the deployments a gateway of this folder started and left running; returns their ids.
@@ -488,7 +492,9 @@ class Pool:
         from ..deployments.record import find_deployment
 
         found, orphans = [], []
-        for alias_name, ids in self.folder.deployments().items():
+        by_alias, successors = self.folder.deployments()
+        by_id: dict[str, Replica] = {}
+        for alias_name, ids in by_alias.items():
             for ident in ids:
                 try:
                     dep = find_deployment(self.settings, ident)
@@ -503,7 +509,15 @@ class Pool:
                 replica.why = "re-attached"
                 replica.reattached = True
                 alias.replicas.append(replica)
+                by_id[dep.id] = replica
                 found.append(dep.id)
+        # A handover the last gateway had begun goes on: the old replica drains once its successor is ready,
+        # and gets no second successor.
+        for succ_id, old_id in successors.items():
+            succ, old = by_id.get(succ_id), by_id.get(old_id)
+            if succ is not None and old is not None and succ.alias is old.alias:
+                succ.successor_for, old.successor = old, True
+                old.alias.handing.append(old)
         for dep in orphans:
             log.info("%s", _line("orphan_stopped", deployment=dep.id, why="its alias is no longer served"))
             try:

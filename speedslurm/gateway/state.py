@@ -69,14 +69,21 @@ class Folder:
 
     # ------------------------------------------------------------------------------ deployments
 
-    def deployments(self) -> dict[str, list[str]]:
+    def deployments(self) -> tuple[dict[str, list[str]], dict[str, str]]:
+        """The deployments that are not over, by alias, and which of them were started to succeed which
+        (successor -> the deployment near its time limit)."""
         data = read_json(self.root / DEPLOYMENTS, {})
         if not isinstance(data, dict):
-            return {}
-        return {str(a): [str(i) for i in ids] for a, ids in data.items() if isinstance(ids, list)}
+            return {}, {}
+        aliases, successors = data.get("aliases"), data.get("successors")
+        if not isinstance(aliases, dict):  # written before successors were kept: the aliases alone
+            aliases, successors = data, {}
+        by_alias = {str(a): [str(i) for i in ids] for a, ids in aliases.items() if isinstance(ids, list)}
+        kept = {str(k): str(v) for k, v in successors.items()} if isinstance(successors, dict) else {}
+        return by_alias, kept
 
-    def write_deployments(self, by_alias: dict[str, list[str]]) -> None:
-        write_json_atomic(self.root / DEPLOYMENTS, by_alias)
+    def write_deployments(self, by_alias: dict[str, list[str]], successors: dict[str, str]) -> None:
+        write_json_atomic(self.root / DEPLOYMENTS, {"aliases": by_alias, "successors": successors})
 
     # ------------------------------------------------------------------------------ usage
 

@@ -54,7 +54,7 @@ def test_a_cold_alias_starts_on_the_first_request_and_stops_with_the_gateway(loc
         assert len(list_deployments(s)) == 1  # the second request went to the same deployment
     # SIGTERM's path (close): the deployment is stopped (gateway.on_exit: stop).
     assert [d.state for d in list_deployments(s)] == ["ENDED"]
-    assert json.loads((s.gateway.root / "deployments.json").read_text()) == {}
+    assert json.loads((s.gateway.root / "deployments.json").read_text()) == {"aliases": {}, "successors": {}}
 
 
 def test_a_restarted_gateway_reattaches_to_its_deployment(local: tp.Any, tiny_gguf: Path) -> None:

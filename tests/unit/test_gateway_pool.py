@@ -114,11 +114,11 @@ def test_a_cancel_that_fails_keeps_the_deployment_recorded_and_is_tried_again(
         pool._drain(r, "idle")
         await looks(pool, 5)
         assert len(tries) == 1 and r.state == "READY" and r.free == 0
-        assert json.loads((s.gateway.root / "deployments.json").read_text()) == {"x": [r.name]}
+        assert json.loads((s.gateway.root / "deployments.json").read_text()) == {"aliases": {"x": [r.name]}, "successors": {}}
         r.stop_next = time.monotonic()  # the backoff is over
         await looks(pool, 3)
         assert downs == [(r.name, "idle")] and r.state == "ENDED"
-        assert json.loads((s.gateway.root / "deployments.json").read_text()) == {}
+        assert json.loads((s.gateway.root / "deployments.json").read_text()) == {"aliases": {}, "successors": {}}
 
     asyncio.run(main())
 
@@ -136,7 +136,7 @@ def test_the_gateway_does_not_say_it_stopped_a_deployment_whose_cancel_failed(
         pool = make_pool(s)
         r = ready_replica(pool)
         assert await pool.close(stop=True) == []
-        assert json.loads((s.gateway.root / "deployments.json").read_text()) == {"x": [r.name]}
+        assert json.loads((s.gateway.root / "deployments.json").read_text()) == {"aliases": {"x": [r.name]}, "successors": {}}
 
     asyncio.run(main())
 
@@ -343,11 +343,11 @@ def test_a_failed_deployment_whose_cancel_fails_stays_recorded_and_is_cancelled_
         STATES[r.name] = "FAILED"
         await looks(pool, 3)
         assert tries == [r.name] and r.state == "FAILED"
-        assert json.loads((s.gateway.root / "deployments.json").read_text()) == {"x": [r.name]}
+        assert json.loads((s.gateway.root / "deployments.json").read_text()) == {"aliases": {"x": [r.name]}, "successors": {}}
         r.stop_next = time.monotonic()
         await looks(pool, 3)
         assert len(downs) == 1 and downs[0][0] == r.name
-        assert json.loads((s.gateway.root / "deployments.json").read_text()) == {}
+        assert json.loads((s.gateway.root / "deployments.json").read_text()) == {"aliases": {}, "successors": {}}
 
     asyncio.run(main())
 
@@ -365,5 +365,45 @@ def test_the_successor_of_a_replica_stopped_as_idle_is_stopped_as_idle_too(
         while len(downs) < 2 and time.monotonic() < deadline:  # nobody asks: both pass the idle timeout
             await looks(pool, 1, 0.05)
         assert sorted(downs) == sorted([(old.name, "idle"), (succ.id, "idle")]), downs
+
+    asyncio.run(main())
+
+
+def test_a_gateway_restarted_during_a_handover_goes_on_with_it(gsettings: tp.Any, downs: list[tp.Any],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Restarted while a successor waits in Slurm: the new gateway knows which deployment it succeeds, starts no
+    second successor, and drains the old one once the successor is ready."""
+    from speedslurm.deployments import record as record_mod
+
+    s = gsettings("gateway.idle_timeout=0")
+    submitted: list[str] = []
+
+    async def main() -> None:
+        pool, old, succ = near_its_limit(s)
+        await looks(pool, 3)
+        assert pool.aliases["x"].replicas[-1].dep is succ and old.successor  # the handover has begun
+        saved = json.loads((s.gateway.root / "deployments.json").read_text())
+        assert saved["successors"] == {succ.id: old.name}, saved
+
+        # The gateway is killed and started again: it finds both deployments running.
+        deps = {old.name: old.dep, succ.id: succ}
+        monkeypatch.setattr(record_mod, "find_deployment", lambda settings, ident: deps[ident])
+        monkeypatch.setattr(lifecycle, "time_left", lambda dep: 80.0 if dep is old.dep else None)
+        monkeypatch.setattr(lifecycle, "handover_window", lambda *a: (100.0, 30.0))  # so it is inside its window
+        again = make_pool(s)
+        again._window = lambda r: (100.0, 30.0)  # type: ignore[method-assign]
+
+        def submit(spec: tp.Any) -> tp.Any:
+            dep = fake_dep("PENDING")
+            submitted.append(dep.id)
+            return dep
+
+        again._submit = submit  # type: ignore[assignment]
+        assert sorted(again.attach()) == sorted(deps)
+        await looks(again, 5)
+        assert submitted == [] and downs == [], (submitted, downs)  # the old one serves, no second successor
+        STATES[succ.id] = "READY"
+        await looks(again, 5)
+        assert submitted == [] and downs == [(old.name, "handed over")], (submitted, downs)
 
     asyncio.run(main())
