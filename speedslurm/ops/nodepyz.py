@@ -14,8 +14,8 @@ import zipapp
 from pathlib import Path
 
 NAME = "speedslurm-node.pyz"
-# What the job side is made of, every module standard library only (tests/unit/test_contract.py checks that the
-# archive runs without the installed package): the node/ folder whole, the run directory's contract (rundir/)
+# What the job side is made of, every module standard library only (tests/unit/test_render.py checks that the
+# archive holds only these and runs without the installed package): the node/ folder whole, the run directory's contract (rundir/)
 # and the errors, under the package's own __init__.py.
 NODE_PACKAGES = ("node", "rundir")
 NODE_MODULES = ("__init__.py", "errors.py")

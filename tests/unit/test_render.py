@@ -14,6 +14,7 @@ import os
 import shlex
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -370,6 +371,11 @@ def test_the_node_archive_runs_alone_and_imports_no_front_end_library(tmp_path: 
     from speedslurm.ops.nodepyz import build
 
     pyz = build(tmp_path)
+    with zipfile.ZipFile(pyz) as zf:
+        names = [n for n in zf.namelist() if not n.endswith("/")]  # files, not folder entries
+    outside = [n for n in names if not n.startswith(("speedslurm/node/", "speedslurm/rundir/"))
+               and n not in ("__main__.py", "speedslurm/__init__.py", "speedslurm/errors.py")]
+    assert outside == [] and "speedslurm/node/entry.py" in names and "speedslurm/rundir/records.py" in names
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import speedslurm.node.entry, speedslurm.node.roles, "
             "speedslurm.node.template, speedslurm.node.net; print(speedslurm.__file__); "
             "print(sorted(m for m in ('submitit', 'click', 'yaml', 'openai') if m in sys.modules))")
