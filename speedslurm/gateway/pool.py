@@ -50,6 +50,8 @@ SCALE_UP_BACKOFF_MOST_S = 600.0  # after replicas failed to start, scale-up wait
 WATCH_S = 0.5
 WATCH_WAITED_S = 0.05  # while requests wait for a replica that is starting: its endpoint is taken at once
 PROBE_FIRST_S, PROBE_MOST_S = 0.5, 10.0
+DOWN_REPLACE_S = 120.0  # a deployment's replica unreachable this long while its job runs is stopped and replaced
+CLOSE_TASKS_S = 60.0  # how long the gateway's exit waits for the submissions and cancels under way, all together
 SLOTS_OF_A_URL = 4
 
 
@@ -275,6 +277,7 @@ class Pool:
         self.not_stopped: list[str] = []  # at exit: deployments whose cancel failed (still recorded)
         self.decisions: collections.deque[dict[str, tp.Any]] = collections.deque(maxlen=50)
         self._tasks: set[asyncio.Task[tp.Any]] = set()
+        self._look_errors: dict[str, str] = {}  # what failed at the watcher's last look, by alias or replica
         self._held_at = time.monotonic()
         # The deployments' settings: the gateway decides when a replica is idle, not the job side.
         self.deploy_settings = dataclasses.replace(settings, llama=dataclasses.replace(settings.llama,
@@ -597,31 +600,64 @@ class Pool:
             await asyncio.sleep(WATCH_WAITED_S if awaited else WATCH_S)
 
     async def tick(self) -> None:
+        """One look at every alias and replica. An error with one of them (a run directory that cannot be
+        read, a bug) is logged and skips that one only: the others are looked at all the same."""
         now = time.monotonic()
         self.account(now)
         for alias in self.aliases.values():
             for replica in list(alias.replicas):
-                if replica.dep is not None and replica.state in LIVE and not replica.stopping:
-                    await self._follow(replica)
-                if replica.state == "DOWN" and now >= replica.probe_next:
-                    await self._probe(replica)
-                if (replica.cancel_pending or (replica.draining and replica.in_flight == 0
-                                               and replica.state in LIVE)) \
-                        and not replica.stopping and now >= replica.stop_next:
-                    self._spawn(self._stop(replica, replica.draining))  # drained, or its cancel failed
-            self._hand_out(alias)  # a free slot never waits for an event to be handed to a waiting request
-            if self.closing:
-                continue
-            self._handover(alias, now)
-            await self._scale_up(alias, now)
-            self._scale_down(alias, now)
-            self._idle(alias, now)
-            if alias.state() == "cold" and alias.spec.min_replicas > 0 and not alias.failed_starts:
-                self.decide("wake", alias, "fewer replicas than the alias's minimum", min=alias.spec.min_replicas)
-                self.wake(alias)
-            # Replicas that ended long ago are forgotten (their record stays in the run directory).
-            alias.replicas = [r for r in alias.replicas if r.state in LIVE or r.stopping
-                              or now - r.last_used < 3600][-50:]
+                try:
+                    await self._look_at(replica, now)
+                except Exception as exc:  # noqa: BLE001 - one replica must not stop the look at the others
+                    self._look_failed(f"replica {replica.name}", exc)
+            try:
+                await self._look_at_alias(alias, now)
+            except Exception as exc:  # noqa: BLE001 - nor one alias the look at the others
+                self._look_failed(f"alias {alias.name}", exc)
+            self._forget(alias, now)
+
+    async def _look_at(self, replica: Replica, now: float) -> None:
+        if replica.dep is not None and replica.state in LIVE and not replica.stopping:
+            await self._follow(replica)
+        if replica.state == "DOWN" and now >= replica.probe_next:
+            await self._probe(replica)
+        if replica.dep is not None and replica.state == "DOWN" and not replica.draining and not self.closing \
+                and now - replica.down_since >= DOWN_REPLACE_S:
+            # Slurm says its job runs, but its servers have not answered for minutes: its nodes serve nobody.
+            self._drain(replica, f"unreachable for {round(now - replica.down_since)} s", last_error=replica.why)
+            alias = replica.alias
+            if alias.waiters or len(alias.serving()) < alias.spec.min_replicas:
+                self.decide("wake", alias, f"deployment {replica.name} is unreachable", waiting=len(alias.waiters))
+                self.wake(alias, 1)
+        if (replica.cancel_pending or (replica.draining and replica.in_flight == 0 and replica.state in LIVE)) \
+                and not replica.stopping and now >= replica.stop_next:
+            self._spawn(self._stop(replica, replica.draining))  # drained, or its cancel failed
+
+    async def _look_at_alias(self, alias: Alias, now: float) -> None:
+        self._hand_out(alias)  # a free slot never waits for an event to be handed to a waiting request
+        if self.closing:
+            return
+        self._handover(alias, now)
+        await self._scale_up(alias, now)
+        self._scale_down(alias, now)
+        self._idle(alias, now)
+        if alias.state() == "cold" and alias.spec.min_replicas > 0 and not alias.failed_starts:
+            self.decide("wake", alias, "fewer replicas than the alias's minimum", min=alias.spec.min_replicas)
+            self.wake(alias)
+
+    def _look_failed(self, what: str, exc: Exception) -> None:
+        text = repr(exc)
+        if self._look_errors.get(what) != text:  # logged when it starts or changes, not at every look
+            self._look_errors[what] = text
+            log.error("gateway watcher: %s: %s", what, text, exc_info=exc)
+
+    def _forget(self, alias: Alias, now: float) -> None:
+        """Replicas that ended long ago are forgotten (their record stays in the run directory); one that may
+        hold nodes (live, being stopped, or its cancel failed) never is."""
+        keep = {id(r) for r in alias.replicas if r.state in LIVE or r.stopping or r.cancel_pending}
+        ended = [r for r in alias.replicas if id(r) not in keep and now - r.last_used < 3600][-50:]
+        keep.update(id(r) for r in ended)
+        alias.replicas = [r for r in alias.replicas if id(r) in keep]
 
     def account(self, now: float) -> None:
         """Node-seconds held since the last call, by alias and replica."""
@@ -641,6 +677,9 @@ class Pool:
             statuses: list[ReplicaStatus] = await asyncio.to_thread(replica.probe)
         except SpeedslurmError as exc:
             replica.why = exc.message
+            return
+        except OSError as exc:  # its run directory cannot be read now (a stale NFS handle): looked at again later
+            replica.why = f"its run directory cannot be read: {exc}"
             return
         if not statuses:
             return
@@ -852,9 +891,9 @@ class Pool:
         self.closing = True
         for alias in self.aliases.values():
             self._fail_waiters(alias, "the gateway is shutting down")
-        for task in list(self._tasks):
-            if not task.done():
-                await asyncio.wait([task], timeout=60)
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:  # submissions and cancels under way: together, not one after the other
+            await asyncio.wait(pending, timeout=CLOSE_TASKS_S)
         stopped = []
         if stop:
             replicas = [r for a in self.aliases.values() for r in a.replicas

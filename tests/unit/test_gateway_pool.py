@@ -24,7 +24,7 @@ from speedslurm.gateway.pool import Pool, Replica, Unavailable, Waiter, alias_sp
 from speedslurm.gateway.state import Folder
 
 _ids = itertools.count(1)
-STATES: dict[str, str] = {}  # deployment id -> the state its status probe reports
+STATES: dict[str, tp.Any] = {}  # deployment id -> the state its status probe reports (or the error it raises)
 
 
 def fake_dep(state: str) -> types.SimpleNamespace:
@@ -39,6 +39,8 @@ class FakeProbe:
 
     def __call__(self) -> list[ReplicaStatus]:
         st = STATES[self.dep.id]
+        if isinstance(st, Exception):
+            raise st
         ep = types.SimpleNamespace(url="http://127.0.0.1:9", api_key="", parallel=1, follower_nodes=[])
         return [ReplicaStatus(0, st, self.dep.job_ids[0], why=f"fake {st.lower()}",
                               endpoint=ep if st == "READY" else None)]
@@ -405,5 +407,116 @@ def test_a_gateway_restarted_during_a_handover_goes_on_with_it(gsettings: tp.Any
         STATES[succ.id] = "READY"
         await looks(again, 5)
         assert submitted == [] and downs == [(old.name, "handed over")], (submitted, downs)
+
+    asyncio.run(main())
+
+
+def test_a_replica_whose_look_fails_does_not_stop_the_look_at_the_others(
+        gsettings: tp.Any, downs: list[tp.Any], caplog: pytest.LogCaptureFixture) -> None:
+    """One deployment's status cannot be read (a bug, a run directory on a file system that answers errors): the
+    watcher goes on with every other replica and alias, and says what failed once, not at every look."""
+    s = gsettings("gateway.idle_timeout=1s")
+
+    async def main() -> None:
+        pool = Pool(s, alias_specs(s, ["x=tinymodel", "y=tinymodel"]), Folder(s.gateway.root).open(), Usage())
+        broken = Replica(pool.aliases["x"], fake_dep("PENDING"))  # type: ignore[arg-type]
+        STATES[broken.name] = RuntimeError("a bug in the status of one deployment")
+        stale = Replica(pool.aliases["x"], fake_dep("PENDING"))  # type: ignore[arg-type]
+        STATES[stale.name] = OSError(116, "Stale file handle")
+        pool.aliases["x"].replicas += [broken, stale]
+        idle = Replica(pool.aliases["y"], fake_dep("READY"))  # type: ignore[arg-type]
+        idle.state, idle.slots, idle.url = "READY", 1, "http://127.0.0.1:9"
+        idle.last_used = time.monotonic() - 7200  # idle for two hours
+        pool.aliases["y"].replicas.append(idle)
+        await looks(pool, 5)
+        assert (idle.name, "idle") in downs, downs
+        assert "Stale file handle" in stale.why
+        logged = [r for r in caplog.records if "a bug in the status" in r.getMessage()]
+        assert len(logged) == 1, [r.getMessage() for r in caplog.records]
+
+    asyncio.run(main())
+
+
+def test_replicas_that_may_hold_nodes_are_never_forgotten(gsettings: tp.Any, downs: list[tp.Any],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed deployment whose cancel failed, unused for hours, stays (its job may hold nodes) and is cancelled
+    again; a live replica stays however many ended ones came after it."""
+    s = gsettings("gateway.idle_timeout=0")
+    tries = cancel_fails_once(monkeypatch, downs)
+
+    async def main() -> None:
+        pool = make_pool(s)
+        alias = pool.aliases["x"]
+        live = ready_replica(pool)
+        live.last_used = time.monotonic() - 7200
+        failed = Replica(alias, fake_dep("FAILED"))  # type: ignore[arg-type]
+        failed.state, failed.cancel_pending, failed.draining = "FAILED", True, "failed: fake failed"
+        failed.last_used = time.monotonic() - 7200
+        alias.replicas.append(failed)
+        for _ in range(60):  # ended within the hour
+            r = Replica(alias, fake_dep("ENDED"))  # type: ignore[arg-type]
+            r.state = "ENDED"
+            alias.replicas.append(r)
+        await looks(pool, 2)
+        assert tries == [failed.name] and downs == [], downs  # the first cancel failed
+        failed.stop_next = 0.0  # its retry is due
+        await looks(pool, 2)
+        assert live in alias.replicas and downs == [(failed.name, "failed: fake failed")], downs
+        assert len([r for r in alias.replicas if r.state == "ENDED"]) == 50
+
+    asyncio.run(main())
+
+
+def test_a_replica_unreachable_for_minutes_is_stopped_and_replaced(gsettings: tp.Any, downs: list[tp.Any]) -> None:
+    """Slurm says the job runs, but its servers have not answered for DOWN_REPLACE_S: it is stopped (its nodes
+    serve nobody) and, as a request waits, a new deployment is started."""
+    from speedslurm.gateway import pool as pool_mod
+
+    s = gsettings("gateway.idle_timeout=0")
+    submitted: list[str] = []
+
+    async def main() -> None:
+        pool = make_pool(s)
+        r = ready_replica(pool)
+        pool.session = types.SimpleNamespace()  # type: ignore[assignment]
+        pool.lost(r, "connection refused")
+        r.down_since = time.monotonic() - pool_mod.DOWN_REPLACE_S - 1
+        r.probe_next = time.monotonic() + 3600  # not probed again within the test
+
+        def submit(spec: tp.Any) -> tp.Any:
+            dep = fake_dep("PENDING")
+            submitted.append(dep.id)
+            return dep
+
+        pool._submit = submit  # type: ignore[assignment]
+        waiting = asyncio.ensure_future(pool.acquire(pool.aliases["x"], timeout=60))
+        await looks(pool, 3)
+        assert downs and downs[0][0] == r.name and downs[0][1].startswith("unreachable for "), downs
+        assert len(submitted) == 1, submitted
+        STATES[submitted[0]] = "READY"
+        await looks(pool, 3)
+        got = await asyncio.wait_for(waiting, 10)
+        assert got.name == submitted[0]
+
+    asyncio.run(main())
+
+
+def test_the_exit_waits_for_the_tasks_under_way_together(gsettings: tp.Any, downs: list[tp.Any],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three submissions that never come back (a controller that does not answer): the exit waits for them
+    once, CLOSE_TASKS_S in all, not that long for each in turn."""
+    from speedslurm.gateway import pool as pool_mod
+
+    s = gsettings()
+    monkeypatch.setattr(pool_mod, "CLOSE_TASKS_S", 0.2)
+
+    async def main() -> float:
+        pool = make_pool(s)
+        never = asyncio.Event()
+        for _ in range(3):
+            pool._spawn(never.wait())
+        start = time.monotonic()
+        await asyncio.wait_for(pool.close(stop=True), 30)  # a guard against a hang only
+        return time.monotonic() - start
 
     asyncio.run(main())
