@@ -8,10 +8,13 @@ effect without a restart.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
 import logging
+import os
 import re
 import secrets
 import time
@@ -66,30 +69,40 @@ class KeyStore:
         return keys
 
     def _write(self, keys: dict[str, dict[str, tp.Any]]) -> None:
-        make_private_dir(self.path.parent, "gateway folder", "gateway.dir")
         write_json_atomic(self.path, {"keys": keys})
+
+    @contextlib.contextmanager
+    def _changing(self) -> tp.Iterator[dict[str, dict[str, tp.Any]]]:
+        """The keys, read and written back under a lock: two ``keys add`` at once both keep their key."""
+        make_private_dir(self.path.parent, "gateway folder", "gateway.dir")
+        fd = os.open(self.path.with_name(FILE + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            keys = self._read()
+            yield keys
+            self._write(keys)
+        finally:
+            os.close(fd)
 
     # --------------------------------------------------------------------------------------- commands
 
     def add(self, name: str) -> str:
         """A new key for ``name``; :class:`UsageError` if the name has one already (revoke it first)."""
         check_name(name)
-        keys = self._read()
-        if name in keys:
-            raise UsageError(f"{name!r} has a key already",
-                             fix=f"revoke it first (`speedslurm gateway keys revoke {name}`), or pick another name")
-        key = PREFIX + secrets.token_urlsafe(32)
-        keys[name] = {"sha256": digest(key), "created": time.time()}
-        self._write(keys)
+        with self._changing() as keys:
+            if name in keys:
+                raise UsageError(f"{name!r} has a key already",
+                                 fix=f"revoke it first (`speedslurm gateway keys revoke {name}`), or pick another name")
+            key = PREFIX + secrets.token_urlsafe(32)
+            keys[name] = {"sha256": digest(key), "created": time.time()}
         return key
 
     def revoke(self, name: str) -> None:
-        keys = self._read()
-        if name not in keys:
-            raise UsageError(f"no key is named {name!r}",
-                             fix=f"the names are: {', '.join(sorted(keys)) or '(none yet)'}")
-        del keys[name]
-        self._write(keys)
+        with self._changing() as keys:
+            if name not in keys:
+                raise UsageError(f"no key is named {name!r}",
+                                 fix=f"the names are: {', '.join(sorted(keys)) or '(none yet)'}")
+            del keys[name]
 
     def names(self) -> list[dict[str, tp.Any]]:
         return [{"name": n, "created": _created(v)} for n, v in sorted(self._read().items())]

@@ -615,3 +615,32 @@ def test_a_client_that_leaves_once_it_has_the_stream_end_has_its_whole_answer(gs
         until(lambda: gw.usage(s)["keys"]["alice"]["requests"] == 1)
         row = gw.usage(s)["keys"]["alice"]
         assert (row["prompt_tokens"], row["completion_tokens"], row["errors"]) == (2, 1, 0), row
+
+
+def test_two_keys_added_at_once_are_both_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two admins run `gateway keys add` at the same moment: each read of keys.json waits for the other's write,
+    so neither key is lost. By construction: each add, once it has read the file, waits (up to a guard) for the
+    other to have read it too, which only an add without the lock lets happen."""
+    from speedslurm.gateway.keys import KeyStore
+
+    both_read = threading.Barrier(2)
+    real_read = KeyStore._read
+
+    def read(self: KeyStore) -> dict[str, tp.Any]:
+        keys = real_read(self)
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both_read.wait(2)  # with the lock the other add cannot read now: the wait ends at the guard
+        return keys
+
+    monkeypatch.setattr(KeyStore, "_read", read)
+    folder = tmp_path / "gw"
+    got: dict[str, str] = {}
+    threads = [threading.Thread(target=lambda n=n: got.update({n: KeyStore(folder).add(n)})) for n in ("ann", "bob")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    monkeypatch.setattr(KeyStore, "_read", real_read)
+    store = KeyStore(folder)
+    assert sorted(n["name"] for n in store.names()) == ["ann", "bob"]
+    assert store.check(got["ann"]) == "ann" and store.check(got["bob"]) == "bob"
