@@ -9,13 +9,16 @@ A request's body is forwarded as it came (no re-encoding); the replica's own key
 leaves the gateway. A non-streamed request whose replica's connection broke is sent again to another replica
 (at most twice: a request that two replicas died on is not sent a third time); a streamed one that broke after
 its first chunk ends with an error event. A client that sends its body or reads its answer slower than
-``gateway.client_timeout_s`` is cut off, and a client that leaves cancels its request on the replica.
+``gateway.client_timeout_s`` is cut off, and a client that leaves cancels its request on the replica. A
+connection that has not sent a whole request head within ``gateway.client_timeout_s`` of connecting or of its
+previous answer is closed (silent clients, or one header byte every few seconds, would hold it for ever).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import signal
@@ -42,6 +45,8 @@ MAX_DEATHS = 2
 SAVE_EVERY_S = 5.0
 CONNECT_TIMEOUT_S = 10.0  # a replica that does not take the connection in this long is lost (its node is gone)
 TAIL_BYTES = 64 * 1024  # how much of a stream's end is kept to read its usage from (the last event fits)
+NO_HANDLES = (errno.EMFILE, errno.ENFILE)  # the process (or the system) has no file handle left for a connection
+NO_HANDLES_LOG_S = 60.0  # the warning that says so, at most this often
 
 
 def _bearer(request: web.Request) -> str:
@@ -104,6 +109,85 @@ class Broken(Exception):
     """The replica's connection broke (or it answered that it is loading) before the client got anything."""
 
 
+class NoHandles(Exception):
+    """The gateway could not open a connection to the replica: it is out of file handles (nothing the replica
+    did)."""
+
+
+def _no_handles(exc: BaseException) -> bool:
+    """``exc`` (an OSError, or aiohttp's ClientConnectorError that wraps one) says that no file handle was left."""
+    return isinstance(exc, OSError) and exc.errno in NO_HANDLES
+
+
+def open_files_limits() -> tuple[int, int] | None:
+    """The process's (soft, hard) limits on open files; None where there are none to read (not POSIX)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def raise_open_files_limit() -> None:
+    """Lift the process's soft limit on open files to its hard limit: every client connection and every
+    connection to a replica holds a file handle, and the soft limit is often 1024."""
+    limits = open_files_limits()
+    if limits is None:
+        return
+    import resource
+
+    soft, hard = limits
+    most = hard if hard != resource.RLIM_INFINITY else 1 << 20  # unlimited: the kernel's usual nr_open
+    if soft != resource.RLIM_INFINITY and soft < most:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (most, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the limit on open files from %d to %d: %s", soft, most, exc)
+
+
+class HeadTimer:
+    """Closes a client connection that has sent no whole request head within ``limit`` s of connecting or of
+    its previous answer. aiohttp waits for one without end: a client that connects and says nothing, or sends
+    a header byte every few seconds, would hold its connection (and a file handle) for ever, and enough of
+    them leave the gateway no handle to reach a replica with.
+
+    Hooked on an aiohttp web ``Server``'s connection events; :meth:`busy` (a request began) stops a connection's
+    clock, :meth:`idle` (its answer went out) starts it again."""
+
+    def __init__(self, server: web.Server, limit: float) -> None:
+        self.limit = limit
+        self._loop = asyncio.get_running_loop()
+        self._timers: dict[tp.Any, asyncio.TimerHandle] = {}
+        made, lost = server.connection_made, server.connection_lost
+
+        def connection_made(handler: tp.Any, transport: asyncio.Transport) -> None:
+            made(handler, transport)
+            self.idle(handler)
+
+        def connection_lost(handler: tp.Any, exc: BaseException | None = None) -> None:
+            self.busy(handler)
+            lost(handler, exc)
+
+        server.connection_made = connection_made  # type: ignore[method-assign]
+        server.connection_lost = connection_lost  # type: ignore[method-assign]
+
+    def idle(self, conn: tp.Any) -> None:
+        """``conn`` waits for its next request head: it has ``limit`` s to send it."""
+        self.busy(conn)
+        if conn.transport is not None:
+            self._timers[conn] = self._loop.call_later(self.limit, self._late, conn)
+
+    def busy(self, conn: tp.Any) -> None:
+        """``conn`` sent a request head (or closed): no clock runs for it."""
+        timer = self._timers.pop(conn, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _late(self, conn: tp.Any) -> None:
+        self._timers.pop(conn, None)
+        conn.force_close()
+
+
 class Gateway:
     """A running gateway: its aiohttp application, its pool and counters."""
 
@@ -121,7 +205,9 @@ class Gateway:
         self.idle = asyncio.Event()
         self.access: tp.TextIO | None = None
         self.runner: web.AppRunner | None = None
+        self.heads: HeadTimer | None = None
         self._background: list[asyncio.Task[tp.Any]] = []
+        self._no_handles_logged = -NO_HANDLES_LOG_S
 
     # ------------------------------------------------------------------------------------------ app
 
@@ -140,7 +226,19 @@ class Gateway:
     @web.middleware
     async def _guard(self, request: web.Request, handler: tp.Callable[[web.Request], tp.Awaitable[web.StreamResponse]]
                      ) -> web.StreamResponse:
-        """No traceback reaches a client: aiohttp's own HTTP errors keep their status, anything else is a 500."""
+        """No traceback reaches a client: aiohttp's own HTTP errors keep their status, anything else is a 500.
+        The connection's clock for its next request head stops while a request is handled."""
+        conn = request.protocol
+        if self.heads is not None:
+            self.heads.busy(conn)
+        try:
+            return await self._guarded(request, handler)
+        finally:
+            if self.heads is not None:
+                self.heads.idle(conn)
+
+    async def _guarded(self, request: web.Request,
+                       handler: tp.Callable[[web.Request], tp.Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         try:
             return await handler(request)
         except web.HTTPException as exc:
@@ -321,6 +419,9 @@ class Gateway:
                 if stream:
                     return await self._stream(request, replica, raw, record)
                 return await self._once(replica, request.path, raw, record)
+            except NoHandles:
+                record["error"] = "the gateway is out of file handles"
+                return self._no_handles_answer()
             except Broken as exc:
                 self.pool.lost(replica, str(exc))
                 deaths.append(replica.name)
@@ -332,6 +433,19 @@ class Gateway:
                                        "is not sent again", kind="server_error", code="replica_failed")
             finally:
                 self.pool.release(replica)
+
+    def _no_handles_answer(self) -> web.Response:
+        """503 for a request whose replica could not be reached because the gateway has no file handle left:
+        the replica stays in the pool. The owner is told (at most once a minute) what limit to raise."""
+        now = time.monotonic()
+        if now - self._no_handles_logged >= NO_HANDLES_LOG_S:
+            self._no_handles_logged = now
+            limits = open_files_limits()
+            log.warning("the gateway is out of file handles (open files limit %s): requests get 503 until "
+                        "connections close; raise the limit (LimitNOFILE= in its systemd unit, ulimit -n)",
+                        limits[0] if limits else "unknown")
+        return _error(503, "the gateway is out of file handles (too many connections at once); try again shortly",
+                      kind="server_error", code="unavailable", retry_after=1)
 
     def _headers(self, replica: Replica) -> dict[str, str]:
         # identity: the answer is forwarded as it comes, and read for its tokens.
@@ -361,6 +475,8 @@ class Gateway:
         except asyncio.TimeoutError:
             return self._replica_timeout(record)
         except (aiohttp.ClientError, OSError) as exc:  # a broken connection, or an answer that is not HTTP
+            if _no_handles(exc):
+                raise NoHandles from None
             raise Broken(f"connection to {replica.name} broke: {type(exc).__name__}") from None
         if status == 503 and b"oading" in body:
             raise Broken(f"{replica.name} is loading its model again")
@@ -427,6 +543,8 @@ class Gateway:
             await self._end_stream(out, f"the replica sent nothing for {self.g.backend_timeout_s:g} s")
             return out
         except (aiohttp.ClientError, OSError) as exc:  # a broken connection, or an answer that is not HTTP
+            if out is None and _no_handles(exc):
+                raise NoHandles from None
             if out is None:
                 raise Broken(f"connection to {replica.name} broke: {type(exc).__name__}") from None
             self.pool.lost(replica, f"connection broke mid-stream: {type(exc).__name__}")
@@ -511,6 +629,8 @@ class Gateway:
         self.runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None,
                                     shutdown_timeout=self.g.drain_s)
         await self.runner.setup()
+        assert self.runner.server is not None
+        self.heads = HeadTimer(self.runner.server, self.g.client_timeout_s)
         site = web.TCPSite(self.runner, host, port, reuse_address=True)
         shown = f"[{host}]" if ":" in host else host
         try:
@@ -591,6 +711,7 @@ async def serve(settings: Settings, specs: tp.Sequence[AliasSpec], listen: str,
             loop.add_signal_handler(sig, stop.set)
             handled.append(sig)
     try:
+        raise_open_files_limit()
         await asyncio.to_thread(gateway.pool.check_models)
         await gateway.start(host, port)
         if on_ready is not None:

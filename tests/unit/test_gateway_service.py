@@ -1,0 +1,161 @@
+"""The gateway as a service that anyone on the network can reach: connections that never send a whole request,
+a process short of file handles, clients that never read their answers, answers too large to read on the way,
+a stop with requests that do not end, and an access log that is rotated or flooded.
+
+Like ``test_gateway_hardening.py``: a real gateway (``open_gateway``, in a thread) on 127.0.0.1 with URL aliases
+pointing at stub servers or small aiohttp apps; what the tests assert is what a client or the gateway's owner
+sees. Every wait ends on an event; the time limits below only guard against a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import socket
+import threading
+import typing as tp
+
+import pytest
+from aiohttp import web
+from localhttp import post
+from test_gateway_hardening import CHAT, Backend, access_lines, deployments, until
+
+from devtools.stubserver import StubServer
+from speedslurm.api import gateway as gw
+
+GUARD_S = 30.0  # against a hang only
+ANSWER = {"id": "x", "object": "chat.completion", "created": 1, "model": "m",
+          "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+          "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}}
+
+
+def connect(url: str) -> socket.socket:
+    host, port = url.split("//")[1].split(":")
+    return socket.create_connection((host, int(port)), timeout=GUARD_S)
+
+
+def closed(sock: socket.socket) -> bool:
+    """Reads what ``sock`` has; True once the other side has closed it (end of file, or reset)."""
+    try:
+        while sock.recv(65536):
+            pass
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    return True
+
+
+def request(path: str, key: str | None = None, body: str = "", method: str = "POST") -> bytes:
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    return (f"{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n"
+            f"Content-Length: {len(body.encode())}\r\n\r\n{body}").encode()
+
+
+# ----------------------------------------------------------------------------------------------- connections
+
+
+def test_a_connection_that_sends_no_whole_request_head_is_closed(gsettings: tp.Any) -> None:
+    """A client that connects and says nothing, one that sends a header byte at a time (faster than the limit,
+    never the end of the head), and one idle after its answer: each is closed once
+    ``gateway.client_timeout_s`` has passed without a whole request head. A request whose answer takes longer
+    than that is not cut: its answer waits until a connection opened after it began has been closed."""
+    release = threading.Event()
+    began = threading.Event()
+
+    async def chat(request: web.Request) -> web.Response:
+        began.set()
+        assert await asyncio.get_running_loop().run_in_executor(None, release.wait, GUARD_S)
+        return web.json_response(ANSWER)
+
+    s = gsettings("gateway.client_timeout_s=0.5", "gateway.models.m.slots=2")
+    key = gw.add_key("alice", s)
+    with Backend({("POST", "/v1/chat/completions"): chat}) as be, \
+            gw.open_gateway({"m": be.url}, listen="127.0.0.1:0", settings=s) as g:
+        with connect(g.url) as silent:
+            assert closed(silent)
+        with connect(g.url) as trickle:
+            trickle.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nX-Slow: ")
+            trickle.settimeout(0.1)
+            for _ in range(int(GUARD_S / 0.1)):
+                try:
+                    if not trickle.recv(65536):
+                        break
+                except TimeoutError:
+                    trickle.sendall(b"a")  # one more byte of a header that never ends
+                except (ConnectionResetError, BrokenPipeError):
+                    break
+            else:
+                raise AssertionError("the gateway kept a connection that never sent a whole request head")
+        with connect(g.url) as idle:
+            idle.sendall(request("/health", method="GET"))
+            assert idle.recv(65536).startswith(b"HTTP/1.1 200")
+            assert closed(idle)  # kept alive only as long as a new request head may take
+
+        answers: list[tuple[int, bytes, dict[str, str]]] = []
+        slow = threading.Thread(target=lambda: answers.append(post(g.url + "/v1/chat/completions", CHAT, key)))
+        slow.start()
+        try:
+            assert began.wait(GUARD_S)
+            with connect(g.url) as later:
+                assert closed(later)  # client_timeout_s has passed since the slow request began
+        finally:
+            release.set()
+            slow.join(GUARD_S)
+        [(code, body, _)] = answers
+        assert code == 200 and json.loads(body)["choices"][0]["message"]["content"] == "hi"
+
+
+def test_the_gateway_lifts_its_open_files_limit_to_the_hard_limit(gsettings: tp.Any) -> None:
+    """Every client connection holds a file handle: the gateway raises its soft limit (often 1024) to the hard
+    one when it starts."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard limit on open files is {hard}: no room to lower the soft one below it")
+    s = gsettings()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        with StubServer() as stub, gw.open_gateway({"m": stub.url}, listen="127.0.0.1:0", settings=s):
+            now = resource.getrlimit(resource.RLIMIT_NOFILE)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert now[0] == (hard if hard != resource.RLIM_INFINITY else 1 << 20) and now[1] == hard
+
+
+class NoHandlesLeft(socket.socket):
+    """A socket that cannot be made in the gateway's thread while ``armed`` is set: the process is out of file
+    handles (EMFILE) when it connects to a replica. Accepted sockets (made from a handle) are not refused."""
+
+    armed = threading.Event()
+
+    def __init__(self, family: int = -1, type: int = -1, proto: int = -1, fileno: int | None = None) -> None:  # noqa: A002
+        if fileno is None and self.armed.is_set() and threading.current_thread().name == "speedslurm-gateway":
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        super().__init__(family, type, proto, fileno)
+
+
+def test_a_gateway_out_of_file_handles_answers_503_and_keeps_its_replica(gsettings: tp.Any, tmp_path: tp.Any,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The connection to the replica fails with EMFILE (too many connections open in the gateway): the client
+    gets 503 saying so, with Retry-After; the replica did nothing wrong and stays READY; once handles are free
+    again the next request is answered at once."""
+    log = tmp_path / "access.log"
+    s = gsettings(f"gateway.access_log={log}", "gateway.models.m.slots=2", "gateway.max_wait_s=2")
+    key = gw.add_key("alice", s)
+    monkeypatch.setattr(socket, "socket", NoHandlesLeft)
+    with StubServer() as stub, gw.open_gateway({"m": stub.url}, listen="127.0.0.1:0", settings=s) as g:
+        NoHandlesLeft.armed.set()
+        try:
+            code, body, headers = post(g.url + "/v1/chat/completions", CHAT, key)
+        finally:
+            NoHandlesLeft.armed.clear()
+        assert code == 503 and "out of file handles" in json.loads(body)["error"]["message"], body
+        assert headers.get("Retry-After") == "1"
+        assert deployments(s) == {stub.url: "READY"}
+        code, body, _ = post(g.url + "/v1/chat/completions", CHAT, key)
+        assert code == 200, body
+        until(lambda: len(access_lines(log)) == 2)
+        assert [(x["status"], x.get("error")) for x in access_lines(log)] == [
+            (503, "the gateway is out of file handles"), (200, None)]
