@@ -8,8 +8,9 @@ admin key from the gateway folder). Every other path is 404, every error a JSON 
 A request's body is forwarded as it came (no re-encoding); the replica's own key replaces the user's, which never
 leaves the gateway. A non-streamed request whose replica's connection broke is sent again to another replica
 (at most twice: a request that two replicas died on is not sent a third time); a streamed one that broke after
-its first chunk ends with an error event. A client that sends its body or reads its answer slower than
-``gateway.client_timeout_s`` is cut off, and a client that leaves cancels its request on the replica. A
+its first chunk ends with an error event. A client that sends its body slower than ``gateway.client_timeout_s``
+is cut off, and so is one that takes none of its answer's bytes for that long (its connection is aborted: a
+write to it would wait for ever); a client that leaves cancels its request on the replica. A
 connection that has not sent a whole request head within ``gateway.client_timeout_s`` of connecting or of its
 previous answer is closed (silent clients, or one header byte every few seconds, would hold it for ever).
 """
@@ -22,6 +23,8 @@ import errno
 import json
 import logging
 import signal
+import socket
+import struct
 import sys
 import time
 import typing as tp
@@ -103,6 +106,16 @@ def _stream_tokens(tail: bytes) -> tuple[int, int] | None:
                 return _tokens({"prompt_tokens": timings.get("prompt_n"),
                                 "completion_tokens": timings.get("predicted_n")})
     return None
+
+
+def _abort(transport: asyncio.Transport) -> None:
+    """Cut a client's connection at once: a reset, so that what it has not taken is dropped by the kernel too
+    (a plain close would keep it queued, the socket waiting for the client to read)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 class Broken(Exception):
@@ -232,7 +245,11 @@ class Gateway:
         if self.heads is not None:
             self.heads.busy(conn)
         try:
-            return await self._guarded(request, handler)
+            resp = await self._guarded(request, handler)
+            if not resp.prepared:  # written here, within the client's time (aiohttp's own write has none)
+                with contextlib.suppress(ConnectionError):
+                    await self._written(request, self._finish(request, resp))
+            return resp
         finally:
             if self.heads is not None:
                 self.heads.idle(conn)
@@ -342,6 +359,12 @@ class Gateway:
             resp = await self._proxy(request, who, record, t0)
             # A stream that did not end well says how (502, 504: the replica; 499, 408: the client).
             status = record.get("status", resp.status)
+            if not resp.prepared:  # written here, within the client's time, so that the log says how it went
+                try:
+                    if not await self._written(request, self._finish(request, resp)):
+                        status, record["error"] = 408, "the client read too slowly"
+                except ConnectionError:
+                    status, record["error"] = 499, "the client left"
             return resp
         except web.HTTPException as exc:
             status = exc.status  # e.g. 413: the middleware answers it
@@ -350,8 +373,8 @@ class Gateway:
             if record.get("ended"):
                 status = 200  # the client left once it had the stream's end: it has its whole answer
                 record.pop("error", None)
-            else:
-                status = 499  # the client left (before its whole body came, or while its answer was made)
+            else:  # the client left (before its whole body came, or while its answer was made), or was cut off
+                status = record.get("status", 499)
                 record.setdefault("error", "the client left")
             raise
         finally:
@@ -522,7 +545,7 @@ class Gateway:
                         # request; it has its whole answer all the same.
                         record["ended"] = True
                         self._stream_counts(record, tail)
-                    if not await self._send(out, chunk, record):
+                    if not await self._send(request, out, chunk, record):
                         if not record.get("ended"):
                             return out  # leaving the block closes the replica's connection: its slot is freed
                         record.pop("error", None)
@@ -531,8 +554,9 @@ class Gateway:
                 replica.served += 1
                 if not record.get("ended"):
                     self._stream_counts(record, tail)  # a stream without [DONE]: its last event says
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    await out.write_eof()  # a client that left after the last event has its whole answer
+                with contextlib.suppress(ConnectionError, RuntimeError):  # a client that left after the last event
+                    if not await self._written(request, out.write_eof()) and not record.get("ended"):
+                        record["error"], record["status"] = "the client read too slowly", 408
                 return out
         except aiohttp.ConnectionTimeoutError:
             raise Broken(f"{replica.name} took no connection in {CONNECT_TIMEOUT_S:g} s") from None
@@ -540,7 +564,7 @@ class Gateway:
             if out is None:
                 return self._replica_timeout(record)
             record["error"], record["status"] = "replica timeout mid-stream", 504
-            await self._end_stream(out, f"the replica sent nothing for {self.g.backend_timeout_s:g} s")
+            await self._end_stream(request, out, f"the replica sent nothing for {self.g.backend_timeout_s:g} s")
             return out
         except (aiohttp.ClientError, OSError) as exc:  # a broken connection, or an answer that is not HTTP
             if out is None and _no_handles(exc):
@@ -549,7 +573,7 @@ class Gateway:
                 raise Broken(f"connection to {replica.name} broke: {type(exc).__name__}") from None
             self.pool.lost(replica, f"connection broke mid-stream: {type(exc).__name__}")
             record["error"], record["status"] = "replica failed mid-stream", 502
-            await self._end_stream(out, f"the replica serving this request failed ({type(exc).__name__}); "
+            await self._end_stream(request, out, f"the replica serving this request failed ({type(exc).__name__}); "
                                         "the answer is incomplete")
             return out
 
@@ -559,23 +583,64 @@ class Gateway:
         if found is not None:
             record["prompt_tokens"], record["completion_tokens"] = found
 
-    async def _send(self, out: web.StreamResponse, chunk: bytes, record: dict[str, tp.Any]) -> bool:
+    async def _send(self, request: web.Request, out: web.StreamResponse, chunk: bytes, record: dict[str, tp.Any]
+                    ) -> bool:
         """Write a chunk to the client; False when it left or reads too slowly (the request ends there)."""
         try:
-            await asyncio.wait_for(out.write(chunk), self.g.client_timeout_s)
-        except asyncio.TimeoutError:
+            if await self._written(request, out.write(chunk), len(chunk)):
+                return True
             record["error"], record["status"] = "the client read too slowly", 408
-            return False
         except (ConnectionError, RuntimeError):
             record["error"], record["status"] = "the client left", 499
-            return False
-        return True
+        return False
 
-    async def _end_stream(self, out: web.StreamResponse, message: str) -> None:
+    async def _end_stream(self, request: web.Request, out: web.StreamResponse, message: str) -> None:
         event = json.dumps({"error": {"message": message, "type": "server_error", "code": "replica_failed"}})
-        with contextlib.suppress(ConnectionError, RuntimeError, asyncio.TimeoutError):
-            await asyncio.wait_for(out.write(f"data: {event}\n\n".encode()), 5)
-            await out.write_eof()
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            if await self._written(request, out.write(f"data: {event}\n\n".encode())):
+                await self._written(request, out.write_eof())
+
+    @staticmethod
+    async def _finish(request: web.Request, resp: web.StreamResponse) -> None:
+        await resp.prepare(request)
+        await resp.write_eof()
+
+    async def _written(self, request: web.Request, write: tp.Coroutine[tp.Any, tp.Any, tp.Any],
+                       size: int | None = None) -> bool:
+        """Await ``write`` (a write to ``request``'s client, of ``size`` bytes if known); True once it is done.
+        False when the client took none of the bytes waiting for it for ``gateway.client_timeout_s``: its
+        connection is aborted then, as aiohttp's write would wait on it for ever, holding the answer and the
+        connection. A client that reads, however slowly, is not cut off. What the write raises (ConnectionError:
+        the client left) is raised."""
+        transport = request.transport
+        if size is not None and transport is not None and not transport.is_closing() \
+                and not getattr(request.protocol, "writing_paused", True) \
+                and transport.get_write_buffer_size() + size + 64 <= transport.get_write_buffer_limits()[1]:
+            await write  # it fits under the transport's high-water mark: the write does not wait
+            return True
+        task = asyncio.ensure_future(write)
+        try:
+            await asyncio.sleep(0)  # the write hands its bytes to the transport, then waits for them to leave
+            waiting = transport.get_write_buffer_size() if transport is not None else 0
+            while True:
+                done, _ = await asyncio.wait((task,), timeout=self.g.client_timeout_s)
+                if done:
+                    task.result()
+                    return True
+                if transport is None or transport.is_closing():
+                    break
+                now = transport.get_write_buffer_size()
+                if now == waiting:
+                    break  # not a byte taken
+                waiting = now
+        except BaseException:
+            task.cancel()
+            raise
+        task.cancel()
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        if transport is not None:
+            _abort(transport)
+        return False
 
     # ------------------------------------------------------------------------------------------ log
 

@@ -15,7 +15,9 @@ import json
 import os
 import socket
 import threading
+import time
 import typing as tp
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -44,6 +46,21 @@ def closed(sock: socket.socket) -> bool:
     except (ConnectionResetError, BrokenPipeError):
         pass
     return True
+
+
+def hung_up(sock: socket.socket) -> bool:
+    """The other side closed or aborted ``sock`` (its TCP state is CLOSE or CLOSE-WAIT), whatever is still unread."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] in (7, 8)
+
+
+def in_flight_bytes() -> int:
+    """More bytes than a connection on 127.0.0.1 holds in flight (the sender's largest socket buffer, twice):
+    an answer this large waits for its client to read."""
+    try:
+        most = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    except (OSError, ValueError, IndexError):
+        most = 4 << 20
+    return 2 * most + (1 << 20)
 
 
 def request(path: str, key: str | None = None, body: str = "", method: str = "POST") -> bytes:
@@ -159,3 +176,77 @@ def test_a_gateway_out_of_file_handles_answers_503_and_keeps_its_replica(gsettin
         until(lambda: len(access_lines(log)) == 2)
         assert [(x["status"], x.get("error")) for x in access_lines(log)] == [
             (503, "the gateway is out of file handles"), (200, None)]
+
+
+# ----------------------------------------------------------------------------------------------- slow readers
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_never_reads_its_answer_is_cut_off(gsettings: tp.Any, tmp_path: Path, stream: bool) -> None:
+    """A client that sends its request and reads nothing: once none of the answer's bytes have left for
+    ``gateway.client_timeout_s``, the gateway aborts the connection (it would otherwise hold it, and the answer,
+    for ever) and logs 408."""
+    size = in_flight_bytes()
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        if not (await request.json()).get("stream"):
+            return web.json_response({**ANSWER, "pad": "y" * size})
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        piece = b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": "x" * 4000}}]}).encode()
+        try:
+            for _ in range(2 * size // len(piece)):  # more than the connections hold: the gateway stops taking
+                await out.write(piece + b"\n\n")
+        except (ConnectionError, RuntimeError):
+            pass
+        return out
+
+    log = tmp_path / "access.log"
+    s = gsettings(f"gateway.access_log={log}", "gateway.client_timeout_s=0.5", "gateway.models.m.slots=2")
+    key = gw.add_key("alice", s)
+    with Backend({("POST", "/v1/chat/completions"): chat}) as be, \
+            gw.open_gateway({"m": be.url}, listen="127.0.0.1:0", settings=s) as g:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(GUARD_S)
+        with sock:
+            host, port = g.url.split("//")[1].split(":")
+            sock.connect((host, int(port)))
+            body = json.dumps({"model": "m", "stream": stream, "messages": [{"role": "user", "content": "x"}]})
+            sock.sendall(request("/v1/chat/completions", key, body))
+            until(lambda: access_lines(log), GUARD_S)
+            assert [(x["status"], x.get("error")) for x in access_lines(log)] == [(408, "the client read too slowly")]
+            until(lambda: hung_up(sock), GUARD_S)
+        until(lambda: g.gateway is not None and g.gateway.in_flight == 0, GUARD_S)
+
+
+def test_a_client_that_reads_a_large_answer_slowly_gets_all_of_it(gsettings: tp.Any) -> None:
+    """The limit is on a client that takes nothing: one that reads, however long the whole answer takes (here
+    several times ``gateway.client_timeout_s``, by the pauses between its reads), gets all of it."""
+    size = in_flight_bytes()
+    answer = json.dumps({**ANSWER, "pad": "y" * size}).encode()
+
+    async def chat(request: web.Request) -> web.Response:
+        return web.Response(body=answer, content_type="application/json")
+
+    s = gsettings("gateway.client_timeout_s=1", "gateway.models.m.slots=2")
+    key = gw.add_key("alice", s)
+    with Backend({("POST", "/v1/chat/completions"): chat}) as be, \
+            gw.open_gateway({"m": be.url}, listen="127.0.0.1:0", settings=s) as g:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.settimeout(GUARD_S)
+        with sock:
+            host, port = g.url.split("//")[1].split(":")
+            sock.connect((host, int(port)))
+            sock.sendall(request("/v1/chat/completions", key, CHAT))
+            got = b""
+            reads = 0
+            while not got.endswith(answer[-100:]):
+                more = sock.recv(65536)
+                assert more, f"the gateway closed the connection after {len(got)} bytes"
+                got += more
+                reads += 1
+                time.sleep(0.02)
+        assert got.startswith(b"HTTP/1.1 200") and answer in got
+        assert reads * 0.02 > 2 * s.gateway.client_timeout_s  # the reading took longer than the limit
