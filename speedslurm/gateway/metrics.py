@@ -7,12 +7,14 @@ with the pool's gauges, in Prometheus' text format for ``GET /metrics``.
 from __future__ import annotations
 
 import bisect
+import collections
 import typing as tp
 
 # Seconds: a request's wait for a replica (a cold start takes minutes) and its time to the answer.
 WAIT_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.5, 1, 5, 30, 60, 300, 900)
 LATENCY_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 COUNTS = ("requests", "prompt_tokens", "completion_tokens", "errors")
+RETIRED_KEPT = 1000  # ended replicas remembered, so that a request finishing after its replica ended adds no entry
 
 
 class Histogram:
@@ -71,13 +73,14 @@ class Usage:
         self.node_seconds: dict[str, float] = {}
         self.key_node_seconds: dict[str, float] = {}
         self.replicas: dict[str, dict[str, tp.Any]] = {}  # replica -> {alias, node_seconds, tokens: {key: n}}
+        self.retired: collections.deque[str] = collections.deque(maxlen=RETIRED_KEPT)  # replicas shared out
         self.unauthorized = 0
         self.wait: dict[str, Histogram] = {}
         self.latency: dict[str, Histogram] = {}
 
     def count(self, alias: str, key: str, status: int, prompt_tokens: int = 0, completion_tokens: int = 0,
               wait_s: float | None = None, latency_s: float | None = None, replica: str | None = None) -> None:
-        if replica is not None and prompt_tokens + completion_tokens > 0:
+        if replica is not None and prompt_tokens + completion_tokens > 0 and replica not in self.retired:
             tokens = self._replica(alias, replica)["tokens"]
             tokens[key] = tokens.get(key, 0) + prompt_tokens + completion_tokens
         row = self.by.setdefault((alias, key), _zero())
@@ -103,6 +106,8 @@ class Usage:
     def retire(self, replica: str) -> None:
         """``replica`` ended: its node-hours are shared out among the keys for good."""
         entry = self.replicas.pop(replica, None)
+        if replica not in self.retired:
+            self.retired.append(replica)  # a request that ends after this counts its tokens, not a new replica
         if entry is not None:
             for key, seconds in _shares(entry).items():
                 self.key_node_seconds[key] = self.key_node_seconds.get(key, 0.0) + seconds

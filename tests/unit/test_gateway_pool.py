@@ -520,3 +520,16 @@ def test_the_exit_waits_for_the_tasks_under_way_together(gsettings: tp.Any, down
         return time.monotonic() - start
 
     asyncio.run(main())
+
+
+def test_a_request_that_ends_after_its_replica_ended_adds_no_replica_to_the_usage() -> None:
+    """A stream that finishes after its deployment was stopped: its tokens count for its key, and no entry of the
+    ended replica comes back (a gateway that runs for weeks would keep one per ended deployment)."""
+    usage = Usage()
+    usage.hold("x", "dep-a", 100.0)
+    usage.count("x", "ann", 200, 10, 20, replica="dep-a")
+    usage.retire("dep-a")
+    usage.count("x", "ann", 200, 5, 5, replica="dep-a")  # the last stream of dep-a ends now
+    assert usage.replicas == {}
+    assert usage.by[("x", "ann")]["completion_tokens"] == 25
+    assert usage.key_node_hours() == {"ann": round(100.0 / 3600, 6)}  # all of dep-a, shared once
