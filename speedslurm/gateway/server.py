@@ -118,6 +118,15 @@ def _abort(transport: asyncio.Transport) -> None:
     transport.abort()
 
 
+def _fits(request: web.Request, size: int) -> bool:
+    """A write of ``size`` bytes to ``request``'s client goes into its transport's buffer at once (under the
+    high-water mark, and the transport open): it does not wait on the client."""
+    transport = request.transport
+    return transport is not None and not transport.is_closing() \
+        and not getattr(request.protocol, "writing_paused", True) \
+        and transport.get_write_buffer_size() + size + 16384 <= transport.get_write_buffer_limits()[1]
+
+
 class Broken(Exception):
     """The replica's connection broke (or it answered that it is loading) before the client got anything."""
 
@@ -355,11 +364,20 @@ class Gateway:
         self.idle.clear()
         record: dict[str, tp.Any] = {"key": who, "path": request.path, "alias": None, "stream": False}
         status = 500
+        counted = False
         try:
             resp = await self._proxy(request, who, record, t0)
             # A stream that did not end well says how (502, 504: the replica; 499, 408: the client).
             status = record.get("status", resp.status)
-            if not resp.prepared:  # written here, within the client's time, so that the log says how it went
+            body = getattr(resp, "body", None)
+            if not resp.prepared and isinstance(body, bytes) and _fits(request, len(body)):
+                # The whole answer goes to the transport at once, without waiting on the client: it is counted
+                # and logged first, so that the log has its line by the time the client has its answer.
+                counted = True
+                self._count(record, who, status, t0)
+                with contextlib.suppress(ConnectionError):
+                    await self._finish(request, resp)
+            elif not resp.prepared:  # written here, within the client's time, so that the log says how it went
                 try:
                     if not await self._written(request, self._finish(request, resp)):
                         status, record["error"] = 408, "the client read too slowly"
@@ -378,18 +396,23 @@ class Gateway:
                 record.setdefault("error", "the client left")
             raise
         finally:
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self.idle.set()
-            record.pop("status", None)
-            record.pop("ended", None)
-            alias = record["alias"]
-            latency = time.monotonic() - t0
-            if alias is not None:
-                self.usage.count(alias, who, status, record.get("prompt_tokens", 0),
-                                 record.get("completion_tokens", 0), record.get("wait_s"), latency,
-                                 record.get("replica"))
-            self._access(record, status, latency)
+            if not counted:
+                self._count(record, who, status, t0)
+
+    def _count(self, record: dict[str, tp.Any], who: str, status: int, t0: float) -> None:
+        """A proxied request has ended: out of the requests in flight, into the counts and the access log."""
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.idle.set()
+        record.pop("status", None)
+        record.pop("ended", None)
+        alias = record["alias"]
+        latency = time.monotonic() - t0
+        if alias is not None:
+            self.usage.count(alias, who, status, record.get("prompt_tokens", 0),
+                             record.get("completion_tokens", 0), record.get("wait_s"), latency,
+                             record.get("replica"))
+        self._access(record, status, latency)
 
     async def _proxy(self, request: web.Request, who: str, record: dict[str, tp.Any], t0: float
                      ) -> web.StreamResponse:
@@ -612,12 +635,10 @@ class Gateway:
         connection is aborted then, as aiohttp's write would wait on it for ever, holding the answer and the
         connection. A client that reads, however slowly, is not cut off. What the write raises (ConnectionError:
         the client left) is raised."""
-        transport = request.transport
-        if size is not None and transport is not None and not transport.is_closing() \
-                and not getattr(request.protocol, "writing_paused", True) \
-                and transport.get_write_buffer_size() + size + 64 <= transport.get_write_buffer_limits()[1]:
-            await write  # it fits under the transport's high-water mark: the write does not wait
+        if size is not None and _fits(request, size):
+            await write
             return True
+        transport = request.transport
         task = asyncio.ensure_future(write)
         try:
             await asyncio.sleep(0)  # the write hands its bytes to the transport, then waits for them to leave
