@@ -22,6 +22,7 @@ import contextlib
 import errno
 import json
 import logging
+import re
 import signal
 import socket
 import struct
@@ -48,6 +49,8 @@ MAX_DEATHS = 2
 SAVE_EVERY_S = 5.0
 CONNECT_TIMEOUT_S = 10.0  # a replica that does not take the connection in this long is lost (its node is gone)
 TAIL_BYTES = 64 * 1024  # how much of a stream's end is kept to read its usage from (the last event fits)
+LARGE_ANSWER = 1 << 20  # a non-streamed answer larger than this is not parsed whole for its usage (see _usage_of)
+USAGE_WINDOW = 64 * 1024  # how much of a large answer's start and end is looked at for its usage
 NO_HANDLES = (errno.EMFILE, errno.ENFILE)  # the process (or the system) has no file handle left for a connection
 NO_HANDLES_LOG_S = 60.0  # the warning that says so, at most this often
 
@@ -116,6 +119,73 @@ def _abort(transport: asyncio.Transport) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()
+
+
+# A JSON text's strings and brackets; a lone quote: a string cut by the window's edge (the scan stops there).
+_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\]]|"')
+# The same in the reversed text, where a quote followed by an odd run of backslashes is one inside its string.
+_ODD_BACKSLASHES = rb"(?:\\\\)*\\(?!\\)"
+_TOKENS_REVERSED = re.compile(rb'"(?:[^"]|"(?=' + _ODD_BACKSLASHES + rb'))*"(?!' + _ODD_BACKSLASHES + rb')|[{}\[\]]|"')
+_COLON = re.compile(rb"\s*:\s*")
+
+
+def _usage_at(text: bytes, key_end: int) -> tp.Any:
+    """The value after the key that ends at ``key_end`` (None if it cannot be read from ``text``)."""
+    colon = _COLON.match(text, key_end)
+    if colon is None:
+        return None
+    try:
+        return json.JSONDecoder().raw_decode(text[colon.end():].decode("utf-8", "replace"))[0]
+    except ValueError:
+        return None
+
+
+def _key_at_top(text: bytes, tokens: re.Pattern[bytes], opening: tuple[bytes, ...], key: bytes
+                ) -> tp.Iterator[re.Match[bytes]]:
+    """The string tokens ``key`` directly inside ``text``'s outermost brackets (``opening``: the brackets that
+    open a level in the order ``tokens`` reads), until the scan leaves them or reaches a cut string."""
+    depth = 0
+    for m in tokens.finditer(text):
+        token = m.group()
+        if token in opening:
+            depth += 1
+        elif token in (b"{", b"}", b"[", b"]"):
+            depth -= 1
+        elif token == b'"':
+            return
+        elif depth == 1 and token == key:
+            yield m
+        if depth <= 0:
+            return
+
+
+def _usage_of(body: bytes) -> tuple[bool, tp.Any]:
+    """The top-level ``usage`` of a large JSON answer, read from its first or last ``USAGE_WINDOW`` bytes only:
+    (True, value) where found, (False, None) where neither holds it. llama-server puts an embeddings answer's
+    usage before its data, OpenAI-style servers put it at the end. Parsing the whole answer instead would hold
+    the gateway's event loop (in a thread too: the JSON parser keeps the interpreter's lock) long enough to
+    stall every other request."""
+    head = body[:USAGE_WINDOW]
+    for m in _key_at_top(head, _TOKENS, (b"{", b"["), b'"usage"'):
+        value = _usage_at(head, m.end())
+        if value is not None:
+            return True, value
+    tail = body[-USAGE_WINDOW:]
+    for m in _key_at_top(tail[::-1], _TOKENS_REVERSED, (b"}", b"]"), b'"egasu"'):
+        start = len(tail) - m.end()  # where the key starts in the text as it is; a backslash before it (or the
+        if start == 0 or tail[start - 1] == 0x5C:  # window's edge) would make it part of a longer string
+            break
+        value = _usage_at(tail, len(tail) - m.start())
+        if value is not None:
+            return True, value
+    return False, None
+
+
+def _parsed(body: bytes) -> tp.Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
 
 
 def _fits(request: web.Request, size: int) -> bool:
@@ -528,12 +598,11 @@ class Gateway:
             raise Broken(f"{replica.name} is loading its model again")
         replica.served += 1
         if status == 200:
-            try:
-                parsed = json.loads(body)
-            except ValueError:
-                parsed = None
-            p, c = _tokens(parsed.get("usage") if isinstance(parsed, dict) else None)
-            record["prompt_tokens"], record["completion_tokens"] = p, c
+            found, usage = (False, None) if len(body) <= LARGE_ANSWER else _usage_of(body)
+            if not found:  # a large answer with its usage in neither end is parsed in a thread
+                parsed = _parsed(body) if len(body) <= LARGE_ANSWER else await asyncio.to_thread(_parsed, body)
+                usage = parsed.get("usage") if isinstance(parsed, dict) else None
+            record["prompt_tokens"], record["completion_tokens"] = _tokens(usage)
         headers = {"Content-Encoding": encoding} if encoding and encoding != "identity" else None
         return web.Response(body=body, status=status, content_type=ctype or "application/json", headers=headers)
 

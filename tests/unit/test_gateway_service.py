@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from localhttp import post
+from localhttp import get, post
 from test_gateway_hardening import CHAT, Backend, access_lines, deployments, until
 
 from devtools.stubserver import StubServer
@@ -250,3 +250,106 @@ def test_a_client_that_reads_a_large_answer_slowly_gets_all_of_it(gsettings: tp.
                 time.sleep(0.02)
         assert got.startswith(b"HTTP/1.1 200") and answer in got
         assert reads * 0.02 > 2 * s.gateway.client_timeout_s  # the reading took longer than the limit
+
+
+# ----------------------------------------------------------------------------------------------- large answers
+
+
+@pytest.mark.parametrize("where", ["first", "last", "middle"])
+def test_a_large_answer_does_not_hold_up_the_other_requests(gsettings: tp.Any, monkeypatch: pytest.MonkeyPatch,
+                                                            where: str) -> None:
+    """A non-streamed answer of megabytes (embeddings): the gateway reads its usage (first, as llama-server
+    puts it, or last, as OpenAI does) without parsing the whole answer, and parses the whole only where neither
+    end holds it, off its event loop. By construction: a parse of the whole answer does not end until a
+    /health request sent meanwhile has been answered."""
+    usage = {"prompt_tokens": 7, "total_tokens": 7}
+    data = [{"object": "embedding", "index": i, "embedding": [0.25] * 1000} for i in range(400)]
+    body = {"first": {"object": "list", "model": "m", "usage": usage, "data": data},
+            "last": {"object": "list", "model": "m", "data": data, "usage": usage},
+            "middle": {"object": "list", "data": data, "usage": usage, "more": data}}[where]
+    answer = json.dumps(body).encode()
+    assert len(answer) > (1 << 20) + 2 * 64 * 1024
+
+    async def embeddings(request: web.Request) -> web.Response:
+        return web.Response(body=answer, content_type="application/json")
+
+    real_loads = json.loads
+    parsing, answered = threading.Event(), threading.Event()
+
+    def loads(text: tp.Any, *args: tp.Any, **kw: tp.Any) -> tp.Any:
+        if len(text) > 1 << 20:  # the whole answer: as slow as it takes /health to be answered
+            parsing.set()
+            assert answered.wait(2 * GUARD_S)
+        return real_loads(text, *args, **kw)
+
+    s = gsettings("gateway.models.m.slots=2")
+    key = gw.add_key("alice", s)
+    with Backend({("POST", "/v1/embeddings"): embeddings}) as be, \
+            gw.open_gateway({"m": be.url}, listen="127.0.0.1:0", settings=s) as g:
+        monkeypatch.setattr(json, "loads", loads)
+        got: list[tuple[int, bytes, dict[str, str]]] = []
+        big = threading.Thread(target=lambda: got.append(post(g.url + "/v1/embeddings",
+                                                               '{"model": "m", "input": "x"}', key)))
+        big.start()
+        health: list[int] = []
+        try:
+            until(lambda: parsing.is_set() or got, GUARD_S)
+            asker = threading.Thread(target=lambda: health.append(get(g.url + "/health", None)[0]), daemon=True)
+            asker.start()
+            asker.join(GUARD_S)
+            assert health == [200], "/health was not answered while the large answer was read"
+        finally:
+            answered.set()
+            big.join(GUARD_S)
+        monkeypatch.setattr(json, "loads", real_loads)
+        [(code, out, _)] = got
+        assert code == 200 and out == answer
+        assert parsing.is_set() == (where == "middle")  # the usage at either end is read without a parse
+        until(lambda: gw.usage(s)["keys"]["alice"]["requests"] == 1)
+        assert gw.usage(s)["keys"]["alice"]["prompt_tokens"] == 7
+
+
+def test_the_usage_read_from_an_answers_ends_is_the_one_a_whole_parse_finds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Answers whose strings hold quotes, backslashes, brackets and the word "usage" itself, with a usage at
+    the top, deeper down or none, cut by the windows anywhere: what is read from the ends is always what
+    ``json.loads`` finds, and a usage within a window is always found."""
+    import random
+
+    from speedslurm.gateway import server
+
+    window = 300
+    monkeypatch.setattr(server, "USAGE_WINDOW", window)
+    rnd = random.Random(7)
+    pieces = ["a", '"', "\\", "{", "}", "[", "]", ":", ",", "usage", '"usage": {', "\u00e9", "\n", " "]
+
+    def text() -> str:
+        return "".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 8)))
+
+    def value(depth: int = 0) -> tp.Any:
+        r = rnd.random()
+        if depth > 3 or r < 0.3:
+            return rnd.choice([1, 2.5, None, True, text()])
+        if r < 0.6:
+            return [value(depth + 1) for _ in range(rnd.randint(0, 4))]
+        return {rnd.choice([text(), "usage"]): value(depth + 1) for _ in range(rnd.randint(0, 4))}
+
+    for _ in range(3000):
+        usage = {"prompt_tokens": rnd.randint(0, 9), "completion_tokens": rnd.randint(0, 9)}
+        items = [(text(), value()) for _ in range(rnd.randint(0, 5))]
+        items = [(k, v) for k, v in items if k != "usage"]
+        where = rnd.choice(["first", "last", "middle", "none"])
+        pad = ("pad", "x" * rnd.randint(0, 2 * window))
+        items = {"first": [("usage", usage), pad, *items], "last": [*items, pad, ("usage", usage)],
+                 "middle": [pad, *items, ("usage", usage), ("more", pad[1])], "none": [pad, *items]}[where]
+        answer = json.dumps(dict(items), ensure_ascii=rnd.random() < 0.5, indent=rnd.choice([None, 1])).encode()
+        found, got = server._usage_of(answer)
+        if found:
+            assert got == json.loads(answer).get("usage"), answer
+        assert found or where in ("middle", "none"), answer
+    # A window's edge anywhere in a key or a string that holds "usage": {...} after a quote: never a usage.
+    for answer in (json.dumps({"pad": "x" * 50, 'a"usage': {"prompt_tokens": 5}}).encode(),
+                   json.dumps({"pad": "x" * 50, "s": 'b"usage": {"prompt_tokens": 5}, "c": 1'}).encode(),
+                   json.dumps({'x\\"usage': {"prompt_tokens": 5}, "pad": "x" * 50}).encode()):
+        for window in range(1, len(answer) + 1):
+            monkeypatch.setattr(server, "USAGE_WINDOW", window)
+            assert server._usage_of(answer) == (False, None), (window, answer)
