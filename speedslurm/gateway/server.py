@@ -51,6 +51,7 @@ CONNECT_TIMEOUT_S = 10.0  # a replica that does not take the connection in this 
 TAIL_BYTES = 64 * 1024  # how much of a stream's end is kept to read its usage from (the last event fits)
 LARGE_ANSWER = 1 << 20  # a non-streamed answer larger than this is not parsed whole for its usage (see _usage_of)
 USAGE_WINDOW = 64 * 1024  # how much of a large answer's start and end is looked at for its usage
+CUT_S = 1.0  # after the drain: how long the requests still in flight, once cut, and aiohttp's own shutdown get
 NO_HANDLES = (errno.EMFILE, errno.ENFILE)  # the process (or the system) has no file handle left for a connection
 NO_HANDLES_LOG_S = 60.0  # the warning that says so, at most this often
 
@@ -299,6 +300,8 @@ class Gateway:
         self.runner: web.AppRunner | None = None
         self.heads: HeadTimer | None = None
         self._background: list[asyncio.Task[tp.Any]] = []
+        self._requests: set[asyncio.Task[tp.Any]] = set()  # the proxied requests in flight
+        self._cutting = False  # the drain is over: the requests still in flight are cut
         self._no_handles_logged = -NO_HANDLES_LOG_S
 
     # ------------------------------------------------------------------------------------------ app
@@ -432,6 +435,9 @@ class Gateway:
             return self._unauthorized(request)
         self.in_flight += 1
         self.idle.clear()
+        task = asyncio.current_task()
+        if task is not None:
+            self._requests.add(task)
         record: dict[str, tp.Any] = {"key": who, "path": request.path, "alias": None, "stream": False}
         status = 500
         counted = False
@@ -461,21 +467,41 @@ class Gateway:
             if record.get("ended"):
                 status = 200  # the client left once it had the stream's end: it has its whole answer
                 record.pop("error", None)
+            elif self._cutting and request.transport is not None and not request.transport.is_closing():
+                status, record["error"] = 503, "the gateway stopped"  # its client is still there: it is told
+                await self._tell_stopped(request, record.get("out"))
             else:  # the client left (before its whole body came, or while its answer was made), or was cut off
                 status = record.get("status", 499)
                 record.setdefault("error", "the client left")
             raise
         finally:
+            if task is not None:
+                self._requests.discard(task)
             if not counted:
                 self._count(record, who, status, t0)
+
+    async def _tell_stopped(self, request: web.Request, out: web.StreamResponse | None) -> None:
+        """The gateway stops with ``request`` unanswered: its client gets a 503, or an error event ending the
+        stream it has, where that goes at once (nothing here may wait: the request is being cut)."""
+        message = "the gateway stopped before this request was answered (gateway.drain_s); send it again"
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            if out is None:
+                resp = _error(503, message, kind="server_error", code="unavailable")
+                if isinstance(resp.body, bytes) and _fits(request, len(resp.body)):
+                    await self._finish(request, resp)
+            else:
+                event = json.dumps({"error": {"message": message, "type": "server_error", "code": "unavailable"}})
+                data = f"data: {event}\n\n".encode()
+                if _fits(request, len(data)):
+                    await out.write(data)
 
     def _count(self, record: dict[str, tp.Any], who: str, status: int, t0: float) -> None:
         """A proxied request has ended: out of the requests in flight, into the counts and the access log."""
         self.in_flight -= 1
         if self.in_flight == 0:
             self.idle.set()
-        record.pop("status", None)
-        record.pop("ended", None)
+        for private in ("status", "ended", "out"):
+            record.pop(private, None)
         alias = record["alias"]
         latency = time.monotonic() - t0
         if alias is not None:
@@ -626,6 +652,7 @@ class Gateway:
                 except (ConnectionError, RuntimeError):
                     record["error"], record["status"] = "the client left", 499
                     return out
+                record["out"] = out  # what a stop that cuts the stream ends it with an error on
                 tail = bytearray()  # the stream's last bytes: its usage event, however the reads cut it
                 async for chunk in resp.content.iter_any():
                     tail += chunk
@@ -781,8 +808,8 @@ class Gateway:
         self.pool.add_urls()
         await self.pool.size_urls()
         attached = await asyncio.to_thread(self.pool.attach)
-        self.runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None,
-                                    shutdown_timeout=self.g.drain_s)
+        # The drain is the gateway's own (stop): aiohttp's shutdown only closes what is left.
+        self.runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None, shutdown_timeout=CUT_S)
         await self.runner.setup()
         assert self.runner.server is not None
         self.heads = HeadTimer(self.runner.server, self.g.client_timeout_s)
@@ -810,12 +837,19 @@ class Gateway:
                 self.folder.write_usage(self.usage.to_json())
 
     async def stop(self) -> list[str]:
-        """Stop taking requests, let those in flight finish (at most ``gateway.drain_s``), then stop or leave
-        the deployments as ``gateway.on_exit`` says. Returns the deployments stopped."""
+        """Stop taking requests, let those in flight finish (at most ``gateway.drain_s``; those still in flight
+        then are cut, their clients told, and logged 503), then stop or leave the deployments as
+        ``gateway.on_exit`` says. Returns the deployments stopped."""
         self.pool.closing = True
         if self.in_flight:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.idle.wait(), self.g.drain_s)
+        if self.in_flight:
+            self._cutting = True
+            for task in list(self._requests):
+                task.cancel()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.idle.wait(), CUT_S)
         for task in self._background:
             task.cancel()
         stopped = await self.pool.close(stop=self.g.on_exit == "stop")

@@ -353,3 +353,60 @@ def test_the_usage_read_from_an_answers_ends_is_the_one_a_whole_parse_finds(monk
         for window in range(1, len(answer) + 1):
             monkeypatch.setattr(server, "USAGE_WINDOW", window)
             assert server._usage_of(answer) == (False, None), (window, answer)
+
+
+# ----------------------------------------------------------------------------------------------- stop
+
+
+def test_a_stop_waits_the_drain_once_and_the_requests_it_cuts_are_told_and_logged_503(gsettings: tp.Any,
+                                                                                       tmp_path: Path) -> None:
+    """A stop with two requests in flight that never end (a replica still working): the gateway waits
+    ``gateway.drain_s`` for them once (not once more in aiohttp's shutdown), then cuts them: the non-streamed
+    client gets 503, the streamed one an error event, and the access log says 503 "the gateway stopped", not
+    499 (the clients did not leave). The drain is long by construction: 3 s against a stop's own work."""
+    drain = 3.0
+    began: list[bool] = []
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        stream = bool((await request.json()).get("stream"))
+        began.append(stream)
+        if not stream:
+            await asyncio.sleep(3600)
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        await out.write(b'data: {"choices": [{"index": 0, "delta": {"content": "t0 "}}]}\n\n')
+        await asyncio.sleep(3600)
+        return out
+
+    log = tmp_path / "access.log"
+    s = gsettings(f"gateway.access_log={log}", f"gateway.drain_s={drain}", "gateway.models.m.slots=4")
+    key = gw.add_key("alice", s)
+    with Backend({("POST", "/v1/chat/completions"): chat}) as be:
+        g = gw.open_gateway({"m": be.url}, listen="127.0.0.1:0", settings=s)
+        try:
+            plain: list[tuple[int, bytes, dict[str, str]]] = []
+            waiter = threading.Thread(target=lambda: plain.append(post(g.url + "/v1/chat/completions", CHAT, key)))
+            waiter.start()
+            streamed = connect(g.url)
+            body = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+            streamed.sendall(request("/v1/chat/completions", key, body))
+            seen = b""
+            while b"t0 " not in seen:
+                more = streamed.recv(65536)
+                assert more, seen
+                seen += more
+            until(lambda: len(began) == 2, GUARD_S)
+            t0 = time.monotonic()
+        finally:
+            g.close()
+        took = time.monotonic() - t0
+        waiter.join(GUARD_S)
+        with streamed:
+            while more := streamed.recv(65536):
+                seen += more
+    assert drain <= took < 2 * drain, f"the stop took {took:.1f} s with gateway.drain_s = {drain:g}"
+    [(code, answer, _)] = plain
+    assert code == 503 and "the gateway stopped" in json.loads(answer)["error"]["message"]
+    assert b"the gateway stopped" in seen.split(b"t0 ", 1)[1]
+    assert sorted((x["stream"], x["status"], x.get("error")) for x in access_lines(log)) == [
+        (False, 503, "the gateway stopped"), (True, 503, "the gateway stopped")]
