@@ -8,6 +8,7 @@ Each layer is a nested mapping and the source it came from (a file path, ``env N
 from __future__ import annotations
 
 import os
+import re
 import sys
 import typing as tp
 from pathlib import Path
@@ -77,10 +78,21 @@ def user_config_path(explicit: str | os.PathLike[str] | None = None,
 # Loading
 
 
-# libyaml's parser with PyYAML's safe constructors: the same values as yaml.safe_load, read about 10x faster
-# (every command reads the defaults, the registry and a profile before anything else); the pure-Python parser
-# where PyYAML was built without libyaml.
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """libyaml's parser with PyYAML's safe constructors, read about 10x faster than yaml.safe_load (every command
+    reads the defaults, the registry and a profile before anything else); the pure-Python parser where PyYAML was
+    built without libyaml. Numbers are YAML 1.2's: ``4:00:00`` (a Slurm time) and ``0123`` stay text, where
+    YAML 1.1 reads them as 14400 and 83; ``1e3`` is a number."""
+
+
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
+                                   for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_INT, re.compile(r"^[-+]?(?:0b[01_]+|0x[0-9a-fA-F_]+|0|[1-9][0-9_]*)$"),
+                              list("-+0123456789"))
+_Loader.add_implicit_resolver(_FLOAT, re.compile(
+    r"^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[eE][-+]?[0-9]+)|[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
 
 
 def _yaml(text: str) -> tp.Any:
@@ -89,7 +101,10 @@ def _yaml(text: str) -> tp.Any:
 
 def load_yaml(path: Path, required: bool) -> dict[str, tp.Any]:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                          f"{exc.start})", fix="save it as UTF-8") from None
     except FileNotFoundError:
         if required:
             raise ConfigError(f"config file {path} does not exist",
@@ -140,6 +155,33 @@ def check_depth(layer: tp.Any, source: str) -> None:
                               fix="no setting is nested more than a few levels: write a plain value, list or mapping")
         seen.add(id(value))
         todo.extend((item, depth + 1) for item in (value.values() if isinstance(value, dict) else value))
+    _expanded(layer, source, {}, set())
+
+
+MAX_VALUES = 100_000  # values a layer holds once its YAML aliases are expanded; settings hold a few hundred
+
+
+def _expanded(value: tp.Any, source: str, memo: dict[int, int], active: set[int]) -> int:
+    """How many values ``value`` holds with its aliases expanded (each shared value counted once per use, each
+    looked at once); a :class:`ConfigError` past MAX_VALUES (an alias bomb) or for a value that holds itself."""
+    if not isinstance(value, (dict, list)):
+        return 1
+    key = id(value)
+    if key in memo:
+        return memo[key]
+    if key in active:
+        raise ConfigError(f"{source}: a value holds itself (a YAML alias inside its own anchor)",
+                          fix="write the value out instead of the alias")
+    active.add(key)
+    n = 1
+    for item in value.values() if isinstance(value, dict) else value:
+        n += _expanded(item, source, memo, active)
+        if n > MAX_VALUES:
+            raise ConfigError(f"{source}: the settings expand to more than {MAX_VALUES:,} values (YAML aliases "
+                              "that repeat each other)", fix="write the settings out, or use fewer aliases")
+    active.discard(key)
+    memo[key] = n
+    return n
 
 
 def merge(base: dict[str, tp.Any], new: dict[str, tp.Any], origins: dict[str, str], source: str,

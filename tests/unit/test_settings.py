@@ -194,3 +194,29 @@ def test_a_bad_value_from_a_variable_or_a_flag_names_it() -> None:
         load_settings(profile="testbed", environ={"SPEEDSLURM_LLAMA__NGL": "many"})
     with pytest.raises(ConfigError, match=r"^flag run.poll_interval_s: run.poll_interval_s must be float"):
         load_settings(profile="testbed", environ={}, cli={"run.poll_interval_s": "soon"})
+
+
+def test_a_slurm_time_and_a_leading_zero_stay_as_written_in_every_layer(user_cfg: Path) -> None:
+    """YAML 1.1 reads 4:00:00 as 14400 (base 60) and 0123 as 83 (octal), which Slurm then took as minutes and as
+    another account; the settings keep the text as written, in a file, a variable and --set alike."""
+    user_cfg.write_text("cluster:\n  time: 4:00:00\n  account: 0123\n")
+    s = load_settings(profile="testbed", config_path=user_cfg, environ={})
+    assert (s.cluster.time, s.cluster.account) == ("4:00:00", "0123")
+    s = load_settings(profile="testbed", config_path=None, environ={"SPEEDSLURM_CLUSTER__TIME": "2:00:00"},
+                      overrides=["cluster.account=0777"])
+    assert (s.cluster.time, s.cluster.account) == ("2:00:00", "0777")
+    s = load_settings(profile="testbed", config_path=None, environ={}, overrides=["run.outage_s=1e3"])
+    assert s.run.outage_s == 1000.0  # an exponent without a sign is a number too
+
+
+def test_an_alias_bomb_or_a_file_that_is_not_utf8_is_refused_at_once(user_cfg: Path) -> None:
+    levels = ["a: &a [1, 2, 3, 4, 5, 6, 7, 8, 9]"]
+    for prev, name in zip("abcdefg", "bcdefgh", strict=True):
+        levels.append(f"{name}: &{name} [{', '.join(['*' + prev] * 9)}]")  # 9**8 values once expanded
+    user_cfg.write_text("\n".join(levels) + "\ncluster:\n  sbatch: {x: *h}\n")
+    with pytest.raises(ConfigError, match="expand to more than 100,000 values"):
+        load_settings(profile="testbed", config_path=user_cfg, environ={})
+    user_cfg.write_bytes(b"cluster:\n  account: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"is not UTF-8 text \(byte 0xe9 at offset 23\)") as info:
+        load_settings(profile="testbed", config_path=user_cfg, environ={})
+    assert info.value.fix == "save it as UTF-8"
