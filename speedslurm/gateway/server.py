@@ -22,6 +22,7 @@ import contextlib
 import errno
 import json
 import logging
+import os
 import re
 import signal
 import socket
@@ -52,6 +53,7 @@ TAIL_BYTES = 64 * 1024  # how much of a stream's end is kept to read its usage f
 LARGE_ANSWER = 1 << 20  # a non-streamed answer larger than this is not parsed whole for its usage (see _usage_of)
 USAGE_WINDOW = 64 * 1024  # how much of a large answer's start and end is looked at for its usage
 CUT_S = 1.0  # after the drain: how long the requests still in flight, once cut, and aiohttp's own shutdown get
+LOGGED_PATH_MOST = 512  # a longer request path is cut in the access log (a client without a key could fill it)
 NO_HANDLES = (errno.EMFILE, errno.ENFILE)  # the process (or the system) has no file handle left for a connection
 NO_HANDLES_LOG_S = 60.0  # the warning that says so, at most this often
 
@@ -297,6 +299,9 @@ class Gateway:
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.access: tp.TextIO | None = None
+        self._access_path: str | None = None
+        self._access_file: tuple[int, int] = (0, 0)  # the open access log's device and inode
+        self._access_problem = ""  # why it could not be opened again (said once)
         self.runner: web.AppRunner | None = None
         self.heads: HeadTimer | None = None
         self._background: list[asyncio.Task[tp.Any]] = []
@@ -766,13 +771,45 @@ class Gateway:
                 "ms": round(latency * 1000, 2)}
         if "wait_s" in line:
             line["wait_ms"] = round(line.pop("wait_s") * 1000, 2)
+        path = line.get("path")
+        if isinstance(path, str) and len(path) > LOGGED_PATH_MOST:
+            line["path"] = path[:LOGGED_PATH_MOST] + "\u2026"
         text = json.dumps(line, default=str) + "\n"
+        if self.access is not None and self._access_path is not None:
+            self._follow_access_log()
         target = self.access or sys.stderr
         try:
             target.write(text)
             target.flush()
         except (OSError, ValueError):
             pass
+
+    def _open_access_log(self, path: str) -> None:
+        access = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - open for the run
+        st = os.fstat(access.fileno())
+        old, self.access, self._access_file = self.access, access, (st.st_dev, st.st_ino)
+        if old is not None:
+            with contextlib.suppress(OSError):
+                old.close()
+
+    def _follow_access_log(self) -> None:
+        """The access log is written to the file at its path: once that is another file (logrotate moved it
+        and made a new one) or none (moved or removed), it is opened (made) again."""
+        path = self._access_path
+        assert path is not None
+        try:
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) == self._access_file:
+                return
+        except OSError:
+            pass
+        try:
+            self._open_access_log(path)
+            self._access_problem = ""
+        except OSError as exc:  # the lines go on to the file open until it can be
+            if str(exc) != self._access_problem:
+                self._access_problem = str(exc)
+                log.warning("cannot open the access log %s again: %s", path, exc.strerror or exc)
 
     # ------------------------------------------------------------------------------------------ life
 
@@ -784,7 +821,8 @@ class Gateway:
 
             path = Path(self.g.access_log).expanduser()
             try:
-                self.access = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - open for the run
+                self._open_access_log(str(path))
+                self._access_path = str(path)
             except OSError as exc:
                 raise UsageError(f"cannot open the access log {path} (gateway.access_log): {exc.strerror or exc}",
                                  fix="make its folder, or set gateway.access_log to a file that can be written "
@@ -867,6 +905,7 @@ class Gateway:
         for dep_id in self.pool.not_stopped:
             log.warning("could not cancel deployment %s: it may still hold nodes; start the gateway again (it "
                         "re-attaches and cancels it when idle) or run `speedslurm down %s`", dep_id, dep_id)
+        self._access_path = None  # closed for good: not opened again
         if self.access is not None:
             self.access.close()
         return stopped

@@ -410,3 +410,37 @@ def test_a_stop_waits_the_drain_once_and_the_requests_it_cuts_are_told_and_logge
     assert b"the gateway stopped" in seen.split(b"t0 ", 1)[1]
     assert sorted((x["stream"], x["status"], x.get("error")) for x in access_lines(log)) == [
         (False, 503, "the gateway stopped"), (True, 503, "the gateway stopped")]
+
+
+# ----------------------------------------------------------------------------------------------- access log
+
+
+def test_the_access_log_can_be_rotated_and_a_long_path_is_cut(gsettings: tp.Any, tmp_path: Path) -> None:
+    """logrotate moves the access log away (and may make a new empty one), or someone removes it: the next
+    lines go to a file at the log's path, not to the moved or removed one. A request path is logged up to 512
+    characters: a client without a key cannot write 8 KB of log per request."""
+    log = tmp_path / "access.log"
+    s = gsettings(f"gateway.access_log={log}", "gateway.models.m.slots=2")
+    key = gw.add_key("alice", s)
+
+    def refused(path: str = "/v1/models/x") -> None:
+        assert get(g.url + path, None)[0] == 401  # logged, without a key
+
+    with StubServer() as stub, gw.open_gateway({"m": stub.url}, listen="127.0.0.1:0", settings=s) as g:
+        assert post(g.url + "/v1/chat/completions", CHAT, key)[0] == 200
+        until(lambda: len(access_lines(log)) == 1)
+        log.rename(tmp_path / "access.log.1")  # moved, no new file (logrotate without create)
+        refused()
+        until(lambda: len(access_lines(log)) == 1)
+        log.rename(tmp_path / "access.log.2")  # moved, and a new empty file made (logrotate's create)
+        log.touch()
+        refused()
+        refused()
+        until(lambda: len(access_lines(log)) == 2)
+        log.unlink()
+        refused("/v1/models/" + "A" * 8000)
+        until(lambda: access_lines(log))
+        [long] = access_lines(log)
+        assert len(long["path"]) == 513 and long["path"] == ("/v1/models/" + "A" * 8000)[:512] + "\u2026"
+    assert [x["status"] for x in access_lines(tmp_path / "access.log.1")] == [200]
+    assert [x["status"] for x in access_lines(tmp_path / "access.log.2")] == [401]
