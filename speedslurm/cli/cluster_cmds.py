@@ -75,7 +75,7 @@ def render_cmd(ctx: click.Context, model: str, nodes: int | None, replicas: int,
 @click.option("--partition", default=None, help="Partition to build on and to check (default: cluster.partition).")
 @click.option("--cpus", type=int, default=None, help="CPUs for the build job (default: the partition's default).")
 @click.option("--time", "time_limit", default="02:00:00", show_default=True, help="Time limit of the build job.")
-@click.option("--timeout", type=float, default=None, help="Stop following the job after this many seconds.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop following the job after this many seconds.")
 @click.option("--no-node-check", is_flag=True, help="Skip running the binaries on every node.")
 @click.option("--write-config", is_flag=True, help="Set llama.bin_dir to PREFIX/bin in your user config file.")
 @json_option

@@ -156,7 +156,7 @@ def do_up(ctx: click.Context, model: str, *, executor: str | None, nodes: int | 
 
 @cli.command("up")
 @_model_options
-@click.option("--timeout", type=float, default=None,
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Give up (and cancel) when not ready after this many seconds; default: wait while the job waits.")
 @idle_timeout_option
 @json_option

@@ -24,7 +24,7 @@ from .deploy_cmds import _model_options, _progress_printer, idle_timeout_option
               help="This long before the job's time limit, start a successor deployment and move the batch onto "
                    "it; the old one finishes its requests in flight and is cancelled. 0: never "
                    "[default: run.handover_before_s, 600].")
-@click.option("--ready-timeout", type=float, default=None,
+@click.option("--ready-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Give up when no replica is ready after this many seconds [default: wait as long as the job waits].")
 @batch_options
 @click.pass_context

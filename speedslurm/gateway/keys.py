@@ -37,7 +37,7 @@ def digest(key: str) -> str:
 
 
 def check_name(name: str) -> str:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise UsageError(f"{name!r} is not a valid key name",
                          fix="use 1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit")
     return name

@@ -107,7 +107,7 @@ def alias_specs(settings: Settings, models: tp.Sequence[str] = ()) -> list[Alias
     out = []
     for alias, m in table.items():
         where = settings.origins.get(f"gateway.models.{alias}", "--model")
-        if not ALIAS.match(alias):
+        if not ALIAS.fullmatch(alias):
             raise UsageError(f"{where}: {alias!r} is not a valid alias",
                              fix="use letters, digits and . _ : / @ - (at most 128), starting with a letter or digit")
         if not m.model:

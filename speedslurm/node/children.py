@@ -72,7 +72,7 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
             data = fh.read().decode("utf-8", "replace")
     except FileNotFoundError:
         return ""
-    return "\n".join(data.splitlines()[-lines:])
+    return "\n".join(data.splitlines()[-lines:]) if lines > 0 else ""
 
 
 def die_with_parent(parent: int | None = None) -> tp.Callable[[], None]:
