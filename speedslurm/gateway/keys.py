@@ -75,9 +75,14 @@ class KeyStore:
     def _changing(self) -> tp.Iterator[dict[str, dict[str, tp.Any]]]:
         """The keys, read and written back under a lock: two ``keys add`` at once both keep their key."""
         make_private_dir(self.path.parent, "gateway folder", "gateway.dir")
-        fd = os.open(self.path.with_name(FILE + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fd = os.open(self.path.with_name(FILE + ".lock"), os.O_RDONLY | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise UsageError(f"cannot change the gateway's keys in {self.path.parent}: {exc.strerror}",
+                             fix="check the folder's permissions (gateway.dir)") from None
+        try:
+            with contextlib.suppress(OSError):  # a file system without locks (ENOLCK): one admin at a time
+                fcntl.flock(fd, fcntl.LOCK_EX)
             keys = self._read()
             yield keys
             self._write(keys)

@@ -497,8 +497,9 @@ class Gateway:
             else:
                 event = json.dumps({"error": {"message": message, "type": "server_error", "code": "unavailable"}})
                 data = f"data: {event}\n\n".encode()
-                if _fits(request, len(data)):
+                if _fits(request, len(data) + 5):
                     await out.write(data)
+                    await out.write_eof()  # the stream's end (its last chunk): the client sees a whole answer
 
     def _count(self, record: dict[str, tp.Any], who: str, status: int, t0: float) -> None:
         """A proxied request has ended: out of the requests in flight, into the counts and the access log."""

@@ -23,8 +23,8 @@ COUNTERS = ("llamacpp:prompt_tokens_total", "llamacpp:tokens_predicted_total", "
 
 
 def parse_duration(value: tp.Any) -> float:
-    """Seconds in ``value``: ``90s``, ``30m``, ``2h``, ``1d``, ``1h30m``, or a plain number of seconds; ``0``:
-    never. :class:`ValueError` naming the value otherwise."""
+    """Seconds in ``value``: ``90s``, ``30m``, ``2h``, ``1d``, ``1h30m``, ``30:00`` or ``1:00:00`` (Slurm's
+    [H:]MM:SS), or a plain number of seconds; ``0``: never. :class:`ValueError` naming the value otherwise."""
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a duration (forms: 90s, 30m, 2h, 1h30m; 0: never)")
     if isinstance(value, (int, float)):
@@ -40,6 +40,10 @@ def parse_duration(value: tp.Any) -> float:
         if seconds < 0 or seconds != seconds:
             raise ValueError(f"{value!r} is not a duration: it is negative")
         return seconds
+    clock = re.fullmatch(r"(?:(\d+):)?(\d+):(\d+)", text)  # Slurm's [H:]MM:SS
+    if clock:
+        hours, minutes, secs = (int(g) if g else 0 for g in clock.groups())
+        return float(hours * 3600 + minutes * 60 + secs)
     terms = _TERM.findall(text)
     if not text or "".join(n + u for n, u in terms) != text:
         raise ValueError(f"{value!r} is not a duration (forms: 90s, 30m, 2h, 1h30m; 0: never)")

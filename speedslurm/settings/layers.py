@@ -82,7 +82,7 @@ class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[mi
     """libyaml's parser with PyYAML's safe constructors, read about 10x faster than yaml.safe_load (every command
     reads the defaults, the registry and a profile before anything else); the pure-Python parser where PyYAML was
     built without libyaml. Numbers are YAML 1.2's: ``4:00:00`` (a Slurm time) and ``0123`` stay text, where
-    YAML 1.1 reads them as 14400 and 83; ``1e3`` is a number."""
+    YAML 1.1 reads them as 14400 and 83; a float has a dot (``1.5e3``), so that ``12e3`` stays text too."""
 
 
 _INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
@@ -91,7 +91,7 @@ _Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if
 _Loader.add_implicit_resolver(_INT, re.compile(r"^[-+]?(?:0b[01_]+|0x[0-9a-fA-F_]+|0|[1-9][0-9_]*)$"),
                               list("-+0123456789"))
 _Loader.add_implicit_resolver(_FLOAT, re.compile(
-    r"^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[eE][-+]?[0-9]+)|[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+    r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
     r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
 
 

@@ -44,3 +44,24 @@ def test_a_key_name_with_a_trailing_line_break_is_refused(name: str, tmp_path: P
 def test_an_alias_is_taken_without_the_spaces_and_line_breaks_around_it(gsettings: tp.Any) -> None:
     [spec] = alias_specs(gsettings(), ["a\n=http://127.0.0.1:9"])
     assert spec.name == "a"
+
+
+def test_an_idle_timeout_in_slurms_clock_form_is_a_duration() -> None:
+    from speedslurm.node.idle import parse_duration
+
+    assert [parse_duration(v) for v in ("30:00", "1:00:00", "90s", "1h30m")] == [1800.0, 3600.0, 90.0, 5400.0]
+    with pytest.raises(ValueError, match="is not a duration"):
+        parse_duration("1:2:3:4")
+
+
+def test_keys_on_a_file_system_without_locks_are_still_added(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import fcntl
+
+    def flock(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    store = KeyStore(tmp_path / "gw")
+    key = store.add("ann")
+    assert store.check(key) == "ann"

@@ -205,8 +205,9 @@ def test_a_slurm_time_and_a_leading_zero_stay_as_written_in_every_layer(user_cfg
     s = load_settings(profile="testbed", config_path=None, environ={"SPEEDSLURM_CLUSTER__TIME": "2:00:00"},
                       overrides=["cluster.account=0777"])
     assert (s.cluster.time, s.cluster.account) == ("2:00:00", "0777")
-    s = load_settings(profile="testbed", config_path=None, environ={}, overrides=["run.outage_s=1e3"])
-    assert s.run.outage_s == 1000.0  # an exponent without a sign is a number too
+    s = load_settings(profile="testbed", config_path=None, environ={},
+                      overrides=["run.outage_s=1.5e3", "cluster.account=12e3"])
+    assert (s.run.outage_s, s.cluster.account) == (1500.0, "12e3")  # a float has a dot; its exponent no sign
 
 
 def test_an_alias_bomb_or_a_file_that_is_not_utf8_is_refused_at_once(user_cfg: Path) -> None:
