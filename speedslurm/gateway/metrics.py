@@ -7,7 +7,6 @@ with the pool's gauges, in Prometheus' text format for ``GET /metrics``.
 from __future__ import annotations
 
 import bisect
-import collections
 import typing as tp
 
 # Seconds: a request's wait for a replica (a cold start takes minutes) and its time to the answer.
@@ -73,7 +72,7 @@ class Usage:
         self.node_seconds: dict[str, float] = {}
         self.key_node_seconds: dict[str, float] = {}
         self.replicas: dict[str, dict[str, tp.Any]] = {}  # replica -> {alias, node_seconds, tokens: {key: n}}
-        self.retired: collections.deque[str] = collections.deque(maxlen=RETIRED_KEPT)  # replicas shared out
+        self.retired: dict[str, None] = {}  # the last RETIRED_KEPT replicas shared out, oldest first
         self.unauthorized = 0
         self.wait: dict[str, Histogram] = {}
         self.latency: dict[str, Histogram] = {}
@@ -106,8 +105,9 @@ class Usage:
     def retire(self, replica: str) -> None:
         """``replica`` ended: its node-hours are shared out among the keys for good."""
         entry = self.replicas.pop(replica, None)
-        if replica not in self.retired:
-            self.retired.append(replica)  # a request that ends after this counts its tokens, not a new replica
+        self.retired[replica] = None  # a request that ends after this counts its tokens, not a new replica
+        if len(self.retired) > RETIRED_KEPT:
+            del self.retired[next(iter(self.retired))]
         if entry is not None:
             for key, seconds in _shares(entry).items():
                 self.key_node_seconds[key] = self.key_node_seconds.get(key, 0.0) + seconds

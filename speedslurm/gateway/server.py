@@ -184,6 +184,11 @@ def _usage_of(body: bytes) -> tuple[bool, tp.Any]:
     return False, None
 
 
+def _error_event(message: str, code: str) -> bytes:
+    """The event that ends a stream the gateway could not finish (as OpenAI's API sends its errors)."""
+    return f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'code': code}})}\n\n".encode()
+
+
 def _parsed(body: bytes) -> tp.Any:
     try:
         return json.loads(body)
@@ -495,8 +500,7 @@ class Gateway:
                 if isinstance(resp.body, bytes) and _fits(request, len(resp.body)):
                     await self._finish(request, resp)
             else:
-                event = json.dumps({"error": {"message": message, "type": "server_error", "code": "unavailable"}})
-                data = f"data: {event}\n\n".encode()
+                data = _error_event(message, "unavailable")
                 if _fits(request, len(data) + 5):
                     await out.write(data)
                     await out.write_eof()  # the stream's end (its last chunk): the client sees a whole answer
@@ -720,9 +724,8 @@ class Gateway:
         return False
 
     async def _end_stream(self, request: web.Request, out: web.StreamResponse, message: str) -> None:
-        event = json.dumps({"error": {"message": message, "type": "server_error", "code": "replica_failed"}})
         with contextlib.suppress(ConnectionError, RuntimeError):
-            if await self._written(request, out.write(f"data: {event}\n\n".encode())):
+            if await self._written(request, out.write(_error_event(message, "replica_failed"))):
                 await self._written(request, out.write_eof())
 
     @staticmethod
